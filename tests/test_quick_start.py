@@ -1,0 +1,96 @@
+"""The plugin's entry points: Python API, RecBole's own API, CLI, registry, bad input."""
+import json
+import logging
+import sys
+
+import pytest
+import yaml
+from recbole.config import Config
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import get_trainer
+
+from recbole_llm import cli, compat, load_config, registry, run_recbole_llm
+from recbole_llm.model.lrurec import LRURec
+from recbole_llm.quick_start import property_files
+
+
+def test_run_recbole_llm_returns_recbole_result_dict(tiny_data):
+    name, overrides = tiny_data
+    result = run_recbole_llm(model="LRURec", dataset=name, config_dict=overrides)
+    assert set(result) == {"best_valid_score", "valid_score_bigger", "best_valid_result", "test_result"}
+    assert {"recall@5", "mrr@10", "ndcg@10", "hit@10"} <= set(result["test_result"])
+
+
+def test_model_class_works_with_recboles_own_api(tiny_data):
+    name, overrides = tiny_data
+    config = Config(model=LRURec, dataset=name, config_file_list=property_files("LRURec", name), config_dict=overrides)
+    dataset = create_dataset(config)
+    assert type(dataset).__name__ == "SequenceWindowDataset"  # registered for RecBole's create_dataset
+    train, valid, test = data_preparation(config, dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, LRURec(config, train._dataset))
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    result = trainer.evaluate(test, load_best_model=True, show_progress=False)  # torch.load shim at work
+    assert 0.0 <= result["ndcg@10"] <= 1.0
+
+
+def test_recbole_baseline_runs_with_our_defaults(tiny_data):
+    name, overrides = tiny_data
+    config = load_config("SASRec", name, config_dict=overrides)
+    assert config["valid_metric"] == "NDCG@10" and config["eval_args"]["split"] == {"LS": "valid_and_test"}
+    assert config["topk"] == [5, 10]
+
+
+def test_cli_runs_several_models_and_writes_a_comparison(tiny_data, tmp_path, monkeypatch, capsys):
+    name, overrides = tiny_data
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(overrides))
+    argv = ["run_recbole_llm.py", "--model=LRURec,GRU4Rec", f"--dataset={name}", f"--config_files={config_file}", "--epochs=1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    results = cli.main(argv[1:])
+    assert set(results) == {"LRURec", "GRU4Rec"}
+    table = capsys.readouterr().out
+    assert "LRURec" in table and "GRU4Rec" in table and "ndcg@10" in table
+    written = list((tmp_path / "saved").glob(f"comparison-{name}-*.json"))
+    assert len(written) == 1
+    assert set(json.loads(written[0].read_text())) == {"LRURec", "GRU4Rec"}
+    assert list((tmp_path / "saved").glob(f"comparison-{name}-*.csv"))
+
+
+def test_unknown_model_lists_the_available_ones():
+    with pytest.raises(ValueError) as err:
+        registry.get_model("LRURek")
+    assert "LRURec" in str(err.value) and "SASRec" in str(err.value)
+
+
+def test_missing_dataset_names_folder_and_files(tiny_data):
+    _, overrides = tiny_data
+    with pytest.raises(FileNotFoundError) as err:
+        load_config("LRURec", "no-such-data", config_dict=overrides)
+    assert "no-such-data.inter" in str(err.value) and "no-such-data" in str(err.value)
+
+
+def test_ml100k_is_provisioned_offline(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config("LRURec", "ml-100k", config_dict={"data_path": str(tmp_path / "data")})
+    folder = tmp_path / "data" / "ml-100k"
+    assert config["data_path"] == str(folder)
+    assert (folder / "ml-100k.inter").is_file()
+    assert "movie_title" in (folder / "ml-100k.item").read_text().splitlines()[0]
+
+
+def test_gpu_request_without_cuda_falls_back_once(tiny_data, caplog, monkeypatch):
+    name, overrides = tiny_data
+    monkeypatch.setattr(compat, "_device_noted", False)
+    monkeypatch.setattr(compat.torch.cuda, "is_available", lambda: False)
+    config = load_config("LRURec", name, config_dict={**overrides, "use_gpu": True, "gpu_id": "0"})
+    with caplog.at_level(logging.WARNING):
+        compat.note_device(config)
+        compat.note_device(config)
+    assert config["device"].type == "cpu"
+    assert sum("no CUDA device" in r.message for r in caplog.records) == 1
+
+
+def test_anomaly_detection_is_off_after_import():
+    import torch
+
+    assert not torch.is_anomaly_enabled()

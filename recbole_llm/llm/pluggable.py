@@ -1,0 +1,49 @@
+"""The trainable ("pluggable") part of a model built around a frozen LLM.
+
+A model that mixes in :class:`PluggableMixin` saves and loads only the parameters that
+train (LoRA, projections, heads, virtual tokens), so one LLM on disk serves many
+datasets and a checkpoint is megabytes, not the LLM's gigabytes. RecBole's Trainer
+stores ``model.state_dict()`` and reloads the best one with ``load_state_dict``;
+:class:`recbole_llm.trainer.llm_trainer.LLMTrainer` stores the pluggable part instead
+and ``load_state_dict`` below accepts it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+class PluggableMixin:
+    """For ``nn.Module`` subclasses whose frozen parts never change after construction."""
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters that train, by their ``state_dict`` names, detached on the CPU."""
+        return {name: p.detach().cpu().clone() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """A full state dict as ``nn.Module`` does, or exactly the trainable part."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        if set(state_dict) == trainable:
+            own = self.state_dict()
+            mismatched = [k for k, v in state_dict.items() if v.shape != own[k].shape]
+            if mismatched:
+                raise ValueError(f"pluggable weights do not fit this model (shape differs for {mismatched[:3]})")
+            return super().load_state_dict(state_dict, strict=False, assign=assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def save_pluggable(self, path: str | os.PathLike) -> None:
+        """Write the trainable part to one file (temp file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"model": type(self).__name__, "state_dict": self.trainable_state_dict()}, tmp)
+        os.replace(tmp, path)
+
+    def load_pluggable(self, path: str | os.PathLike) -> None:
+        """Load what :meth:`save_pluggable` wrote."""
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("model") != type(self).__name__:
+            raise ValueError(f"{path} holds pluggable weights of {saved.get('model')}, not {type(self).__name__}")
+        self.load_state_dict(saved["state_dict"])

@@ -1,0 +1,118 @@
+"""Stage 1 of the LLM models: a pretrained, frozen ID-based sequential model.
+
+LlamaRec's retriever, E4SRec's and Laser's ID model and SeRALM's knowledge-free
+reference recommender are all "a RecBole sequential model trained on the same split".
+:func:`pretrained_id_model` gives one: loaded from a user's checkpoint (a RecBole
+``.pth`` file), from our on-disk cache, or trained with the model's own RecBole
+trainer and then cached. The cache key holds every input that shapes the result
+(model, dataset files, the model's config), so a changed input retrains.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from logging import getLogger
+from pathlib import Path
+
+import torch
+from recbole.data import create_dataset, data_preparation
+
+from recbole_llm import registry
+
+#: Settings copied from the LLM model's config so stage 1 sees the same data and split.
+SHARED_KEYS = (
+    "seed", "reproducibility", "use_gpu", "gpu_id", "checkpoint_dir", "show_progress", "state",
+    "USER_ID_FIELD", "ITEM_ID_FIELD", "TIME_FIELD", "RATING_FIELD", "load_col", "unload_col", "unused_col",
+    "rm_dup_inter", "val_interval", "filter_inter_by_user_or_item", "user_inter_num_interval",
+    "item_inter_num_interval", "benchmark_filename", "eval_args", "repeatable", "metrics", "topk",
+    "valid_metric", "valid_metric_bigger", "eval_batch_size", "metric_decimal_place",
+)
+#: Config entries that do not change what stage 1 learns (left out of the cache key).
+_VOLATILE = {"device", "gpu_id", "use_gpu", "checkpoint_dir", "show_progress", "state", "data_path",
+             "local_rank", "single_spec", "eval_batch_size", "worker", "log_wandb", "wandb_project"}
+
+
+def id_model_config(config, model_name: str, overrides: dict | None = None):
+    """The config of ``model_name`` on the same dataset and split as ``config``."""
+    from recbole_llm.quick_start import load_config
+
+    shared = {key: config[key] for key in SHARED_KEYS if key in config}
+    shared["data_path"] = str(Path(config["data_path"]).parent)
+    return load_config(model_name, config["dataset"], config_dict={**shared, **(overrides or {})})
+
+
+def cache_key(config) -> str:
+    """Hash of everything that shapes a trained model: its config and the dataset files."""
+    folder = Path(config["data_path"])
+    files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in folder.glob(f"{config['dataset']}.*"))
+    settings = {k: v for k, v in config.final_config_dict.items() if k not in _VOLATILE}
+    text = json.dumps([config["model"], config["dataset"], files, settings], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def load_state(model, checkpoint: str | os.PathLike, setting: str) -> None:
+    """Load a RecBole checkpoint (or a bare state dict) into ``model`` with a clear error
+    when it was made for another dataset or model."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"{setting}={checkpoint!r} does not exist (expected a RecBole .pth checkpoint).")
+    saved = torch.load(path, map_location="cpu", weights_only=False)  # RecBole pickles its Config in it
+    state = saved.get("state_dict", saved)
+    own = model.state_dict()
+    mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape}
+    if mismatched:
+        key, (theirs, ours) = next(iter(mismatched.items()))
+        raise ValueError(
+            f"{setting}={checkpoint!r} does not fit this dataset: '{key}' has shape {theirs} in the checkpoint "
+            f"but {ours} here (item count {model.n_items}). It was trained on another dataset or filtering; "
+            f"retrain it on this dataset or drop {setting} to train one."
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{setting}={checkpoint!r} is not a {type(model).__name__} checkpoint "
+            f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})."
+        )
+
+
+def pretrained_id_model(config, dataset, model_name: str, checkpoint=None, overrides=None, setting="id_model_checkpoint"):
+    """A frozen, pretrained ``model_name`` for ``dataset`` (see the module docstring)."""
+    logger = getLogger()
+    id_config = id_model_config(config, model_name, overrides)
+    model_class = registry.get_model(model_name)
+    model = model_class(id_config, dataset).to(config["device"])
+    if checkpoint:
+        load_state(model, checkpoint, setting)
+        logger.info(f"stage 1: {model_name} loaded from {checkpoint}")
+    else:
+        cache = Path(config["checkpoint_dir"]) / "stage1" / f"{model_name}-{config['dataset']}-{cache_key(id_config)}.pth"
+        if cache.is_file():
+            load_state(model, cache, "stage-1 cache")
+            logger.info(f"stage 1: {model_name} reused from {cache}")
+        else:
+            logger.info(f"stage 1: training {model_name} on {config['dataset']} (cached as {cache})")
+            train_id_model(id_config, model, dataset.item_num)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            torch.save({"state_dict": model.state_dict(), "model": model_name}, tmp)
+            os.replace(tmp, cache)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def train_id_model(id_config, model, expected_items: int) -> None:
+    """Train ``model`` with its own RecBole pipeline and keep its best-on-validation weights."""
+    id_dataset = create_dataset(id_config)
+    if id_dataset.item_num != expected_items:
+        raise ValueError(
+            f"stage 1 sees {id_dataset.item_num} items but the main model {expected_items}: "
+            "their data settings differ (load_col / filtering)."
+        )
+    train, valid, _ = data_preparation(id_config, id_dataset)
+    trainer = registry.get_trainer(type(model))(id_config, model)
+    trainer.fit(train, valid, saved=True, show_progress=id_config["show_progress"])
+    best = torch.load(trainer.saved_model_file, map_location="cpu", weights_only=False)
+    model.load_state_dict(best["state_dict"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -55,14 +56,27 @@ def load_config(model, dataset, config_file_list=None, config_dict=None) -> Conf
     return config
 
 
-def run_recbole_llm(model, dataset, config_file_list=None, config_dict=None, saved=True, queue=None):
-    """Train and evaluate one model; returns RecBole's result dict.
+_recbole_handlers: list[logging.Handler] = []
 
-    Keys: best_valid_score, valid_score_bigger, best_valid_result, test_result.
-    """
+
+def _init_logger(config) -> None:
+    """RecBole's ``init_logger``, once per run: RecBole installs its handlers with
+    ``logging.basicConfig``, a no-op once the root logger has handlers, so the second
+    model of a ``--model=A,B`` run would log to the first model's file. Ours go first."""
+    root = logging.getLogger()
+    for handler in _recbole_handlers:
+        root.removeHandler(handler)
+        handler.close()
+    before = set(root.handlers)
+    init_logger(config)
+    _recbole_handlers[:] = [h for h in root.handlers if h not in before]
+
+
+def build(model, dataset, config_file_list=None, config_dict=None):
+    """What ``run_recbole_llm`` sets up before training: ``(config, model, trainer, (train, valid, test))``."""
     config = load_config(model, dataset, config_file_list, config_dict)
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    _init_logger(config)
     logger = getLogger()
     compat.note_device(config, logger)
     logger.info(sys.argv)
@@ -73,11 +87,20 @@ def run_recbole_llm(model, dataset, config_file_list=None, config_dict=None, sav
     train_data, valid_data, test_data = data_preparation(config, dataset)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model_class = registry.get_model(config["model"]) if isinstance(model, str) else model
+    model_class = registry.get_model(model)
     model = model_class(config, train_data._dataset).to(config["device"])
     logger.info(model)
-
     trainer = registry.get_trainer(model_class)(config, model)
+    return config, model, trainer, (train_data, valid_data, test_data)
+
+
+def run_recbole_llm(model, dataset, config_file_list=None, config_dict=None, saved=True, queue=None):
+    """Train and evaluate one model; returns RecBole's result dict.
+
+    Keys: best_valid_score, valid_score_bigger, best_valid_result, test_result.
+    """
+    config, model, trainer, (train_data, valid_data, test_data) = build(model, dataset, config_file_list, config_dict)
+    logger = getLogger()
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )

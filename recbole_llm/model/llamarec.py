@@ -1,0 +1,237 @@
+"""LlamaRec: two-stage recommendation with an LLM ranker.
+
+Zhenrui Yue, Sara Rabhi, Gabriel de Souza Pereira Moreira, Dong Wang, Even Oldridge.
+"LlamaRec: Two-Stage Recommendation using Large Language Models for Ranking",
+PGAI@CIKM 2023 (arXiv:2311.02089).
+
+* Stage 1, retrieval: an ID-based sequential model (``retriever``, LRURec by default,
+  any RecBole sequential model) trained with its own RecBole trainer, or loaded from
+  ``retriever_checkpoint`` (see :mod:`recbole_llm.model.pretrained`), then frozen. Its
+  top ``candidate_k`` items, history excluded, are the candidates.
+* Stage 2, ranking: the history titles and the lettered candidates go into the
+  authors' prompt (:mod:`recbole_llm.llm.prompts`); the LLM, tuned with LoRA, scores all
+  candidates in ONE forward pass through the letter verbalizer (only the last
+  position's logits are computed).
+* Training (as the authors' code): every prefix of each training sequence is an
+  example (RecBole's augmented rows), with candidates = the true item + ``k - 1``
+  random non-history items, shuffled; next-token cross-entropy on the answer tokens
+  (letter, EOS) only.
+* ``full_sort_predict`` returns a score for every item: the candidates, in the
+  ranker's order, above all other items, which keep the retriever's order. For
+  ``k <= 20`` RecBole's metrics are then the paper's "overall" metrics.
+
+Choices the paper leaves open, each a setting (properties/model/LlamaRec.yaml): prompts
+that are too long lose their oldest history items first (the authors truncate on the
+left, which can cut the instruction); left padding with explicit position ids, so a
+padded prompt scores exactly as an unpadded one. Beyond the paper: ``fusion_weight``
+adds ``w * log_softmax(retriever scores)`` to the ranker's ``log_softmax`` inside the
+top-k (``w = 0`` is the paper; the trainer picks ``w`` on validation when
+``fusion: True``), because users of the authors' code saw the ranker lower results.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from logging import getLogger
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from recbole.data.interaction import Interaction
+from recbole.model.abstract_recommender import SequentialRecommender
+from tqdm import tqdm
+
+from recbole_llm.data.item_text import item_texts
+from recbole_llm.llm.backbone import apply_lora, load_causal_lm, set_num_threads
+from recbole_llm.llm.pluggable import PluggableMixin
+from recbole_llm.llm.prompts import ALPACA_TEMPLATE, RANKING_INSTRUCTION, RankingPrompt, truncate_texts
+from recbole_llm.llm.verbalizer import LetterVerbalizer
+from recbole_llm.model.pretrained import pretrained_id_model
+
+
+def recent_items(item_seq: torch.Tensor, item_seq_len: torch.Tensor, n: int):
+    """The last ``n`` items of RecBole's right-padded histories, still right-padded."""
+    if item_seq.size(1) <= n:
+        return item_seq, item_seq_len
+    start = (item_seq_len - n).clamp(min=0)
+    index = (start.unsqueeze(1) + torch.arange(n, device=item_seq.device)).clamp(max=item_seq.size(1) - 1)
+    kept = item_seq.gather(1, index)
+    new_len = item_seq_len.clamp(max=n)
+    return kept * (torch.arange(n, device=item_seq.device) < new_len.unsqueeze(1)), new_len
+
+
+def two_stage_scores(retrieval: torch.Tensor, candidates: torch.Tensor, candidate_scores: torch.Tensor) -> torch.Tensor:
+    """Scores for all items: ``candidates`` ordered by ``candidate_scores`` above every
+    other item, the other items in ``retrieval`` order."""
+    below = retrieval - retrieval.max(dim=1, keepdim=True).values - 1  # every item <= -1
+    lifted = candidate_scores - candidate_scores.min(dim=1, keepdim=True).values  # candidates >= 0
+    return below.scatter(1, candidates, lifted.to(below.dtype))
+
+
+class LlamaRec(PluggableMixin, SequentialRecommender):
+    """See the module docstring."""
+
+    other_parameter_name = ["fusion_weight"]
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.logger = getLogger()
+        self.k = config["candidate_k"]
+        self.max_prompt_tokens = config["max_prompt_tokens"]
+        self.eval_micro_batch = config["ranker_eval_batch_size"]
+        self.fusion_weight = 0.0
+        self.ranker_enabled = True  # False: full_sort_predict returns the retriever's scores (for comparisons)
+
+        self.retriever = pretrained_id_model(
+            config, dataset, config["retriever"], checkpoint=config["retriever_checkpoint"],
+            overrides=config["retriever_config"], setting="retriever_checkpoint",
+        )
+        set_num_threads(config["num_threads"])
+        llm, self.tokenizer = load_causal_lm(
+            config["llm_path"], dtype=config["llm_dtype"], device=config["device"].type,
+            load_in_4bit=config["load_in_4bit"], gradient_checkpointing=config["gradient_checkpointing"],
+            logger=self.logger,
+        )
+        for param in llm.parameters():
+            param.requires_grad_(False)
+        if config["ranker_adapter"]:
+            from peft import PeftModel
+
+            self.llm = PeftModel.from_pretrained(llm, config["ranker_adapter"], is_trainable=True)
+        else:
+            self.llm = apply_lora(llm, config["lora_r"], config["lora_alpha"], config["lora_dropout"],
+                                  config["lora_target_modules"])
+        self.verbalizer = LetterVerbalizer(self.tokenizer, self.k)
+        self.prompt = RankingPrompt(
+            config["prompt_template"] or ALPACA_TEMPLATE, config["prompt_instruction"] or RANKING_INSTRUCTION,
+            config["ranker_history_len"],
+        )
+        texts = item_texts(dataset, config["item_text_fields"])
+        self.item_text = truncate_texts(texts, self.tokenizer, config["title_max_tokens"])
+
+    # ----- stage 1 -------------------------------------------------------------------
+    def retrieval_scores(self, interaction) -> torch.Tensor:
+        """The frozen retriever's scores for all items, [B, n_items]."""
+        seq, seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        seq, seq_len = recent_items(seq, seq_len, self.retriever.max_seq_length)
+        view = Interaction({**interaction.interaction, self.ITEM_SEQ: seq, self.ITEM_SEQ_LEN: seq_len})
+        with torch.no_grad():
+            return self.retriever.full_sort_predict(view)
+
+    def top_candidates(self, retrieval: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+        """Top-k items by retrieval score, ``exclude`` (bool [B, n_items]) and padding left out."""
+        masked = retrieval.masked_fill(exclude, float("-inf"))
+        masked[:, 0] = float("-inf")
+        return masked.topk(self.k, dim=1).indices
+
+    def history_mask(self, interaction) -> torch.Tensor:
+        """Items in each row's visible history, bool [B, n_items]."""
+        seq = interaction[self.ITEM_SEQ]
+        mask = torch.zeros(seq.size(0), self.n_items, dtype=torch.bool, device=seq.device)
+        return mask.scatter_(1, seq, True)
+
+    # ----- stage 2 -------------------------------------------------------------------
+    def _histories(self, interaction) -> list[list[int]]:
+        seq, seq_len = interaction[self.ITEM_SEQ].tolist(), interaction[self.ITEM_SEQ_LEN].tolist()
+        return [row[:n] for row, n in zip(seq, seq_len)]
+
+    def _prompt_ids(self, history: list[int], candidates: list[int]) -> list[int]:
+        """Token ids of one ranking prompt, dropping the oldest history items to fit."""
+        cand_text = [self.item_text[c] for c in candidates]
+        history = history[-self.prompt.history_len :] if self.prompt.history_len > 0 else []
+        while True:
+            text = self.prompt.build([self.item_text[i] for i in history], cand_text, self.verbalizer.letters)
+            ids = self.tokenizer(text)["input_ids"]
+            if len(ids) <= self.max_prompt_tokens or not history:
+                return ids
+            history = history[1:]
+
+    def _llm_logits(self, sequences: list[list[int]], keep: int) -> torch.Tensor:
+        """Next-token logits at the last ``keep`` positions of left-padded ``sequences``."""
+        width = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], device=self.device)
+        attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=self.device)
+        positions = (attention.cumsum(1) - 1).clamp(min=0)
+        out = self.llm(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep)
+        return out.logits
+
+    def ranker_scores(self, histories: list[list[int]], candidates: torch.Tensor, show_progress: bool = False) -> torch.Tensor:
+        """Verbalizer scores [B, k] of each row's candidates, in micro-batches."""
+        rows = candidates.tolist()
+        scores = []
+        steps = range(0, len(rows), self.eval_micro_batch)
+        for start in tqdm(steps, desc="Ranking", unit="batch", disable=not show_progress):
+            chunk = slice(start, start + self.eval_micro_batch)
+            prompts = [self._prompt_ids(h, c) for h, c in zip(histories[chunk], rows[chunk])]
+            with torch.no_grad():
+                logits = self._llm_logits(prompts, keep=1)[:, -1]
+            scores.append(self.verbalizer.scores(logits).float())
+        return torch.cat(scores)
+
+    def fuse(self, ranker: torch.Tensor, retrieval_of_candidates: torch.Tensor, weight: float) -> torch.Tensor:
+        """Candidate scores: the ranker's log-probabilities, plus ``weight`` times the retriever's."""
+        fused = F.log_softmax(ranker, dim=1)
+        if weight:
+            fused = fused + weight * F.log_softmax(retrieval_of_candidates, dim=1)
+        return fused
+
+    def training_candidates(self, history: list[int], target: int) -> tuple[list[int], int]:
+        """The true item and ``k - 1`` random non-history items, shuffled; and the true item's index."""
+        excluded = set(history) | {0, target}
+        if self.n_items - len(excluded) < self.k - 1:
+            raise ValueError(f"only {self.n_items - len(excluded)} non-history items for candidate_k={self.k}")
+        negatives = set()
+        while len(negatives) < self.k - 1:
+            item = random.randrange(1, self.n_items)
+            if item not in excluded:
+                negatives.add(item)
+        candidates = [target, *negatives]
+        random.shuffle(candidates)
+        return candidates, candidates.index(target)
+
+    def calculate_loss(self, interaction):
+        """Next-token cross-entropy on the answer tokens (letter, EOS) only."""
+        sequences, answers = [], []
+        for history, target in zip(self._histories(interaction), interaction[self.POS_ITEM_ID].tolist()):
+            candidates, index = self.training_candidates(history, target)
+            answer = self.verbalizer.answer_ids(index)
+            sequences.append(self._prompt_ids(history, candidates) + answer)
+            answers.append(answer)
+        # logits at positions -3 and -2 predict the letter and EOS
+        logits = self._llm_logits(sequences, keep=3)[:, :2]
+        labels = torch.tensor(answers, device=logits.device)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1))
+
+    # ----- RecBole's scoring contract -------------------------------------------------
+    def full_sort_predict(self, interaction, exclude=None, candidates=None, ranker=None):
+        """Scores for all items (see the module docstring).
+
+        ``exclude`` (bool [B, n_items], default: the visible history) keeps items out of
+        the candidates; ``candidates`` / ``ranker`` let a trainer pass cached values.
+        """
+        retrieval = self.retrieval_scores(interaction)
+        if not self.ranker_enabled:
+            return retrieval
+        if candidates is None:
+            candidates = self.top_candidates(retrieval, self.history_mask(interaction) if exclude is None else exclude)
+        if ranker is None:
+            ranker = self.ranker_scores(self._histories(interaction), candidates)
+        fused = self.fuse(ranker.to(retrieval.device), retrieval.gather(1, candidates), self.fusion_weight)
+        return two_stage_scores(retrieval, candidates, fused)
+
+    def save_adapter(self, path) -> None:
+        """The ranker's LoRA adapter as a PEFT directory (``PeftModel.from_pretrained``
+        or the ``ranker_adapter`` setting loads it), written to a temp dir, then renamed."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.llm.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+
+    def predict(self, interaction):
+        scores = self.full_sort_predict(interaction)
+        return scores.gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)
+

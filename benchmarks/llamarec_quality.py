@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from results_doc import markdown_table, write_section
+from results_doc import markdown_table, parse_overrides, write_section
 
 from recbole_llm.quick_start import build
 from recbole_llm.trainer.two_stage import ranking_metrics
@@ -23,7 +23,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="ml-100k")
     args, rest = parser.parse_known_args()
-    overrides = {k.lstrip("-"): v for k, v in (a.split("=", 1) for a in rest)}
+    overrides = parse_overrides(rest)
     start = time.perf_counter()
     config, model, trainer, (train, valid, test) = build("LlamaRec", args.dataset, config_dict=overrides)
     built = time.perf_counter()

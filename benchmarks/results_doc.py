@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "RESULTS.md"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "RESULTS.md"
 HEADER = "# Measured results\n\nEvery number below was measured by the script named in its section, on the machine it names.\n"
 
 
@@ -24,11 +25,15 @@ def machine() -> str:
         pass
     import torch
 
-    return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}"
+    load = os.getloadavg()[1]
+    return (
+        f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"Python {platform.python_version()}; load average {load:.1f} at the end of the run (above 2 = shared cores)"
+    )
 
 
 def command() -> str:
-    return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    return "python " + " ".join([os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
 
 
 def write_section(name: str, title: str, body: str) -> None:
@@ -45,6 +50,13 @@ def write_section(name: str, title: str, body: str) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(text)
     os.replace(tmp, RESULTS)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``--key=value`` arguments as a RecBole config dict (values parsed as YAML)."""
+    import yaml
+
+    return {k.lstrip("-"): yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args)}
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

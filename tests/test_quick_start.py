@@ -94,3 +94,15 @@ def test_anomaly_detection_is_off_after_import():
     import torch
 
     assert not torch.is_anomaly_enabled()
+
+
+def test_stage_one_ignores_the_main_models_command_line(tiny_data, monkeypatch):
+    from recbole_llm.model.pretrained import id_model_config
+
+    name, overrides = tiny_data
+    monkeypatch.setattr(sys, "argv", ["run_recbole_llm.py", "--epochs=7", "--learning_rate=0.5"])
+    config = load_config("LRURec", name, config_dict=overrides)
+    assert config["epochs"] == 7  # the main model does read its command line
+    stage_one = id_model_config(config, "SASRec", {"epochs": 2})
+    assert stage_one["epochs"] == 2 and stage_one["learning_rate"] != 0.5
+    assert stage_one["data_path"] == config["data_path"]  # same dataset folder, same split settings

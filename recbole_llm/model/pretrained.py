@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from logging import getLogger
 from pathlib import Path
 
@@ -34,12 +35,21 @@ _VOLATILE = {"device", "gpu_id", "use_gpu", "checkpoint_dir", "show_progress", "
 
 
 def id_model_config(config, model_name: str, overrides: dict | None = None):
-    """The config of ``model_name`` on the same dataset and split as ``config``."""
+    """The config of ``model_name`` on the same dataset and split as ``config``.
+
+    RecBole's ``Config`` also reads ``--key=value`` from the command line, above any
+    ``config_dict``; the main model's command line (``--epochs=1`` for the LLM) must not
+    reach stage 1, which takes its settings from ``overrides`` alone.
+    """
     from recbole_llm.quick_start import load_config
 
     shared = {key: config[key] for key in SHARED_KEYS if key in config}
     shared["data_path"] = str(Path(config["data_path"]).parent)
-    return load_config(model_name, config["dataset"], config_dict={**shared, **(overrides or {})})
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return load_config(model_name, config["dataset"], config_dict={**shared, **(overrides or {})})
+    finally:
+        sys.argv = argv
 
 
 def cache_key(config) -> str:

@@ -1,0 +1,233 @@
+"""E4SRec: item IDs fed into a frozen LLM, the whole catalogue ranked in one forward pass.
+
+Xinhang Li, Chong Chen, Xiangyu Zhao, Yong Zhang, Chunxiao Xing. "E4SRec: An Elegant
+Effective Efficient Extensible Solution of Large Language Models for Sequential
+Recommendation." arXiv:2312.02443, 2023. Code: https://github.com/HestiaSky/E4SRec.
+
+Follows the authors' code:
+
+* stage 1: an ID-based sequential model (``id_model``, SASRec by default) trained with
+  RecBole's own trainer on the same split, or loaded from ``id_model_checkpoint``; its item
+  embedding table (row 0 = padding) is copied into a FROZEN table;
+* ``Linear(id_dim, llm_hidden)`` with bias projects each history item into the LLM's input
+  space;
+* the LLM body without its LM head, frozen, with LoRA (r=16, alpha=16, dropout 0.05 on
+  ``gate_proj``, ``up_proj``, ``down_proj``) gets as ``inputs_embeds``
+  ``[instruction tokens | projected items | "\\n### Response:\\n" tokens]``, the instruction in
+  the Alpaca "no input" frame, tokenised without special tokens as the authors do;
+* the last position's hidden state -> ``Linear(llm_hidden, n_items, bias=False)`` -> logits over
+  ALL items; cross-entropy. ``full_sort_predict`` is one forward pass per batch of users.
+
+Trainable ("pluggable") parameters: LoRA, the projection and the head. They save and load as
+one small file (:class:`~recbole_llm.llm.pluggable.PluggableMixin`), so one LLM on disk
+serves many datasets; the frozen item table comes from the stage-1 model of each dataset.
+
+Choices the paper and code leave open, made here:
+
+* History length is RecBole's ``MAX_ITEM_LIST_LENGTH`` (the authors use 50; our ml-100k
+  default is shorter, for CPU cost). RecBole right-pads histories; here the item part is
+  LEFT-padded so the last position is always the response frame, padded slots get
+  ``attention_mask = 0`` and the position ids skip them, so a padded and an unpadded history
+  give the same scores. (The authors right-pad the items before the response frame, so their
+  response tokens sit at different positions for different history lengths.) Each batch is
+  trimmed to its longest history.
+* Training rows: RecBole's sequential split, one row per prefix of each user's training
+  sequence (the authors: every position of the last 50 training items). On a CPU an epoch
+  over all ~97k ml-100k rows is too costly, so ``train_rows_per_epoch`` (optional) keeps a
+  uniformly random subset of that size per epoch (each batch keeps its share of rows).
+* The instruction prefix is the same for every user: with ``share_instruction_prefix`` its
+  keys/values are computed once per batch (batch size 1, with gradients through LoRA) and
+  repeated for every user, the same computation as feeding it per user, at a fraction of the
+  cost. Gradient checkpointing turns this off (the checkpointed recompute would append to
+  the cache twice) and the full sequence is fed instead.
+* The projection and head use PyTorch's default initialisation (the authors' ``nn.Linear``);
+  logits for the padding item 0 are part of the softmax as in RecBole's SASRec and are set to
+  -inf by RecBole's evaluator.
+* Optimiser, learning rate and schedule are RecBole's (``learner``, ``learning_rate``); the
+  authors use AdamW 3e-4 with a cosine schedule in HF's Trainer.
+"""
+from __future__ import annotations
+
+from logging import getLogger
+
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+from torch import nn
+
+from recbole_llm.llm.backbone import apply_lora, load_causal_lm, set_num_threads
+from recbole_llm.llm.pluggable import PluggableMixin
+from recbole_llm.model.lrurec import left_align
+from recbole_llm.model.pretrained import pretrained_id_model
+
+DEFAULT_INSTRUCTION = "Given the user's purchase history, predict next possible item to be purchased."
+DEFAULT_FRAME = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n"
+)
+DEFAULT_RESPONSE = "\n### Response:\n"
+DEFAULT_TARGETS = ["gate_proj", "up_proj", "down_proj"]
+
+
+def _setting(config, key, default):
+    value = config[key] if key in config else None
+    return default if value is None else value
+
+
+class E4SRec(PluggableMixin, SequentialRecommender):
+    """E4SRec as a RecBole sequential recommender (see the module docstring)."""
+
+    input_type = InputType.POINTWISE
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        logger = getLogger()
+        set_num_threads(_setting(config, "num_threads", None))
+        self.train_rows_per_epoch = _setting(config, "train_rows_per_epoch", None)
+        self.n_train_rows = len(dataset)
+        gradient_checkpointing = bool(_setting(config, "gradient_checkpointing", False))
+        self.share_instruction_prefix = bool(_setting(config, "share_instruction_prefix", True)) and not gradient_checkpointing
+
+        # The LLM: frozen body without the LM head, LoRA on the MLP projections (fail fast on bad targets).
+        causal_lm, tokenizer = load_causal_lm(
+            _setting(config, "llm_path", None),
+            dtype=_setting(config, "llm_dtype", "auto"),
+            device=str(config["device"]),
+            load_in_4bit=bool(_setting(config, "load_in_4bit", False)),
+            gradient_checkpointing=gradient_checkpointing,
+            logger=logger,
+        )
+        for param in causal_lm.parameters():
+            param.requires_grad_(False)
+        peft_model = apply_lora(
+            causal_lm,
+            r=_setting(config, "lora_r", 16),
+            alpha=_setting(config, "lora_alpha", 16),
+            dropout=_setting(config, "lora_dropout", 0.05),
+            target_modules=_setting(config, "lora_target_modules", DEFAULT_TARGETS),
+        )
+        causal_lm = peft_model.get_base_model()
+        self.llm = causal_lm.get_decoder()  # the body: LoRA layers are injected in place
+        if isinstance(getattr(causal_lm, "lm_head", None), nn.Module):
+            causal_lm.lm_head = None  # unused (tied weights stay in the body's input embeddings)
+        self.llm_hidden = self.llm.config.hidden_size
+        llm_dtype = self.llm.get_input_embeddings().weight.dtype
+
+        # The instruction frame, embedded once with the LLM's (frozen) input embeddings.
+        instruction = _setting(config, "instruction", DEFAULT_INSTRUCTION)
+        frame = _setting(config, "instruction_frame", DEFAULT_FRAME)
+        self.instruction_text = frame.format(instruction=instruction)
+        self.response_text = _setting(config, "response_text", DEFAULT_RESPONSE)
+        with torch.no_grad():
+            embed = self.llm.get_input_embeddings()
+            device = embed.weight.device
+            ids = [
+                tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+                for text in (self.instruction_text, self.response_text)
+            ]
+            if ids[0].size(1) == 0 or ids[1].size(1) == 0:
+                raise ValueError("instruction and response_text must each give at least one token")
+            self.register_buffer("instruction_embeds", embed(ids[0])[0].detach().clone(), persistent=False)
+            self.register_buffer("response_embeds", embed(ids[1])[0].detach().clone(), persistent=False)
+
+        # Stage 1: the frozen item table of a pretrained ID model on the same split.
+        id_model_name = _setting(config, "id_model", "SASRec")
+        id_model = pretrained_id_model(
+            config,
+            dataset,
+            id_model_name,
+            checkpoint=_setting(config, "id_model_checkpoint", None),
+            overrides=_setting(config, "id_model_config", {}),
+            setting="id_model_checkpoint",
+        )
+        table = getattr(id_model, "item_embedding", None)
+        if not isinstance(table, nn.Embedding) or table.num_embeddings != self.n_items:
+            raise ValueError(
+                f"id_model={id_model_name!r} has no item_embedding table with {self.n_items} rows; "
+                "E4SRec needs an ID model with an nn.Embedding named item_embedding (e.g. SASRec, GRU4Rec)."
+            )
+        self.item_embedding = nn.Embedding.from_pretrained(
+            table.weight.detach().float().cpu().clone(), freeze=True, padding_idx=0
+        )
+        del id_model
+
+        # The pluggable part: projection into the LLM's input space and the head over all items.
+        self.input_proj = nn.Linear(self.item_embedding.embedding_dim, self.llm_hidden)
+        self.score = nn.Linear(self.llm_hidden, self.n_items, bias=False)
+        self.loss_fct = nn.CrossEntropyLoss()
+        self._llm_dtype = llm_dtype
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        logger.info(f"E4SRec: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+    # ------------------------------------------------------------------ encoding
+    def _history(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        """Left-padded histories trimmed to the batch's longest one, [B, L]."""
+        longest = max(int(item_seq_len.max()), 1)
+        return left_align(item_seq, item_seq_len)[:, -longest:]
+
+    def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        """The last position's hidden state for each user, [B, llm_hidden] (float32)."""
+        items = self._history(item_seq, item_seq_len)
+        batch, length = items.shape
+        item_mask = items > 0
+        item_embeds = self.input_proj(self.item_embedding(items)).to(self._llm_dtype)
+        response = self.response_embeds.unsqueeze(0).expand(batch, -1, -1)
+        prefix_len, response_len = self.instruction_embeds.size(0), self.response_embeds.size(0)
+        tail_mask = torch.cat([item_mask, item_mask.new_ones(batch, response_len)], dim=1).long()
+        # positions continue from the instruction through real items only
+        tail_positions = prefix_len + tail_mask.cumsum(dim=1) - 1
+        tail = torch.cat([item_embeds, response], dim=1)
+        prefix_mask = tail_mask.new_ones(batch, prefix_len)
+        if self.share_instruction_prefix:
+            prefix_out = self.llm(
+                inputs_embeds=self.instruction_embeds.unsqueeze(0),
+                position_ids=torch.arange(prefix_len, device=items.device).unsqueeze(0),
+                use_cache=True,
+            )
+            cache = prefix_out.past_key_values
+            cache.batch_repeat_interleave(batch)
+            hidden = self.llm(
+                inputs_embeds=tail,
+                attention_mask=torch.cat([prefix_mask, tail_mask], dim=1),
+                position_ids=tail_positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state
+        else:
+            prefix = self.instruction_embeds.unsqueeze(0).expand(batch, -1, -1)
+            positions = torch.cat([torch.arange(prefix_len, device=items.device).expand(batch, -1), tail_positions], 1)
+            hidden = self.llm(
+                inputs_embeds=torch.cat([prefix, tail], dim=1),
+                attention_mask=torch.cat([prefix_mask, tail_mask], dim=1),
+                position_ids=positions,
+                use_cache=False,
+            ).last_hidden_state
+        return hidden[:, -1].float()
+
+    # ------------------------------------------------------------------ RecBole API
+    def _training_rows(self, interaction):
+        """This batch's share of ``train_rows_per_epoch`` random rows (all rows when unset)."""
+        batch = interaction.length
+        if not self.train_rows_per_epoch or self.train_rows_per_epoch >= self.n_train_rows:
+            return interaction
+        expected = batch * self.train_rows_per_epoch / self.n_train_rows
+        keep = int(expected) + int(torch.rand(()) < expected - int(expected))  # unbiased rounding
+        keep = max(1, min(batch, keep))
+        rows = torch.randperm(batch, device=interaction[self.ITEM_SEQ].device)[:keep]
+        return interaction[rows]
+
+    def calculate_loss(self, interaction):
+        if self.training:
+            interaction = self._training_rows(interaction)
+        user = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return self.loss_fct(self.score(user), interaction[self.POS_ITEM_ID])
+
+    def predict(self, interaction):
+        scores = self.full_sort_predict(interaction)
+        return scores.gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)
+
+    def full_sort_predict(self, interaction):
+        """Scores of all items, [B, n_items], from one forward pass."""
+        user = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return self.score(user)

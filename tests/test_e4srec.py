@@ -1,0 +1,180 @@
+"""E4SRec: frozen LLM and item table, full-catalogue scores, padding, pluggable round trip, bad input."""
+from pathlib import Path
+
+import pytest
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.data.interaction import Interaction
+
+from conftest import write_tiny_dataset
+from recbole_llm import load_config
+from recbole_llm.model.e4srec import E4SRec
+
+
+def _config(tiny_data, llm_dir, **extra):
+    name, overrides = tiny_data
+    settings = {
+        **overrides,
+        "llm_path": str(llm_dir),
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "id_model_config": {"epochs": 1},
+        "learning_rate": 0.01,
+        **extra,
+    }
+    return load_config("E4SRec", name, config_dict=settings)
+
+
+def _build(config):
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    torch.manual_seed(0)
+    return E4SRec(config, train._dataset), train, test
+
+
+def _batch(loader):
+    batch = next(iter(loader))
+    return batch[0] if isinstance(batch, tuple) else batch
+
+
+@pytest.fixture
+def e4srec(tiny_data, tiny_llama_dir):
+    config = _config(tiny_data, tiny_llama_dir)
+    model, train, test = _build(config)
+    return config, model, train, test
+
+
+def _frozen_llm_state(model):
+    return {k: v.clone() for k, v in model.llm.state_dict().items() if "lora_" not in k}
+
+
+def test_training_changes_only_the_pluggable_part(e4srec):
+    _, model, train, _ = e4srec
+    llm_before = _frozen_llm_state(model)
+    table_before = model.item_embedding.weight.clone()
+    pluggable_before = model.trainable_state_dict()
+    assert not model.item_embedding.weight.requires_grad
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith(("input_proj.", "score.")) for n in trainable)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    batch = _batch(train)
+    first = model.calculate_loss(batch).item()
+    for _ in range(5):
+        optimizer.zero_grad()
+        model.calculate_loss(batch).backward()
+        optimizer.step()
+    assert model.calculate_loss(batch).item() < first
+    llm_after = _frozen_llm_state(model)
+    assert llm_before.keys() == llm_after.keys()
+    assert all(torch.equal(llm_before[k], llm_after[k]) for k in llm_before)
+    assert torch.equal(table_before, model.item_embedding.weight)
+    changed = model.trainable_state_dict()
+    assert all(not torch.equal(pluggable_before[k], changed[k]) for k in ("input_proj.weight", "score.weight"))
+    assert any(not torch.equal(pluggable_before[k], changed[k]) for k in changed if "lora_B" in k)
+
+
+def test_item_table_is_the_cached_stage1_sasrec_table(e4srec):
+    config, model, _, _ = e4srec
+    cached = list((Path(config["checkpoint_dir"]) / "stage1").glob("SASRec-*.pth"))
+    assert len(cached) == 1  # stage 1 trained once with RecBole's trainer and cached
+    saved = torch.load(cached[0], map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.equal(saved["item_embedding.weight"], model.item_embedding.weight)
+
+
+def test_full_sort_predict_covers_every_item(e4srec):
+    _, model, _, test = e4srec
+    interaction = _batch(test)
+    model.eval()
+    with torch.no_grad():
+        scores = model.full_sort_predict(interaction)
+        predicted = model.predict(interaction)
+    assert scores.shape == (interaction.length, model.n_items)
+    assert torch.isfinite(scores).all()
+    chosen = scores.gather(1, interaction["item_id"].unsqueeze(1)).squeeze(1)
+    assert torch.allclose(predicted, chosen)
+
+
+def test_padded_and_unpadded_history_give_the_same_scores(e4srec):
+    _, model, _, _ = e4srec
+    model.eval()
+    short = torch.tensor([[3, 4, 5, 0, 0, 0]])  # RecBole's right padding
+    longer = torch.tensor([[3, 4, 5, 0, 0, 0], [9, 10, 11, 12, 13, 14]])
+    with torch.no_grad():
+        alone = model.full_sort_predict(Interaction({"item_id_list": short[:, :3], "item_length": torch.tensor([3])}))
+        padded = model.full_sort_predict(Interaction({"item_id_list": longer, "item_length": torch.tensor([3, 6])}))
+    assert torch.allclose(alone[0], padded[0], atol=1e-5)
+    assert not torch.allclose(padded[0], padded[1], atol=1e-3)
+
+
+def test_shared_instruction_prefix_equals_feeding_it_per_user(e4srec):
+    _, model, _, test = e4srec
+    interaction = _batch(test)
+    model.eval()
+    with torch.no_grad():
+        shared = model.full_sort_predict(interaction)
+        model.share_instruction_prefix = False
+        per_user = model.full_sort_predict(interaction)
+    assert torch.allclose(shared, per_user, atol=1e-4)
+
+
+def test_pluggable_round_trip_and_one_llm_for_many_models(e4srec, tiny_data, tiny_llama_dir, tmp_path):
+    config, model, train, test = e4srec
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model.calculate_loss(_batch(train)).backward()
+        optimizer.step()
+    model.eval()
+    interaction = _batch(test)
+    with torch.no_grad():
+        expected = model.full_sort_predict(interaction)
+    path = tmp_path / "e4srec_tiny.pth"
+    model.save_pluggable(path)
+    llm_bytes = sum(f.stat().st_size for f in tiny_llama_dir.iterdir() if f.name.endswith(".safetensors"))
+    assert path.stat().st_size < 0.5 * llm_bytes  # even against a tiny LLM; megabytes vs gigabytes for a real one
+
+    # a second model on the same LLM directory (its own fresh pluggable part) loads the file
+    torch.manual_seed(1)
+    other = E4SRec(config, train._dataset)
+    other.eval()
+    with torch.no_grad():
+        assert not torch.allclose(other.full_sort_predict(interaction), expected)
+        other.load_pluggable(path)
+        assert torch.equal(other.full_sort_predict(interaction), expected)
+    # and RecBole's load_state_dict takes the trainable part (what LLMTrainer checkpoints)
+    other.load_state_dict(model.trainable_state_dict())
+
+
+def test_id_model_checkpoint_from_another_dataset_is_a_clear_error(tiny_data, tiny_llama_dir, tmp_path):
+    from recbole.model.sequential_recommender import SASRec
+
+    name, overrides = tiny_data
+    write_tiny_dataset(tmp_path / "data", name="other", n_items=45)
+    other_config = load_config("SASRec", "other", config_dict=overrides)
+    other = SASRec(other_config, create_dataset(other_config))
+    checkpoint = tmp_path / "sasrec_other.pth"
+    torch.save({"state_dict": other.state_dict()}, checkpoint)
+    config = _config(tiny_data, tiny_llama_dir, id_model_checkpoint=str(checkpoint))
+    with pytest.raises(ValueError, match="id_model_checkpoint") as error:
+        _build(config)
+    assert "item_embedding" in str(error.value) and "another dataset" in str(error.value)
+
+
+def test_bad_lora_target_lists_the_llm_modules(tiny_data, tiny_llama_dir):
+    config = _config(tiny_data, tiny_llama_dir, lora_target_modules=["gate_proj", "c_fc"])
+    with pytest.raises(ValueError, match="c_fc") as error:
+        _build(config)
+    for real_name in ("gate_proj", "up_proj", "down_proj", "q_proj"):
+        assert real_name in str(error.value)
+
+
+def test_quick_start_trains_and_evaluates_with_llm_trainer(tiny_data, tiny_llama_dir):
+    from recbole_llm import run_recbole_llm
+
+    name, overrides = tiny_data
+    settings = {**overrides, "llm_path": str(tiny_llama_dir), "lora_r": 4, "id_model_config": {"epochs": 1},
+                "epochs": 1, "train_rows_per_epoch": 64}
+    result = run_recbole_llm("E4SRec", name, config_dict=settings)
+    assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0

@@ -13,7 +13,10 @@ names the failure it fixes; none changes behaviour outside RecBole's own calls.
    ``torch.autograd.set_detect_anomaly(True)`` at import time, and importing any RecBole
    sequential model imports it. Anomaly mode then slows every backward pass of the
    process several-fold. Fix: import it once, then switch anomaly detection back off.
-3. RecBole's ``Config`` silently picks the CPU when ``use_gpu`` is set but no CUDA device
+3. pandas 2.x and torch warn (FutureWarning) at every chained ``fillna(inplace=True)`` and
+   ``torch.cuda.amp.GradScaler`` call inside RecBole, burying the log. Fix: those
+   FutureWarnings, raised from RecBole's modules only, are not shown.
+4. RecBole's ``Config`` silently picks the CPU when ``use_gpu`` is set but no CUDA device
    exists. Fix: :func:`note_device` says so once in the log (called by quick_start).
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import warnings
 
 import torch
 
@@ -51,6 +55,7 @@ def apply() -> None:
     import recbole.model.sequential_recommender  # noqa: F401  (imports sine.py once)
 
     torch.autograd.set_detect_anomaly(False)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole(\.|$)")
     _applied = True
 
 

@@ -1,0 +1,220 @@
+"""Laser vs its frozen SASRec (and E4SRec when it exists) on one dataset, one run, same split.
+
+    python benchmarks/laser.py [--dataset ml-100k] [--threads 1] [--ablation_rows 500] [--key=value ...]
+
+1. Laser with the shipped defaults (properties/model/Laser.yaml); stage 1 trains (or reuses
+   from checkpoint_dir/stage1) the frozen SASRec. Reports full-ranking test metrics, the
+   trainable parameters as a share of the LLM, training time per epoch, and throughput.
+2. The frozen SASRec itself, evaluated on the same test split (no retraining).
+3. E4SRec with its shipped defaults, only if recbole_llm/model/e4srec.py exists (a failure is
+   reported, not raised); run last, after the Laser section is written.
+4. Ablations, SHORT runs (1 epoch, --ablation_rows training rows, no validation, test after
+   the epoch) so they fit a CPU budget: full Laser vs no prefix / no suffix / one expert.
+
+Extra --key=value arguments are config overrides for every Laser run.
+Writes the "laser" section of docs/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import time
+
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.trainer import Trainer
+from recbole.utils import init_logger, init_seed
+from results_doc import markdown_table, write_section
+
+from recbole_llm import load_config, run_recbole_llm
+from recbole_llm.model.laser import Laser
+from recbole_llm.trainer.llm_trainer import LLMTrainer
+
+METRICS = ["recall@5", "recall@10", "mrr@5", "mrr@10", "ndcg@5", "ndcg@10"]
+ABLATIONS = {
+    "Laser (4 experts, top-2)": {},
+    "no prefix (no M-Former)": {"use_prefix": False},
+    "no suffix (last prompt position)": {"suffix_tokens": 0},
+    "one expert": {"n_experts": 1, "router_top_k": 1},
+}
+
+
+def parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def run_laser(dataset_name, overrides, fit_validation=True):
+    """Train and test one Laser; returns (test result, stats, model, config, test data)."""
+    config = load_config("Laser", dataset_name, config_dict=overrides)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    start = time.perf_counter()
+    model = Laser(config, train_data._dataset)
+    build_seconds = time.perf_counter() - start
+
+    rows = {"train": 0, "eval": 0}
+    forward = model.forward
+
+    def counting_forward(item_seq, item_seq_len):
+        rows["train" if model.training else "eval"] += item_seq.size(0)
+        return forward(item_seq, item_seq_len)
+
+    model.forward = counting_forward
+    trainer = LLMTrainer(config, model)
+    epoch_seconds, epoch_cpu_seconds = [], []
+    train_epoch = trainer._train_epoch
+
+    def timed_train_epoch(*args, **kwargs):
+        t, cpu = time.perf_counter(), time.process_time()
+        out = train_epoch(*args, **kwargs)
+        epoch_seconds.append(time.perf_counter() - t)
+        epoch_cpu_seconds.append(time.process_time() - cpu)
+        print(f"  epoch {len(epoch_seconds)}: {epoch_seconds[-1]:.0f} s wall, {epoch_cpu_seconds[-1]:.0f} s CPU, loss {out}", flush=True)
+        return out
+
+    trainer._train_epoch = timed_train_epoch
+    trainer.fit(train_data, valid_data if fit_validation else None, saved=fit_validation, show_progress=False)
+    train_rows = rows["train"]
+    rows["eval"] = 0
+    t, cpu = time.perf_counter(), time.process_time()
+    test = trainer.evaluate(test_data, load_best_model=fit_validation, show_progress=False)
+    test_seconds, test_cpu_seconds = time.perf_counter() - t, time.process_time() - cpu
+
+    llm_params = sum(p.numel() for p in model.llm.parameters())
+    per_layer = sum(p.numel() for p in model.llm.layers[0].parameters())
+    full_llm_params = llm_params + (model.llm_full_layers - len(model.llm.layers)) * per_layer
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    stats = {
+        "build_s": build_seconds,
+        "epoch_s": epoch_seconds,
+        "epoch_cpu_s": epoch_cpu_seconds,
+        "test_cpu_s": test_cpu_seconds,
+        "train_rows_per_cpu_s": train_rows / max(sum(epoch_cpu_seconds), 1e-9),
+        "test_users_per_cpu_s": rows["eval"] / max(test_cpu_seconds, 1e-9),
+        "train_rows": train_rows,
+        "train_rows_per_s": train_rows / max(sum(epoch_seconds), 1e-9),
+        "test_users": rows["eval"],
+        "test_s": test_seconds,
+        "test_users_per_s": rows["eval"] / max(test_seconds, 1e-9),
+        "trainable": trainable,
+        "llm_params_kept": llm_params,
+        "llm_params_full": full_llm_params,
+        "llm_layers": f"{len(model.llm.layers)} of {model.llm_full_layers}",
+    }
+    return test, stats, model, config, test_data
+
+
+def row(name, test, extra=""):
+    return [name] + [f"{test[m]:.4f}" for m in METRICS] + [extra]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ablation_rows", type=int, default=500)
+    parser.add_argument("--skip_e4srec", action="store_true")
+    args, rest = parser.parse_known_args()
+    overrides = {k.lstrip("-"): parse_value(v) for k, v in (a.split("=", 1) for a in rest)}
+    overrides = {"show_progress": False, "num_threads": args.threads, **overrides}
+    torch.set_num_threads(args.threads)
+    wall = time.perf_counter()
+
+    print("Laser (shipped defaults + command-line overrides) ...", flush=True)
+    t = time.perf_counter()
+    laser_test, stats, model, config, test_data = run_laser(args.dataset, overrides)
+    laser_minutes = (time.perf_counter() - t) / 60
+    print("Laser", dict(laser_test), stats, flush=True)
+
+    sasrec_test = Trainer(config, model.id_model).evaluate(test_data, load_best_model=False, show_progress=False)
+    print("SASRec (frozen stage 1)", dict(sasrec_test), flush=True)
+    del model
+
+    ablation_rows, ablation_budget = [], {"rows": args.ablation_rows, "epochs": 1}
+    main_rows = [
+        row("SASRec (Laser's frozen stage-1 ID model)", sasrec_test, "-"),
+        row("Laser", laser_test, f"{laser_minutes:.1f}"),
+    ]
+    epochs = ", ".join(f"{s:.0f}" for s in stats["epoch_s"])
+    epochs_cpu = ", ".join(f"{s:.0f}" for s in stats["epoch_cpu_s"])
+
+    def body(extra_rows=(), e4srec_note=""):
+        ratio = laser_test["ndcg@10"] / max(sasrec_test["ndcg@10"], 1e-12)
+        return (
+            markdown_table(["model"] + METRICS + ["wall time (min, build+train+eval)"], main_rows + list(extra_rows))
+            + f"\n\nLaser / SASRec NDCG@10: {ratio:.3f} (goal >= 1). {e4srec_note}"
+            + f"\nProtocol: {args.dataset}, leave-one-out in time order, full ranking over all items, test metrics of "
+            + ("the Laser checkpoint best on validation NDCG@10" if config["eval_step"] > 0
+               else "Laser after its last epoch (eval_step=0: no validation)")
+            + "; SASRec is the exact frozen model Laser reads ("
+            + (f"loaded from id_model_checkpoint={config['id_model_checkpoint']}" if config["id_model_checkpoint"]
+               else "stage 1 with `id_model_config` from properties/model/Laser.yaml")
+            + "), evaluated on the same test split."
+            + "\n\nCost (the Laser run above: shipped defaults plus the command-line overrides, "
+            f"LLM = {config['llm_path'] or 'embedded SmolLM2-135M-Instruct'}, {stats['llm_layers']} decoder layers kept, {args.threads} torch thread):\n\n"
+            + markdown_table(
+                ["quantity", "value"],
+                [
+                    ["trainable parameters", f"{stats['trainable']:,}"],
+                    ["share of the full LLM", f"{100 * stats['trainable'] / stats['llm_params_full']:.3f}% "
+                     f"of {stats['llm_params_full']:,}"],
+                    ["share of the LLM layers kept", f"{100 * stats['trainable'] / stats['llm_params_kept']:.3f}% "
+                     f"of {stats['llm_params_kept']:,}"],
+                    ["training time per epoch (s wall / s CPU)", f"{epochs} / {epochs_cpu} "
+                     f"({config['train_rows_per_epoch']} rows cap per epoch, {config['epochs']} epochs)"],
+                    ["training throughput", f"{stats['train_rows_per_s']:.2f} rows/s wall, "
+                     f"{stats['train_rows_per_cpu_s']:.2f} rows per CPU-second (forward + backward)"],
+                    ["full-ranking inference throughput", f"{stats['test_users_per_s']:.2f} users/s wall, "
+                     f"{stats['test_users_per_cpu_s']:.2f} users per CPU-second ({stats['test_users']} test users "
+                     f"in {stats['test_s']:.0f} s wall / {stats['test_cpu_s']:.0f} s CPU, one LLM forward per batch)"],
+                    ["model build (stage-1 load + LLM load + item-text vectors)", f"{stats['build_s']:.0f} s"],
+                ],
+            )
+            + f"\n\nAblations: SHORT runs ({ablation_budget['epochs']} epoch(s) of {ablation_budget['rows']} training "
+            "rows, no validation, test after training) so all four fit the CPU budget; compare rows with each other, "
+            "not with the full run above. Command-line --key=value overrides apply to these runs too.\n\n"
+            + markdown_table(["variant"] + METRICS + ["trainable params / wall time"], ablation_rows)
+        )
+
+    title = f"Laser vs SASRec on {args.dataset}"
+    write_section("laser", title, body())  # the main comparison first; ablations are added as they finish
+    short = {"epochs": 1, "train_rows_per_epoch": args.ablation_rows, "eval_step": 0}
+    for name, switch in ABLATIONS.items():
+        print(f"ablation {name} ...", flush=True)
+        t = time.perf_counter()
+        test, ab_stats, _, ab_config, _ = run_laser(args.dataset, {**overrides, **short, **switch}, fit_validation=False)
+        ablation_budget.update(rows=ab_config["train_rows_per_epoch"], epochs=ab_config["epochs"])
+        minutes = (time.perf_counter() - t) / 60
+        ablation_rows.append(row(name, test, f"{ab_stats['trainable']:,} / {minutes:.1f} min"))
+        print(name, dict(test), f"{minutes:.1f} min", flush=True)
+        write_section("laser", title, body())
+    print(f"Laser section written after {(time.perf_counter() - wall) / 60:.1f} min", flush=True)
+
+    e4srec_file = importlib.util.find_spec("recbole_llm.model.e4srec")
+    if e4srec_file is None or args.skip_e4srec:
+        write_section("laser", title, body(e4srec_note="E4SRec: not run (recbole_llm/model/e4srec.py absent or skipped)."))
+        return
+    print("E4SRec (shipped defaults) ...", flush=True)
+    t = time.perf_counter()
+    try:
+        result = run_recbole_llm("E4SRec", args.dataset, config_dict=dict(overrides))
+    except Exception as error:  # another engineer's model: report, do not fail the Laser benchmark
+        note = f"E4SRec: failed to run ({type(error).__name__}: {str(error)[:200]})."
+        print(note, flush=True)
+        write_section("laser", title, body(e4srec_note=note))
+        return
+    minutes = (time.perf_counter() - t) / 60
+    print("E4SRec", dict(result["test_result"]), flush=True)
+    write_section("laser", title, body([row("E4SRec (shipped defaults)", result["test_result"], f"{minutes:.1f}")],
+                                       "E4SRec: shipped defaults, same split."))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""Laser: Bi-Tuning a frozen LLM with collaborative information for sequential recommendation.
+
+Xinyu Zhang, Linmei Hu, Luhao Zhang, Dandan Song, Heyan Huang, Liqiang Nie. "Laser:
+Parameter-Efficient LLM Bi-Tuning for Sequential Recommendation with Collaborative
+Information", arXiv:2409.01605 (2024); revised as "Bi-Tuning with Collaborative Information
+for Controllable LLM-based Sequential Recommendation", ACL 2025. No public code exists.
+
+What the paper states, and what this file does:
+
+* Bi-Tuning: the LLM is frozen. Its input is
+  ``[prefix virtual tokens | text prompt of the user's history | suffix virtual tokens]``.
+  Only the prefix generator, the suffix tokens and the projections train.
+* Prefix: **M-Former**, a lightweight querying transformer (BLIP-2's Q-Former shape) with a
+  mixture of *query experts*. Each expert is a set of learnable queries; the queries attend
+  to one another, then cross-attend to the frozen ID model's per-position encodings of the
+  user's sequence (RecBole's SASRec, pretrained in stage 1 or loaded from
+  ``id_model_checkpoint``). A router conditioned on the user selects experts; an MoE
+  load-balancing term joins the recommendation loss (the paper's multi-task loss). The
+  mixed query outputs, projected to the LLM's hidden size, are the prefix.
+* Suffix: learnable tokens after the prompt; their LLM outputs are mapped from the language
+  space to the recommendation space and compared with item representations, so one
+  forward pass scores the whole catalogue.
+
+Choices the paper leaves open (each a setting in ``properties/model/Laser.yaml``):
+
+* ``n_experts`` (4) query experts, ``n_queries`` (8) queries each = the number of prefix
+  tokens; ``mformer_layers`` (1) blocks of (self-attention over the queries,
+  cross-attention to the ID encodings, feed-forward), post-LayerNorm, ``mformer_heads`` (2),
+  width = the ID model's hidden size. All experts share the block weights; an expert is its
+  query set (that is what keeps M-Former lightweight).
+* Router: ``Linear(id hidden, n_experts)`` on the frozen SASRec user representation (its
+  encoding at the last position), softmax, keep the ``router_top_k`` (2) largest and
+  renormalise, so a user's weights sum to one. The prefix is the weighted sum of the selected
+  experts' query outputs (a fixed ``n_queries`` tokens whatever the routing).
+* Load balancing: Switch-Transformer's ``n_experts * sum_e f_e * P_e`` (``f_e``: share of
+  the batch's top-k slots routed to expert e, ``P_e``: mean router probability), weight
+  ``balance_weight`` (0.01). It equals 1 when balanced; skipped with one expert.
+* Prefix projection: ``Linear(id hidden, llm hidden)``, initialised so the prefix has the
+  scale of the LLM's own token embeddings.
+* Prompt: ``prompt_template`` with ``{history}`` = the last ``history_titles`` (10) item
+  titles, oldest first, each cut to ``title_max_tokens`` (10) tokens, joined by "; ".
+  Titles come from the dataset's item table (:func:`recbole_llm.data.item_text.item_texts`),
+  never from the batch (the batch carries the *target* item's features).
+* Suffix: ``suffix_tokens`` (4) learnable embeddings (initialised at the token-embedding
+  scale); their last-layer outputs are pooled by ``suffix_pooling`` (``mean`` or ``last``)
+  and mapped by ``Linear(llm hidden, id hidden)`` to the user vector. With
+  ``suffix_tokens: 0`` (the "no suffix" ablation) the last prompt position is pooled instead.
+* Item representations (``item_repr``): ``id`` = the frozen SASRec item embeddings;
+  ``text`` = projected item-text vectors; ``both`` (default) = their sum. An item-text vector
+  is the frozen LLM's mean-pooled last hidden state over the item's title, computed once at
+  construction (not saved; rebuilt identically from the same LLM); its projection
+  ``Linear(llm hidden, id hidden)`` trains and starts at zero.
+* ``id_residual`` (true): the user vector is the SASRec user representation plus the mapped
+  suffix output; the suffix mapping starts at zero, so training starts from exactly the
+  frozen SASRec's ranking and learns a correction from the LLM. The paper does not say
+  this; it is our choice for a small CPU budget (the ablation table measures it).
+* The paper trains in two phases to obtain item and user embeddings through the suffix (the
+  ACL version encodes items with the LLM as well). Here one phase: cross-entropy over ALL
+  items plus the balancing term; items are not re-encoded by the LLM during training (one
+  LLM pass per item and step is beyond a CPU budget).
+* CPU compromises, documented as settings: ``llm_layers`` keeps only the first n decoder
+  layers of the frozen LLM (null = all); ``train_rows_per_epoch`` caps the training rows per
+  epoch by keeping a random share of each batch (null = all of RecBole's prefix rows).
+
+The ablation switches: ``use_prefix: false`` (no M-Former prefix), ``suffix_tokens: 0``
+(no suffix), ``n_experts: 1`` (one expert).
+"""
+from __future__ import annotations
+
+from logging import getLogger
+
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+from torch import nn
+
+from recbole_llm.data.item_text import item_texts
+from recbole_llm.llm.backbone import load_causal_lm, set_num_threads
+from recbole_llm.llm.pluggable import PluggableMixin
+from recbole_llm.model.pretrained import pretrained_id_model
+
+HISTORY_SEPARATOR = ";"
+
+
+class HistoryPrompt:
+    """Token ids of ``prompt_template`` with ``{history}`` = the user's last item titles.
+
+    Titles are tokenized once (with a leading space, cut to ``title_max_tokens``); a prompt is
+    then head ids + title ids joined by the separator + tail ids, with no re-tokenization.
+    """
+
+    def __init__(self, tokenizer, titles, template, history_titles, title_max_tokens):
+        if "{history}" not in template:
+            raise ValueError(f"prompt_template must contain '{{history}}'; got {template!r}")
+        head, tail = template.split("{history}", 1)
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.head, self.tail, self.separator = encode(head), encode(tail), encode(HISTORY_SEPARATOR)
+        self.titles = [encode(" " + t)[:title_max_tokens] if t else [] for t in titles]
+        self.history_titles = history_titles
+        self.max_length = (
+            len(self.head) + len(self.tail)
+            + history_titles * (title_max_tokens + len(self.separator)) - len(self.separator)
+        )
+
+    def ids(self, history: list[int]) -> list[int]:
+        """Prompt ids for one history (internal item ids, oldest first, no padding)."""
+        body = []
+        for position, item in enumerate(history[-self.history_titles:]):
+            if position:
+                body += self.separator
+            body += self.titles[item]
+        return self.head + body + self.tail
+
+
+class MFormer(nn.Module):
+    """Mixture of query experts over the ID model's encodings of a user's sequence.
+
+    Returns ``(queries [B, n_queries, d], router weights [B, n_experts], balance loss)``.
+    """
+
+    def __init__(self, hidden, n_experts, n_queries, n_layers, n_heads, top_k, dropout):
+        super().__init__()
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"router_top_k must be between 1 and n_experts={n_experts}; got {top_k}")
+        self.n_experts, self.n_queries, self.top_k = n_experts, n_queries, top_k
+        self.queries = nn.Parameter(torch.randn(n_experts, n_queries, hidden) * 0.02)
+        self.input_norm = nn.LayerNorm(hidden)
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({
+                "self_attn": nn.MultiheadAttention(hidden, n_heads, dropout=dropout, batch_first=True),
+                "norm1": nn.LayerNorm(hidden),
+                "cross_attn": nn.MultiheadAttention(hidden, n_heads, dropout=dropout, batch_first=True),
+                "norm2": nn.LayerNorm(hidden),
+                "ffn": nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * hidden, hidden)),
+                "norm3": nn.LayerNorm(hidden),
+            })
+            for _ in range(n_layers)
+        )
+        self.router = nn.Linear(hidden, n_experts)
+
+    def route(self, user: torch.Tensor):
+        """Top-k routing: (weights [B, E] summing to one per user, balance loss)."""
+        probs = F.softmax(self.router(user), dim=-1)
+        if self.n_experts == 1:
+            return probs, probs.new_zeros(())
+        top_values, top_index = probs.topk(self.top_k, dim=-1)
+        weights = torch.zeros_like(probs).scatter(1, top_index, top_values / top_values.sum(-1, keepdim=True))
+        routed = torch.zeros_like(probs).scatter(1, top_index, 1.0)
+        share = routed.mean(0) / self.top_k  # f_e: share of the top-k slots going to expert e
+        balance = self.n_experts * (share * probs.mean(0)).sum()
+        return weights, balance
+
+    def forward(self, encodings: torch.Tensor, padding: torch.Tensor, user: torch.Tensor):
+        batch, length, hidden = encodings.shape
+        n_experts, n_queries = self.n_experts, self.n_queries
+        weights, balance = self.route(user)
+        memory = self.input_norm(encodings)
+        # every expert's queries run as their own sequence: [B * E, Q, d]
+        memory = memory.unsqueeze(1).expand(batch, n_experts, length, hidden).reshape(batch * n_experts, length, hidden)
+        memory_padding = padding.unsqueeze(1).expand(batch, n_experts, length).reshape(batch * n_experts, length)
+        x = self.queries.unsqueeze(0).expand(batch, -1, -1, -1).reshape(batch * n_experts, n_queries, hidden)
+        for layer in self.layers:
+            x = layer["norm1"](x + layer["self_attn"](x, x, x, need_weights=False)[0])
+            attended = layer["cross_attn"](x, memory, memory, key_padding_mask=memory_padding, need_weights=False)[0]
+            x = layer["norm2"](x + attended)
+            x = layer["norm3"](x + layer["ffn"](x))
+        x = x.reshape(batch, n_experts, n_queries, hidden)
+        mixed = (weights.unsqueeze(-1).unsqueeze(-1) * x).sum(1)
+        return mixed, weights, balance
+
+
+class Laser(PluggableMixin, SequentialRecommender):
+    """Laser on a frozen LLM and a frozen RecBole ID model (see the module docstring)."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        logger = getLogger()
+        set_num_threads(config["num_threads"])
+        self.use_prefix = bool(config["use_prefix"])
+        self.n_suffix = int(config["suffix_tokens"] or 0)
+        self.suffix_pooling = config["suffix_pooling"]
+        self.item_repr = config["item_repr"]
+        self.id_residual = bool(config["id_residual"])
+        self.balance_weight = float(config["balance_weight"])
+        self.rows_fraction = self._rows_fraction(config["train_rows_per_epoch"], dataset)
+        if self.suffix_pooling not in ("mean", "last"):
+            raise ValueError(f"suffix_pooling must be 'mean' or 'last'; got {self.suffix_pooling!r}")
+        if self.item_repr not in ("id", "text", "both"):
+            raise ValueError(f"item_repr must be 'id', 'text' or 'both'; got {self.item_repr!r}")
+
+        # Stage 1: the frozen ID model on the same split (SASRec by default).
+        overrides = dict(config["id_model_config"] or {})
+        overrides["MAX_ITEM_LIST_LENGTH"] = config["MAX_ITEM_LIST_LENGTH"]
+        self.id_model = pretrained_id_model(
+            config, dataset, config["id_model"] or "SASRec",
+            checkpoint=config["id_model_checkpoint"], overrides=overrides, setting="id_model_checkpoint",
+        )
+        for attribute in ("item_embedding", "position_embedding", "trm_encoder", "LayerNorm", "get_attention_mask"):
+            if not hasattr(self.id_model, attribute):
+                raise ValueError(
+                    f"id_model={config['id_model']!r}: Laser reads per-position encodings the way RecBole's "
+                    f"SASRec computes them (item + position embeddings through trm_encoder); "
+                    f"{type(self.id_model).__name__} has no '{attribute}'. Use SASRec (or a subclass)."
+                )
+        id_hidden = self.id_model.item_embedding.embedding_dim
+
+        # The frozen LLM (decoder only: its LM head is never used).
+        llm, tokenizer = load_causal_lm(config["llm_path"], dtype=config["llm_dtype"] or "auto",
+                                        device=config["device"], logger=logger)
+        decoder = llm.get_decoder()
+        self.llm_full_layers = len(decoder.layers)  # before any llm_layers cut (for parameter shares)
+        if config["llm_layers"]:
+            n_layers = int(config["llm_layers"])
+            if not 1 <= n_layers <= len(decoder.layers):
+                raise ValueError(f"llm_layers must be between 1 and {len(decoder.layers)}; got {n_layers}")
+            decoder.layers = nn.ModuleList(list(decoder.layers)[:n_layers])
+            decoder.config.num_hidden_layers = n_layers
+        decoder.requires_grad_(False)
+        decoder.eval()
+        self.llm = decoder
+        llm_hidden = decoder.config.hidden_size
+        embed = decoder.get_input_embeddings()
+        embedding_std = embed.weight.float().std().item()
+
+        # The history prompt, and the check that it fits the LLM's context.
+        titles = item_texts(dataset, config["item_text_fields"])
+        self.prompt = HistoryPrompt(tokenizer, titles, config["prompt_template"],
+                                    int(config["history_titles"]), int(config["title_max_tokens"]))
+        self.pad_token_id = tokenizer.pad_token_id
+        self.n_prefix = int(config["n_queries"]) if self.use_prefix else 0
+        longest = self.n_prefix + self.prompt.max_length + self.n_suffix
+        context = decoder.config.max_position_embeddings
+        if longest > context:
+            raise ValueError(
+                f"Laser input too long for the LLM: {self.n_prefix} prefix tokens + up to {self.prompt.max_length} "
+                f"prompt tokens ({config['history_titles']} titles x {config['title_max_tokens']} tokens + template) "
+                f"+ {self.n_suffix} suffix tokens = {longest} > max_position_embeddings={context}. "
+                "Lower n_queries, suffix_tokens, history_titles or title_max_tokens."
+            )
+
+        # Trainable parts: M-Former and prefix projection, suffix tokens, output and item-text projections.
+        if self.use_prefix:
+            self.mformer = MFormer(
+                id_hidden, int(config["n_experts"]), int(config["n_queries"]), int(config["mformer_layers"]),
+                int(config["mformer_heads"]), int(config["router_top_k"]), float(config["mformer_dropout"]),
+            )
+            self.prefix_projection = nn.Linear(id_hidden, llm_hidden)
+            nn.init.normal_(self.prefix_projection.weight, std=embedding_std / id_hidden**0.5)
+            nn.init.zeros_(self.prefix_projection.bias)
+        if self.n_suffix:
+            self.suffix = nn.Parameter(torch.randn(self.n_suffix, llm_hidden) * embedding_std)
+        self.output_projection = nn.Linear(llm_hidden, id_hidden)
+        if self.id_residual:
+            nn.init.zeros_(self.output_projection.weight)
+            nn.init.zeros_(self.output_projection.bias)
+        if self.item_repr in ("text", "both"):
+            self.register_buffer("item_text_vectors", self._encode_item_texts(titles, tokenizer), persistent=False)
+            self.text_projection = nn.Linear(llm_hidden, id_hidden, bias=False)
+            if self.item_repr == "both":
+                nn.init.zeros_(self.text_projection.weight)
+        self.loss_fct = nn.CrossEntropyLoss()
+        self.to(config["device"])
+
+    # ----------------------------------------------------------------- setup helpers
+    @staticmethod
+    def _rows_fraction(cap, dataset):
+        if not cap:
+            return 1.0
+        rows = len(dataset.inter_feat) if getattr(dataset, "inter_feat", None) is not None else 0
+        return min(1.0, int(cap) / rows) if rows else 1.0
+
+    @torch.no_grad()
+    def _encode_item_texts(self, titles, tokenizer, batch_size=64):
+        """Mean-pooled last hidden states of the frozen LLM over each item's title."""
+        vectors = []
+        device = self.llm.get_input_embeddings().weight.device
+        for start in range(0, len(titles), batch_size):
+            ids = [self.prompt.titles[i] or [self.pad_token_id] for i in range(start, min(start + batch_size, len(titles)))]
+            input_ids, mask = self._left_pad(ids, device)
+            hidden = self.llm(input_ids=input_ids, attention_mask=mask,
+                              position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False).last_hidden_state
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            vectors.append(((hidden * weights).sum(1) / weights.sum(1)).float())
+        vectors = torch.cat(vectors)
+        vectors[0] = 0.0  # padding item
+        return vectors
+
+    def _left_pad(self, sequences, device):
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            if seq:
+                ids[row, width - len(seq):] = torch.tensor(seq)
+                mask[row, width - len(seq):] = 1
+        return ids.to(device), mask.to(device)
+
+    def train(self, mode: bool = True):
+        """Train the pluggable part; the frozen LLM and ID model stay in eval mode (no dropout)."""
+        super().train(mode)
+        self.llm.eval()
+        self.id_model.eval()
+        return self
+
+    # ----------------------------------------------------------------- forward
+    def id_encodings(self, item_seq, item_seq_len):
+        """The frozen SASRec's per-position encodings [B, L, d], padding mask [B, L] and user vector [B, d]."""
+        sasrec = self.id_model
+        with torch.no_grad():
+            positions = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
+            x = sasrec.item_embedding(item_seq) + sasrec.position_embedding(positions).unsqueeze(0)
+            x = sasrec.dropout(sasrec.LayerNorm(x))
+            layers = sasrec.trm_encoder(x, sasrec.get_attention_mask(item_seq), output_all_encoded_layers=True)
+            encodings = layers[-1]
+            user = self.gather_indexes(encodings, item_seq_len - 1)
+        return encodings, item_seq == 0, user
+
+    def forward(self, item_seq, item_seq_len):
+        """User vectors [B, d] in the recommendation space, router weights [B, E] (or None), balance loss."""
+        encodings, padding, id_user = self.id_encodings(item_seq, item_seq_len)
+        device = item_seq.device
+        histories = [row[:length].tolist() for row, length in zip(item_seq.cpu(), item_seq_len.cpu().tolist())]
+        text_ids, text_mask = self._left_pad([self.prompt.ids(h) for h in histories], device)
+        embed = self.llm.get_input_embeddings()
+        parts, masks = [], []
+        weights, balance = None, encodings.new_zeros(())
+        batch = item_seq.size(0)
+        if self.use_prefix:
+            queries, weights, balance = self.mformer(encodings, padding, id_user)
+            parts.append(self.prefix_projection(queries).to(embed.weight.dtype))
+            masks.append(text_mask.new_ones(batch, self.n_prefix))
+        parts.append(embed(text_ids))
+        masks.append(text_mask)
+        if self.n_suffix:
+            parts.append(self.suffix.to(embed.weight.dtype).unsqueeze(0).expand(batch, -1, -1))
+            masks.append(text_mask.new_ones(batch, self.n_suffix))
+        inputs, mask = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+        hidden = self.llm(inputs_embeds=inputs, attention_mask=mask,
+                          position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False).last_hidden_state
+        if self.n_suffix and self.suffix_pooling == "mean":
+            pooled = hidden[:, -self.n_suffix:].mean(1)
+        else:
+            pooled = hidden[:, -1]
+        user = self.output_projection(pooled.float())
+        if self.id_residual:
+            user = user + id_user
+        return user, weights, balance
+
+    def item_representations(self):
+        """[n_items, d]: what user vectors are scored against (see ``item_repr``)."""
+        if self.item_repr == "id":
+            return self.id_model.item_embedding.weight
+        text = self.text_projection(self.item_text_vectors)
+        return text if self.item_repr == "text" else self.id_model.item_embedding.weight + text
+
+    # ----------------------------------------------------------------- RecBole contract
+    def calculate_loss(self, interaction):
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        targets = interaction[self.POS_ITEM_ID]
+        if self.rows_fraction < 1.0:
+            wanted = item_seq.size(0) * self.rows_fraction
+            keep = max(1, int(wanted + torch.rand(()).item()))  # stochastic rounding: cap rows on average
+            rows = torch.randperm(item_seq.size(0))[:keep].to(item_seq.device)
+            item_seq, item_seq_len, targets = item_seq[rows], item_seq_len[rows], targets[rows]
+        user, _, balance = self.forward(item_seq, item_seq_len)
+        logits = user @ self.item_representations().t()
+        loss = self.loss_fct(logits, targets)
+        if self.use_prefix and self.mformer.n_experts > 1:
+            loss = loss + self.balance_weight * balance
+        return loss
+
+    def router_weights(self, interaction):
+        """Router weights [B, n_experts] of each user in ``interaction`` (rows sum to one)."""
+        _, _, id_user = self.id_encodings(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return self.mformer.route(id_user)[0]
+
+    def full_sort_predict(self, interaction):
+        user, _, _ = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return user @ self.item_representations().t()
+
+    def predict(self, interaction):
+        scores = self.full_sort_predict(interaction)
+        return scores.gather(1, interaction[self.ITEM_ID].unsqueeze(1)).squeeze(1)

@@ -1,0 +1,312 @@
+"""SeRALM: any RecBole sequential recommender, its item embedding fused with LLM-generated knowledge.
+
+Yi Ren, Zhan Chen, Xue Yang, Longyu Li, Cheng Jiang, Lei Cheng, Bo Zhang, Linjian Mo, Jun Zhou.
+"Enhancing Sequential Recommenders with Augmented Knowledge from Aligned Large Language Models."
+SIGIR 2024 (../shared/papers/seralm.txt). No public code exists; this follows sections 4.2-4.4.
+
+What the model is (section 4.3): the ID-based recommender named by ``base_model`` (RecBole's
+Caser, SASRec, LightSANs, GRU4Rec, NARM; any RecBole sequential model with an
+``nn.Embedding`` called ``item_embedding`` works the same way) is built UNCHANGED from its own
+class with its own config (RecBole's and our property files for it, the same data and
+``MAX_ITEM_LIST_LENGTH``, plus ``base_model_config``). Then its ``item_embedding`` module is
+replaced by :class:`FusedItemEmbedding`::
+
+    e(i) = W_f [ r_id(i) ; W_k r_s(i) + b_k ] + b_f        (r_s(i) = Encoder(knowledge of item i))
+
+whose output has the base model's embedding size, and which offers both ``module(ids)`` and
+``module.weight`` (the whole fused table), the two ways RecBole's models read their item
+embedding (``forward`` looks up the history; ``calculate_loss``/``full_sort_predict`` multiply
+by ``item_embedding.weight``). So the base model's code, its loss, ``predict`` and full-ranking
+``full_sort_predict`` run untouched: this class delegates all three to it.
+
+Knowledge (section 4.2) comes from :mod:`recbole_llm.knowledge.generation` (cached per
+dataset/LLM/adapter/prompt; generated on first use) and :mod:`recbole_llm.knowledge.encoding`
+(sentence-transformers, vectors cached). At inference only the cached vectors are used (4.4 end);
+the fused table is computed once and reused while no weight changes (``weight`` caches it).
+
+Choices the paper leaves open, made here (each a setting):
+
+* ``knowledge_size`` (64): width of the projected knowledge vector concatenated with the ID
+  embedding. The paper concatenates and does not say how the base model then sees a wider
+  vector; here a linear layer maps the concatenation back to the base model's embedding size
+  (the only way to keep every base model's code unchanged).
+* ``fusion_init`` (``identity``): the fusion layer starts as ``[I | 0]``, so an untrained
+  SeRALM scores exactly like its base model and learns how much knowledge to mix in;
+  ``random`` uses PyTorch's default initialisation.
+* The padding item (id 0) keeps the base model's own padding row (no knowledge), so padded
+  positions look exactly as the base model expects (RecBole's initialisers fill that row).
+* ``encoder_mode`` (``frozen``): frozen encoder + trainable projection (default on CPU, see
+  :mod:`recbole_llm.knowledge.encoding`) or ``joint`` (the paper: the encoder is a submodule and
+  trains with the recommender; per step the batch's items - targets first, at most
+  ``joint_items_per_step`` - are re-encoded with gradients and the other rows come from a memory
+  of each item's latest encoding).
+* ``knowledge_text_format`` (``"{description} {summarization}"``): what of the JSON answer is
+  encoded. Items without text get a zero knowledge vector (counted and logged).
+* Alignment training (4.4) lives in :class:`recbole_llm.trainer.alignment.SeRALMTrainer`; this
+  class offers what it needs: :meth:`log_prob_target` (``log p(y|x,s)`` under a full softmax over
+  all items, with the knowledge of chosen items replaced per instance) and
+  :meth:`set_knowledge` (new cached vectors after alignment).
+"""
+from __future__ import annotations
+
+import contextlib
+from logging import getLogger
+
+import torch
+from recbole.data.interaction import Interaction
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+from torch import nn
+
+from recbole_llm import registry
+from recbole_llm.knowledge.encoding import TextEncoder, cached_vectors
+from recbole_llm.knowledge.generation import DEFAULT_TEXT_FORMAT, dataset_knowledge, knowledge_text, setting
+from recbole_llm.model.pretrained import id_model_config
+
+#: Base models tested with SeRALM (any RecBole sequential model with an nn.Embedding `item_embedding` works).
+SUPPORTED_BASE_MODELS = ("Caser", "SASRec", "LightSANs", "GRU4Rec", "NARM")
+
+
+def _unsupported(name, reason):
+    return ValueError(
+        f"base_model={name!r} {reason}. SeRALM wraps a RecBole sequential model whose item table is an "
+        f"nn.Embedding named `item_embedding`; supported (tested): {', '.join(SUPPORTED_BASE_MODELS)}."
+    )
+
+
+_FROZEN_ENCODERS: dict = {}
+
+
+def frozen_encoder(name, device) -> TextEncoder:
+    """One frozen encoder per (name, device) in the process, loaded on first use. Not a submodule of
+    any model, so it is neither checkpointed nor copied into the alignment generator's snapshot."""
+    key = (str(name), str(device))
+    if key not in _FROZEN_ENCODERS:
+        encoder = TextEncoder.load(name, device=device)
+        encoder.requires_grad_(False)
+        encoder.eval()
+        _FROZEN_ENCODERS[key] = encoder
+    return _FROZEN_ENCODERS[key]
+
+
+class FusedItemEmbedding(nn.Module):
+    """Drop-in replacement of a base model's ``item_embedding``: ID embedding ++ projected knowledge.
+
+    ``forward(ids)`` -> ``[..., embedding_dim]``; ``weight`` -> the fused table ``[n_items, embedding_dim]``.
+    """
+
+    def __init__(self, id_embedding: nn.Embedding, knowledge: torch.Tensor, knowledge_size: int = 64,
+                 fusion_init: str = "identity", encoder: TextEncoder | None = None, texts=None,
+                 joint_items_per_step: int = 256):
+        super().__init__()
+        n_items, dim = id_embedding.weight.shape
+        if knowledge.shape[0] != n_items:
+            raise ValueError(f"knowledge has {knowledge.shape[0]} rows but the item table {n_items}")
+        self.id_embedding = id_embedding
+        self.num_embeddings, self.embedding_dim, self.padding_idx = n_items, dim, 0
+        self.register_buffer("knowledge", knowledge.detach().float().clone())  # saved with the model
+        self.knowledge_proj = nn.Linear(knowledge.shape[1], knowledge_size)
+        self.fuse = nn.Linear(dim + knowledge_size, dim)
+        if fusion_init == "identity":
+            with torch.no_grad():
+                self.fuse.weight.zero_()
+                self.fuse.weight[:, :dim].copy_(torch.eye(dim))
+                self.fuse.bias.zero_()
+        elif fusion_init != "random":
+            raise ValueError(f"fusion_init must be 'identity' or 'random', not {fusion_init!r}")
+        self.encoder = encoder  # joint mode only
+        self.texts = list(texts) if texts is not None else None
+        self.joint_items_per_step = int(joint_items_per_step)
+        self._fresh = None  # joint mode: (position of each item in vectors or -1 [n_items], vectors)
+        self._override = None  # alignment: (items [B, K], vectors [B, K, d]) per instance
+        self._table = None  # (version stamp, fused table) for inference
+
+    # -- knowledge lookups
+    def knowledge_of(self, ids: torch.Tensor) -> torch.Tensor:
+        vectors = self.knowledge[ids]
+        if self._fresh is not None:
+            position, fresh = self._fresh
+            pos = position[ids]
+            vectors = torch.where((pos >= 0).unsqueeze(-1), fresh[pos.clamp(min=0)], vectors)
+        if self._override is not None and ids.dim() >= 1:
+            items, new = self._override
+            if ids.size(0) == items.size(0):
+                shape = (items.size(0),) + (1,) * (ids.dim() - 1)
+                for k in range(items.size(1)):
+                    hit = (ids == items[:, k].view(shape)) & (ids != 0)
+                    vectors = torch.where(hit.unsqueeze(-1), new[:, k].view(*shape, -1).to(vectors.dtype), vectors)
+        return vectors
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        id_vectors = self.id_embedding(ids)
+        fused = self.fuse(torch.cat([id_vectors, self.knowledge_proj(self.knowledge_of(ids))], dim=-1))
+        return torch.where((ids == 0).unsqueeze(-1), id_vectors, fused)  # padding: the base model's own row
+
+    @property
+    def weight(self) -> torch.Tensor:
+        ids = torch.arange(self.num_embeddings, device=self.knowledge.device)
+        cacheable = not torch.is_grad_enabled() and self._fresh is None
+        if not cacheable:
+            return self.forward(ids)
+        stamp = tuple((id(t), t._version) for t in (*self.parameters(), self.knowledge))
+        if self._table is None or self._table[0] != stamp:
+            self._table = (stamp, self.forward(ids))
+        return self._table[1]
+
+    # -- joint training of the encoder
+    def begin_step(self, items: torch.Tensor) -> None:
+        """Re-encode (with gradients) the knowledge of ``items`` for this step (joint mode)."""
+        if self.encoder is None or self.texts is None:
+            return
+        unique = items[items > 0].unique(sorted=False)
+        if unique.numel() > self.joint_items_per_step:
+            unique = unique[: self.joint_items_per_step]
+        vectors = self.encoder([self.texts[i] for i in unique.tolist()])
+        position = torch.full((self.num_embeddings,), -1, dtype=torch.long, device=self.knowledge.device)
+        position[unique] = torch.arange(unique.numel(), device=position.device)
+        self._fresh = (position, vectors)
+        self._fresh_items = unique
+
+    def end_step(self) -> None:
+        """Write this step's encodings into the memory of item vectors (joint mode)."""
+        if self._fresh is not None:
+            with torch.no_grad():
+                self.knowledge[self._fresh_items] = self._fresh[1].detach().to(self.knowledge.dtype)
+        self._fresh = None
+
+    @contextlib.contextmanager
+    def override(self, items: torch.Tensor, vectors: torch.Tensor):
+        """Within the block, instance b sees ``vectors[b, k]`` as the knowledge of item ``items[b, k]``."""
+        self._override = (items, vectors)
+        try:
+            yield
+        finally:
+            self._override = None
+
+
+class SeRALM(SequentialRecommender):
+    """SeRALM around a RecBole sequential model (see the module docstring)."""
+
+    input_type = InputType.POINTWISE
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        logger = getLogger()
+        self.base_model_name = setting(config, "base_model", "SASRec")
+        base_class = self._base_class(self.base_model_name)
+        overrides = {"MAX_ITEM_LIST_LENGTH": config["MAX_ITEM_LIST_LENGTH"], **dict(setting(config, "base_model_config", {}))}
+        self.base_config = id_model_config(config, self.base_model_name, overrides)
+        self.base = base_class(self.base_config, dataset)
+        table = getattr(self.base, "item_embedding", None)
+        if not isinstance(table, nn.Embedding) or table.num_embeddings != self.n_items:
+            raise _unsupported(self.base_model_name, "has no nn.Embedding `item_embedding` over all items")
+
+        # Knowledge: cached records -> texts -> cached vectors.
+        self.text_format = setting(config, "knowledge_text_format", DEFAULT_TEXT_FORMAT)
+        self.encoder_name = setting(config, "text_encoder", None)
+        self.encoder_mode = setting(config, "encoder_mode", "frozen")
+        if self.encoder_mode not in ("frozen", "joint"):
+            raise ValueError(f"encoder_mode must be 'frozen' or 'joint', not {self.encoder_mode!r}")
+        self.vector_dir = setting(config, "knowledge_vector_dir", None) or f"{config['checkpoint_dir']}/knowledge"
+        rows, cache = dataset_knowledge(config, dataset, logger=logger)
+        self.knowledge_file = str(cache.final)
+        texts = self.knowledge_texts(rows)
+        encoder = None
+        if self.encoder_mode == "joint":
+            encoder = TextEncoder.load(self.encoder_name, device=config["device"],
+                                       batch_size=setting(config, "encoder_batch_size", 64))
+        if encoder is None:
+            encoder_or_factory = lambda: frozen_encoder(self.encoder_name, config["device"])  # noqa: E731
+        else:
+            encoder_or_factory = encoder
+        vectors = cached_vectors(texts, self.encoder_name, self.vector_dir, encoder=encoder_or_factory,
+                                 batch_size=setting(config, "encoder_batch_size", 64), logger=logger)
+        self.base.item_embedding = FusedItemEmbedding(
+            table, vectors, knowledge_size=setting(config, "knowledge_size", 64),
+            fusion_init=setting(config, "fusion_init", "identity"), encoder=encoder,
+            texts=texts if encoder is not None else None,
+            joint_items_per_step=setting(config, "joint_items_per_step", 256),
+        )
+        logger.info(f"SeRALM: {self.base_model_name} with knowledge from {cache.final.name} "
+                    f"({vectors.shape[1]}-d {self.encoder_mode} encoder -> {self.fused.knowledge_proj.out_features}-d)")
+
+    @property
+    def fused(self) -> FusedItemEmbedding:
+        """The fused item table (the base model's ``item_embedding``)."""
+        return self.base.item_embedding
+
+    @staticmethod
+    def _base_class(name):
+        if not isinstance(name, str) or name == "SeRALM":
+            raise _unsupported(name, "is not a base model")
+        try:
+            cls = registry.get_model(name)
+        except ValueError:
+            raise _unsupported(name, "is unknown") from None
+        if not issubclass(cls, SequentialRecommender):
+            raise _unsupported(name, "is not a sequential recommender")
+        return cls
+
+    # -- knowledge
+    def knowledge_texts(self, rows) -> list[str]:
+        texts = [knowledge_text(r, self.text_format) for r in rows]
+        texts[0] = ""
+        return texts
+
+    def text_encoder(self) -> TextEncoder:
+        """The encoder of knowledge texts: the trained one (joint) or the frozen one (loaded once)."""
+        if self.fused.encoder is not None:
+            return self.fused.encoder
+        return frozen_encoder(self.encoder_name, self.fused.knowledge.device)
+
+    def encode_knowledge(self, texts, grad: bool = False) -> torch.Tensor:
+        encoder = self.text_encoder()
+        if grad and self.fused.encoder is not None:
+            return encoder(list(texts))
+        return encoder.encode(list(texts))
+
+    def set_knowledge(self, rows, logger=None) -> None:
+        """Use new knowledge records (per internal item id) from now on: re-encode (cached) and swap."""
+        texts = self.knowledge_texts(rows)
+        vectors = cached_vectors(texts, self.encoder_name, self.vector_dir, encoder=self.text_encoder,
+                                 logger=logger or getLogger())  # loads the encoder only to encode new texts
+        with torch.no_grad():
+            self.fused.knowledge.copy_(vectors.to(self.fused.knowledge.device))
+        if self.fused.texts is not None:
+            self.fused.texts = texts
+
+    # -- RecBole's contract, delegated to the base model
+    def forward(self, *args, **kwargs):
+        return self.base.forward(*args, **kwargs)
+
+    def calculate_loss(self, interaction):
+        if self.fused.encoder is not None and self.training:
+            self.fused.begin_step(torch.cat([interaction[self.POS_ITEM_ID].flatten(), interaction[self.ITEM_SEQ].flatten()]))
+            try:
+                return self.base.calculate_loss(interaction)
+            finally:
+                self.fused.end_step()
+        return self.base.calculate_loss(interaction)
+
+    def predict(self, interaction):
+        return self.base.predict(interaction)
+
+    def full_sort_predict(self, interaction):
+        return self.base.full_sort_predict(interaction)
+
+    # -- for alignment training
+    def log_prob_target(self, interaction, items=None, vectors=None) -> torch.Tensor:
+        """``log p(y|x,s)`` per instance: softmax over all items (padding excluded) of the base
+        model's scores, where instance b sees ``vectors[b, k]`` as the knowledge of
+        ``items[b, k]`` (in its history and as a candidate)."""
+        target = interaction[self.POS_ITEM_ID]
+        context = self.fused.override(items, vectors) if items is not None else contextlib.nullcontext()
+        with context:
+            scores = self.base.full_sort_predict(interaction).clone()
+            if items is not None:
+                for k in range(items.size(1)):  # the resampled items' own rows, per instance
+                    fields = dict(interaction.interaction)
+                    fields[self.ITEM_ID] = items[:, k]
+                    scores.scatter_(1, items[:, k:k + 1], self.base.predict(Interaction(fields)).unsqueeze(1))
+        scores[:, 0] = float("-inf")
+        return scores.log_softmax(dim=1).gather(1, target.unsqueeze(1)).squeeze(1)

@@ -1,0 +1,603 @@
+"""SeRALM's trainer: knowledge-enhanced training, alignment training (Algorithm 1) and the
+asynchronous knowledge generator (SeRALM, section 4.4, Eq. 5-9, Fig. 4).
+
+``SeRALMTrainer.fit`` runs, in order:
+
+1. **Knowledge-enhanced recommender** (``alignment_iterations: 0``, i.e. Base+NA_LLM): RecBole's
+   own training loop on the cached vectors of the un-aligned LLM's knowledge. With alignment,
+   this is a warm-up of ``warmup_epochs`` epochs (not checkpointed).
+2. **Alignment** (``alignment_iterations`` > 0), Algorithm 1, one iteration per batch of
+   ``align_batch_size`` training instances ``(x, y)`` (``x`` the history, ``y`` the target):
+
+   * knowledge ``s`` is sampled from the LLM being aligned (the shared backbone with LoRA) for
+     the items named by ``resample_items`` of each instance - ``target`` (default: the item
+     ``y``), ``last`` (the most recent history item) or both; all other items keep their cached
+     knowledge. The LLM's prompt for an item is its Fig. 3 prompt, so ``p(s|x)`` in the paper is
+     the LLM's probability of ``s`` given that item's prompt; with two items,
+     ``log p(s|x) = log p(s_target|...) + log p(s_last|...)``. ``align_num_samples`` (Eq. 6's k)
+     samples are drawn per instance.
+   * ``p(y|x,s)`` comes from the recommender being trained (full softmax over all items, where
+     instance b sees its own sampled knowledge for its resampled items, in its history and as
+     candidates); ``p(y|x)`` from a frozen knowledge-free recommender: the ``base_model``
+     trained by RecBole on the same split (``pretrained_id_model``, cached; or
+     ``reference_checkpoint``).
+   * LLM update (Eq. 6 and 8), gradient DESCENT on::
+
+         loss_llm = -mean_b[(w_b - ratio_baseline) * log p_align(s_b|x_b)] + kl_coef * KL_b
+         w_b = p(y|x,s) / p(y|x)   (optionally clipped at ratio_clip)
+
+     ``ratio_baseline: 0`` is Eq. 6 literally; the default 1.0 is the form Eq. 10 shows
+     (``r(t_k) ~ p(y|x,t_c,t_k)/p(y|x,t_c) - 1``): the same expected gradient, since
+     ``E_s[grad log p(s|x)] = 0``, with lower variance - knowledge is reinforced only when it
+     beats the knowledge-free recommender. The per-token KL penalty to the original LLM (Eq. 7;
+     the original LLM is the same weights with the adapter disabled via PEFT's
+     ``disable_adapter()``, no second copy) is, per ``kl_estimator``: ``full`` (default) the
+     exact KL(p_align || p_orig) over the vocabulary at every generated position, differentiated
+     directly; ``sample`` the score-function form of [17] on the sampled tokens,
+     ``sg(log p_align(t_k) - log p_orig(t_k)) * log p_align(t_k)``. Both are zero, with zero
+     gradient, when the adapter is the identity (LoRA B = 0 at init). Log-probabilities are
+     summed over the tokens of ``s`` (up to and including EOS), as in Eq. 6.
+   * recommender update (Eq. 9): gradient descent on ``-log p(y|x,s)`` with the same sampled
+     knowledge (optimiser: Adam, ``align_rec_learning_rate``).
+3. **Asynchronous generator** (Fig. 4; ``generator_mode: async``, default): a worker thread
+   (torch releases the GIL in its kernels, so generation and training overlap) runs the
+   *generator job* - sample ``s``, encode it, compute ``p(y|x,s)`` and ``p(y|x)`` - on
+   SNAPSHOTS of the LLM adapter and of the recommender and puts the results in a bounded queue
+   (``generator_queue_size``); the *trainer job* consumes them and, every ``refresh_interval``
+   iterations (paper: 50), sends the snapshots the current weights. A snapshot shares the frozen
+   LLM weights with the live model and copies only what trains (LoRA, recommender). Ablation
+   ``slow_refresh`` = a larger interval (the paper: 60x, 3000). ``generator_mode: sync`` is the
+   original algorithm (generation with the live weights, the trainer waits). Errors in the
+   worker are re-raised in the trainer; Ctrl-C or an error stops the worker cleanly.
+4. **Inference knowledge** (end of 4.4): the aligned adapter is saved
+   (``<knowledge_dir>/aligned-<base>-<key>/``, reused by a later run with the same settings
+   when ``alignment_cache``), the knowledge of ALL items is regenerated with it (greedy, cached
+   under the adapter's fingerprint) and re-encoded, and the recommender is trained further with
+   RecBole's loop for ``epochs`` on those cached vectors; recommendation then uses only them.
+   When the adapter is reused from the cache, the recommender updates of step 2 are not replayed.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from recbole.trainer import Trainer
+from recbole.utils import set_color
+
+from recbole_llm.knowledge.generation import (
+    DEFAULT_KNOWLEDGE_FIELDS,
+    KNOWLEDGE_PROMPT,
+    KnowledgeGenerator,
+    dataset_knowledge,
+    item_prompt_fields,
+    knowledge_dir,
+    knowledge_text,
+    llm_identity,
+    parse_knowledge,
+    setting,
+)
+
+RESAMPLE_CHOICES = ("target", "last")
+
+
+# --------------------------------------------------------------------------- the losses
+def token_log_probs(model, prompt_ids, prompt_mask, new_ids, new_mask, full: bool = False):
+    """Log-probabilities of the generated tokens ``new_ids`` after left-padded prompts.
+
+    Returns ``(log p(t_k|x,t_c) [N, T], log p(.|x,t_c) [N, T, V] or None)``; position ids skip
+    the padding, as in generation.
+    """
+    ids = torch.cat([prompt_ids, new_ids], dim=1)
+    mask = torch.cat([prompt_mask, new_mask.to(prompt_mask.dtype)], dim=1)
+    positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    prompt_len = prompt_ids.size(1)
+    log_probs = logits[:, prompt_len - 1:-1].float().log_softmax(dim=-1)
+    chosen = log_probs.gather(-1, new_ids.unsqueeze(-1)).squeeze(-1)
+    return chosen, (log_probs if full else None)
+
+
+def per_token_kl(log_probs_align: torch.Tensor, log_probs_orig: torch.Tensor) -> torch.Tensor:
+    """KL(p_align || p_orig) over the vocabulary at every position, [N, T]."""
+    return (log_probs_align.exp() * (log_probs_align - log_probs_orig)).sum(dim=-1)
+
+
+def alignment_loss(logp_align, logp_orig, mask, log_p_rec, log_p_ref, kl_coef: float = 0.1,
+                   ratio_baseline: float = 1.0, ratio_clip: float | None = None, kl_tokens=None):
+    """The LLM's loss whose gradient descent is the update of Eq. 8 (see the module docstring).
+
+    ``logp_align`` [B, T] (with gradient) and ``logp_orig`` [B, T]: per-token log-probabilities of
+    each instance's sampled knowledge (its resampled items' texts side by side) under the aligned
+    and the original LLM; ``mask`` [B, T] marks real tokens; ``log_p_rec`` = log p(y|x,s) and
+    ``log_p_ref`` = log p(y|x), [B]. ``kl_tokens`` [B, T] (the ``full`` estimator) replaces the
+    sampled-token KL term. Returns ``(loss, stats)``.
+    """
+    mask = mask.to(logp_align.dtype)
+    ratio = (log_p_rec - log_p_ref).detach().exp()
+    if ratio_clip:
+        ratio = ratio.clamp(max=float(ratio_clip))
+    weight = ratio - float(ratio_baseline)
+    seq_logp = (logp_align * mask).sum(dim=1)
+    policy = -(weight * seq_logp).mean()
+    if kl_tokens is not None:
+        kl = (kl_tokens * mask).sum(dim=1).mean()
+        kl_value = kl.detach()
+    else:
+        log_ratio = (logp_align.detach() - logp_orig.detach()) * mask
+        kl = (log_ratio * logp_align * mask).sum(dim=1).mean()
+        kl_value = log_ratio.sum(dim=1).mean()
+    loss = policy + float(kl_coef) * kl
+    stats = {"ratio": float(ratio.mean()), "kl": float(kl_value), "tokens": float(mask.sum(dim=1).mean())}
+    return loss, stats
+
+
+# --------------------------------------------------------------------------- the generator job
+@dataclass
+class Sample:
+    """One batch from the generator job (everything Algorithm 1 lines 5-6 need)."""
+
+    interaction: object
+    items: torch.Tensor  # [B, K] resampled items
+    prompt_ids: torch.Tensor  # [B*K, P]
+    prompt_mask: torch.Tensor
+    new_ids: torch.Tensor  # [B*K, T] sampled knowledge tokens
+    new_mask: torch.Tensor
+    texts: list  # [B*K] parsed knowledge texts
+    vectors: torch.Tensor  # [B*K, d] encoded by the generator's encoder
+    log_p_rec: torch.Tensor  # [B] log p(y|x,s) from the generator's recommender
+    log_p_ref: torch.Tensor  # [B] log p(y|x) from the frozen knowledge-free recommender
+    fallbacks: int = 0
+    version: int = 0  # snapshot version the sample was made with
+    extra: dict = field(default_factory=dict)
+
+
+class GeneratorJob:
+    """Algorithm 1, lines 3-4: sample knowledge with ``llm`` and score it with ``recommender``."""
+
+    def __init__(self, llm, tokenizer, recommender, reference, item_fields, resample_items=("target",),
+                 template=KNOWLEDGE_PROMPT, use_chat_template=True, max_new_tokens=64, temperature=1.0, top_p=1.0,
+                 text_format=None):
+        self.llm, self.recommender, self.reference = llm, recommender, reference
+        self.generator = KnowledgeGenerator(llm, tokenizer, template, use_chat_template, max_new_tokens)
+        self.item_fields = item_fields
+        self.resample_items = tuple(resample_items)
+        self.temperature, self.top_p = temperature, top_p
+        self.text_format = text_format
+
+    def resampled(self, interaction) -> torch.Tensor:
+        model = self.recommender
+        columns = []
+        for which in self.resample_items:
+            if which == "target":
+                columns.append(interaction[model.POS_ITEM_ID])
+            else:  # the most recent history item
+                seq, length = interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN]
+                columns.append(seq.gather(1, (length - 1).clamp(min=0).unsqueeze(1)).squeeze(1))
+        return torch.stack(columns, dim=1)
+
+    def __call__(self, interaction) -> Sample:
+        items = self.resampled(interaction)
+        prompts = [self.generator.prompt(self.item_fields[i]) for i in items.flatten().tolist()]
+        prompt_ids, prompt_mask, new_ids, new_mask = self.generator.generate_ids(
+            prompts, do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        parsed = [parse_knowledge(text) for text in self.generator.decode(new_ids, new_mask)]
+        texts = [knowledge_text(p, self.text_format) if self.text_format else knowledge_text(p) for p, _ in parsed]
+        model = self.recommender
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                vectors = model.encode_knowledge(texts)
+                log_p_rec = model.log_prob_target(interaction, items, vectors.view(items.size(0), items.size(1), -1))
+                log_p_ref = reference_log_prob(self.reference, interaction, model.POS_ITEM_ID)
+        finally:
+            model.train(was_training)
+        return Sample(interaction, items, prompt_ids, prompt_mask, new_ids, new_mask, texts, vectors,
+                      log_p_rec, log_p_ref, fallbacks=sum(not ok for _, ok in parsed))
+
+
+def reference_log_prob(reference, interaction, target_field) -> torch.Tensor:
+    """log p(y|x) from the frozen knowledge-free recommender (full softmax, padding excluded)."""
+    scores = reference.full_sort_predict(interaction).clone()
+    scores[:, 0] = float("-inf")
+    return scores.log_softmax(dim=1).gather(1, interaction[target_field].unsqueeze(1)).squeeze(1)
+
+
+# --------------------------------------------------------------------------- snapshots and sources
+def snapshot_module(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` sharing every frozen parameter (``requires_grad=False``) with it."""
+    memo = {id(p): p for p in module.parameters() if not p.requires_grad}
+    return copy.deepcopy(module, memo)
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of what can change in training: trainable parameters and buffers."""
+    state = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+    state.update({name: b.detach().clone() for name, b in module.named_buffers()})
+    return state
+
+
+def load_trainable(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    tensors = dict(module.named_parameters())
+    tensors.update(dict(module.named_buffers()))
+    with torch.no_grad():
+        for name, value in state.items():
+            tensors[name].copy_(value)
+
+
+class SyncKnowledgeSource:
+    """The original algorithm: the generator job runs in the trainer's thread with the live weights."""
+
+    def __init__(self, job, batches):
+        self.job, self.batches = job, batches
+        self.refresh_count = 0
+
+    def get(self) -> Sample:
+        return self.job(next(self.batches))
+
+    def step(self, iteration: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Failure:
+    def __init__(self, error):
+        self.error = error
+
+
+class AsyncKnowledgeSource:
+    """Fig. 4: a worker thread runs ``job`` on snapshots, ``refresh_interval`` iterations apart.
+
+    ``live`` and ``snapshots`` map names to the trainer's modules and the worker's copies (the
+    job must use the copies). :meth:`step` (called after each trainer iteration) copies the live
+    weights into a pending snapshot every ``refresh_interval`` iterations; the worker applies it
+    before its next sample. ``queue_size`` bounds how far the worker runs ahead.
+    """
+
+    def __init__(self, job, batches, live: dict, snapshots: dict, refresh_interval: int = 50,
+                 queue_size: int = 2, poll_seconds: float = 0.05):
+        if refresh_interval < 1:
+            raise ValueError(f"refresh_interval must be >= 1, got {refresh_interval}")
+        self.job, self.batches = job, batches
+        self.live, self.snapshots = live, snapshots
+        self.refresh_interval = int(refresh_interval)
+        self.poll = poll_seconds
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, int(queue_size)))
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pending = None
+        self.requested_version = 0  # snapshots sent by the trainer
+        self.applied_version = 0  # snapshot the worker is using
+        self.refresh_count = 0
+        self.error = None
+        self.thread = threading.Thread(target=self._run, name="seralm-generator", daemon=True)
+        self.thread.start()
+
+    # worker side
+    def _run(self):
+        try:
+            while not self._stop.is_set():
+                self._apply_pending()
+                sample = self.job(next(self.batches))
+                sample.version = self.applied_version
+                while not self._stop.is_set():
+                    try:
+                        self.queue.put(sample, timeout=self.poll)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as error:  # noqa: BLE001 - every failure must reach the trainer
+            self.error = error
+            self._put_failure(error)
+
+    def _put_failure(self, error):
+        while not self._stop.is_set():
+            try:
+                self.queue.put(_Failure(error), timeout=self.poll)
+                return
+            except queue.Full:
+                continue
+
+    def _apply_pending(self):
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            version, states = pending
+            for name, state in states.items():
+                load_trainable(self.snapshots[name], state)
+            self.applied_version = version
+            self.refresh_count += 1
+
+    # trainer side
+    def get(self) -> Sample:
+        while True:
+            try:
+                item = self.queue.get(timeout=self.poll)
+            except queue.Empty:
+                if not self.thread.is_alive():
+                    self.close()
+                    raise RuntimeError("the knowledge generator worker stopped") from self.error
+                continue
+            if isinstance(item, _Failure):
+                self.close()
+                raise RuntimeError(f"the knowledge generator worker failed: {item.error!r}") from item.error
+            return item
+
+    def refresh(self) -> None:
+        """Send the worker a snapshot of the live weights (taken now)."""
+        states = {name: trainable_state(module) for name, module in self.live.items()}
+        with self._lock:
+            self.requested_version += 1
+            self._pending = (self.requested_version, states)
+
+    def step(self, iteration: int) -> None:
+        if iteration % self.refresh_interval == 0:
+            self.refresh()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the worker: it finishes (or abandons) its current sample and exits."""
+        self._stop.set()
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --------------------------------------------------------------------------- the trainer
+class SeRALMTrainer(Trainer):
+    """RecBole's Trainer plus SeRALM's alignment stage (see the module docstring)."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.alignment_stats: dict = {}
+
+    def _build_optimizer(self, **kwargs):
+        kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
+        return super()._build_optimizer(**kwargs)
+
+    def _restart(self, epochs: int) -> None:
+        """A fresh RecBole training stage of ``epochs`` epochs (best score and optimiser reset)."""
+        self.epochs = int(epochs)
+        self.eval_step = min(self.config["eval_step"], max(self.epochs, 1))
+        self.start_epoch = 0
+        self.cur_step = 0
+        self.best_valid_score = -np.inf if self.valid_metric_bigger else np.inf
+        self.best_valid_result = None
+        self.optimizer = self._build_optimizer()
+
+    # ---- fit
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        config = self.config
+        iterations = int(setting(config, "alignment_iterations", 0))
+        if iterations <= 0 or setting(config, "llm_adapter", None):
+            return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        epochs = self.epochs
+        warmup = int(setting(config, "warmup_epochs", 1))
+        if warmup > 0:
+            self.logger.info(set_color("SeRALM", "green") + f": warm-up, {warmup} epoch(s) on the un-aligned knowledge")
+            self._restart(warmup)
+            super().fit(train_data, valid_data, verbose, False, show_progress, None)
+        adapter_dir = self.alignment_dir()
+        llm = tokenizer = None
+        if setting(config, "alignment_cache", True) and (adapter_dir / "adapter_config.json").is_file():
+            self.logger.info(f"SeRALM: reusing the aligned adapter {adapter_dir} (alignment skipped)")
+            self.alignment_stats = {"reused": str(adapter_dir)}
+        else:
+            llm, tokenizer = self.align(train_data, show_progress=show_progress)
+            self._save_adapter(llm, adapter_dir)
+        start = time.perf_counter()
+        rows, cache = dataset_knowledge(config, train_data._dataset, model=llm, tokenizer=tokenizer,
+                                        adapter_path=str(adapter_dir), logger=self.logger, show_progress=show_progress)
+        self.model.set_knowledge(rows, logger=self.logger)
+        self.alignment_stats["regenerate_seconds"] = time.perf_counter() - start
+        self.alignment_stats["knowledge_file"] = str(cache.final)
+        del llm
+        self.logger.info(set_color("SeRALM", "green") + f": training on the aligned knowledge ({cache.final.name})")
+        self._restart(epochs)
+        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+
+    # ---- alignment
+    def alignment_key(self) -> str:
+        config = self.config
+        prefixes = ("align", "lora_", "kl_", "ratio_", "resample", "refresh", "slow_refresh", "generator_", "warmup")
+        keys = sorted(k for k in config.final_config_dict if k.startswith(prefixes) and k != "alignment_cache")
+        parts = {
+            "dataset": config["dataset"], "llm": llm_identity(setting(config, "llm_path", None)),
+            "base": self.model.base_model_name, "base_config": setting(config, "base_model_config", {}),
+            "seed": config["seed"], "len": config["MAX_ITEM_LIST_LENGTH"], "epochs": config["epochs"],
+            "knowledge": Path(self.model.knowledge_file).name,
+            "settings": {k: config[k] for k in keys},
+        }
+        return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def alignment_dir(self) -> Path:
+        return knowledge_dir(self.config) / f"aligned-{self.model.base_model_name}-{self.alignment_key()}"
+
+    def _save_adapter(self, llm, adapter_dir: Path) -> None:
+        adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
+        llm.save_pretrained(str(tmp))
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        os.replace(tmp, adapter_dir)
+        self.logger.info(f"SeRALM: aligned adapter saved to {adapter_dir} (llm_adapter={adapter_dir} reuses it)")
+
+    def load_llm(self):
+        """The LLM being aligned: the shared backbone, frozen, with a fresh LoRA (B = 0)."""
+        from recbole_llm.llm.backbone import apply_lora, load_causal_lm, set_num_threads
+
+        config = self.config
+        set_num_threads(setting(config, "num_threads", None))
+        model, tokenizer = load_causal_lm(setting(config, "llm_path", None), dtype=setting(config, "llm_dtype", "auto"),
+                                          device=str(config["device"]), logger=self.logger)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        llm = apply_lora(model, r=setting(config, "lora_r", 8), alpha=setting(config, "lora_alpha", 16),
+                         dropout=setting(config, "lora_dropout", 0.05),
+                         target_modules=setting(config, "lora_target_modules", ["q_proj", "v_proj"]))
+        return llm, tokenizer
+
+    def reference_model(self, dataset):
+        """The frozen recommender pretrained without knowledge (p(y|x))."""
+        from recbole_llm.model.pretrained import pretrained_id_model
+
+        config = self.config
+        overrides = {"MAX_ITEM_LIST_LENGTH": config["MAX_ITEM_LIST_LENGTH"],
+                     **dict(setting(config, "base_model_config", {})), **dict(setting(config, "reference_config", {}))}
+        return pretrained_id_model(config, dataset, self.model.base_model_name,
+                                   checkpoint=setting(config, "reference_checkpoint", None), overrides=overrides,
+                                   setting="reference_checkpoint")
+
+    def instances(self, train_data):
+        """Endless random batches of ``align_batch_size`` training instances (each repeated
+        ``align_num_samples`` times: Eq. 6's k samples per instance)."""
+        dataset = train_data._dataset
+        batch_size = int(setting(self.config, "align_batch_size", 4))
+        repeats = int(setting(self.config, "align_num_samples", 1))
+        generator = torch.Generator().manual_seed(int(self.config["seed"]))
+        while True:
+            index = torch.randint(len(dataset), (batch_size,), generator=generator)
+            batch = dataset.inter_feat[index]
+            if repeats > 1:
+                batch = batch.repeat_interleave(repeats)
+            yield batch.to(self.device)
+
+    def make_job(self, llm, tokenizer, recommender, reference, item_fields) -> GeneratorJob:
+        config = self.config
+        resample = setting(config, "resample_items", ["target"])
+        resample = [resample] if isinstance(resample, str) else list(resample)
+        if not resample or any(r not in RESAMPLE_CHOICES for r in resample):
+            raise ValueError(f"resample_items must be a non-empty list of {RESAMPLE_CHOICES}, got {resample}")
+        return GeneratorJob(
+            llm, tokenizer, recommender, reference, item_fields, resample,
+            template=setting(config, "knowledge_prompt", KNOWLEDGE_PROMPT),
+            use_chat_template=setting(config, "use_chat_template", True),
+            max_new_tokens=setting(config, "align_max_new_tokens", 64),
+            temperature=setting(config, "align_temperature", 1.0), top_p=setting(config, "align_top_p", 1.0),
+            text_format=setting(config, "knowledge_text_format", None),
+        )
+
+    def align(self, train_data, show_progress=False, llm=None, tokenizer=None, reference=None):
+        """Algorithm 1 for ``alignment_iterations`` iterations; returns ``(llm, tokenizer)``."""
+        config, model = self.config, self.model
+        iterations = int(setting(config, "alignment_iterations", 0))
+        mode = setting(config, "generator_mode", "async")
+        if mode not in ("async", "sync"):
+            raise ValueError(f"generator_mode must be 'async' or 'sync', not {mode!r}")
+        interval = int(setting(config, "refresh_interval", 50))
+        if setting(config, "slow_refresh", False):
+            interval *= 60  # the paper's ablation: 60x slower refreshes
+        if llm is None:
+            llm, tokenizer = self.load_llm()
+        dataset = train_data._dataset
+        reference = reference if reference is not None else self.reference_model(dataset)
+        item_fields = item_prompt_fields(dataset, dict(setting(config, "knowledge_fields", DEFAULT_KNOWLEDGE_FIELDS)))
+        batches = self.instances(train_data)
+        if mode == "async":
+            llm_snapshot, model_snapshot = snapshot_module(llm), snapshot_module(model)
+            job = self.make_job(llm_snapshot, tokenizer, model_snapshot, reference, item_fields)
+            source = AsyncKnowledgeSource(job, batches, {"llm": llm, "rec": model},
+                                          {"llm": llm_snapshot, "rec": model_snapshot}, interval,
+                                          int(setting(config, "generator_queue_size", 2)))
+        else:
+            source = SyncKnowledgeSource(self.make_job(llm, tokenizer, model, reference, item_fields), batches)
+        lora = [p for p in llm.parameters() if p.requires_grad]
+        llm_optimizer = torch.optim.AdamW(lora, lr=float(setting(config, "align_llm_learning_rate", 1e-4)), weight_decay=0.0)
+        rec_optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                         lr=float(setting(config, "align_rec_learning_rate", config["learning_rate"])))
+        self.logger.info(set_color("SeRALM", "green") + f": alignment, {iterations} iterations, {mode} generator, "
+                         f"refresh every {interval}")
+        history, start = [], time.perf_counter()
+        steps = range(1, iterations + 1)
+        if show_progress:
+            from tqdm import tqdm
+
+            steps = tqdm(steps, desc="alignment", unit="it")
+        try:
+            for iteration in steps:
+                sample = source.get()
+                stats = self.alignment_step(llm, sample, llm_optimizer, rec_optimizer)
+                source.step(iteration)
+                history.append(stats)
+                if iteration % int(setting(config, "align_log_interval", 10)) == 0 or iteration == iterations:
+                    recent = history[-int(setting(config, "align_log_interval", 10)):]
+                    self.logger.info(
+                        f"alignment {iteration}/{iterations}: " + ", ".join(
+                            f"{k} {np.mean([h[k] for h in recent]):.4f}" for k in recent[0]))
+        finally:
+            source.close()
+        seconds = time.perf_counter() - start
+        self.alignment_stats = {
+            "iterations": iterations, "mode": mode, "refresh_interval": interval, "seconds": seconds,
+            "seconds_per_iteration": seconds / max(iterations, 1), "refreshes": source.refresh_count,
+            **{k: float(np.mean([h[k] for h in history])) for k in (history[0] if history else {})},
+        }
+        model.train()
+        return llm, tokenizer
+
+    def alignment_step(self, llm, sample: Sample, llm_optimizer, rec_optimizer) -> dict:
+        """Algorithm 1 lines 5-6 on one sample; returns its statistics."""
+        config, model = self.config, self.model
+        estimator = setting(config, "kl_estimator", "full")
+        if estimator not in ("full", "sample"):
+            raise ValueError(f"kl_estimator must be 'full' or 'sample', not {estimator!r}")
+        full = estimator == "full"
+        batch, k = sample.items.shape
+        # LLM (Eq. 6-8)
+        llm.train()
+        logp, logp_all = token_log_probs(llm, sample.prompt_ids, sample.prompt_mask, sample.new_ids, sample.new_mask, full)
+        with torch.no_grad(), llm.disable_adapter():
+            logp0, logp0_all = token_log_probs(llm, sample.prompt_ids, sample.prompt_mask, sample.new_ids,
+                                               sample.new_mask, full)
+        kl_tokens = per_token_kl(logp_all, logp0_all).view(batch, -1) if full else None
+        loss_llm, stats = alignment_loss(
+            logp.view(batch, -1), logp0.view(batch, -1), sample.new_mask.view(batch, -1), sample.log_p_rec,
+            sample.log_p_ref, kl_coef=float(setting(config, "kl_coef", 0.1)),
+            ratio_baseline=float(setting(config, "ratio_baseline", 1.0)), ratio_clip=setting(config, "ratio_clip", 10.0),
+            kl_tokens=kl_tokens)
+        llm_optimizer.zero_grad(set_to_none=True)
+        loss_llm.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in llm.parameters() if p.requires_grad],
+                                       float(setting(config, "align_clip_grad_norm", 1.0)))
+        llm_optimizer.step()
+        del logp_all, logp0_all, kl_tokens
+        # Recommender (Eq. 9) on (x, s, y)
+        model.train()
+        joint = model.fused.encoder is not None
+        vectors = model.encode_knowledge(sample.texts, grad=True) if joint else sample.vectors
+        log_p = model.log_prob_target(sample.interaction, sample.items, vectors.view(batch, k, -1))
+        loss_rec = -log_p.mean()
+        rec_optimizer.zero_grad(set_to_none=True)
+        loss_rec.backward()
+        rec_optimizer.step()
+        return {**stats, "loss_llm": float(loss_llm.detach()), "loss_rec": float(loss_rec.detach()),
+                "log_p_rec": float(sample.log_p_rec.mean()), "log_p_ref": float(sample.log_p_ref.mean()),
+                "fallbacks": float(sample.fallbacks), "snapshot": float(sample.version)}

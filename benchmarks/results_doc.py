@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path

@@ -77,3 +77,23 @@ def tiny_data(tmp_path, monkeypatch):
         "state": "WARNING",
     }
     return "tiny", overrides
+
+
+def first_batch(loader):
+    """The first batch's interaction (full-sort evaluation loaders yield tuples)."""
+    batch = next(iter(loader))
+    return batch[0] if isinstance(batch, tuple) else batch
+
+
+def train_steps(model, loader, steps=2, lr=1e-2):
+    """A few Adam steps on ``model``'s trainable parameters, on the loader's first batch."""
+    import torch
+
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    batch = first_batch(loader)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model.calculate_loss(batch).backward()
+        optimizer.step()
+    model.eval()

@@ -6,9 +6,9 @@ import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.data.interaction import Interaction
 
-from conftest import write_tiny_dataset
 from recbole_llm import load_config
 from recbole_llm.model.e4srec import E4SRec
+from conftest import first_batch, train_steps, write_tiny_dataset
 
 
 def _config(tiny_data, llm_dir, **extra):
@@ -32,9 +32,6 @@ def _build(config):
     return E4SRec(config, train._dataset), train, test
 
 
-def _batch(loader):
-    batch = next(iter(loader))
-    return batch[0] if isinstance(batch, tuple) else batch
 
 
 @pytest.fixture
@@ -58,7 +55,7 @@ def test_training_changes_only_the_pluggable_part(e4srec):
     assert trainable and all("lora_" in n or n.startswith(("input_proj.", "score.")) for n in trainable)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    batch = _batch(train)
+    batch = first_batch(train)
     first = model.calculate_loss(batch).item()
     for _ in range(5):
         optimizer.zero_grad()
@@ -84,7 +81,7 @@ def test_item_table_is_the_cached_stage1_sasrec_table(e4srec):
 
 def test_full_sort_predict_covers_every_item(e4srec):
     _, model, _, test = e4srec
-    interaction = _batch(test)
+    interaction = first_batch(test)
     model.eval()
     with torch.no_grad():
         scores = model.full_sort_predict(interaction)
@@ -109,7 +106,7 @@ def test_padded_and_unpadded_history_give_the_same_scores(e4srec):
 
 def test_shared_instruction_prefix_equals_feeding_it_per_user(e4srec):
     _, model, _, test = e4srec
-    interaction = _batch(test)
+    interaction = first_batch(test)
     model.eval()
     with torch.no_grad():
         shared = model.full_sort_predict(interaction)
@@ -120,14 +117,8 @@ def test_shared_instruction_prefix_equals_feeding_it_per_user(e4srec):
 
 def test_pluggable_round_trip_and_one_llm_for_many_models(e4srec, tiny_data, tiny_llama_dir, tmp_path):
     config, model, train, test = e4srec
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(2):
-        optimizer.zero_grad()
-        model.calculate_loss(_batch(train)).backward()
-        optimizer.step()
-    model.eval()
-    interaction = _batch(test)
+    train_steps(model, train)
+    interaction = first_batch(test)
     with torch.no_grad():
         expected = model.full_sort_predict(interaction)
     path = tmp_path / "e4srec_tiny.pth"

@@ -6,7 +6,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole_llm import load_config
 from recbole_llm.model.laser import Laser
 from recbole_llm.trainer.llm_trainer import LLMTrainer
-from conftest import write_tiny_dataset
+from conftest import first_batch, train_steps, write_tiny_dataset
 
 FAST = {
     "id_model_config": {"epochs": 1, "train_batch_size": 64, "stopping_step": 1},
@@ -31,9 +31,6 @@ def _setup(tiny_data, tiny_llama_dir, **settings):
     return config, Laser(config, train._dataset), train, valid, test
 
 
-def _batch(loader):
-    batch = next(iter(loader))
-    return batch[0] if isinstance(batch, tuple) else batch
 
 
 @pytest.fixture
@@ -62,7 +59,7 @@ def test_llm_and_id_model_stay_frozen_while_the_pluggable_part_trains(laser):
 
 def test_router_weights_sum_to_one_per_user_with_top_k_experts(laser):
     _, model, train, _, _ = laser
-    interaction = _batch(train)
+    interaction = first_batch(train)
     weights = model.router_weights(interaction)
     assert weights.shape == (interaction.length, 3)
     assert torch.allclose(weights.sum(-1), torch.ones(interaction.length), atol=1e-6)
@@ -73,7 +70,7 @@ def test_router_weights_sum_to_one_per_user_with_top_k_experts(laser):
 
 def test_full_sort_covers_every_item_and_predict_agrees(laser):
     _, model, _, _, test = laser
-    interaction = _batch(test)
+    interaction = first_batch(test)
     model.eval()
     with torch.no_grad():
         scores = model.full_sort_predict(interaction)
@@ -86,7 +83,7 @@ def test_full_sort_covers_every_item_and_predict_agrees(laser):
 def test_untrained_laser_ranks_like_its_frozen_sasrec(laser):
     """id_residual: the mapped suffix output starts at zero, so training starts from SASRec's scores."""
     _, model, _, _, test = laser
-    interaction = _batch(test)
+    interaction = first_batch(test)
     model.eval()
     with torch.no_grad():
         ours = model.full_sort_predict(interaction)
@@ -96,14 +93,8 @@ def test_untrained_laser_ranks_like_its_frozen_sasrec(laser):
 
 def test_save_load_round_trip_gives_identical_scores(laser, tiny_data, tiny_llama_dir, tmp_path):
     config, model, train, _, test = laser
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(2):
-        optimizer.zero_grad()
-        model.calculate_loss(_batch(train)).backward()
-        optimizer.step()
-    model.eval()
-    interaction = _batch(test)
+    train_steps(model, train)
+    interaction = first_batch(test)
     with torch.no_grad():
         before = model.full_sort_predict(interaction)
     path = tmp_path / "laser.pt"
@@ -144,10 +135,10 @@ def test_too_many_virtual_tokens_is_an_error_with_the_numbers(tiny_data, tiny_ll
 )
 def test_ablations_build_valid_models(tiny_data, tiny_llama_dir, ablation):
     _, model, train, _, test = _setup(tiny_data, tiny_llama_dir, **ablation)
-    loss = model.calculate_loss(_batch(train))
+    loss = model.calculate_loss(first_batch(train))
     assert torch.isfinite(loss)
     loss.backward()
-    interaction = _batch(test)
+    interaction = first_batch(test)
     with torch.no_grad():
         scores = model.eval().full_sort_predict(interaction)
     assert scores.shape == (interaction.length, model.n_items) and torch.isfinite(scores).all()

@@ -10,6 +10,7 @@ from recbole_llm.llm.prompts import RankingPrompt
 from recbole_llm.llm.verbalizer import LetterVerbalizer
 from recbole_llm.model.llamarec import LlamaRec, recent_items, two_stage_scores
 from recbole_llm.trainer.two_stage import LlamaRecTrainer
+from conftest import first_batch
 
 K = 5
 
@@ -71,15 +72,12 @@ def llamarec(tiny_data, tiny_llama_dir):
     return config, LlamaRec(config, train._dataset), (train, valid, test)
 
 
-def _first(loader):
-    batch = next(iter(loader))
-    return batch[0] if isinstance(batch, tuple) else batch
 
 
 def test_full_sort_predict_lifts_the_retrievers_top_k(llamarec):
     _, model, (_, _, test) = llamarec
     model.eval()
-    interaction = _first(test)
+    interaction = first_batch(test)
     scores = model.full_sort_predict(interaction)
     assert scores.shape == (len(interaction), model.n_items)
     retrieval = model.retrieval_scores(interaction)
@@ -108,7 +106,7 @@ def test_adapter_round_trip_gives_identical_scores(llamarec, tmp_path):
             if "lora_B" in name:
                 param.normal_()
     model.eval()
-    interaction = _first(test)
+    interaction = first_batch(test)
     expected = model.full_sort_predict(interaction)
     model.save_pluggable(tmp_path / "ranker.pt")
     model.save_adapter(tmp_path / "adapter")
@@ -134,7 +132,7 @@ def test_padding_does_not_change_ranker_scores(llamarec):
 
 def test_one_item_history_and_training_loss(llamarec):
     _, model, (train, _, _) = llamarec
-    batch = _first(train)
+    batch = first_batch(train)
     one_item = (batch["item_length"] == 1).nonzero().squeeze(1)
     assert len(one_item) > 0 or True
     model.train()

@@ -7,6 +7,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole_llm import load_config
 from recbole_llm.data.sequence_windows import window_rows
 from recbole_llm.model.lrurec import LRURec, left_align, parallel_scan, sequential_scan
+from conftest import first_batch
 
 
 def test_parallel_scan_equals_step_by_step_recurrence():
@@ -48,10 +49,6 @@ def lrurec_setup(tiny_data):
     return config, model, train, test
 
 
-def _batch(loader):
-    """The first batch's interaction (full-sort eval loaders yield tuples)."""
-    batch = next(iter(loader))
-    return batch[0] if isinstance(batch, tuple) else batch
 
 
 def test_left_padding_does_not_change_outputs(lrurec_setup):
@@ -66,7 +63,7 @@ def test_left_padding_does_not_change_outputs(lrurec_setup):
 
 def test_full_sort_predict_covers_all_items(lrurec_setup):
     config, model, _, test = lrurec_setup
-    interaction = _batch(test)
+    interaction = first_batch(test)
     model.eval()
     with torch.no_grad():
         scores = model.full_sort_predict(interaction)
@@ -79,7 +76,7 @@ def test_full_sort_predict_covers_all_items(lrurec_setup):
 def test_training_steps_lower_the_loss(lrurec_setup):
     _, model, train, _ = lrurec_setup
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    batch = _batch(train)
+    batch = first_batch(train)
     model.train()
     first = model.calculate_loss(batch).item()
     for _ in range(30):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from recbole.data import create_dataset, data_preparation
+from conftest import first_batch
 from torch import nn
 
 from recbole_llm import load_config
@@ -317,9 +318,6 @@ def _build(env, monkeypatch, **extra):
     return config, SeRALM(config, train._dataset), (train, valid, test)
 
 
-def _first(loader):
-    batch = next(iter(loader))
-    return batch[0] if isinstance(batch, tuple) else batch
 
 
 @pytest.mark.parametrize("base_model", ["Caser", "SASRec", "LightSANs", "GRU4Rec", "NARM"])
@@ -335,11 +333,11 @@ def test_fused_embedding_keeps_the_base_models_contract(seralm_env, monkeypatch,
     assert fused(ids).shape == (2, 3, size)
     assert torch.allclose(fused(ids), fused.id_embedding(ids), atol=1e-6)  # identity init: scores like the base
     model.eval()
-    interaction = _first(test)
+    interaction = first_batch(test)
     scores = model.full_sort_predict(interaction)
     assert scores.shape == (len(interaction), model.n_items) and torch.isfinite(scores).all()
     model.train()
-    loss = model.calculate_loss(_first(train))
+    loss = model.calculate_loss(first_batch(train))
     loss.backward()
     assert torch.isfinite(loss) and fused.fuse.weight.grad[:, size:].abs().sum() > 0  # knowledge gets a gradient
     assert fused.knowledge.shape == (model.n_items, 384) and not fused.knowledge[0].any()
@@ -348,7 +346,7 @@ def test_fused_embedding_keeps_the_base_models_contract(seralm_env, monkeypatch,
 def test_per_instance_knowledge_override_changes_only_that_instance(seralm_env, monkeypatch):
     _, model, (train, _, _) = _build(seralm_env, monkeypatch, base_model="SASRec", fusion_init="random")
     model.eval()
-    batch = _first(train)[:4]
+    batch = first_batch(train)[:4]
     target = batch["item_id"]
     with torch.no_grad():
         plain = model.log_prob_target(batch)
@@ -372,7 +370,7 @@ def test_joint_mode_trains_the_encoder(seralm_env, monkeypatch):
                                      fusion_init="random", joint_items_per_step=8)
     before = model.fused.knowledge.clone()
     model.train()
-    model.calculate_loss(_first(train)).backward()
+    model.calculate_loss(first_batch(train)).backward()
     grads = [p.grad for p in model.fused.encoder.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
     assert (model.fused.knowledge != before).any(dim=1).sum() <= 8  # the memory follows re-encoded items only

@@ -26,7 +26,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 

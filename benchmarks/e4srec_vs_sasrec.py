@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import yaml
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_logger, init_seed
-from results_doc import markdown_table, write_section
+from results_doc import markdown_table, parse_overrides, write_section
 
 from recbole_llm import load_config, registry
 from recbole_llm.llm.backbone import set_num_threads
@@ -49,7 +48,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="ml-100k")
     args, rest = parser.parse_known_args()
-    overrides = {k.lstrip("-"): yaml.safe_load(v) for k, v in (a.split("=", 1) for a in rest)}
+    overrides = parse_overrides(rest)
     set_num_threads(overrides.get("num_threads"))
 
     config = load_config("E4SRec", args.dataset, config_dict={"show_progress": False, **overrides})

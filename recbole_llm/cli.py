@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from recbole_llm.errors import InputError
 from recbole_llm.quick_start import comparison_table, load_config, run
 
 
@@ -29,6 +30,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """Run the command line; a setting, file or dataset the user can fix ends the run with
+    one ``error: ...`` line (exit status 1) instead of a traceback."""
+    try:
+        return _main(argv)
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def _main(argv=None):
     args = parse_args(argv)
     config_files = args.config_files.strip().split(" ") if args.config_files else None
     models = [m.strip() for m in args.model.split(",") if m.strip()]

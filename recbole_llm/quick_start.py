@@ -16,12 +16,15 @@ import tempfile
 from logging import getLogger
 from pathlib import Path
 
+import recbole
+import yaml
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_llm import compat, registry
 from recbole_llm.data.datasets import resolve_data_path
+from recbole_llm.errors import InputError, MissingInputError
 
 
 def properties_dir() -> Path:
@@ -33,7 +36,7 @@ def properties_dir() -> Path:
     for folder in candidates:
         if (folder / "overall.yaml").is_file():
             return folder
-    raise FileNotFoundError(f"recbole-llm property files not found; looked in {[str(c) for c in candidates]}")
+    raise MissingInputError(f"recbole-llm property files not found; looked in {[str(c) for c in candidates]}")
 
 
 def property_files(model_name: str, dataset: str) -> list[str]:
@@ -50,10 +53,48 @@ def load_config(model, dataset, config_file_list=None, config_dict=None) -> Conf
     """
     compat.apply()
     model_class = registry.get_model(model)
-    files = property_files(model_class.__name__, dataset) + list(config_file_list or [])
-    config = Config(model=model_class, dataset=dataset, config_file_list=files, config_dict=config_dict)
+    ours = property_files(model_class.__name__, dataset)
+    config = Config(model=model_class, dataset=dataset, config_file_list=ours + list(config_file_list or []),
+                    config_dict=config_dict)
+    recbole_defaults = [RECBOLE_PROPERTIES / "overall.yaml", RECBOLE_PROPERTIES / "model" / f"{model_class.__name__}.yaml"]
+    check_setting_types(config, [f for f in recbole_defaults if f.is_file()] + ours)
     resolve_data_path(config, config.external_config_dict.get("data_path"))
     return config
+
+
+RECBOLE_PROPERTIES = Path(recbole.__file__).parent / "properties"
+
+
+def check_setting_types(config, default_files) -> None:
+    """Reject a setting whose final value has the wrong kind for the default given in
+    ``default_files`` (RecBole's and our property files): a number, a bool or a mapping.
+    A value from the command line that is not a Python literal stays a string, so
+    ``--epochs=ten`` would otherwise fail deep inside the trainer. Unset (~) defaults and
+    string/list settings are not checked (RecBole accepts several shapes for those)."""
+    for path in default_files:
+        with open(path, encoding="utf-8") as f:
+            defaults = yaml.load(f.read(), Loader=config.yaml_loader) or {}
+        for key, default in defaults.items():
+            value = config.final_config_dict.get(key)
+            problem = None if value is None else _kind_problem(default, value)
+            if problem:
+                raise InputError(
+                    f"Setting {key}={value!r} ({type(value).__name__}) {problem}; its default in {path} is "
+                    f"{default!r}. Fix it where you set it (config file, config_dict or --{key}=...)."
+                )
+
+
+def _kind_problem(default, value) -> str | None:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be True or False"
+    if isinstance(default, int):
+        return None if is_number and float(value).is_integer() else "must be a whole number"
+    if isinstance(default, float):
+        return None if is_number else "must be a number"
+    if isinstance(default, dict):
+        return None if isinstance(value, dict) else "must be a mapping (key: value)"
+    return None
 
 
 _recbole_handlers: list[logging.Handler] = []
@@ -84,6 +125,7 @@ def build(model, dataset, config_file_list=None, config_dict=None):
 
     dataset = create_dataset(config)
     logger.info(dataset)
+    warn_short_histories(config, dataset, logger)
     train_data, valid_data, test_data = data_preparation(config, dataset)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
@@ -92,6 +134,20 @@ def build(model, dataset, config_file_list=None, config_dict=None):
     logger.info(model)
     trainer = registry.get_trainer(model_class)(config, model)
     return config, model, trainer, (train_data, valid_data, test_data)
+
+
+def warn_short_histories(config, dataset, logger) -> None:
+    """Say how many users leave-one-out cannot evaluate (fewer than 3 interactions)."""
+    split = (config["eval_args"] or {}).get("split") or {}
+    if "LS" not in split:
+        return
+    short = sum(1 for count in dataset.user_counter.values() if count < 3)
+    if short:
+        logger.warning(
+            f"{short} users have fewer than 3 interactions: leave-one-out gives them no validation target "
+            "(and users with one interaction no test target); they only add training data. "
+            "Set user_inter_num_interval: '[3,inf)' to drop them."
+        )
 
 
 def run_recbole_llm(model, dataset, config_file_list=None, config_dict=None, saved=True, queue=None):

@@ -11,6 +11,7 @@ import inspect
 
 from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
+from recbole_llm.errors import InputError
 
 #: name -> "module:Class" of the model and (optionally) of its own trainer.
 MODELS = {
@@ -65,7 +66,7 @@ def get_model(name):
         # RecBole's lookup imports its exlib package (lightgbm, xgboost) for ANY unknown name.
         if isinstance(err, ModuleNotFoundError) and name.lower() in ("lightgbm", "xgboost"):
             raise
-        raise ValueError(
+        raise InputError(
             f"Unknown model '{name}'. recbole-llm models: {', '.join(our_models())}. "
             f"RecBole sequential models: {', '.join(recbole_sequential_models())} "
             "(any other RecBole model name works too; names are case-sensitive)."

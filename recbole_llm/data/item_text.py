@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from logging import getLogger
 
 from recbole.utils import FeatureType
+from recbole_llm.errors import InputError
 
 _TRAILING_ARTICLE = re.compile(r"^(?P<head>.+), (?P<article>The|A|An|Les|La|Le|Il|Das|Der|Die|El|L')$")
 
@@ -42,21 +44,32 @@ def item_texts(dataset, fields: Sequence[str]) -> list[str]:
 
     The first field is the name ('Toy Story'); the others follow in parentheses
     ('Toy Story (1995)'). Fields missing from the dataset are skipped; if none of the
-    fields is present, the error lists the item fields the dataset has.
+    fields is present, the error lists the item fields the dataset has. An item whose
+    name is empty is called by its id token ('item 1234'), and the count is logged.
     """
     item_feat = getattr(dataset, "item_feat", None)
     available = [] if item_feat is None else [f for f in item_feat.columns if f != dataset.iid_field]
     present = [f for f in fields if f in available]
     if not present:
-        raise ValueError(
-            f"Dataset '{dataset.dataset_name}' has no item text field among item_text_fields={list(fields)}; "
-            f"item fields loaded: {available or 'none (no .item file, or load_col has no item entry)'}. "
-            "Set item_text_fields to fields of your .item file and list them under load_col: item: [...]."
+        where = (f"no item file ({dataset.dataset_path}/{dataset.dataset_name}.item, or load_col has no 'item' entry)"
+                 if item_feat is None else f"item fields loaded: {available}")
+        raise InputError(
+            f"Dataset '{dataset.dataset_name}' has no item text field among item_text_fields={list(fields)}: {where}. "
+            "This model needs item text: provide the .item file, set item_text_fields to fields of it and list "
+            "them under load_col: item: [...]."
         )
     columns = [_field_values(dataset, f) for f in present]
-    texts = []
-    for parts in zip(*columns):
+    tokens = dataset.field2id_token[dataset.iid_field]
+    texts, unnamed = [""], 0
+    for item, parts in enumerate(zip(*columns)):
+        if item == 0:
+            continue
         name, extra = natural_title(parts[0]), [p for p in parts[1:] if p]
-        texts.append(f"{name} ({', '.join(extra)})" if extra and name else name)
-    texts[0] = ""
+        if not name:
+            name, unnamed = f"item {tokens[item]}", unnamed + 1
+        texts.append(f"{name} ({', '.join(extra)})" if extra else name)
+    if unnamed:
+        getLogger().warning(
+            f"{unnamed} of {len(texts) - 1} items have an empty '{present[0]}'; they are called 'item <id>' in prompts."
+        )
     return texts

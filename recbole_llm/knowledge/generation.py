@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from recbole_llm.data.item_text import _field_values, natural_title
+from recbole_llm.errors import InputError, MissingInputError
 
 #: Fig. 3 of the paper, verbatim except for the paper's typesetting of braces as parentheses.
 #: Only ``{item_json}`` is substituted (the template itself contains JSON braces).
@@ -70,6 +71,8 @@ KNOWLEDGE_PROMPT = (
 #: prompt key -> item field (ml-100k's fields).
 DEFAULT_KNOWLEDGE_FIELDS = {"title": "movie_title", "year": "release_year", "genres": "class"}
 DEFAULT_TEXT_FORMAT = "{description} {summarization}"
+#: Item field values longer than this are cut before they enter a prompt (a runaway title cannot fill the context).
+MAX_FIELD_CHARS = 200
 KEYS = ("description", "summarization")
 FORMAT_VERSION = 1
 
@@ -87,7 +90,7 @@ def item_prompt_fields(dataset, field_map: dict[str, str] | None = None) -> list
     """One dict of prompt fields per internal item id (row 0, padding, is ``{}``).
 
     ``field_map`` maps prompt keys to item fields; fields the dataset lacks and empty values
-    are left out. The first key is treated as the name (``'Usual Suspects, The'`` ->
+    are left out, values are cut to ``MAX_FIELD_CHARS``. The first key is treated as the name (``'Usual Suspects, The'`` ->
     ``'The Usual Suspects'``); token sequences of later keys are joined with ``', '``
     (genres). Read from ``dataset.item_feat``, never from a batch.
     """
@@ -98,7 +101,7 @@ def item_prompt_fields(dataset, field_map: dict[str, str] | None = None) -> list
     available = [] if item_feat is None else [f for f in item_feat.columns if f != dataset.iid_field]
     present = {key: field for key, field in field_map.items() if field in available}
     if not present:
-        raise ValueError(
+        raise InputError(
             f"Dataset '{dataset.dataset_name}' has none of the knowledge_fields {field_map}; item fields loaded: "
             f"{available or 'none (no .item file, or load_col has no item entry)'}. Set knowledge_fields "
             "(prompt key: item field) and list the fields under load_col: item: [...]."
@@ -113,7 +116,8 @@ def item_prompt_fields(dataset, field_map: dict[str, str] | None = None) -> list
             values = [", ".join(v.split()) for v in values]
         columns[key] = values
     n_items = len(next(iter(columns.values())))
-    rows = [{key: columns[key][i].strip() for key in present if columns[key][i].strip()} for i in range(n_items)]
+    rows = [{key: columns[key][i].strip()[:MAX_FIELD_CHARS] for key in present if columns[key][i].strip()}
+            for i in range(n_items)]
     rows[0] = {}
     return rows
 
@@ -521,7 +525,7 @@ def adapter_dir_fingerprint(path) -> str | None:
     folder = Path(path)
     files = sorted(folder.glob("adapter_model.*")) if folder.is_dir() else []
     if not files:
-        raise FileNotFoundError(f"llm_adapter={path!r} holds no PEFT adapter (adapter_model.safetensors/.bin)")
+        raise MissingInputError(f"llm_adapter={path!r} holds no PEFT adapter (adapter_model.safetensors/.bin)")
     from safetensors.torch import load_file
 
     state = load_file(str(files[0])) if files[0].suffix == ".safetensors" else torch.load(files[0], map_location="cpu")

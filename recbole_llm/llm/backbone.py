@@ -31,6 +31,7 @@ import tempfile
 
 import torch
 from torch import nn
+from recbole_llm.errors import InputError, MissingInputError
 
 EMBEDDED_LLM = "SmolLM2-135M-Instruct"
 EMBEDDED_LLM_ALIASES = (None, "", "embedded", EMBEDDED_LLM)
@@ -65,7 +66,7 @@ def resolve_llm_path(llm_path, cache_dir=None):
         return expanded_path
     if _looks_like_path(llm_path):
         what_is_there = "a file, not a directory" if os.path.exists(expanded_path) else "nothing"
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"llm_path={llm_path!r}: tried the local directory {os.path.abspath(expanded_path)!r} "
             f"and found {what_is_there}. Set llm_path to a directory holding a Hugging Face model "
             f"(config.json + weights), to a hub name such as 'meta-llama/Llama-2-7b-hf', "
@@ -157,7 +158,7 @@ def apply_lora(model, r, alpha, dropout, target_modules, modules_to_save=None):
         linear_names = sorted(
             {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
         )
-        raise ValueError(
+        raise InputError(
             f"LoRA target modules {missing_names} do not exist in {type(model).__name__}. "
             f"Its Linear modules are: {linear_names}."
         )
@@ -178,7 +179,7 @@ def set_num_threads(n):
     if not n:
         return
     if not isinstance(n, int) or n < 0:
-        raise ValueError(f"num_threads must be a positive int, None or 0; got {n!r}")
+        raise InputError(f"num_threads must be a positive int, None or 0; got {n!r}")
     torch.set_num_threads(n)
 
 
@@ -238,7 +239,7 @@ def _resolve_dtype(dtype, on_cuda):
         return dtype
     resolved = getattr(torch, str(dtype), None)
     if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"dtype must be 'auto', a torch dtype or its name (e.g. 'bfloat16'); got {dtype!r}")
+        raise InputError(f"dtype must be 'auto', a torch dtype or its name (e.g. 'bfloat16'); got {dtype!r}")
     return resolved
 
 
@@ -257,7 +258,7 @@ def _from_pretrained(loader_class, llm_path, model_path, **kwargs):
     except OSError as error:
         if os.path.isdir(model_path):
             raise
-        raise OSError(
+        raise MissingInputError(
             f"llm_path={llm_path!r}: it is not a local directory (tried {os.path.abspath(model_path)!r}) "
             f"and loading it as a Hugging Face hub name failed: {error}. Check the name, or whether "
             f"this machine is offline (HF_HUB_OFFLINE is {os.environ.get('HF_HUB_OFFLINE', 'unset')}); "

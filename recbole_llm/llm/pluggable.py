@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+from recbole_llm.errors import InputError
 
 
 class PluggableMixin:
@@ -29,7 +30,7 @@ class PluggableMixin:
             own = self.state_dict()
             mismatched = [k for k, v in state_dict.items() if v.shape != own[k].shape]
             if mismatched:
-                raise ValueError(f"pluggable weights do not fit this model (shape differs for {mismatched[:3]})")
+                raise InputError(f"pluggable weights do not fit this model (shape differs for {mismatched[:3]})")
             return super().load_state_dict(state_dict, strict=False, assign=assign)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
@@ -45,5 +46,5 @@ class PluggableMixin:
         """Load what :meth:`save_pluggable` wrote."""
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("model") != type(self).__name__:
-            raise ValueError(f"{path} holds pluggable weights of {saved.get('model')}, not {type(self).__name__}")
+            raise InputError(f"{path} holds pluggable weights of {saved.get('model')}, not {type(self).__name__}")
         self.load_state_dict(saved["state_dict"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from recbole_llm.errors import InputError
 
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 RANKING_INSTRUCTION = (
@@ -43,7 +44,7 @@ class RankingPrompt:
 
     def __post_init__(self):
         if not self.template.endswith(RESPONSE_MARKER):
-            raise ValueError(f"prompt_template must end with {RESPONSE_MARKER!r} (the verbalizer reads the next token)")
+            raise InputError(f"prompt_template must end with {RESPONSE_MARKER!r} (the verbalizer reads the next token)")
 
     def build(self, history: Sequence[str], candidates: Sequence[str], letters: Sequence[str]) -> str:
         history = list(history)[-self.history_len :] if self.history_len > 0 else []

@@ -14,13 +14,14 @@ import string
 import torch
 
 from recbole_llm.llm.prompts import RESPONSE_MARKER
+from recbole_llm.errors import InputError
 
 
 class LetterVerbalizer:
     def __init__(self, tokenizer, k: int, marker: str = RESPONSE_MARKER):
         letters = string.ascii_uppercase
         if not 1 <= k <= len(letters):
-            raise ValueError(
+            raise InputError(
                 f"candidate_k={k} but the verbalizer has {len(letters)} index letters (A..Z): set candidate_k <= {len(letters)}"
             )
         self.letters = list(letters[:k])
@@ -29,13 +30,13 @@ class LetterVerbalizer:
         for letter in self.letters:
             in_context = tokenizer(marker + letter, add_special_tokens=False)["input_ids"]
             if in_context[:-1] != marker_ids:
-                raise ValueError(
+                raise InputError(
                     f"tokenizer merges letter {letter!r} with the response marker {marker!r}; "
                     "use a template whose response marker ends with a newline"
                 )
             ids.append(in_context[-1])
         if len(set(ids)) != k:
-            raise ValueError("two index letters share a token id in this tokenizer")
+            raise InputError("two index letters share a token id in this tokenizer")
         self.letter_ids = torch.tensor(ids)
         self.eos_id = tokenizer.eos_token_id
 

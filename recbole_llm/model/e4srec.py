@@ -59,6 +59,7 @@ from recbole_llm.llm.backbone import apply_lora, load_causal_lm, set_num_threads
 from recbole_llm.llm.pluggable import PluggableMixin
 from recbole_llm.model.lrurec import left_align
 from recbole_llm.model.pretrained import pretrained_id_model
+from recbole_llm.errors import InputError
 
 DEFAULT_INSTRUCTION = "Given the user's purchase history, predict next possible item to be purchased."
 DEFAULT_FRAME = (
@@ -126,7 +127,7 @@ class E4SRec(PluggableMixin, SequentialRecommender):
                 for text in (self.instruction_text, self.response_text)
             ]
             if ids[0].size(1) == 0 or ids[1].size(1) == 0:
-                raise ValueError("instruction and response_text must each give at least one token")
+                raise InputError("instruction and response_text must each give at least one token")
             self.register_buffer("instruction_embeds", embed(ids[0])[0].detach().clone(), persistent=False)
             self.register_buffer("response_embeds", embed(ids[1])[0].detach().clone(), persistent=False)
 
@@ -142,7 +143,7 @@ class E4SRec(PluggableMixin, SequentialRecommender):
         )
         table = getattr(id_model, "item_embedding", None)
         if not isinstance(table, nn.Embedding) or table.num_embeddings != self.n_items:
-            raise ValueError(
+            raise InputError(
                 f"id_model={id_model_name!r} has no item_embedding table with {self.n_items} rows; "
                 "E4SRec needs an ID model with an nn.Embedding named item_embedding (e.g. SASRec, GRU4Rec)."
             )

@@ -78,6 +78,7 @@ from recbole_llm.data.item_text import item_texts
 from recbole_llm.llm.backbone import load_causal_lm, set_num_threads
 from recbole_llm.llm.pluggable import PluggableMixin
 from recbole_llm.model.pretrained import pretrained_id_model
+from recbole_llm.errors import InputError
 
 HISTORY_SEPARATOR = ";"
 
@@ -91,7 +92,7 @@ class HistoryPrompt:
 
     def __init__(self, tokenizer, titles, template, history_titles, title_max_tokens):
         if "{history}" not in template:
-            raise ValueError(f"prompt_template must contain '{{history}}'; got {template!r}")
+            raise InputError(f"prompt_template must contain '{{history}}'; got {template!r}")
         head, tail = template.split("{history}", 1)
         encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         self.head, self.tail, self.separator = encode(head), encode(tail), encode(HISTORY_SEPARATOR)
@@ -121,7 +122,7 @@ class MFormer(nn.Module):
     def __init__(self, hidden, n_experts, n_queries, n_layers, n_heads, top_k, dropout):
         super().__init__()
         if not 1 <= top_k <= n_experts:
-            raise ValueError(f"router_top_k must be between 1 and n_experts={n_experts}; got {top_k}")
+            raise InputError(f"router_top_k must be between 1 and n_experts={n_experts}; got {top_k}")
         self.n_experts, self.n_queries, self.top_k = n_experts, n_queries, top_k
         self.queries = nn.Parameter(torch.randn(n_experts, n_queries, hidden) * 0.02)
         self.input_norm = nn.LayerNorm(hidden)
@@ -184,9 +185,11 @@ class Laser(PluggableMixin, SequentialRecommender):
         self.balance_weight = float(config["balance_weight"])
         self.rows_fraction = self._rows_fraction(config["train_rows_per_epoch"], dataset)
         if self.suffix_pooling not in ("mean", "last"):
-            raise ValueError(f"suffix_pooling must be 'mean' or 'last'; got {self.suffix_pooling!r}")
+            raise InputError(f"suffix_pooling must be 'mean' or 'last'; got {self.suffix_pooling!r}")
         if self.item_repr not in ("id", "text", "both"):
-            raise ValueError(f"item_repr must be 'id', 'text' or 'both'; got {self.item_repr!r}")
+            raise InputError(f"item_repr must be 'id', 'text' or 'both'; got {self.item_repr!r}")
+
+        titles = item_texts(dataset, config["item_text_fields"])  # first: a dataset without text fails fast
 
         # Stage 1: the frozen ID model on the same split (SASRec by default).
         overrides = dict(config["id_model_config"] or {})
@@ -197,7 +200,7 @@ class Laser(PluggableMixin, SequentialRecommender):
         )
         for attribute in ("item_embedding", "position_embedding", "trm_encoder", "LayerNorm", "get_attention_mask"):
             if not hasattr(self.id_model, attribute):
-                raise ValueError(
+                raise InputError(
                     f"id_model={config['id_model']!r}: Laser reads per-position encodings the way RecBole's "
                     f"SASRec computes them (item + position embeddings through trm_encoder); "
                     f"{type(self.id_model).__name__} has no '{attribute}'. Use SASRec (or a subclass)."
@@ -212,7 +215,7 @@ class Laser(PluggableMixin, SequentialRecommender):
         if config["llm_layers"]:
             n_layers = int(config["llm_layers"])
             if not 1 <= n_layers <= len(decoder.layers):
-                raise ValueError(f"llm_layers must be between 1 and {len(decoder.layers)}; got {n_layers}")
+                raise InputError(f"llm_layers must be between 1 and {len(decoder.layers)}; got {n_layers}")
             decoder.layers = nn.ModuleList(list(decoder.layers)[:n_layers])
             decoder.config.num_hidden_layers = n_layers
         decoder.requires_grad_(False)
@@ -223,7 +226,6 @@ class Laser(PluggableMixin, SequentialRecommender):
         embedding_std = embed.weight.float().std().item()
 
         # The history prompt, and the check that it fits the LLM's context.
-        titles = item_texts(dataset, config["item_text_fields"])
         self.prompt = HistoryPrompt(tokenizer, titles, config["prompt_template"],
                                     int(config["history_titles"]), int(config["title_max_tokens"]))
         self.pad_token_id = tokenizer.pad_token_id
@@ -231,7 +233,7 @@ class Laser(PluggableMixin, SequentialRecommender):
         longest = self.n_prefix + self.prompt.max_length + self.n_suffix
         context = decoder.config.max_position_embeddings
         if longest > context:
-            raise ValueError(
+            raise InputError(
                 f"Laser input too long for the LLM: {self.n_prefix} prefix tokens + up to {self.prompt.max_length} "
                 f"prompt tokens ({config['history_titles']} titles x {config['title_max_tokens']} tokens + template) "
                 f"+ {self.n_suffix} suffix tokens = {longest} > max_position_embeddings={context}. "

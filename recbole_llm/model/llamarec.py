@@ -48,6 +48,7 @@ from recbole_llm.llm.pluggable import PluggableMixin
 from recbole_llm.llm.prompts import ALPACA_TEMPLATE, RANKING_INSTRUCTION, RankingPrompt, truncate_texts
 from recbole_llm.llm.verbalizer import LetterVerbalizer
 from recbole_llm.model.pretrained import pretrained_id_model
+from recbole_llm.errors import InputError
 
 
 def recent_items(item_seq: torch.Tensor, item_seq_len: torch.Tensor, n: int):
@@ -82,6 +83,7 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         self.eval_micro_batch = config["ranker_eval_batch_size"]
         self.fusion_weight = 0.0
         self.ranker_enabled = True  # False: full_sort_predict returns the retriever's scores (for comparisons)
+        texts = item_texts(dataset, config["item_text_fields"])  # first: a dataset without text fails fast
 
         self.retriever = pretrained_id_model(
             config, dataset, config["retriever"], checkpoint=config["retriever_checkpoint"],
@@ -107,7 +109,6 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
             config["prompt_template"] or ALPACA_TEMPLATE, config["prompt_instruction"] or RANKING_INSTRUCTION,
             config["ranker_history_len"],
         )
-        texts = item_texts(dataset, config["item_text_fields"])
         self.item_text = truncate_texts(texts, self.tokenizer, config["title_max_tokens"])
 
     # ----- stage 1 -------------------------------------------------------------------
@@ -181,7 +182,7 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         """The true item and ``k - 1`` random non-history items, shuffled; and the true item's index."""
         excluded = set(history) | {0, target}
         if self.n_items - len(excluded) < self.k - 1:
-            raise ValueError(f"only {self.n_items - len(excluded)} non-history items for candidate_k={self.k}")
+            raise InputError(f"only {self.n_items - len(excluded)} non-history items for candidate_k={self.k}")
         negatives = set()
         while len(negatives) < self.k - 1:
             item = random.randrange(1, self.n_items)

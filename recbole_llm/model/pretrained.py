@@ -20,6 +20,7 @@ import torch
 from recbole.data import create_dataset, data_preparation
 
 from recbole_llm import registry
+from recbole_llm.errors import InputError, MissingInputError
 
 #: Settings copied from the LLM model's config so stage 1 sees the same data and split.
 SHARED_KEYS = (
@@ -66,21 +67,21 @@ def load_state(model, checkpoint: str | os.PathLike, setting: str) -> None:
     when it was made for another dataset or model."""
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"{setting}={checkpoint!r} does not exist (expected a RecBole .pth checkpoint).")
+        raise MissingInputError(f"{setting}={checkpoint!r} does not exist (expected a RecBole .pth checkpoint).")
     saved = torch.load(path, map_location="cpu", weights_only=False)  # RecBole pickles its Config in it
     state = saved.get("state_dict", saved)
     own = model.state_dict()
     mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape}
     if mismatched:
         key, (theirs, ours) = next(iter(mismatched.items()))
-        raise ValueError(
+        raise InputError(
             f"{setting}={checkpoint!r} does not fit this dataset: '{key}' has shape {theirs} in the checkpoint "
             f"but {ours} here (item count {model.n_items}). It was trained on another dataset or filtering; "
             f"retrain it on this dataset or drop {setting} to train one."
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise InputError(
             f"{setting}={checkpoint!r} is not a {type(model).__name__} checkpoint "
             f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})."
         )
@@ -117,7 +118,7 @@ def train_id_model(id_config, model, expected_items: int) -> None:
     """Train ``model`` with its own RecBole pipeline and keep its best-on-validation weights."""
     id_dataset = create_dataset(id_config)
     if id_dataset.item_num != expected_items:
-        raise ValueError(
+        raise InputError(
             f"stage 1 sees {id_dataset.item_num} items but the main model {expected_items}: "
             "their data settings differ (load_col / filtering)."
         )

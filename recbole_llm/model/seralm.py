@@ -62,13 +62,14 @@ from recbole_llm import registry
 from recbole_llm.knowledge.encoding import TextEncoder, cached_vectors
 from recbole_llm.knowledge.generation import DEFAULT_TEXT_FORMAT, dataset_knowledge, knowledge_text, setting
 from recbole_llm.model.pretrained import id_model_config
+from recbole_llm.errors import InputError
 
 #: Base models tested with SeRALM (any RecBole sequential model with an nn.Embedding `item_embedding` works).
 SUPPORTED_BASE_MODELS = ("Caser", "SASRec", "LightSANs", "GRU4Rec", "NARM")
 
 
 def _unsupported(name, reason):
-    return ValueError(
+    return InputError(
         f"base_model={name!r} {reason}. SeRALM wraps a RecBole sequential model whose item table is an "
         f"nn.Embedding named `item_embedding`; supported (tested): {', '.join(SUPPORTED_BASE_MODELS)}."
     )
@@ -101,7 +102,7 @@ class FusedItemEmbedding(nn.Module):
         super().__init__()
         n_items, dim = id_embedding.weight.shape
         if knowledge.shape[0] != n_items:
-            raise ValueError(f"knowledge has {knowledge.shape[0]} rows but the item table {n_items}")
+            raise InputError(f"knowledge has {knowledge.shape[0]} rows but the item table {n_items}")
         self.id_embedding = id_embedding
         self.num_embeddings, self.embedding_dim, self.padding_idx = n_items, dim, 0
         self.register_buffer("knowledge", knowledge.detach().float().clone())  # saved with the model
@@ -113,7 +114,7 @@ class FusedItemEmbedding(nn.Module):
                 self.fuse.weight[:, :dim].copy_(torch.eye(dim))
                 self.fuse.bias.zero_()
         elif fusion_init != "random":
-            raise ValueError(f"fusion_init must be 'identity' or 'random', not {fusion_init!r}")
+            raise InputError(f"fusion_init must be 'identity' or 'random', not {fusion_init!r}")
         self.encoder = encoder  # joint mode only
         self.texts = list(texts) if texts is not None else None
         self.joint_items_per_step = int(joint_items_per_step)
@@ -206,7 +207,7 @@ class SeRALM(SequentialRecommender):
         self.encoder_name = setting(config, "text_encoder", None)
         self.encoder_mode = setting(config, "encoder_mode", "frozen")
         if self.encoder_mode not in ("frozen", "joint"):
-            raise ValueError(f"encoder_mode must be 'frozen' or 'joint', not {self.encoder_mode!r}")
+            raise InputError(f"encoder_mode must be 'frozen' or 'joint', not {self.encoder_mode!r}")
         self.vector_dir = setting(config, "knowledge_vector_dir", None) or f"{config['checkpoint_dir']}/knowledge"
         rows, cache = dataset_knowledge(config, dataset, logger=logger)
         self.knowledge_file = str(cache.final)

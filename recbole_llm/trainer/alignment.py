@@ -87,6 +87,7 @@ from recbole_llm.knowledge.generation import (
     parse_knowledge,
     setting,
 )
+from recbole_llm.errors import InputError
 
 RESAMPLE_CHOICES = ("target", "last")
 
@@ -276,7 +277,7 @@ class AsyncKnowledgeSource:
     def __init__(self, job, batches, live: dict, snapshots: dict, refresh_interval: int = 50,
                  queue_size: int = 2, poll_seconds: float = 0.05):
         if refresh_interval < 1:
-            raise ValueError(f"refresh_interval must be >= 1, got {refresh_interval}")
+            raise InputError(f"refresh_interval must be >= 1, got {refresh_interval}")
         self.job, self.batches = job, batches
         self.live, self.snapshots = live, snapshots
         self.refresh_interval = int(refresh_interval)
@@ -495,7 +496,7 @@ class SeRALMTrainer(Trainer):
         resample = setting(config, "resample_items", ["target"])
         resample = [resample] if isinstance(resample, str) else list(resample)
         if not resample or any(r not in RESAMPLE_CHOICES for r in resample):
-            raise ValueError(f"resample_items must be a non-empty list of {RESAMPLE_CHOICES}, got {resample}")
+            raise InputError(f"resample_items must be a non-empty list of {RESAMPLE_CHOICES}, got {resample}")
         return GeneratorJob(
             llm, tokenizer, recommender, reference, item_fields, resample,
             template=setting(config, "knowledge_prompt", KNOWLEDGE_PROMPT),
@@ -511,7 +512,7 @@ class SeRALMTrainer(Trainer):
         iterations = int(setting(config, "alignment_iterations", 0))
         mode = setting(config, "generator_mode", "async")
         if mode not in ("async", "sync"):
-            raise ValueError(f"generator_mode must be 'async' or 'sync', not {mode!r}")
+            raise InputError(f"generator_mode must be 'async' or 'sync', not {mode!r}")
         interval = int(setting(config, "refresh_interval", 50))
         if setting(config, "slow_refresh", False):
             interval *= 60  # the paper's ablation: 60x slower refreshes
@@ -568,7 +569,7 @@ class SeRALMTrainer(Trainer):
         config, model = self.config, self.model
         estimator = setting(config, "kl_estimator", "full")
         if estimator not in ("full", "sample"):
-            raise ValueError(f"kl_estimator must be 'full' or 'sample', not {estimator!r}")
+            raise InputError(f"kl_estimator must be 'full' or 'sample', not {estimator!r}")
         full = estimator == "full"
         batch, k = sample.items.shape
         # LLM (Eq. 6-8)

@@ -74,11 +74,14 @@ def get_model(name):
 
 
 def get_trainer(model_class):
-    """Our trainer for our models that need one, else RecBole's choice for the model."""
+    """Our trainer for our models that need one, else RecBole's choice for the model;
+    either way able to resume an interrupted run (:mod:`recbole_llm.trainer.resume`)."""
+    from recbole_llm.trainer.resume import resumable
+
     name = model_class.__name__
     if name in MODELS and MODELS[name][1] is not None:
-        return _load(MODELS[name][1])
-    return recbole_get_trainer(model_class.type, name)
+        return resumable(_load(MODELS[name][1]))
+    return resumable(recbole_get_trainer(model_class.type, name))
 
 
 def register_datasets() -> None:

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from recbole.data import create_dataset, data_preparation
+from recbole.data import create_dataset
 
 from recbole_llm import load_config, run_recbole_llm
 from recbole_llm.cli import main

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from recbole.data import create_dataset, data_preparation
 
-from recbole_llm import registry
+from recbole_llm import compat, registry
 from recbole_llm.errors import InputError, MissingInputError
 
 #: Settings copied from the LLM model's config so stage 1 sees the same data and split.
@@ -32,7 +32,7 @@ SHARED_KEYS = (
 )
 #: Config entries that do not change what stage 1 learns (left out of the cache key).
 _VOLATILE = {"device", "gpu_id", "use_gpu", "checkpoint_dir", "show_progress", "state", "data_path",
-             "local_rank", "single_spec", "eval_batch_size", "worker", "log_wandb", "wandb_project"}
+             "local_rank", "single_spec", "eval_batch_size", "worker", "log_wandb", "wandb_project", "resume"}
 
 
 def id_model_config(config, model_name: str, overrides: dict | None = None):
@@ -88,7 +88,35 @@ def load_state(model, checkpoint: str | os.PathLike, setting: str) -> None:
 
 
 def pretrained_id_model(config, dataset, model_name: str, checkpoint=None, overrides=None, setting="id_model_checkpoint"):
-    """A frozen, pretrained ``model_name`` for ``dataset`` (see the module docstring)."""
+    """A frozen, pretrained ``model_name`` for ``dataset`` (see the module docstring).
+
+    In a distributed run rank 0 alone loads or trains (and caches) it and broadcasts its
+    weights: the ranks never race on the cache file, and a rank on another node needs no
+    copy of the cache or of ``checkpoint``. The other ranks wait for it within the process
+    group's timeout (30 minutes by default)."""
+    if not compat.is_distributed(config):
+        return _load_or_train(config, dataset, model_name, checkpoint, overrides, setting)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        try:
+            model = _load_or_train(config, dataset, model_name, checkpoint, overrides, setting)
+        except Exception as error:
+            dist.broadcast_object_list([f"{type(error).__name__}: {error}"], src=0)
+            raise
+        dist.broadcast_object_list([{k: v.cpu() for k, v in model.state_dict().items()}], src=0)
+        return model
+    payload = [None]
+    dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], str):
+        raise RuntimeError(f"stage 1 ({model_name}) failed on rank 0: {payload[0]}")
+    model = registry.get_model(model_name)(id_model_config(config, model_name, overrides), dataset)
+    model = model.to(config["device"])
+    model.load_state_dict(payload[0])
+    return _frozen(model)
+
+
+def _load_or_train(config, dataset, model_name, checkpoint, overrides, setting):
     logger = getLogger()
     id_config = id_model_config(config, model_name, overrides)
     model_class = registry.get_model(model_name)
@@ -108,6 +136,10 @@ def pretrained_id_model(config, dataset, model_name: str, checkpoint=None, overr
             tmp = cache.with_suffix(".tmp")
             torch.save({"state_dict": model.state_dict(), "model": model_name}, tmp)
             os.replace(tmp, cache)
+    return _frozen(model)
+
+
+def _frozen(model):
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)

@@ -32,6 +32,9 @@ from recbole.utils import set_color
 from tqdm import tqdm
 
 from recbole_llm.trainer.llm_trainer import LLMTrainer
+from recbole_llm.trainer.resume import (
+    load_state, resume_path, rng_state, save_state, set_rng_state, trainable_weights, wants_resume,
+)
 
 
 @dataclass
@@ -68,6 +71,8 @@ def ranking_metrics(candidate_scores: torch.Tensor, candidates: torch.Tensor, ta
 
 
 class LlamaRecTrainer(LLMTrainer):
+    supports_distributed = False  # the ranker's own loop (compat.check_distributed_trainer)
+
     def __init__(self, config, model):
         super().__init__(config, model)
         self.max_examples = config["ranker_max_train_examples"]
@@ -158,6 +163,10 @@ class LlamaRecTrainer(LLMTrainer):
         return ranking_metrics(scores, candidates[rows], targets[rows], [10])["ndcg@10"]
 
     def _train_ranker(self, train_data, phase: EvalPhase, show_progress):
+        """LoRA fine-tuning on ``ranker_max_train_examples`` examples (warmup, then linear decay),
+        validated every ``ranker_eval_step`` steps; the best adapter is kept. Each validation
+        step also writes the resume state, and an interrupted run continues from the last one
+        with the same batches and random draws (:mod:`recbole_llm.trainer.resume`)."""
         model = self.model
         total_steps = math.ceil(self.max_examples / train_data.batch_size)
         warmup = min(self.warmup, total_steps)
@@ -167,10 +176,29 @@ class LlamaRecTrainer(LLMTrainer):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
         self.best_valid_score, seen, step, running = -1.0, 0, 0, 0.0
-        progress = tqdm(total=total_steps, desc=set_color("Ranker training", "pink"), disable=not show_progress)
+        resume_file = resume_path(self.config, "ranker")
+        resumed = load_state(resume_file) if resume_file.is_file() and wants_resume(self.config) else None
+        if resumed:
+            model.load_state_dict(resumed["state_dict"])
+            self.optimizer.load_state_dict(resumed["optimizer"])
+            scheduler.load_state_dict(resumed["scheduler"])
+            self.best_valid_score, self.cur_step = resumed["best_valid_score"], resumed["cur_step"]
+            seen, step, self.saved_model_file = resumed["seen"], resumed["step"], resumed["saved_model_file"]
+            self.logger.info(f"resuming ranker training at step {step} ({seen} examples) from {resume_file} "
+                             "(set resume: False to start over)")
+        progress = tqdm(total=total_steps, initial=step, desc=set_color("Ranker training", "pink"),
+                        disable=not show_progress)
         model.train()
         while seen < self.max_examples:
-            for batch in train_data:
+            if resumed:  # the pass the interrupted run was in: same order, then skip what it did
+                set_rng_state(resumed["pass_rng"], train_data)
+            pass_rng, batches, skip = rng_state(train_data), iter(train_data), resumed["pass_position"] if resumed else 0
+            for _ in range(skip):
+                next(batches)
+            if resumed:
+                set_rng_state(resumed["rng"])
+                resumed = None
+            for position, batch in enumerate(batches, start=skip + 1):
                 loss = model.calculate_loss(batch.to(self.device))
                 self.optimizer.zero_grad()
                 loss.backward()
@@ -193,11 +221,18 @@ class LlamaRecTrainer(LLMTrainer):
                     if ndcg > self.best_valid_score:
                         self.best_valid_score, self.cur_step = ndcg, step
                         self._save_checkpoint(step, verbose=False)
+                    save_state(resume_file, {
+                        "state_dict": trainable_weights(model), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "best_valid_score": self.best_valid_score,
+                        "cur_step": self.cur_step, "seen": seen, "step": step, "saved_model_file": self.saved_model_file,
+                        "pass_rng": pass_rng, "pass_position": position, "rng": rng_state(),
+                    })
                 if done:
                     break
         progress.close()
         best = torch.load(self.saved_model_file, map_location=self.device, weights_only=False)
         model.load_state_dict(best["state_dict"])
+        resume_file.unlink(missing_ok=True)
         self.logger.info(f"best ranker adapter: step {self.cur_step}, valid-subset NDCG@10 {self.best_valid_score:.4f}")
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):

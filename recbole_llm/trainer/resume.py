@@ -1,0 +1,135 @@
+"""Nothing lost: an interrupted training run continues where it stopped.
+
+A run writes its resume state (atomically: temp file + rename, so a kill at any moment
+leaves the previous state readable) to ``checkpoint_dir/resume/<model>-<dataset>-<what>-<key>.pth``
+at every safe point: the start of each epoch for RecBole's epoch loop, each validation
+step for the LlamaRec ranker. The state is what the rest of the run depends on: the
+weights that train (the pluggable part for LLM models), optimizer (and scheduler), the
+epoch or step, early-stopping counter, best score and result so far, the file holding the
+best weights, and the random number generators, the training loader's included. So
+rerunning the same command after SIGINT, SIGTERM or a kill continues with the very
+batches and draws the uninterrupted run would have used, and ends with the same result.
+
+``key`` hashes the settings and data files (:func:`recbole_llm.model.pretrained.cache_key`):
+a changed setting starts afresh instead of resuming an unrelated run. ``resume: False``
+starts over. A finished run deletes its resume file. Work lost to an interruption: at
+most one epoch (one ``ranker_eval_step`` for the ranker).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import random
+from logging import getLogger
+from pathlib import Path
+
+import numpy as np
+import torch
+from recbole.trainer import Trainer
+
+
+def resume_path(config, what: str) -> Path:
+    """Where the run that ``config`` describes keeps its resume state for stage ``what``."""
+    from recbole_llm.model.pretrained import cache_key
+
+    name = f"{config['model']}-{config['dataset']}-{what}-{cache_key(config)}.pth"
+    return Path(config["checkpoint_dir"]) / "resume" / name
+
+
+def wants_resume(config) -> bool:
+    return config["resume"] is not False
+
+
+def rng_state(loader=None) -> dict:
+    """The global generators (torch, numpy, random) and ``loader``'s own shuffling generator."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if loader is not None and getattr(loader, "generator", None) is not None:
+        state["loader"] = loader.generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, loader=None) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if loader is not None and "loader" in state:
+        loader.generator.set_state(state["loader"])
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Write ``state`` so that a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)  # our own file (numpy RNG state inside)
+
+
+def trainable_weights(model) -> dict:
+    """The weights a resume must restore: the pluggable part of an LLM model, else all."""
+    return model.trainable_state_dict() if hasattr(model, "trainable_state_dict") else model.state_dict()
+
+
+class ResumableTrainer:
+    """Mixin for a RecBole trainer that runs RecBole's epoch loop (``Trainer.fit``): the
+    resume state is saved at the start of every epoch and restored by ``fit``."""
+
+    _resume_file: Path | None = None
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        path = resume_path(self.config, "fit")
+        if path.is_file() and wants_resume(self.config):
+            self._restore(load_state(path), train_data, path)
+        self._resume_file = path if self._is_main_process() else None
+        result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        if self._resume_file is not None:
+            self._resume_file.unlink(missing_ok=True)
+        self._resume_file = None
+        return result
+
+    def _train_epoch(self, train_data, epoch_idx, *args, **kwargs):
+        if self._resume_file is not None:
+            save_state(self._resume_file, {
+                "epoch": epoch_idx,
+                "state_dict": trainable_weights(self.model),
+                "other_parameter": self.model.other_parameter(),
+                "optimizer": self.optimizer.state_dict(),
+                "cur_step": self.cur_step,
+                "best_valid_score": self.best_valid_score,
+                "best_valid_result": self.best_valid_result,
+                "saved_model_file": self.saved_model_file,
+                "rng": rng_state(train_data),
+            })
+        return super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
+
+    def _restore(self, state: dict, train_data, path: Path) -> None:
+        self.model.load_state_dict(state["state_dict"])  # an LLM model's load_state_dict takes its pluggable part
+        self.model.load_other_parameter(state["other_parameter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch, self.cur_step = state["epoch"], state["cur_step"]
+        self.best_valid_score, self.best_valid_result = state["best_valid_score"], state["best_valid_result"]
+        self.saved_model_file = state["saved_model_file"]
+        set_rng_state(state["rng"], train_data)
+        getLogger().info(
+            f"resuming {self.config['model']} training at epoch {self.start_epoch} from {path} "
+            "(set resume: False to start over)"
+        )
+
+    def _is_main_process(self) -> bool:
+        return self.config["single_spec"] or self.config["local_rank"] == 0
+
+
+@functools.cache
+def resumable(trainer_class: type) -> type:
+    """``trainer_class`` with :class:`ResumableTrainer` mixed in, when it runs RecBole's
+    epoch loop; a trainer with its own ``fit`` (LlamaRec's, SeRALM's) handles its stages itself."""
+    if issubclass(trainer_class, ResumableTrainer) or trainer_class.fit is not Trainer.fit:
+        return trainer_class
+    return type(trainer_class.__name__, (ResumableTrainer, trainer_class), {"__module__": trainer_class.__module__})

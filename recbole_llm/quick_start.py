@@ -181,6 +181,8 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, npr
     """``recbole.quick_start.run`` for our runner: one process, or ``nproc`` spawned ranks."""
     if nproc == 1 and world_size <= 0:
         return run_recbole_llm(model, dataset, config_file_list, config_dict, saved)
+    model_class = registry.get_model(model)
+    compat.check_distributed_trainer(registry.get_trainer(model_class), model_class.__name__)  # before spawning
     import torch.multiprocessing as mp
 
     queue = mp.get_context("spawn").SimpleQueue()
@@ -192,8 +194,14 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, npr
 
 
 def _run_rank(rank, model, dataset, config_file_list, config_dict, saved, queue):
+    import torch.distributed as dist
+
     config_dict = dict(config_dict, local_rank=rank)
-    run_recbole_llm(model, dataset, config_file_list, config_dict, saved, queue=queue if rank == 0 else None)
+    try:
+        run_recbole_llm(model, dataset, config_file_list, config_dict, saved, queue=queue if rank == 0 else None)
+    finally:
+        if dist.is_initialized():  # created by RecBole's Config (compat shim 5 on the CPU)
+            dist.destroy_process_group()
 
 
 def write_atomically(path: Path, text: str) -> None:

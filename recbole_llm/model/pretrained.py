@@ -32,7 +32,7 @@ SHARED_KEYS = (
 )
 #: Config entries that do not change what stage 1 learns (left out of the cache key).
 _VOLATILE = {"device", "gpu_id", "use_gpu", "checkpoint_dir", "show_progress", "state", "data_path",
-             "local_rank", "single_spec", "eval_batch_size", "worker", "log_wandb", "wandb_project", "resume"}
+             "local_rank", "single_spec", "eval_batch_size", "worker", "log_wandb", "wandb_project", "resume", "verbose"}
 
 
 def id_model_config(config, model_name: str, overrides: dict | None = None):

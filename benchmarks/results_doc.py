@@ -52,10 +52,19 @@ def write_section(name: str, title: str, body: str) -> None:
 
 
 def parse_overrides(args: list[str]) -> dict:
-    """``--key=value`` arguments as a RecBole config dict (values parsed as YAML)."""
+    """``--key=value`` arguments as a RecBole config dict (values parsed as YAML; ``1e-3`` is a number)."""
     import yaml
 
-    return {k.lstrip("-"): yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args)}
+    def value(text):
+        parsed = yaml.safe_load(text)
+        if isinstance(parsed, str):
+            try:
+                return float(parsed)
+            except ValueError:
+                pass
+        return parsed
+
+    return {k.lstrip("-"): value(v) for k, v in (a.split("=", 1) for a in args)}
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -138,13 +138,23 @@ class LlamaRecTrainer(LLMTrainer):
         self.logger.info(f"candidates ({eval_data._dataset.inter_num} rows, k={model.k}) cached in {path}")
         return EvalPhase(candidates, retrieval, targets, histories)
 
-    def _score_phase(self, phase: EvalPhase, show_progress) -> None:
+    def _score_phase(self, phase: EvalPhase, show_progress, hits_only: bool = False) -> None:
+        """The ranker's scores of every row's candidates. ``hits_only`` (validation) scores only
+        the rows whose target is a candidate: any other row has the same metrics whatever the
+        ranker says (its target stays below all k candidates, in the retriever's order), so model
+        selection loses nothing; the other rows get zeros."""
         if phase.ranker is not None:
             return
-        histories = [h for batch in phase.histories for h in batch]
-        with self.timed("ranking"):
-            scores = self.model.ranker_scores(histories, phase.flat("candidates"), show_progress=show_progress)
-        self.ranked_rows += phase.rows
+        histories, candidates = [h for batch in phase.histories for h in batch], phase.flat("candidates")
+        rows = torch.arange(phase.rows)
+        if hits_only:
+            rows = (candidates == phase.flat("targets").unsqueeze(1)).any(1).nonzero().squeeze(1)
+        scores = torch.zeros(candidates.shape)
+        if len(rows):
+            with self.timed("ranking"):
+                scores[rows] = self.model.ranker_scores([histories[i] for i in rows.tolist()], candidates[rows],
+                                                        show_progress=show_progress).float().cpu()
+        self.ranked_rows += len(rows)
         phase.ranker = list(scores.split([len(t) for t in phase.targets]))
 
     def _forget_ranker_scores(self):
@@ -243,7 +253,7 @@ class LlamaRecTrainer(LLMTrainer):
             with self.timed("ranker training (incl. validation)"):
                 self._train_ranker(train_data, phase, show_progress)
         self._forget_ranker_scores()
-        self._score_phase(phase, show_progress)
+        self._score_phase(phase, show_progress, hits_only=True)
         weights = self.fusion_weights if self.fusion else [0.0]
         results = {}
         for weight in weights:

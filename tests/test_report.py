@@ -1,0 +1,114 @@
+"""benchmarks/report.py: one process and one record per model, reuse, failures recorded, tables and chart."""
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def report(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import report
+
+    return report
+
+
+def test_report_runs_reuses_and_records_failures(tiny_data, tmp_path, report, capsys):
+    name, overrides = tiny_data
+    settings = [f"--{key}={json.dumps(value)}" for key, value in {**overrides, "epochs": 1}.items()]
+    results = tmp_path / "docs" / "RESULTS.md"
+    argv = ["--dataset", name, "--models", "LRURec,SASRec,SeRALM,NoSuchModel", f"--report_dir={tmp_path / 'rep'}",
+            f"--results_file={results}", *settings]
+
+    assert report.main(argv) == 0
+    folder = tmp_path / "rep" / name
+    records = {m: json.loads((folder / f"{m}.json").read_text()) for m in ("LRURec", "SASRec", "SeRALM", "NoSuchModel")}
+    for model in ("LRURec", "SASRec"):
+        record = records[model]
+        assert record["status"] == "ok", record.get("traceback")
+        assert {"recall@5", "mrr@10", "ndcg@10"} <= set(record["test_result"])
+        assert record["trainable_params"] > 0 and record["total_params"] >= record["trainable_params"]
+        assert record["peak_rss_mb"] > 0 and record["eval_users_per_s"] > 0 and record["test_users"] == 40
+        assert record["settings_hash"] and record["date"] and "report.py --one" in record["command"]
+    # SeRALM needs a knowledge cache the tiny dataset lacks: refused at once, not generated.
+    assert records["SeRALM"]["status"] == "error" and "knowledge" in records["SeRALM"]["error"]
+    assert "--allow_generation" in records["SeRALM"]["error"]
+    assert not (tmp_path / "data" / name / "knowledge").exists() or not any((tmp_path / "data" / name / "knowledge").glob("*.jsonl"))
+    assert records["NoSuchModel"]["status"] == "error" and "Unknown model" in records["NoSuchModel"]["error"]
+    first = capsys.readouterr().out
+    assert "LRURec: running" in first and "SASRec: running" in first
+
+    # Second invocation: the two results are reused untouched (same run_id, same bytes); failures are retried.
+    before = {m: (folder / f"{m}.json").read_text() for m in ("LRURec", "SASRec")}
+    assert report.main(argv) == 0
+    second = capsys.readouterr().out
+    assert "LRURec: reused" in second and "SASRec: reused" in second and "SeRALM: running" in second
+    assert {m: (folder / f"{m}.json").read_text() for m in ("LRURec", "SASRec")} == before
+
+    # A changed setting for one model runs that model again, and only it.
+    two = [a if not a.startswith("LRURec,") else "LRURec,SASRec" for a in argv]
+    assert report.main(two + ["--SASRec.hidden_size=32"]) == 0
+    third = capsys.readouterr().out
+    assert "LRURec: reused" in third and "SASRec: settings changed" in third
+    assert json.loads((folder / "SASRec.json").read_text())["run_id"] != records["SASRec"]["run_id"]
+    assert (folder / "LRURec.json").read_text() == before["LRURec"]
+
+    # Tables only: nothing runs, the section is rebuilt from the records.
+    seralm = (folder / "SeRALM.json").read_text()
+    assert report.main(["--dataset", name, "--tables_only", f"--report_dir={tmp_path / 'rep'}", f"--results_file={results}"]) == 0
+    assert "running" not in capsys.readouterr().out.split("### Quality")[0]
+    assert (folder / "SeRALM.json").read_text() == seralm
+
+    text = results.read_text()
+    section = text.split("<!-- BEGIN report -->")[1].split("<!-- END report -->")[0]
+    quality = section.split("### Quality")[1].split("### Cost")[0]
+    cost = section.split("### Cost")[1].split("### Relative gain")[0]
+    gains = section.split("### Relative gain")[1]
+    for model in ("LRURec", "SASRec", "SeRALM", "NoSuchModel"):
+        assert f"| {model} |" in quality and f"| {model} |" in cost
+    assert "not run: MissingInputError" in quality and "not run: InputError: Unknown model" in quality
+    assert "| SASRec |" in quality and "1.000" in quality  # the NDCG@10 / SASRec column
+    assert "| LRURec | SASRec |" in gains and "+35.1%" in gains  # paper: LlamaRec Table 1, 0.0705 / 0.0522
+    assert "| SeRALM | SASRec | not run | +2.9% |" in gains
+    png = results.parent / f"report-{name}-ndcg10.png"
+    assert f"](report-{name}-ndcg10.png)" in section
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_child_crash_is_recorded_by_the_parent(tiny_data, tmp_path, report, monkeypatch):
+    """A model process that dies without writing its record still leaves a failure record."""
+    name, overrides = tiny_data
+    monkeypatch.setattr(report, "child_command", lambda *a, **k: ["python", "-c", "raise SystemExit(3)"])
+    monkeypatch.setattr(report, "settings_hash", lambda *a, **k: "h")
+    record = report.run_model("SASRec", name, [], tmp_path / "rep", rerun=False, allow_generation=False,
+                              timeout_minutes=None)
+    assert record["status"] == "error" and "exit code 3" in record["error"]
+    assert json.loads((tmp_path / "rep" / name / "SASRec.json").read_text())["error"] == record["error"]
+
+
+def test_paper_gains_match_the_papers(report):
+    assert report.PAPER_GAINS[("LlamaRec", "LRURec")].gain == pytest.approx(0.0759 / 0.0705 - 1)
+    assert report.PAPER_GAINS[("SeRALM", "SASRec")].gain == pytest.approx(0.0288, abs=1e-3)  # Table 1: +2.91%
+    assert report.PAPER_GAINS[("SeRALM", "LightSANs")].gain == pytest.approx(0.0249, abs=1e-3)  # +2.50%
+    assert report.PAPER_GAINS[("SeRALM", "Caser")].gain == pytest.approx(0.0260, abs=1e-3)  # +2.61%
+    assert "E4SRec" in report.NO_PAPER_GAIN and "Laser" in report.NO_PAPER_GAIN
+
+
+def test_seralm_alignment_that_would_regenerate_knowledge_is_refused(tmp_path, report):
+    class FakeTrainer:
+        def __init__(self, **config):
+            self.config = config
+
+        def alignment_dir(self):
+            return tmp_path / "aligned-SASRec-x"
+
+    assert report.alignment_needs_generation(FakeTrainer(alignment_iterations=0)) is None
+    assert report.alignment_needs_generation(FakeTrainer(alignment_iterations=20, llm_adapter="dir")) is None
+    reason = report.alignment_needs_generation(FakeTrainer(alignment_iterations=20))
+    assert "--allow_generation" in reason and "alignment_iterations=0" in reason
+    (tmp_path / "aligned-SASRec-x").mkdir()
+    (tmp_path / "aligned-SASRec-x" / "adapter_config.json").write_text("{}")
+    assert report.alignment_needs_generation(FakeTrainer(alignment_iterations=20)) is None
+    assert report.alignment_needs_generation(object()) is None  # not SeRALM's trainer

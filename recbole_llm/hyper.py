@@ -40,7 +40,7 @@ from recbole.utils.utils import dict2str
 
 from recbole_llm import registry
 from recbole_llm.errors import InputError, MissingInputError
-from recbole_llm.quick_start import _kind_problem, _plain, load_config, properties_dir, run_recbole_llm, write_atomically
+from recbole_llm.quick_start import kind_problem, plain_json, load_config, properties_dir, run_recbole_llm, write_atomically
 
 ALGOS = ("exhaustive", "random", "bayes")
 TYPES = ("choice", "uniform", "quniform", "loguniform")
@@ -182,7 +182,7 @@ def check_space(params: list[Param], config) -> None:
                              f"drop it or the {param.name} line of the search space ({param.where}).")
         default = known[param.name]
         for value in [] if default is None else param.examples():
-            problem = _kind_problem(default, value)
+            problem = kind_problem(default, value)
             if problem:
                 raise InputError(f"{param.where}: {param.name}={value!r} {problem} (its value is {default!r} "
                                  f"without the search).")
@@ -322,9 +322,9 @@ class HyperSearch:
         blocks.append(f"Best params:\n{params2str(summary['best_params'])}\n"
                       f"Best valid score ({self.valid_metric or 'valid_metric'}): {summary['best_valid_score']}\n")
         write_atomically(output_file, "\n".join(blocks))
-        summary = {**summary, "trials": [_plain(t) for t in summary["trials"]]}
+        summary = {**summary, "trials": [plain_json(t) for t in summary["trials"]]}
         for key in ("best_valid_result", "test_result"):
-            summary[key] = _plain(summary[key] or {})
+            summary[key] = plain_json(summary[key] or {})
         write_atomically(output_file.with_name(output_file.name + ".json"),
                          json.dumps(summary, indent=2, default=float))
 

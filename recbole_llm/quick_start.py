@@ -76,7 +76,7 @@ def check_setting_types(config, default_files) -> None:
             defaults = yaml.load(f.read(), Loader=config.yaml_loader) or {}
         for key, default in defaults.items():
             value = config.final_config_dict.get(key)
-            problem = None if value is None else _kind_problem(default, value)
+            problem = None if value is None else kind_problem(default, value)
             if problem:
                 raise InputError(
                     f"Setting {key}={value!r} ({type(value).__name__}) {problem}; its default in {path} is "
@@ -84,7 +84,8 @@ def check_setting_types(config, default_files) -> None:
                 )
 
 
-def _kind_problem(default, value) -> str | None:
+def kind_problem(default, value) -> str | None:
+    """Why ``value`` cannot stand where ``default`` does (a number, bool or mapping), or None."""
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if isinstance(default, bool):
         return None if isinstance(value, bool) else "must be True or False"
@@ -218,7 +219,7 @@ def comparison_table(results: dict[str, dict], out_dir: str | os.PathLike, stem:
     metrics = sorted({m for r in results.values() for m in r["test_result"]}, key=_metric_order)
     rows = [[name] + [f"{r['test_result'].get(m, float('nan')):.4f}" for m in metrics] for name, r in results.items()]
     out = Path(out_dir)
-    write_atomically(out / f"{stem}.json", json.dumps({k: _plain(v) for k, v in results.items()}, indent=2))
+    write_atomically(out / f"{stem}.json", json.dumps({k: plain_json(v) for k, v in results.items()}, indent=2))
     with tempfile.TemporaryFile("w+", newline="") as buf:
         csv.writer(buf).writerows([["model"] + metrics] + rows)
         buf.seek(0)
@@ -233,5 +234,6 @@ def _metric_order(name: str):
     return (int(k) if k.isdigit() else 0, metric)
 
 
-def _plain(result: dict) -> dict:
+def plain_json(result: dict) -> dict:
+    """``result`` with numpy / torch numbers turned into plain floats (JSON-ready)."""
     return json.loads(json.dumps(result, default=float))

@@ -131,6 +131,7 @@ def test_checkpoint_with_items_the_dataset_lacks(tiny_data, tmp_path):
      ("candidate_k", 2.5, "must be a whole number"),
      ("load_in_4bit", "yes", "must be True or False"),
      ("retriever_config", [1, 2], "must be a mapping \\(key: value\\)")],
+    ids=["epochs=ten", "learning_rate=fast", "candidate_k=2.5", "load_in_4bit=yes", "retriever_config=list"],
 )
 def test_config_value_of_the_wrong_type(tiny_data, setting, value, problem):
     name, overrides = tiny_data

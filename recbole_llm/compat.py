@@ -1,4 +1,4 @@
-"""Every shim RecBole 1.2.1 needs on today's torch / numpy stack, in one place.
+"""Every shim RecBole 1.2.1 needs on today's torch / numpy / hyperopt stack, in one place.
 
 ``apply()`` is idempotent and runs when ``recbole_llm`` is imported. Each shim
 names the failure it fixes; none changes behaviour outside RecBole's own calls.
@@ -59,6 +59,19 @@ trained and cached by rank 0 alone and broadcast to the other ranks. A trainer w
 training loop (``supports_distributed = False``: the LlamaRec ranker's, SeRALM's alignment)
 does not synchronise gradients across ranks: a distributed run of it stops at once with an
 :class:`~recbole_llm.errors.InputError` (:func:`check_distributed_trainer`).
+
+Hyper-parameter search (``recbole.trainer.hyper_tuning.HyperTuning``, used by :mod:`recbole_llm.hyper`).
+
+10. ``exhaustive_search`` (``algo="exhaustive"``) draws its samples with
+    ``np.random.RandomState(seed)``, but hyperopt>=0.2.7 samples through the numpy Generator API,
+    so the first trial fails with ``AttributeError: 'numpy.random.mtrand.RandomState' object has
+    no attribute 'integers'``. Fix: the same function (its code object, unchanged) with ``np``
+    bound to a namespace whose ``random.RandomState`` is ``np.random.default_rng``; both build
+    a seeded generator from the int seed hyperopt passes. ``np`` is used nowhere else in it.
+11. ``HyperTuning.trial`` takes ``if not self.best_score:`` to mean "no trial yet", so a best
+    valid score of 0.0 is replaced by the next trial's score whatever it is: a tie goes to the
+    later trial and, when smaller is better (RMSE: 0.0 is perfect), a worse trial becomes the
+    best. Fix: after each trial the best score is stored as a float whose truth value is True.
 """
 from __future__ import annotations
 
@@ -68,6 +81,7 @@ import logging
 import os
 import sys
 import tempfile
+import types
 import warnings
 from pathlib import Path
 
@@ -102,6 +116,7 @@ def apply() -> None:
     torch.autograd.set_detect_anomaly(False)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole(\.|$)")
     _apply_distributed()
+    _apply_hyper_tuning()
     _applied = True
 
 
@@ -253,3 +268,41 @@ def _evaluate_with_rank0_checkpoint(original):
 def _ensure_dir(dir_path):
     """Shim 9: RecBole's ``ensure_dir`` without the race between two processes."""
     os.makedirs(dir_path, exist_ok=True)
+
+
+# ---------------------------------------------------------------- hyper-parameter search (10-11)
+def _apply_hyper_tuning() -> None:
+    from recbole.trainer import hyper_tuning
+
+    _patch(hyper_tuning, "exhaustive_search", _exhaustive_search_with_generator)
+    _patch(hyper_tuning.HyperTuning, "trial", _trial_keeping_a_zero_best)
+
+
+def _exhaustive_search_with_generator(original):
+    """Shim 10: RecBole's ``exhaustive_search`` with ``np.random.RandomState`` meaning ``np.random.default_rng``."""
+    import numpy as np
+
+    numpy_with_generator = types.SimpleNamespace(random=types.SimpleNamespace(RandomState=np.random.default_rng))
+    patched = types.FunctionType(original.__code__, {**original.__globals__, "np": numpy_with_generator},
+                                 original.__name__, original.__defaults__, original.__closure__)
+    return functools.update_wrapper(patched, original)
+
+
+class _BestScore(float):
+    """A best valid score that counts as set even when it is 0.0 (shim 11)."""
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def _trial_keeping_a_zero_best(original):
+    """Shim 11: ``HyperTuning.trial`` whose best score of 0.0 still counts as a best score."""
+
+    @functools.wraps(original)
+    def trial(self, params):
+        status = original(self, params)
+        if self.best_score is not None:
+            self.best_score = _BestScore(self.best_score)
+        return status
+
+    return trial

@@ -19,6 +19,7 @@ from recbole_llm.knowledge.generation import (
     cache_key,
     generate_knowledge,
     item_prompt_hash,
+    knowledge_text,
     parse_knowledge,
 )
 from recbole_llm.trainer.alignment import (
@@ -398,3 +399,17 @@ def test_alignment_end_to_end_with_the_async_generator(seralm_env, monkeypatch):
     trainer2.fit(train2, valid2, saved=False, show_progress=False)
     assert trainer2.alignment_stats["reused"] == str(adapter_dir)
     assert trainer2.alignment_stats["knowledge_file"] == stats["knowledge_file"]
+
+
+def test_copied_placeholders_fall_back_to_the_items_own_fields():
+    """SmolLM2-135M often answers with the prompt's own example values; those carry nothing
+    about the item, so its knowledge text becomes its fields instead."""
+    fields = {"title": "Heavyweights", "year": "1994", "genres": "Children's, Comedy"}
+    copied = {"description": "A description of the movie",
+              "summarization": "A summary of what types of users would enjoy this movie."}
+    assert knowledge_text(copied, fields=fields) == "Heavyweights, 1994, Children's, Comedy"
+    half = {**copied, "description": "A camp comedy about a summer fat camp."}
+    assert knowledge_text(half, fields=fields) == "A camp comedy about a summer fat camp."
+    real = {"description": "A camp comedy.", "summarization": "Families with kids."}
+    assert knowledge_text(real, fields=fields) == "A camp comedy. Families with kids."
+    assert knowledge_text(None) == ""

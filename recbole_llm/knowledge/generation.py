@@ -40,6 +40,8 @@ Command line (writes the cache a user can commit; the default LLM is the embedde
 from __future__ import annotations
 
 import argparse
+import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -160,11 +162,32 @@ def parse_knowledge(text: str) -> tuple[dict[str, str], bool]:
     return {"description": cleaned, "summarization": ""}, False
 
 
-def knowledge_text(record: dict | None, text_format: str = DEFAULT_TEXT_FORMAT) -> str:
-    """The text the encoder sees for one record ('' when there is no knowledge)."""
-    if not record:
-        return ""
-    return " ".join(text_format.format(**{k: record.get(k, "") for k in KEYS}).split())
+@functools.lru_cache(maxsize=8)
+def placeholders(template: str = KNOWLEDGE_PROMPT) -> tuple[str, ...]:
+    """The example values the prompt's JSON skeletons hold ("a description of the movie", ...)."""
+    return tuple(_normalized(value) for value in re.findall(r'"\w+"\s*:\s*"([^"{}]+)"', template))
+
+
+def _normalized(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split())
+
+
+def is_placeholder(value: str, template_placeholders: Sequence[str]) -> bool:
+    """True when ``value`` only repeats (or barely rephrases) one of the prompt's example values,
+    as a small LLM often does: 'A summary of what types of users would enjoy this movie.'"""
+    text = _normalized(value)
+    return bool(text) and any(difflib.SequenceMatcher(None, text, p).ratio() >= 0.8 for p in template_placeholders)
+
+
+def knowledge_text(record: dict | None, text_format: str = DEFAULT_TEXT_FORMAT, fields: dict | None = None,
+                   template: str = KNOWLEDGE_PROMPT) -> str:
+    """The text the encoder sees for one item: its knowledge, leaving out values that only copy the
+    prompt's placeholders; when nothing is left, the item's own ``fields`` ('Heavyweights, 1994,
+    Children's, Comedy'), so the item still gets a vector of its own. '' without either."""
+    skeleton = placeholders(template)
+    values = {k: "" if is_placeholder(v := (record or {}).get(k, ""), skeleton) else v for k in KEYS}
+    text = " ".join(text_format.format(**values).split())
+    return text or ", ".join(v for v in (fields or {}).values() if v)
 
 
 # --------------------------------------------------------------------------- identities and the key

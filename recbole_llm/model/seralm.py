@@ -60,7 +60,9 @@ from torch import nn
 
 from recbole_llm import registry
 from recbole_llm.knowledge.encoding import TextEncoder, cached_vectors
-from recbole_llm.knowledge.generation import DEFAULT_TEXT_FORMAT, dataset_knowledge, knowledge_text, setting
+from recbole_llm.knowledge.generation import (
+    DEFAULT_TEXT_FORMAT, KNOWLEDGE_PROMPT, dataset_knowledge, item_prompt_fields, knowledge_text, setting,
+)
 from recbole_llm.model.pretrained import id_model_config
 from recbole_llm.errors import InputError
 
@@ -211,7 +213,9 @@ class SeRALM(SequentialRecommender):
         self.vector_dir = setting(config, "knowledge_vector_dir", None) or f"{config['checkpoint_dir']}/knowledge"
         rows, cache = dataset_knowledge(config, dataset, logger=logger)
         self.knowledge_file = str(cache.final)
-        texts = self.knowledge_texts(rows)
+        self.knowledge_prompt = setting(config, "knowledge_prompt", KNOWLEDGE_PROMPT)
+        self.item_fields = item_prompt_fields(dataset, setting(config, "knowledge_fields", None))
+        texts = self.knowledge_texts(rows, logger)
         encoder = None
         if self.encoder_mode == "joint":
             encoder = TextEncoder.load(self.encoder_name, device=config["device"],
@@ -249,9 +253,17 @@ class SeRALM(SequentialRecommender):
         return cls
 
     # -- knowledge
-    def knowledge_texts(self, rows) -> list[str]:
-        texts = [knowledge_text(r, self.text_format) for r in rows]
+    def knowledge_texts(self, rows, logger=None) -> list[str]:
+        """One text per item (see :func:`knowledge_text`); items whose knowledge is empty or only
+        copies the prompt's placeholders fall back to their own fields, counted in the log."""
+        texts = [knowledge_text(r, self.text_format, f, self.knowledge_prompt) for r, f in zip(rows, self.item_fields)]
         texts[0] = ""
+        own = sum(text == knowledge_text(None, self.text_format, f) for text, f in zip(texts[1:], self.item_fields[1:]))
+        if own:
+            (logger or getLogger()).warning(
+                f"{own} of {len(texts) - 1} items have no usable knowledge (empty, or the prompt's placeholders "
+                "copied): their knowledge text is their own fields."
+            )
         return texts
 
     def text_encoder(self) -> TextEncoder:

@@ -77,6 +77,7 @@ from recbole.utils import set_color
 
 from recbole_llm.knowledge.generation import (
     DEFAULT_KNOWLEDGE_FIELDS,
+    DEFAULT_TEXT_FORMAT,
     KNOWLEDGE_PROMPT,
     KnowledgeGenerator,
     dataset_knowledge,
@@ -193,7 +194,9 @@ class GeneratorJob:
         prompt_ids, prompt_mask, new_ids, new_mask = self.generator.generate_ids(
             prompts, do_sample=True, temperature=self.temperature, top_p=self.top_p)
         parsed = [parse_knowledge(text) for text in self.generator.decode(new_ids, new_mask)]
-        texts = [knowledge_text(p, self.text_format) if self.text_format else knowledge_text(p) for p, _ in parsed]
+        fields = [self.item_fields[i] for i in items.flatten().tolist()]
+        text_format = self.text_format or DEFAULT_TEXT_FORMAT
+        texts = [knowledge_text(p, text_format, f, self.generator.template) for (p, _), f in zip(parsed, fields)]
         model = self.recommender
         was_training = model.training
         model.eval()

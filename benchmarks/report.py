@@ -20,7 +20,8 @@ an interrupted training continues (``resume: True``). The tables are assembled f
 present in the folder, each row with the date it was measured.
 
 Settings: each model's shipped defaults (properties/*.yaml over RecBole's) with
-``show_progress: False``; ``--key=value`` overrides every model, ``--MODEL.key=value`` one model.
+``show_progress: False``, the RecBole baselines capped at ``BASELINE_EPOCHS`` epochs;
+``--key=value`` overrides every model, ``--MODEL.key=value`` one model.
 
 SeRALM's knowledge cache takes hours to generate on a CPU: unless ``--allow_generation`` is given,
 a run that would generate knowledge (the un-aligned cache missing, or alignment that regenerates
@@ -51,6 +52,10 @@ from results_doc import ROOT, machine, markdown_table, parse_overrides
 
 BASELINES = ["SASRec", "GRU4Rec", "NARM", "BERT4Rec", "Caser", "LightSANs"]
 METRICS = ["recall@5", "recall@10", "mrr@5", "mrr@10", "ndcg@5", "ndcg@10"]
+#: Epoch cap of the RecBole baselines unless --epochs / --MODEL.epochs says otherwise: an epoch over
+#: ml-100k's ~97k prefix rows takes ~75 s on 2 cores, so 8 epochs keep each run near 10 minutes
+#: (as benchmarks/lrurec_vs_sasrec.py; early stopping may end a run sooner).
+BASELINE_EPOCHS = 8
 #: Our LLM models: the setting naming the model each builds on (its "base"), and that setting's default.
 BASE_SETTING = {"LlamaRec": ("retriever", "LRURec"), "E4SRec": ("id_model", "SASRec"),
                 "Laser": ("id_model", "SASRec"), "SeRALM": ("base_model", "SASRec")}
@@ -603,8 +608,11 @@ def main(argv: list[str] | None = None) -> int:
     rerun = set(models) if args.rerun == "all" else {m for m in args.rerun.split(",") if m}
     if not args.tables_only:
         for model in models:
-            run_model(model, args.dataset, shared + per_model.get(model, []), args.report_dir, model in rerun,
-                      args.allow_generation, args.timeout)
+            overrides = shared + per_model.get(model, [])
+            if model in BASELINES and not any(o.startswith("--epochs=") for o in overrides):
+                overrides = [f"--epochs={BASELINE_EPOCHS}"] + overrides
+            run_model(model, args.dataset, overrides, args.report_dir, model in rerun, args.allow_generation,
+                      args.timeout)
     body = assemble(args.dataset, args.report_dir, Path(args.results_file), argv)
     print(body)
     return 0

@@ -70,9 +70,13 @@ def test_missing_dataset_names_folder_and_files(tiny_data):
 
 
 def test_ml100k_is_provisioned_offline(tmp_path, monkeypatch):
+    """Into data_path/ml-100k, keeping what a clone already has there (the committed knowledge cache)."""
     monkeypatch.chdir(tmp_path)
-    config = load_config("LRURec", "ml-100k", config_dict={"data_path": str(tmp_path / "data")})
     folder = tmp_path / "data" / "ml-100k"
+    (folder / "knowledge").mkdir(parents=True)
+    (folder / "knowledge" / "cache.jsonl").write_text("{}\n")
+    config = load_config("LRURec", "ml-100k", config_dict={"data_path": str(tmp_path / "data")})
+    assert (folder / "knowledge" / "cache.jsonl").read_text() == "{}\n"
     assert config["data_path"] == str(folder)
     assert (folder / "ml-100k.inter").is_file()
     assert "movie_title" in (folder / "ml-100k.item").read_text().splitlines()[0]

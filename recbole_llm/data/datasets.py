@@ -20,19 +20,22 @@ BUNDLED = {"ml-100k": Path(recbole.__file__).parent / "dataset_example" / "ml-10
 
 
 def provision(name: str, root: str | os.PathLike) -> Path:
-    """Copy a dataset that ships with RecBole into ``root/name`` if it is not there yet."""
+    """Copy a dataset that ships with RecBole into ``root/name`` if it is not there yet.
+
+    Each file is copied through a temp file and a rename, the ``.inter`` file last (its presence
+    means "provisioned"); anything else in the folder (e.g. a committed knowledge cache) stays.
+    """
     target = Path(root) / name
     source = BUNDLED[name]
     if (target / f"{name}.inter").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    for suffix in ("inter", "item", "user"):
+    target.mkdir(parents=True, exist_ok=True)
+    for suffix in ("item", "user", "inter"):
         if (source / f"{name}.{suffix}").is_file():
-            shutil.copy2(source / f"{name}.{suffix}", staging / f"{name}.{suffix}")
-    if target.exists():  # a folder without the .inter file: replace it as a whole
-        shutil.rmtree(target)
-    os.replace(staging, target)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.{suffix}.", dir=target)
+            os.close(fd)
+            shutil.copyfile(source / f"{name}.{suffix}", tmp)
+            os.replace(tmp, target / f"{name}.{suffix}")
     return target
 
 

@@ -11,6 +11,7 @@ from recbole_llm.llm import backbone
 from recbole_llm.llm.backbone import (
     EMBEDDED_LLM,
     apply_lora,
+    keep_first_layers,
     load_causal_lm,
     resolve_llm_path,
     set_num_threads,
@@ -54,6 +55,24 @@ def test_tiny_llama_is_deterministic_and_leaves_global_rng_alone():
     first, second = tiny_llama(100, seed=7), tiny_llama(100, seed=7)
     assert torch.rand(1) == expected_next
     assert torch.equal(first.model.embed_tokens.weight, second.model.embed_tokens.weight)
+
+
+def test_keep_first_layers_is_the_same_as_a_shallower_llm():
+    """The cut LLM computes what an LLM built with only those layers (same weights) computes."""
+    deep, shallow = tiny_llama(100, layers=3, seed=3), tiny_llama(100, layers=1, seed=3)
+    shallow.load_state_dict({k: v for k, v in deep.state_dict().items() if ".layers.1." not in k and ".layers.2." not in k})
+    assert keep_first_layers(deep.get_decoder(), 1) == 3
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(deep(input_ids=ids).logits, shallow(input_ids=ids).logits)
+    assert deep.config.num_hidden_layers == 1
+    assert keep_first_layers(deep.get_decoder(), None) == 1  # None keeps all
+
+
+@pytest.mark.parametrize("n_layers", [0.5, 4, -1])
+def test_keep_first_layers_rejects_impossible_depths(n_layers):
+    with pytest.raises(ValueError, match="llm_layers must be an int between 1 and 3"):
+        keep_first_layers(tiny_llama(100, layers=3).get_decoder(), n_layers)
 
 
 def test_missing_local_path_names_llm_path(tmp_path):

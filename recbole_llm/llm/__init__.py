@@ -3,6 +3,7 @@
 from recbole_llm.llm.backbone import (
     EMBEDDED_LLM,
     apply_lora,
+    keep_first_layers,
     load_causal_lm,
     load_tokenizer,
     resolve_llm_path,
@@ -13,6 +14,7 @@ from recbole_llm.llm.backbone import (
 __all__ = [
     "EMBEDDED_LLM",
     "apply_lora",
+    "keep_first_layers",
     "load_causal_lm",
     "load_tokenizer",
     "resolve_llm_path",

@@ -174,6 +174,24 @@ def apply_lora(model, r, alpha, dropout, target_modules, modules_to_save=None):
     return get_peft_model(model, lora_config)
 
 
+def keep_first_layers(decoder, n_layers) -> int:
+    """Keep only the first ``n_layers`` decoder layers of ``decoder`` (in place); returns how many it had.
+
+    A CPU compromise shared by the models whose LLM stays frozen (setting ``llm_layers``): the
+    cost of a forward pass grows with depth, and the early layers already mix the prompt.
+    ``None`` or 0 keeps every layer.
+    """
+    layers = decoder.layers
+    if n_layers:
+        if not isinstance(n_layers, int) or not 1 <= n_layers <= len(layers):
+            raise InputError(f"llm_layers must be an int between 1 and {len(layers)} (this LLM's depth); got {n_layers!r}")
+        decoder.layers = torch.nn.ModuleList(list(layers)[:n_layers])
+        decoder.config.num_hidden_layers = n_layers
+        if getattr(decoder.config, "layer_types", None):
+            decoder.config.layer_types = decoder.config.layer_types[:n_layers]
+    return len(layers)
+
+
 def set_num_threads(n):
     """Set torch's intra-op CPU threads to ``n``; ``None`` or 0 keeps torch's default."""
     if not n:

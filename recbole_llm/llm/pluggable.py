@@ -48,3 +48,23 @@ class PluggableMixin:
         if saved.get("model") != type(self).__name__:
             raise InputError(f"{path} holds pluggable weights of {saved.get('model')}, not {type(self).__name__}")
         self.load_state_dict(saved["state_dict"])
+
+
+def rows_fraction(rows_per_epoch, n_rows: int) -> float:
+    """The share of each training batch to keep so an epoch sees ``rows_per_epoch`` rows (1.0 = all)."""
+    if not rows_per_epoch or not n_rows:
+        return 1.0
+    return min(1.0, int(rows_per_epoch) / n_rows)
+
+
+def sample_rows(interaction, fraction: float):
+    """A uniformly random ``fraction`` of ``interaction``'s rows (stochastic rounding, at least one).
+
+    The CPU budget of the LLM models (setting ``train_rows_per_epoch``): every batch of RecBole's
+    shuffled training rows keeps its share, so an epoch sees that many rows on average.
+    """
+    if fraction >= 1.0:
+        return interaction
+    batch = interaction.length
+    keep = max(1, min(batch, int(batch * fraction + torch.rand(()).item())))
+    return interaction[torch.randperm(batch)[:keep]]

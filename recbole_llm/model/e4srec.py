@@ -35,6 +35,8 @@ Choices the paper and code leave open, made here:
   sequence (the authors: every position of the last 50 training items). On a CPU an epoch
   over all ~97k ml-100k rows is too costly, so ``train_rows_per_epoch`` (optional) keeps a
   uniformly random subset of that size per epoch (each batch keeps its share of rows).
+* ``llm_layers`` (optional, a CPU compromise shared with Laser): keep only the first n decoder
+  layers of the LLM; the authors use the whole LLM.
 * The instruction prefix is the same for every user: with ``share_instruction_prefix`` its
   keys/values are computed once per batch (batch size 1, with gradients through LoRA) and
   repeated for every user, the same computation as feeding it per user, at a fraction of the
@@ -55,8 +57,8 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
-from recbole_llm.llm.backbone import apply_lora, load_causal_lm, set_num_threads
-from recbole_llm.llm.pluggable import PluggableMixin
+from recbole_llm.llm.backbone import apply_lora, keep_first_layers, load_causal_lm, set_num_threads
+from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
 from recbole_llm.model.lrurec import left_align
 from recbole_llm.model.pretrained import pretrained_id_model
 from recbole_llm.errors import InputError
@@ -84,8 +86,7 @@ class E4SRec(PluggableMixin, SequentialRecommender):
         super().__init__(config, dataset)
         logger = getLogger()
         set_num_threads(_setting(config, "num_threads", None))
-        self.train_rows_per_epoch = _setting(config, "train_rows_per_epoch", None)
-        self.n_train_rows = len(dataset)
+        self.rows_fraction = rows_fraction(_setting(config, "train_rows_per_epoch", None), len(dataset))
         gradient_checkpointing = bool(_setting(config, "gradient_checkpointing", False))
         self.share_instruction_prefix = bool(_setting(config, "share_instruction_prefix", True)) and not gradient_checkpointing
 
@@ -98,6 +99,7 @@ class E4SRec(PluggableMixin, SequentialRecommender):
             gradient_checkpointing=gradient_checkpointing,
             logger=logger,
         )
+        self.llm_full_layers = keep_first_layers(causal_lm.get_decoder(), _setting(config, "llm_layers", None))
         for param in causal_lm.parameters():
             param.requires_grad_(False)
         peft_model = apply_lora(
@@ -207,20 +209,9 @@ class E4SRec(PluggableMixin, SequentialRecommender):
         return hidden[:, -1].float()
 
     # ------------------------------------------------------------------ RecBole API
-    def _training_rows(self, interaction):
-        """This batch's share of ``train_rows_per_epoch`` random rows (all rows when unset)."""
-        batch = interaction.length
-        if not self.train_rows_per_epoch or self.train_rows_per_epoch >= self.n_train_rows:
-            return interaction
-        expected = batch * self.train_rows_per_epoch / self.n_train_rows
-        keep = int(expected) + int(torch.rand(()) < expected - int(expected))  # unbiased rounding
-        keep = max(1, min(batch, keep))
-        rows = torch.randperm(batch, device=interaction[self.ITEM_SEQ].device)[:keep]
-        return interaction[rows]
-
     def calculate_loss(self, interaction):
         if self.training:
-            interaction = self._training_rows(interaction)
+            interaction = sample_rows(interaction, self.rows_fraction)
         user = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         return self.loss_fct(self.score(user), interaction[self.POS_ITEM_ID])
 

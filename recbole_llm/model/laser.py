@@ -75,8 +75,8 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from recbole_llm.data.item_text import item_texts
-from recbole_llm.llm.backbone import load_causal_lm, set_num_threads
-from recbole_llm.llm.pluggable import PluggableMixin
+from recbole_llm.llm.backbone import keep_first_layers, load_causal_lm, set_num_threads
+from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
 from recbole_llm.model.pretrained import pretrained_id_model
 from recbole_llm.errors import InputError
 
@@ -183,7 +183,7 @@ class Laser(PluggableMixin, SequentialRecommender):
         self.item_repr = config["item_repr"]
         self.id_residual = bool(config["id_residual"])
         self.balance_weight = float(config["balance_weight"])
-        self.rows_fraction = self._rows_fraction(config["train_rows_per_epoch"], dataset)
+        self.rows_fraction = rows_fraction(config["train_rows_per_epoch"], len(dataset))
         if self.suffix_pooling not in ("mean", "last"):
             raise InputError(f"suffix_pooling must be 'mean' or 'last'; got {self.suffix_pooling!r}")
         if self.item_repr not in ("id", "text", "both"):
@@ -211,13 +211,7 @@ class Laser(PluggableMixin, SequentialRecommender):
         llm, tokenizer = load_causal_lm(config["llm_path"], dtype=config["llm_dtype"] or "auto",
                                         device=config["device"], logger=logger)
         decoder = llm.get_decoder()
-        self.llm_full_layers = len(decoder.layers)  # before any llm_layers cut (for parameter shares)
-        if config["llm_layers"]:
-            n_layers = int(config["llm_layers"])
-            if not 1 <= n_layers <= len(decoder.layers):
-                raise InputError(f"llm_layers must be between 1 and {len(decoder.layers)}; got {n_layers}")
-            decoder.layers = nn.ModuleList(list(decoder.layers)[:n_layers])
-            decoder.config.num_hidden_layers = n_layers
+        self.llm_full_layers = keep_first_layers(decoder, config["llm_layers"])  # depth before the cut
         decoder.requires_grad_(False)
         decoder.eval()
         self.llm = decoder
@@ -264,13 +258,6 @@ class Laser(PluggableMixin, SequentialRecommender):
         self.to(config["device"])
 
     # ----------------------------------------------------------------- setup helpers
-    @staticmethod
-    def _rows_fraction(cap, dataset):
-        if not cap:
-            return 1.0
-        rows = len(dataset.inter_feat) if getattr(dataset, "inter_feat", None) is not None else 0
-        return min(1.0, int(cap) / rows) if rows else 1.0
-
     @torch.no_grad()
     def _encode_item_texts(self, titles, tokenizer, batch_size=64):
         """Mean-pooled last hidden states of the frozen LLM over each item's title."""
@@ -357,13 +344,10 @@ class Laser(PluggableMixin, SequentialRecommender):
 
     # ----------------------------------------------------------------- RecBole contract
     def calculate_loss(self, interaction):
+        if self.training:
+            interaction = sample_rows(interaction, self.rows_fraction)
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         targets = interaction[self.POS_ITEM_ID]
-        if self.rows_fraction < 1.0:
-            wanted = item_seq.size(0) * self.rows_fraction
-            keep = max(1, int(wanted + torch.rand(()).item()))  # stochastic rounding: cap rows on average
-            rows = torch.randperm(item_seq.size(0))[:keep].to(item_seq.device)
-            item_seq, item_seq_len, targets = item_seq[rows], item_seq_len[rows], targets[rows]
         user, _, balance = self.forward(item_seq, item_seq_len)
         logits = user @ self.item_representations().t()
         loss = self.loss_fct(logits, targets)

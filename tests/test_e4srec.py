@@ -138,6 +138,14 @@ def test_pluggable_round_trip_and_one_llm_for_many_models(e4srec, tiny_data, tin
     other.load_state_dict(model.trainable_state_dict())
 
 
+def test_llm_layers_keeps_the_first_layers_and_puts_lora_only_there(tiny_data, tiny_llama_dir):
+    model, _, test = _build(_config(tiny_data, tiny_llama_dir, llm_layers=1))
+    assert (len(model.llm.layers), model.llm_full_layers) == (1, 2)
+    lora_layers = {n.split(".layers.")[1].split(".")[0] for n, p in model.named_parameters() if "lora_" in n}
+    assert lora_layers == {"0"}
+    assert model.full_sort_predict(first_batch(test)).shape[1] == model.n_items
+
+
 def test_id_model_checkpoint_from_another_dataset_is_a_clear_error(tiny_data, tiny_llama_dir, tmp_path):
     from recbole.model.sequential_recommender import SASRec
 

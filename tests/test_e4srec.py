@@ -146,6 +146,22 @@ def test_llm_layers_keeps_the_first_layers_and_puts_lora_only_there(tiny_data, t
     assert model.full_sort_predict(first_batch(test)).shape[1] == model.n_items
 
 
+def test_tied_head_scores_items_by_their_projected_input_embeddings(tiny_data, tiny_llama_dir):
+    model, train, test = _build(_config(tiny_data, tiny_llama_dir, score_head="tied"))
+    assert not hasattr(model, "score")  # no per-item head
+    interaction = first_batch(test)
+    with torch.no_grad():
+        user = model.forward(interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN])
+        scores = model.full_sort_predict(interaction)
+        item = 3
+        expected = user @ model.input_proj(model.item_embedding.weight[item])
+    assert scores.shape[1] == model.n_items
+    assert torch.allclose(scores[:, item], expected, atol=1e-5)
+    train_steps(model, train)  # trains end to end through the tied table
+    with pytest.raises(ValueError, match="score_head must be 'linear'"):
+        _build(_config(tiny_data, tiny_llama_dir, score_head="cosine"))
+
+
 def test_id_model_checkpoint_from_another_dataset_is_a_clear_error(tiny_data, tiny_llama_dir, tmp_path):
     from recbole.model.sequential_recommender import SASRec
 

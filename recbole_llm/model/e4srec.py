@@ -45,6 +45,11 @@ Choices the paper and code leave open, made here:
 * The projection and head use PyTorch's default initialisation (the authors' ``nn.Linear``);
   logits for the padding item 0 are part of the softmax as in RecBole's SASRec and are set to
   -inf by RecBole's evaluator.
+* ``score_head``: ``linear`` (default) is the authors' ``Linear(llm_hidden, n_items)`` head
+  trained from scratch; ``tied`` (beyond the paper) scores each item by the dot product of
+  the last hidden state with that item's projected input embedding (the frozen ID table
+  through the trained ``input_proj``), as SASRec ties its input and output item tables: no
+  per-item parameters to learn, so a short CPU budget is spent on the mapping, not the head.
 * Optimiser, learning rate and schedule are RecBole's (``learner``, ``learning_rate``); the
   authors use AdamW 3e-4 with a cosine schedule in HF's Trainer.
 """
@@ -156,7 +161,11 @@ class E4SRec(PluggableMixin, SequentialRecommender):
 
         # The pluggable part: projection into the LLM's input space and the head over all items.
         self.input_proj = nn.Linear(self.item_embedding.embedding_dim, self.llm_hidden)
-        self.score = nn.Linear(self.llm_hidden, self.n_items, bias=False)
+        self.score_head = _setting(config, "score_head", "linear")
+        if self.score_head == "linear":
+            self.score = nn.Linear(self.llm_hidden, self.n_items, bias=False)
+        elif self.score_head != "tied":
+            raise InputError(f"score_head must be 'linear' (the authors' head) or 'tied'; got {self.score_head!r}")
         self.loss_fct = nn.CrossEntropyLoss()
         self._llm_dtype = llm_dtype
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -213,7 +222,7 @@ class E4SRec(PluggableMixin, SequentialRecommender):
         if self.training:
             interaction = sample_rows(interaction, self.rows_fraction)
         user = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return self.loss_fct(self.score(user), interaction[self.POS_ITEM_ID])
+        return self.loss_fct(self.item_scores(user), interaction[self.POS_ITEM_ID])
 
     def predict(self, interaction):
         scores = self.full_sort_predict(interaction)
@@ -221,5 +230,11 @@ class E4SRec(PluggableMixin, SequentialRecommender):
 
     def full_sort_predict(self, interaction):
         """Scores of all items, [B, n_items], from one forward pass."""
-        user = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return self.item_scores(self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]))
+
+    def item_scores(self, user: torch.Tensor) -> torch.Tensor:
+        """[B, n_items] from the users' last hidden states: the linear head, or (``tied``) the
+        dot product with every item's projected input embedding."""
+        if self.score_head == "tied":
+            return user @ self.input_proj(self.item_embedding.weight).t()
         return self.score(user)

@@ -1,6 +1,6 @@
 """E4SRec vs the SASRec it takes its item embeddings from, on one dataset, one run, same split.
 
-    python benchmarks/e4srec_vs_sasrec.py [--dataset ml-100k] [--num_threads=1] [--key=value ...]
+    python benchmarks/e4srec_vs_sasrec.py [--dataset ml-100k] [--section e4srec] [--num_threads=1] [--key=value ...]
 
 Extra --key=value arguments are E4SRec config overrides (properties/model/E4SRec.yaml);
 stage 1 (SASRec) is trained by E4SRec itself (or reused from its cache) and then
@@ -38,6 +38,19 @@ def timed_epochs(trainer):
     return times
 
 
+def recorded_validation(trainer):
+    """Wrap ``trainer._valid_epoch`` to record each validation's score (NDCG@10 by default)."""
+    scores, valid_epoch = [], trainer._valid_epoch
+
+    def wrapped(*args, **kwargs):
+        score, result = valid_epoch(*args, **kwargs)
+        scores.append(score)
+        return score, result
+
+    trainer._valid_epoch = wrapped
+    return scores
+
+
 def timed_evaluate(trainer, data, **kwargs):
     start = time.perf_counter()
     result = trainer.evaluate(data, show_progress=False, **kwargs)
@@ -47,6 +60,7 @@ def timed_evaluate(trainer, data, **kwargs):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--section", default="e4srec", help="docs/RESULTS.md section to write (keeps other runs)")
     args, rest = parser.parse_known_args()
     overrides = parse_overrides(rest)
     set_num_threads(overrides.get("num_threads"))
@@ -67,6 +81,7 @@ def main():
 
     trainer = registry.get_trainer(model_class)(config, model)
     epoch_times = timed_epochs(trainer)
+    valid_scores = recorded_validation(trainer)
     start = time.perf_counter()
     trainer.fit(train, valid, saved=True, show_progress=False)
     fit_minutes = (time.perf_counter() - start) / 60
@@ -99,9 +114,10 @@ def main():
         + f"\n\nE4SRec: LLM {config['llm_path'] or 'embedded SmolLM2-135M-Instruct'}, history {config['MAX_ITEM_LIST_LENGTH']}, "
         f"LoRA r={config['lora_r']} alpha={config['lora_alpha']} on {', '.join(config['lora_target_modules'])}, "
         f"{len(epoch_times)} epochs of {rows_per_epoch} random training rows (of {len(train.dataset)}), "
-        f"batch {config['train_batch_size']}, {config['learner']} lr {config['learning_rate']}; "
+        f"batch {config['train_batch_size']}, {config['learner']} lr {config['learning_rate']}, score_head {config['score_head']}, llm_layers {config['llm_layers'] or 'all'}; "
         f"fit {fit_minutes:.1f} min (train + validation), model setup incl. stage 1 {setup_minutes:.1f} min; "
-        f"epoch times (s): {', '.join(f'{t:.0f}' for t in epoch_times)}. "
+        f"epoch times (s): {', '.join(f'{t:.0f}' for t in epoch_times)}; "
+        f"valid {config['valid_metric']} after each epoch: {', '.join(f'{v:.4f}' for v in valid_scores)}. "
         f"Scoring throughput = test users / wall time of RecBole's full-ranking test evaluation "
         f"({n_users} users, eval_batch_size {config['eval_batch_size']}, one forward pass per batch). "
         f"SASRec: stage-1 settings {config['id_model_config']}."
@@ -109,7 +125,7 @@ def main():
         "of the checkpoint best on validation NDCG@10. The E4SRec paper evaluates against 99 sampled "
         "negatives with LLaMA2-13B, so its absolute numbers are not comparable with these."
     )
-    write_section("e4srec", f"E4SRec vs its stage-1 SASRec on {args.dataset}", body)
+    write_section(args.section, f"E4SRec vs its stage-1 SASRec on {args.dataset}", body)
     print(f"ratio: {ratio:.3f}")
 
 

@@ -54,10 +54,7 @@ def test_llm_and_id_model_stay_frozen_while_the_pluggable_part_trains(laser):
     assert any(k.startswith("mformer.") for k in changed) and "suffix" in changed
     # the optimizer holds only the trainable parameters
     in_optimizer = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
-    assert in_optimizer == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # the saved part is those parameters plus the running statistics of the output standardisation
-    assert set(trainable_before) - {n for n, p in model.named_parameters() if p.requires_grad} == {
-        "output_norm.running_mean", "output_norm.running_var", "output_norm.num_batches_tracked"}
+    assert in_optimizer == sum(v.numel() for v in trainable_before.values())
 
 
 def test_router_weights_sum_to_one_per_user_with_top_k_experts(laser):
@@ -92,22 +89,6 @@ def test_untrained_laser_ranks_like_its_frozen_sasrec(laser):
         ours = model.full_sort_predict(interaction)
         theirs = model.id_model.full_sort_predict(interaction)
     assert torch.allclose(ours, theirs, atol=1e-4)
-
-
-def test_standardized_llm_correction_adds_no_common_vector_to_a_batch(laser):
-    """standardize_llm_output: what the LLM adds to the SASRec user vectors sums to zero over a
-    training batch (no global popularity shift), and the item-text vectors are centred."""
-    _, model, train, _, _ = laser
-    train_steps(model, train)  # the output projection moves away from zero
-    interaction = first_batch(train)
-    item_seq, item_seq_len = interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN]
-    model.train()
-    with torch.no_grad():
-        user, _, _ = model.forward(item_seq, item_seq_len)
-        correction = user - model.id_encodings(item_seq, item_seq_len)[2]
-    assert correction.abs().max() > 1e-3
-    assert torch.allclose(correction.mean(0), torch.zeros_like(correction[0]), atol=1e-5)
-    assert torch.allclose(model.item_text_vectors[1:].mean(0), torch.zeros(model.item_text_vectors.size(1)), atol=1e-4)
 
 
 def test_save_load_round_trip_gives_identical_scores(laser, tiny_data, tiny_llama_dir, tmp_path):

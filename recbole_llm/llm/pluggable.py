@@ -13,29 +13,19 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 from recbole_llm.errors import InputError
 
 
 class PluggableMixin:
     """For ``nn.Module`` subclasses whose frozen parts never change after construction."""
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """What training changes, by ``state_dict`` name: the parameters that require gradients and
-        the running statistics of batch-norm layers (buffers that training updates)."""
-        state = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        for prefix, module in self.named_modules():
-            if isinstance(module, nn.modules.batchnorm._NormBase):
-                state.update({f"{prefix}.{name}": b for name, b in module.named_buffers() if b is not None})
-        return state
-
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """:meth:`trainable_state`, detached copies on the CPU."""
-        return {name: t.detach().cpu().clone() for name, t in self.trainable_state().items()}
+        """The parameters that train, by their ``state_dict`` names, detached on the CPU."""
+        return {name: p.detach().cpu().clone() for name, p in self.named_parameters() if p.requires_grad}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """A full state dict as ``nn.Module`` does, or exactly the trainable part."""
-        trainable = set(self.trainable_state())
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         if set(state_dict) == trainable:
             own = self.state_dict()
             mismatched = [k for k, v in state_dict.items() if v.shape != own[k].shape]

@@ -45,13 +45,6 @@ Choices the paper leaves open (each a setting in ``properties/model/Laser.yaml``
   scale); their last-layer outputs are pooled by ``suffix_pooling`` (``mean`` or ``last``)
   and mapped by ``Linear(llm hidden, id hidden)`` to the user vector. With
   ``suffix_tokens: 0`` (the "no suffix" ablation) the last prompt position is pooled instead.
-* ``standardize_llm_output`` (true): the pooled outputs are standardised per dimension over
-  users (``BatchNorm1d`` without affine terms: batch statistics in training, running ones in
-  evaluation) and mapped without a bias; the item-text vectors are standardised over items
-  once. The frozen LLM's hidden states share a large common component (a few "massive"
-  dimensions); mapped as they are, that component adds the same vector to every user, i.e. a
-  global item-popularity shift fitted on the training rows, which lowered the test metrics
-  (docs/RESULTS.md). Standardising leaves only what differs between users.
 * Item representations (``item_repr``): ``id`` = the frozen SASRec item embeddings;
   ``text`` = projected item-text vectors; ``both`` (default) = their sum. An item-text vector
   is the frozen LLM's mean-pooled last hidden state over the item's title, computed once at
@@ -189,7 +182,6 @@ class Laser(PluggableMixin, SequentialRecommender):
         self.suffix_pooling = config["suffix_pooling"]
         self.item_repr = config["item_repr"]
         self.id_residual = bool(config["id_residual"])
-        self.standardize = bool(config["standardize_llm_output"])
         self.balance_weight = float(config["balance_weight"])
         self.rows_fraction = rows_fraction(config["train_rows_per_epoch"], len(dataset))
         if self.suffix_pooling not in ("mean", "last"):
@@ -253,19 +245,12 @@ class Laser(PluggableMixin, SequentialRecommender):
             nn.init.zeros_(self.prefix_projection.bias)
         if self.n_suffix:
             self.suffix = nn.Parameter(torch.randn(self.n_suffix, llm_hidden) * embedding_std)
-        # Standardise the pooled LLM output per dimension over users before mapping it (see the docstring).
-        self.output_norm = nn.BatchNorm1d(llm_hidden, affine=False) if self.standardize else nn.Identity()
-        self.output_projection = nn.Linear(llm_hidden, id_hidden, bias=not self.standardize)
+        self.output_projection = nn.Linear(llm_hidden, id_hidden)
         if self.id_residual:
             nn.init.zeros_(self.output_projection.weight)
-            if self.output_projection.bias is not None:
-                nn.init.zeros_(self.output_projection.bias)
+            nn.init.zeros_(self.output_projection.bias)
         if self.item_repr in ("text", "both"):
-            vectors = self._encode_item_texts(titles, tokenizer)
-            if self.standardize:  # per dimension over the real items; the padding item stays zero
-                real = vectors[1:]
-                vectors[1:] = (real - real.mean(0)) / (real.std(0) + 1e-6)
-            self.register_buffer("item_text_vectors", vectors, persistent=False)
+            self.register_buffer("item_text_vectors", self._encode_item_texts(titles, tokenizer), persistent=False)
             self.text_projection = nn.Linear(llm_hidden, id_hidden, bias=False)
             if self.item_repr == "both":
                 nn.init.zeros_(self.text_projection.weight)
@@ -345,17 +330,10 @@ class Laser(PluggableMixin, SequentialRecommender):
             pooled = hidden[:, -self.n_suffix:].mean(1)
         else:
             pooled = hidden[:, -1]
-        user = self.output_projection(self._standardize(pooled.float()))
+        user = self.output_projection(pooled.float())
         if self.id_residual:
             user = user + id_user
         return user, weights, balance
-
-    def _standardize(self, pooled):
-        """``output_norm``; a training batch of one row (no spread) uses the running statistics."""
-        norm = self.output_norm
-        if self.standardize and norm.training and pooled.size(0) < 2:
-            return F.batch_norm(pooled, norm.running_mean, norm.running_var, training=False, eps=norm.eps)
-        return norm(pooled)
 
     def item_representations(self):
         """[n_items, d]: what user vectors are scored against (see ``item_repr``)."""

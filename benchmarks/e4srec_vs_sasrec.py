@@ -125,7 +125,8 @@ def main():
         "of the checkpoint best on validation NDCG@10. The E4SRec paper evaluates against 99 sampled "
         "negatives with LLaMA2-13B, so its absolute numbers are not comparable with these."
     )
-    write_section(args.section, f"E4SRec vs its stage-1 SASRec on {args.dataset}", body)
+    head = "" if config["score_head"] == "linear" else f" (score_head: {config['score_head']})"
+    write_section(args.section, f"E4SRec{head} vs its stage-1 SASRec on {args.dataset}", body)
     print(f"ratio: {ratio:.3f}")
 
 

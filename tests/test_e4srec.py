@@ -157,7 +157,11 @@ def test_tied_head_scores_items_by_their_projected_input_embeddings(tiny_data, t
         expected = user @ model.input_proj(model.item_embedding.weight[item])
     assert scores.shape[1] == model.n_items
     assert torch.allclose(scores[:, item], expected, atol=1e-5)
-    train_steps(model, train)  # trains end to end through the tied table
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("score.") for n in trainable)  # nothing per item trains
+    projection_before = model.input_proj.weight.clone()
+    train_steps(model, train)
+    assert not torch.equal(model.input_proj.weight, projection_before)
     with pytest.raises(ValueError, match="score_head must be 'linear'"):
         _build(_config(tiny_data, tiny_llama_dir, score_head="cosine"))
 

@@ -56,9 +56,10 @@ GPU path as RecBole wrote it, except for 7-9, which fix it on GPUs too.
 
 Stage 1 of the LLM models (:func:`recbole_llm.model.pretrained.pretrained_id_model`) is
 trained and cached by rank 0 alone and broadcast to the other ranks. A trainer with its own
-training loop (``supports_distributed = False``: the LlamaRec ranker's, SeRALM's alignment)
-does not synchronise gradients across ranks: a distributed run of it stops at once with an
-:class:`~recbole_llm.errors.InputError` (:func:`check_distributed_trainer`).
+training loop either synchronises its ranks itself (the LlamaRec ranker's: RecBole's gradient
+hook, :func:`load_checkpoint`) or says ``supports_distributed = False`` (SeRALM's alignment):
+a distributed run of that one stops at once with an :class:`~recbole_llm.errors.InputError`
+(:func:`check_distributed_trainer`).
 
 Hyper-parameter search (``recbole.trainer.hyper_tuning.HyperTuning``, used by :mod:`recbole_llm.hyper`).
 
@@ -222,8 +223,8 @@ def check_distributed_trainer(trainer_class, model_name) -> None:
 
         raise InputError(
             f"{model_name} trains with {trainer_class.__name__}'s own loop, which does not synchronise the "
-            "processes of a distributed run; run it in one process (nproc=1, world_size=-1). Models trained "
-            "by RecBole's loop (LRURec, E4SRec, Laser, RecBole's models) run distributed."
+            "processes of a distributed run; run it in one process (nproc=1, world_size=-1). LRURec, LlamaRec, "
+            "E4SRec, Laser and RecBole's models run distributed."
         )
 
 
@@ -246,23 +247,42 @@ def _evaluate_with_rank0_checkpoint(original):
         import torch.distributed as dist
 
         path = Path(model_file or self.saved_model_file)
-        payload = [None]
-        if dist.get_rank() == 0:
-            try:
-                payload = [path.read_bytes()]
-            except OSError as error:
-                payload = [error]
-        dist.broadcast_object_list(payload, src=0)  # also waits for rank 0 to finish writing
-        if isinstance(payload[0], BaseException):
-            raise payload[0]
+        data = rank0_bytes(path)
         if dist.get_rank() == 0:
             return original(self, eval_data, True, str(path), show_progress)
         with tempfile.TemporaryDirectory(prefix="recbole_llm_rank") as folder:
             copy = Path(folder) / path.name
-            copy.write_bytes(payload[0])
+            copy.write_bytes(data)
             return original(self, eval_data, True, str(copy), show_progress)
 
     return evaluate
+
+
+def rank0_bytes(path) -> bytes:
+    """The bytes of rank 0's file ``path``, on every rank of a distributed run (rank 0 reads and
+    broadcasts; the broadcast also waits for rank 0 to finish writing it)."""
+    import torch.distributed as dist
+
+    payload = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload = [Path(path).read_bytes()]
+        except OSError as error:
+            payload = [error]
+    dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], BaseException):
+        raise payload[0]
+    return payload[0]
+
+
+def load_checkpoint(config, path, map_location="cpu") -> dict:
+    """``torch.load`` of one of our checkpoints (``weights_only=False``: RecBole pickles its Config
+    in them); in a distributed run, rank 0's file (:func:`rank0_bytes`)."""
+    if not is_distributed(config):
+        return torch.load(path, map_location=map_location, weights_only=False)
+    import io
+
+    return torch.load(io.BytesIO(rank0_bytes(path)), map_location=map_location, weights_only=False)
 
 
 def _ensure_dir(dir_path):

@@ -15,6 +15,13 @@ Stage 1 (the retriever) is trained or loaded when the model is built. This train
    picks the fusion weight on validation from ``fusion_weights`` (0 = the paper);
 4. evaluates with RecBole's evaluator over all items, and logs the paper's "valid
    retrieval subset" metrics (users whose target is among the candidates).
+
+In RecBole's distributed mode each rank holds a share of the training rows and of the users
+to evaluate, so candidate generation and LLM ranking (the costly part) shard by rank: every
+rank ranks only its own users, and RecBole gathers the metrics. The ranker's gradients are
+averaged by RecBole's reduce hook (the global batch stays ``train_batch_size``), validation
+NDCG is averaged over the ranks, so all ranks keep the same best adapter; rank 0 alone writes
+checkpoints and the resume state and broadcasts what it reads.
 """
 from __future__ import annotations
 
@@ -28,9 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from recbole.utils import set_color
 from tqdm import tqdm
 
+from recbole_llm import compat
 from recbole_llm.trainer.llm_trainer import LLMTrainer
 from recbole_llm.trainer.resume import (
     load_state, resume_path, rng_state, save_state, set_rng_state, trainable_weights, wants_resume,
@@ -71,10 +80,9 @@ def ranking_metrics(candidate_scores: torch.Tensor, candidates: torch.Tensor, ta
 
 
 class LlamaRecTrainer(LLMTrainer):
-    supports_distributed = False  # the ranker's own loop (compat.check_distributed_trainer)
-
     def __init__(self, config, model):
         super().__init__(config, model)
+        self.world_size = dist.get_world_size() if compat.is_distributed(config) else 1
         self.max_examples = config["ranker_max_train_examples"]
         self.eval_every = config["ranker_eval_step"]
         self.valid_users = config["ranker_valid_users"]
@@ -162,15 +170,36 @@ class LlamaRecTrainer(LLMTrainer):
             phase.ranker = None
 
     # ----- ranker training -------------------------------------------------------------
+    @property
+    def is_main_process(self) -> bool:
+        return self.world_size == 1 or dist.get_rank() == 0
+
     def _validation_ndcg(self, phase: EvalPhase) -> float:
-        """NDCG@10 of the ranker on the first ``ranker_valid_users`` rows with the target among the candidates."""
+        """NDCG@10 of the ranker on the first ``ranker_valid_users`` rows with the target among the
+        candidates (split over the ranks of a distributed run, and averaged over them)."""
         candidates, targets = phase.flat("candidates"), phase.flat("targets")
-        rows = (candidates == targets.unsqueeze(1)).any(1).nonzero().squeeze(1)[: self.valid_users]
+        rows = (candidates == targets.unsqueeze(1)).any(1).nonzero().squeeze(1)
+        rows = rows[: math.ceil(self.valid_users / self.world_size)]
         histories = [h for batch in phase.histories for h in batch]
         self.model.eval()
         scores = self.model.ranker_scores([histories[i] for i in rows.tolist()], candidates[rows])
         self.model.train()
-        return ranking_metrics(scores, candidates[rows], targets[rows], [10])["ndcg@10"]
+        ndcg = ranking_metrics(scores, candidates[rows], targets[rows], [10])["ndcg@10"]
+        if self.world_size == 1:
+            return ndcg
+        total = torch.tensor([ndcg * len(rows), len(rows)], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total[0] / total[1]) if total[1] else 0.0
+
+    def _resume_state(self, resume_file: Path) -> dict | None:
+        """The saved ranker state if there is one (and resume is on): rank 0's, on every rank."""
+        if not wants_resume(self.config):
+            return None
+        if self.world_size == 1:
+            return load_state(resume_file) if resume_file.is_file() else None
+        state = [load_state(resume_file) if self.is_main_process and resume_file.is_file() else None]
+        dist.broadcast_object_list(state, src=0)
+        return state[0]
 
     def _train_ranker(self, train_data, phase: EvalPhase, show_progress):
         """LoRA fine-tuning on ``ranker_max_train_examples`` examples (warmup, then linear decay),
@@ -178,28 +207,32 @@ class LlamaRecTrainer(LLMTrainer):
         step also writes the resume state, and an interrupted run continues from the last one
         with the same batches and random draws (:mod:`recbole_llm.trainer.resume`)."""
         model = self.model
-        total_steps = math.ceil(self.max_examples / train_data.batch_size)
+        global_batch = train_data.step * self.world_size  # RecBole gives each rank train_batch_size / world_size rows
+        total_steps = math.ceil(self.max_examples / global_batch)
         warmup = min(self.warmup, total_steps)
 
         def lr_factor(step):
             return (step + 1) / warmup if step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
-        self.best_valid_score, seen, step, running = -1.0, 0, 0, 0.0
+        self.best_valid_score, seen, step, running, passes, best_weights = -1.0, 0, 0, 0.0, 0, None
         resume_file = resume_path(self.config, "ranker")
-        resumed = load_state(resume_file) if resume_file.is_file() and wants_resume(self.config) else None
+        resumed = self._resume_state(resume_file)
         if resumed:
             model.load_state_dict(resumed["state_dict"])
             self.optimizer.load_state_dict(resumed["optimizer"])
             scheduler.load_state_dict(resumed["scheduler"])
             self.best_valid_score, self.cur_step = resumed["best_valid_score"], resumed["cur_step"]
             seen, step, self.saved_model_file = resumed["seen"], resumed["step"], resumed["saved_model_file"]
+            passes, best_weights = resumed["passes"], resumed["best_weights"]
             self.logger.info(f"resuming ranker training at step {step} ({seen} examples) from {resume_file} "
                              "(set resume: False to start over)")
         progress = tqdm(total=total_steps, initial=step, desc=set_color("Ranker training", "pink"),
                         disable=not show_progress)
         model.train()
         while seen < self.max_examples:
+            if self.world_size > 1:
+                train_data.sampler.set_epoch(passes)  # the distributed sampler's shuffle of this pass
             if resumed:  # the pass the interrupted run was in: same order, then skip what it did
                 set_rng_state(resumed["pass_rng"], train_data)
             pass_rng, batches, skip = rng_state(train_data), iter(train_data), resumed["pass_position"] if resumed else 0
@@ -209,14 +242,18 @@ class LlamaRecTrainer(LLMTrainer):
                 set_rng_state(resumed["rng"])
                 resumed = None
             for position, batch in enumerate(batches, start=skip + 1):
-                loss = model.calculate_loss(batch.to(self.device))
                 self.optimizer.zero_grad()
-                loss.backward()
+                sync = 0
+                if self.world_size > 1:  # RecBole's way: DDP averages the gradients of this step
+                    self.set_reduce_hook()
+                    sync = self.sync_grad_loss()
+                loss = model.calculate_loss(batch.to(self.device))
+                (loss + sync).backward()
                 if self.clip_grad_norm:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], **self.clip_grad_norm)
                 self.optimizer.step()
                 scheduler.step()
-                seen, step, running = seen + len(batch), step + 1, running + loss.item()
+                seen, step, running = seen + len(batch) * self.world_size, step + 1, running + loss.item()
                 progress.update()
                 progress.set_postfix(loss=f"{loss.item():.3f}")
                 done = seen >= self.max_examples
@@ -230,19 +267,23 @@ class LlamaRecTrainer(LLMTrainer):
                     running = 0.0
                     if ndcg > self.best_valid_score:
                         self.best_valid_score, self.cur_step = ndcg, step
+                        best_weights = {k: v.detach().cpu().clone() for k, v in trainable_weights(model).items()}
                         self._save_checkpoint(step, verbose=False)
-                    save_state(resume_file, {
-                        "state_dict": trainable_weights(model), "optimizer": self.optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "best_valid_score": self.best_valid_score,
-                        "cur_step": self.cur_step, "seen": seen, "step": step, "saved_model_file": self.saved_model_file,
-                        "pass_rng": pass_rng, "pass_position": position, "rng": rng_state(),
-                    })
+                    if self.is_main_process:
+                        save_state(resume_file, {
+                            "state_dict": trainable_weights(model), "optimizer": self.optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "best_valid_score": self.best_valid_score,
+                            "cur_step": self.cur_step, "seen": seen, "step": step,
+                            "saved_model_file": self.saved_model_file, "best_weights": best_weights,
+                            "passes": passes, "pass_rng": pass_rng, "pass_position": position, "rng": rng_state(),
+                        })
                 if done:
                     break
+            passes += 1
         progress.close()
-        best = torch.load(self.saved_model_file, map_location=self.device, weights_only=False)
-        model.load_state_dict(best["state_dict"])
-        resume_file.unlink(missing_ok=True)
+        model.load_state_dict(best_weights)
+        if self.is_main_process:
+            resume_file.unlink(missing_ok=True)
         self.logger.info(f"best ranker adapter: step {self.cur_step}, valid-subset NDCG@10 {self.best_valid_score:.4f}")
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
@@ -265,7 +306,8 @@ class LlamaRecTrainer(LLMTrainer):
         self.best_valid_score = self.best_valid_result[self.valid_metric]
         self.logger.info(set_color("chosen fusion weight", "blue") + f": {model.fusion_weight}")
         self._save_checkpoint(self.cur_step, verbose=verbose)  # the adapter with the chosen fusion weight
-        self.model.save_adapter(Path(self.saved_model_file).with_suffix(".adapter"))
+        if self.is_main_process:
+            self.model.save_adapter(Path(self.saved_model_file).with_suffix(".adapter"))
         return self.best_valid_score, self.best_valid_result
 
     # ----- evaluation ------------------------------------------------------------------
@@ -274,7 +316,7 @@ class LlamaRecTrainer(LLMTrainer):
         if not eval_data:
             return None
         if load_best_model:
-            checkpoint = torch.load(model_file or self.saved_model_file, map_location=self.device, weights_only=False)
+            checkpoint = compat.load_checkpoint(self.config, model_file or self.saved_model_file, self.device)
             self.model.load_state_dict(checkpoint["state_dict"])
             self.model.load_other_parameter(checkpoint.get("other_parameter"))
             self._forget_ranker_scores()

@@ -452,21 +452,27 @@ def quality_table(records: dict[str, dict]) -> str:
     return markdown_table(["model"] + METRICS + ["NDCG@10 / SASRec", "measured (UTC)"], rows)
 
 
+def torch_threads(record: dict) -> str:
+    """The torch thread count of the run, from its machine line (:func:`results_doc.machine`)."""
+    found = re.search(r"(\d+) threads?,", record.get("machine", ""))
+    return found.group(1) if found else "-"
+
+
 def cost_table(records: dict[str, dict]) -> str:
     rows = []
     for name, record in records.items():
         if not ok(record):
             peak = f"{record['peak_rss_mb']:.0f}" if record.get("peak_rss_mb") else "-"
-            rows.append([name, "not run", "-", "-", peak, "-", short_date(record), "-"])
+            rows.append([name, "not run", "-", "-", peak, "-", short_date(record), "-", "-"])
             continue
         fit = f"{record['fit_seconds'] / 60:.1f}" + (" (resumed)" if record.get("resumed") else "")
         rows.append([
             name, f"{record['setup_seconds'] / 60:.1f}", fit, f"{record['eval_users_per_s']:.1f}",
             f"{record['peak_rss_mb']:.0f}", f"{record['trainable_params']:,} / {record['total_params']:,}",
-            short_date(record), f"{record.get('load_average', float('nan')):.1f}",
+            short_date(record), torch_threads(record), f"{record.get('load_average', float('nan')):.1f}",
         ])
     header = ["model", "setup min (data, model, stage 1)", "train min (fit)", "eval users/s", "peak memory MB",
-              "trainable / total params", "measured (UTC)", "load avg"]
+              "trainable / total params", "measured (UTC)", "torch threads", "load avg"]
     return markdown_table(header, rows)
 
 

@@ -24,9 +24,9 @@ def machine() -> str:
         pass
     import torch
 
-    load = os.getloadavg()[1]
+    load, threads = os.getloadavg()[1], torch.get_num_threads()
     return (
-        f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {threads} thread{'s' * (threads > 1)}, "
         f"Python {platform.python_version()}; load average {load:.1f} at the end of the run (above 2 = shared cores)"
     )
 

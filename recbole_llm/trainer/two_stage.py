@@ -195,10 +195,9 @@ class LlamaRecTrainer(LLMTrainer):
         """The saved ranker state if there is one (and resume is on): rank 0's, on every rank."""
         if not wants_resume(self.config):
             return None
-        if self.world_size == 1:
-            return load_state(resume_file) if resume_file.is_file() else None
         state = [load_state(resume_file) if self.is_main_process and resume_file.is_file() else None]
-        dist.broadcast_object_list(state, src=0)
+        if self.world_size > 1:
+            dist.broadcast_object_list(state, src=0)
         return state[0]
 
     def _train_ranker(self, train_data, phase: EvalPhase, show_progress):
@@ -267,7 +266,7 @@ class LlamaRecTrainer(LLMTrainer):
                     running = 0.0
                     if ndcg > self.best_valid_score:
                         self.best_valid_score, self.cur_step = ndcg, step
-                        best_weights = {k: v.detach().cpu().clone() for k, v in trainable_weights(model).items()}
+                        best_weights = trainable_weights(model)  # detached CPU copies (PluggableMixin)
                         self._save_checkpoint(step, verbose=False)
                     if self.is_main_process:
                         save_state(resume_file, {

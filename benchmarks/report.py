@@ -41,14 +41,14 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import results_doc
-from results_doc import ROOT, machine, markdown_table, parse_overrides
+from results_doc import (ROOT, bare_argv, load_record, machine, markdown_table, parse_overrides, split_overrides,
+                         write_atomically, write_record)
 
 BASELINES = ["SASRec", "GRU4Rec", "NARM", "BERT4Rec", "Caser", "LightSANs"]
 METRICS = ["recall@5", "recall@10", "mrr@5", "mrr@10", "ndcg@5", "ndcg@10"]
@@ -101,42 +101,8 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 
 
-def write_atomically(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def record_path(report_dir, dataset: str, model: str) -> Path:
     return Path(report_dir) / dataset / f"{model}.json"
-
-
-def load_record(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_record(path: Path, record: dict) -> None:
-    write_atomically(path, json.dumps(record, indent=2, default=float) + "\n")
-
-
-@contextlib.contextmanager
-def bare_argv():
-    """RecBole's Config reads ``--key=value`` from sys.argv above config_dict: hide ours from it."""
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        yield
-    finally:
-        sys.argv = argv
 
 
 def config_dict(overrides: dict) -> dict:
@@ -181,21 +147,6 @@ def git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
-
-
-def split_overrides(extra: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """``--key=value`` for every model, ``--MODEL.key=value`` for one: (global args, per-model args)."""
-    shared, per_model = [], {}
-    for arg in extra:
-        if not (arg.startswith("--") and "=" in arg):
-            raise SystemExit(f"report.py: unrecognised argument {arg!r} (settings are given as --key=value)")
-        key, value = arg[2:].split("=", 1)
-        if "." in key:
-            model, key = key.split(".", 1)
-            per_model.setdefault(model, []).append(f"--{key}={value}")
-        else:
-            shared.append(arg)
-    return shared, per_model
 
 
 # --------------------------------------------------------------------------- one model (child process)

@@ -1,10 +1,13 @@
 """Write one benchmark's section of docs/RESULTS.md (between its own markers), atomically."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import platform
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,3 +74,52 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_atomically(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_record(path: Path, record: dict) -> None:
+    write_atomically(path, json.dumps(record, indent=2, default=float) + "\n")
+
+
+@contextlib.contextmanager
+def bare_argv():
+    """RecBole's Config reads ``--key=value`` from sys.argv above config_dict: hide ours from it."""
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
+def split_overrides(extra: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """``--key=value`` for every model, ``--MODEL.key=value`` for one: (global args, per-model args)."""
+    shared, per_model = [], {}
+    for arg in extra:
+        if not (arg.startswith("--") and "=" in arg):
+            raise SystemExit(f"unrecognised argument {arg!r} (settings are given as --key=value)")
+        key, value = arg[2:].split("=", 1)
+        if "." in key:
+            model, key = key.split(".", 1)
+            per_model.setdefault(model, []).append(f"--{key}={value}")
+        else:
+            shared.append(arg)
+    return shared, per_model

@@ -4,7 +4,8 @@
     python -m recbole_llm.knowledge.generation --dataset ml-100k --num_threads 2
     # then
     python benchmarks/seralm.py [--dataset ml-100k] [--models SASRec,Caser,LightSANs] \\
-        [--timing_iterations 10] [--latency_items 16] [--key=value ...]
+        [--timing auto|yes|no] [--timing_iterations 10] [--latency_items 16] \\
+        [--key=value ...] [--Caser.key=value ...]
 
 For each base model, one run each (same split, full ranking, test metrics of the checkpoint best
 on validation NDCG@10):
@@ -18,30 +19,29 @@ Also measured: inference latency per batch of ``eval_batch_size`` users (SeRALM 
 knowledge vectors vs its base, full ranking, median of the test batches), generation + encoding
 time per item (embedded LLM, greedy, as for the cache), and alignment seconds per iteration with
 the asynchronous generator vs the synchronous one (``--timing_iterations`` each, SASRec).
-Extra ``--key=value`` arguments are config overrides for every run.
-Writes the "seralm" section of docs/RESULTS.md.
+Extra ``--key=value`` arguments are config overrides for every run, ``--BASE.key=value`` for the
+three runs of one base model (e.g. ``--Caser.MAX_ITEM_LIST_LENGTH=5``, the Caser paper's window).
+Each base model's runs are one record (``saved/seralm/<dataset>/<base>.json``, with its command,
+machine and date), so the bases can run at different times; the timings are one more record,
+measured when it is missing (``--timing auto``). Writes the "seralm" section of docs/RESULTS.md
+from all the records.
 """
 from __future__ import annotations
 
 import argparse
-import ast
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
-from results_doc import markdown_table, write_section
+from results_doc import (ROOT, bare_argv, command, load_record, machine, markdown_table, parse_overrides,
+                         split_overrides, write_record, write_section)
 
 from recbole_llm.quick_start import build
 
 METRICS = ["hit@10", "ndcg@10"]
 PAPER_SASREC = (21.02, 21.43, 21.66)  # MovieLens-1M HIT@10 (%): Base, Base+NA_LLM, Base+SeRALM (Table 1)
-
-
-def _literal(value):
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return value
 
 
 def train_and_test(model, dataset, config_dict):
@@ -98,47 +98,77 @@ def alignment_speed(dataset, overrides, iterations):
     return per_iteration
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--models", default="SASRec,Caser,LightSANs")
-    parser.add_argument("--timing_iterations", type=int, default=10)
-    parser.add_argument("--latency_items", type=int, default=16)
-    args, rest = parser.parse_known_args()
-    overrides = {"show_progress": False, **{k.lstrip("-"): _literal(v) for k, v in (a.split("=", 1) for a in rest)}}
-    # The base models train with SeRALM's own settings, for a like-for-like comparison.
-    shared = {"MAX_ITEM_LIST_LENGTH": 50, "epochs": 8, "train_batch_size": 256, "stopping_step": 2,
-              "learning_rate": 0.001, **overrides}
+RECORDS = ROOT / "saved" / "seralm"
+VARIANTS = ("Base", "Base+NA_LLM", "Base+SeRALM")
+BASE_ORDER = ("SASRec", "Caser", "LightSANs", "GRU4Rec", "NARM")
 
-    rows, checks, latency_rows, hits = [], [], [], {}
-    last_config = last_dataset = None
-    for base in args.models.split(","):
-        runs = {}
-        for label, model, extra in [
-            ("Base", base, {}),
-            ("Base+NA_LLM", "SeRALM", {"base_model": base, "alignment_iterations": 0}),
-            ("Base+SeRALM", "SeRALM", {"base_model": base}),
-        ]:
-            result, trainer, net, test, minutes = train_and_test(model, args.dataset, {**shared, **extra})
-            runs[label] = (result, trainer, net, test)
-            rows.append([base, label] + [f"{100 * result[m]:.2f}" for m in METRICS] + [f"{minutes:.1f}"])
-            print(base, label, result, f"{minutes:.1f} min", getattr(trainer, "alignment_stats", ""), flush=True)
-        hits[base] = [runs[k][0]["hit@10"] for k in ("Base", "Base+NA_LLM", "Base+SeRALM")]
-        base_latency = latency(runs["Base"][2], runs["Base"][3])
-        seralm_latency = latency(runs["Base+SeRALM"][2], runs["Base+SeRALM"][3])
-        latency_rows.append([base, f"{1000 * base_latency:.2f}", f"{1000 * seralm_latency:.2f}",
-                             f"{seralm_latency / base_latency:.2f}"])
-        last_config, last_dataset = runs["Base+SeRALM"][1].config, runs["Base+SeRALM"][3]._dataset
 
-    gen_seconds, enc_seconds = generation_time_per_item(last_config, last_dataset, args.latency_items)
-    speed = alignment_speed(args.dataset, shared, args.timing_iterations)
+def record_file(dataset: str, name: str) -> Path:
+    """One record per base model (and one for the timings): a section can grow one base at a time."""
+    return RECORDS / dataset / f"{name}.json"
 
-    for base, (plain, na, aligned) in hits.items():
+
+def run_base(base: str, dataset: str, shared: dict, own: dict) -> dict:
+    """Base, Base+NA_LLM and Base+SeRALM of one base model, and their full-ranking latency."""
+    runs, variants = {}, {}
+    settings = {**shared, **own}
+    for label, model, extra in [
+        ("Base", base, {}),
+        ("Base+NA_LLM", "SeRALM", {"base_model": base, "alignment_iterations": 0}),
+        ("Base+SeRALM", "SeRALM", {"base_model": base}),
+    ]:
+        result, trainer, net, test, minutes = train_and_test(model, dataset, {**settings, **extra})
+        runs[label] = (net, test)
+        stats = {k: v for k, v in getattr(trainer, "alignment_stats", {}).items() if isinstance(v, (int, float, str))}
+        variants[label] = {**{m: float(result[m]) for m in METRICS}, "minutes": minutes, "alignment": stats}
+        print(base, label, result, f"{minutes:.1f} min", stats, flush=True)
+    return {
+        "base": base, "overrides": own, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(), "variants": variants, "test_users": len(runs["Base"][1]._dataset),
+        "latency_ms": {"base": 1000 * latency(*runs["Base"]), "seralm": 1000 * latency(*runs["Base+SeRALM"])},
+    }
+
+
+def run_timing(dataset: str, shared: dict, iterations: int, n_items: int) -> dict:
+    """Generation + encoding seconds per item and alignment seconds per iteration (async vs sync)."""
+    config, _, _, (train, _, _) = build("SeRALM", dataset, config_dict={**shared, "alignment_iterations": 0})
+    gen_seconds, enc_seconds = generation_time_per_item(config, train._dataset, n_items)
+    speed = alignment_speed(dataset, shared, iterations)
+    return {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+            "latency_items": n_items, "generation_s": gen_seconds, "encoding_s": enc_seconds,
+            "iterations": iterations, "async_s": speed["async"], "sync_s": speed["sync"]}
+
+
+def section_body(dataset: str, records: dict, timing: dict | None) -> str:
+    """The "seralm" section from every base model's record (each says when, where and how it ran)."""
+    rows, checks, latency_rows, provenance = [], [], [], []
+    for base, record in records.items():
+        cells = record["variants"]
+        rows += [[base, label] + [f"{100 * cells[label][m]:.2f}" for m in METRICS] + [f"{cells[label]['minutes']:.1f}"]
+                 for label in VARIANTS]
+        plain, na, aligned = (cells[label]["hit@10"] for label in VARIANTS)
         checks.append(f"- {base}: Base+SeRALM / Base HIT@10 = {aligned / plain:.3f}"
                       + (" (goal >= 1.03)" if base == "SASRec" else "")
                       + f"; Base+SeRALM >= Base+NA_LLM: {'yes' if aligned >= na else 'no'} "
                       f"({100 * aligned:.2f} vs {100 * na:.2f})")
-    body = "\n".join([
+        ms = record["latency_ms"]
+        latency_rows.append([base, f"{ms['base']:.2f}", f"{ms['seralm']:.2f}", f"{ms['seralm'] / ms['base']:.2f}"])
+        own = f", overrides {json.dumps(record['overrides'])}" if record["overrides"] else ""
+        users = record["test_users"]
+        noise = (plain * (1 - plain) / users) ** 0.5
+        checks[-1] += f"; standard error of one HIT@10 over {users} test users: about {100 * noise:.1f} points"
+        provenance.append(f"- {base}: measured {record['measured']}{own}; `{record['command']}`; {record['machine']}"
+                          + (f". {record['note']}" if record.get("note") else ""))
+    timing_text = ["Timings: not measured yet."] if timing is None else [
+        f"Knowledge generation + encoding per item ({timing['latency_items']} items, greedy, embedded LLM): "
+        f"{timing['generation_s']:.2f} s + {timing['encoding_s']:.3f} s = "
+        f"{timing['generation_s'] + timing['encoding_s']:.2f} s (paper, A100: 2.57 s).",
+        "",
+        f"Alignment ({timing['iterations']} iterations, SASRec): async {timing['async_s']:.2f} s/it, "
+        f"sync {timing['sync_s']:.2f} s/it, async/sync = {timing['async_s'] / timing['sync_s']:.2f} "
+        f"(measured {timing['measured']}; {timing['machine']}).",
+    ]
+    return "\n".join([
         markdown_table(["base model", "variant", "HIT@10 (%)", "NDCG@10 (%)", "wall time (min)"], rows),
         "",
         "Paper (MovieLens-1M, SASRec, HIT@10 %): Base {} / NA_LLM {} / SeRALM {} (x1.030).".format(*PAPER_SASREC),
@@ -149,15 +179,46 @@ def main():
         "",
         markdown_table(["base model", "base (ms)", "SeRALM (ms)", "ratio"], latency_rows),
         "",
-        f"Knowledge generation + encoding per item ({args.latency_items} items, greedy, embedded LLM): "
-        f"{gen_seconds:.2f} s + {enc_seconds:.3f} s = {gen_seconds + enc_seconds:.2f} s (paper, A100: 2.57 s).",
+        *timing_text,
         "",
-        f"Alignment ({args.timing_iterations} iterations, SASRec): async {speed['async']:.2f} s/it, "
-        f"sync {speed['sync']:.2f} s/it, async/sync = {speed['async'] / speed['sync']:.2f}.",
+        "Where each base model's rows come from (records in saved/seralm/):",
         "",
-        f"Protocol: {args.dataset}, leave-one-out in time order, full ranking over all items; one run per cell; "
+        *provenance,
+        "",
+        f"Protocol: {dataset}, leave-one-out in time order, full ranking over all items; one run per cell; "
         "the LLM is the embedded SmolLM2-135M-Instruct (the paper: Llama-2-7b-chat), the encoder all-MiniLM-L6-v2.",
     ])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--models", default="SASRec,Caser,LightSANs",
+                        help="base models to (re)run; the records of the others are kept")
+    parser.add_argument("--timing", choices=("auto", "yes", "no"), default="auto",
+                        help="measure generation/alignment speed: auto = when no timing record exists")
+    parser.add_argument("--timing_iterations", type=int, default=10)
+    parser.add_argument("--latency_items", type=int, default=16)
+    args, rest = parser.parse_known_args()
+    everyone, per_base = split_overrides(rest)
+    overrides = {"show_progress": False, **parse_overrides(everyone)}
+    # The base models train with SeRALM's own settings, for a like-for-like comparison.
+    shared = {"MAX_ITEM_LIST_LENGTH": 50, "epochs": 8, "train_batch_size": 256, "stopping_step": 2,
+              "learning_rate": 0.001, **overrides}
+
+    timing_file = record_file(args.dataset, "timing")
+    how = {"command": command()}
+    with bare_argv():  # RecBole's Config would read our --key=value arguments from sys.argv
+        for base in filter(None, args.models.split(",")):  # --models= only rewrites the section
+            record = run_base(base, args.dataset, shared, parse_overrides(per_base.get(base, [])))
+            write_record(record_file(args.dataset, base), {**record, **how})
+        if args.timing == "yes" or (args.timing == "auto" and load_record(timing_file) is None):
+            timing = run_timing(args.dataset, shared, args.timing_iterations, args.latency_items)
+            write_record(timing_file, {**timing, **how})
+
+    found = {base: load_record(record_file(args.dataset, base)) for base in BASE_ORDER}
+    records = {base: record for base, record in found.items() if record}
+    body = section_body(args.dataset, records, load_record(timing_file))
     write_section("seralm", f"SeRALM on {args.dataset}", body)
     print(body)
 

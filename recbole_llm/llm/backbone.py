@@ -192,6 +192,19 @@ def keep_first_layers(decoder, n_layers) -> int:
     return len(layers)
 
 
+def forward_keeping_cache(body, cache=None, **inputs):
+    """``body(**inputs, use_cache=True)`` continuing ``cache``; returns ``(last_hidden_state, cache)``.
+
+    Transformers 5 renamed the KV-cache argument and output from ``past_key_values`` to
+    ``cache`` (the old name is deprecated); this works with either.
+    """
+    import inspect
+
+    keyword = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+    out = body(**inputs, use_cache=True, **({keyword: cache} if cache is not None else {}))
+    return out.last_hidden_state, getattr(out, keyword)
+
+
 def set_num_threads(n):
     """Set torch's intra-op CPU threads to ``n``; ``None`` or 0 keeps torch's default."""
     if not n:

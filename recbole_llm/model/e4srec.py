@@ -62,7 +62,8 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
-from recbole_llm.llm.backbone import apply_lora, keep_first_layers, load_causal_lm, set_num_threads
+from recbole_llm.llm.backbone import (apply_lora, forward_keeping_cache, keep_first_layers, load_causal_lm,
+                                      set_num_threads)
 from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
 from recbole_llm.model.lrurec import left_align
 from recbole_llm.model.pretrained import pretrained_id_model
@@ -192,20 +193,19 @@ class E4SRec(PluggableMixin, SequentialRecommender):
         tail = torch.cat([item_embeds, response], dim=1)
         prefix_mask = tail_mask.new_ones(batch, prefix_len)
         if self.share_instruction_prefix:
-            prefix_out = self.llm(
+            _, cache = forward_keeping_cache(
+                self.llm,
                 inputs_embeds=self.instruction_embeds.unsqueeze(0),
                 position_ids=torch.arange(prefix_len, device=items.device).unsqueeze(0),
-                use_cache=True,
             )
-            cache = prefix_out.past_key_values
             cache.batch_repeat_interleave(batch)
-            hidden = self.llm(
+            hidden, _ = forward_keeping_cache(
+                self.llm,
+                cache,
                 inputs_embeds=tail,
                 attention_mask=torch.cat([prefix_mask, tail_mask], dim=1),
                 position_ids=tail_positions,
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state
+            )
         else:
             prefix = self.instruction_embeds.unsqueeze(0).expand(batch, -1, -1)
             positions = torch.cat([torch.arange(prefix_len, device=items.device).expand(batch, -1), tail_positions], 1)

@@ -197,3 +197,27 @@ def test_quick_start_trains_and_evaluates_with_llm_trainer(tiny_data, tiny_llama
                 "epochs": 1, "train_rows_per_epoch": 64}
     result = run_recbole_llm("E4SRec", name, config_dict=settings)
     assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
+
+
+def test_cosine_schedule_decays_per_step_and_a_resumed_epoch_continues_the_curve(tiny_data, tiny_llama_dir):
+    from recbole_llm.trainer.llm_trainer import LLMTrainer, cosine_factor
+
+    config = _config(tiny_data, tiny_llama_dir, lr_schedule="cosine", epochs=2, train_batch_size=64)
+    model, train, _ = _build(config)
+    trainer = LLMTrainer(config, model)
+    seen = []
+    trainer.optimizer.register_step_post_hook(lambda optimizer, *_: seen.append(optimizer.param_groups[0]["lr"]))
+    trainer.fit(train, None, saved=False)
+    steps = len(train)
+    assert steps > 1 and len(seen) == 2 * steps
+    assert seen == pytest.approx([0.01 * cosine_factor(k, 2 * steps) for k in range(2 * steps)])
+    assert seen[0] == pytest.approx(0.01) and seen[-1] < seen[steps] < seen[1]
+
+    resumed = LLMTrainer(config, model)  # a run resumed at epoch 1 takes up the curve where it was
+    seen.clear()
+    resumed.optimizer.register_step_post_hook(lambda optimizer, *_: seen.append(optimizer.param_groups[0]["lr"]))
+    resumed._train_epoch(train, 1)
+    assert seen == pytest.approx([0.01 * cosine_factor(k, 2 * steps) for k in range(steps, 2 * steps)])
+
+    with pytest.raises(Exception, match="lr_schedule must be one of constant, cosine"):
+        LLMTrainer(_config(tiny_data, tiny_llama_dir, lr_schedule="linear"), model)

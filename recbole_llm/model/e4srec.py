@@ -50,8 +50,8 @@ Choices the paper and code leave open, made here:
   the last hidden state with that item's projected input embedding (the frozen ID table
   through the trained ``input_proj``), as SASRec ties its input and output item tables: no
   per-item parameters to learn, so a short CPU budget is spent on the mapping, not the head.
-* Optimiser, learning rate and schedule are RecBole's (``learner``, ``learning_rate``); the
-  authors use AdamW 3e-4 with a cosine schedule in HF's Trainer.
+* Optimiser and learning rate are RecBole's (``learner``, ``learning_rate``); the authors use
+  AdamW 3e-4 with a cosine schedule in HF's Trainer: ``lr_schedule: cosine`` (LLMTrainer).
 """
 from __future__ import annotations
 

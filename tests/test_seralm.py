@@ -401,6 +401,18 @@ def test_alignment_end_to_end_with_the_async_generator(seralm_env, monkeypatch):
     assert trainer2.alignment_stats["knowledge_file"] == stats["knowledge_file"]
 
 
+def test_aligned_adapter_is_keyed_by_its_inputs(seralm_env, monkeypatch):
+    """A changed reference recommender, history length or alignment setting aligns anew."""
+    def adapter_dir(**extra):
+        config, model, _ = _build(seralm_env, monkeypatch, base_model="SASRec", **extra)
+        return SeRALMTrainer(config, model).alignment_dir()
+
+    same = adapter_dir()
+    assert adapter_dir() == same
+    for changed in ({"reference_config": {"epochs": 2}}, {"MAX_ITEM_LIST_LENGTH": 5}, {"kl_coef": 0.5}):
+        assert adapter_dir(**changed) != same, changed
+
+
 def test_copied_placeholders_fall_back_to_the_items_own_fields():
     """SmolLM2-135M often answers with the prompt's own example values; those carry nothing
     about the item, so its knowledge text becomes its fields instead."""

@@ -433,7 +433,8 @@ class SeRALMTrainer(Trainer):
     # ---- alignment
     def alignment_key(self) -> str:
         config = self.config
-        prefixes = ("align", "lora_", "kl_", "ratio_", "resample", "refresh", "slow_refresh", "generator_", "warmup")
+        prefixes = ("align", "lora_", "kl_", "ratio_", "resample", "refresh", "slow_refresh", "generator_", "warmup",
+                    "reference_")  # reference_*: the frozen recommender giving p(y|x)
         keys = sorted(k for k in config.final_config_dict if k.startswith(prefixes) and k != "alignment_cache")
         parts = {
             "dataset": config["dataset"], "llm": llm_identity(setting(config, "llm_path", None)),

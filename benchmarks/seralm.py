@@ -147,16 +147,16 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
         rows += [[base, label] + [f"{100 * cells[label][m]:.2f}" for m in METRICS] + [f"{cells[label]['minutes']:.1f}"]
                  for label in VARIANTS]
         plain, na, aligned = (cells[label]["hit@10"] for label in VARIANTS)
+        users = record["test_users"]
+        noise = (plain * (1 - plain) / users) ** 0.5  # binomial standard error of one HIT@10
         checks.append(f"- {base}: Base+SeRALM / Base HIT@10 = {aligned / plain:.3f}"
                       + (" (goal >= 1.03)" if base == "SASRec" else "")
                       + f"; Base+SeRALM >= Base+NA_LLM: {'yes' if aligned >= na else 'no'} "
-                      f"({100 * aligned:.2f} vs {100 * na:.2f})")
+                      f"({100 * aligned:.2f} vs {100 * na:.2f})"
+                      f"; standard error of one HIT@10 over {users} test users: about {100 * noise:.1f} points")
         ms = record["latency_ms"]
         latency_rows.append([base, f"{ms['base']:.2f}", f"{ms['seralm']:.2f}", f"{ms['seralm'] / ms['base']:.2f}"])
         own = f", overrides {json.dumps(record['overrides'])}" if record["overrides"] else ""
-        users = record["test_users"]
-        noise = (plain * (1 - plain) / users) ** 0.5
-        checks[-1] += f"; standard error of one HIT@10 over {users} test users: about {100 * noise:.1f} points"
         provenance.append(f"- {base}: measured {record['measured']}{own}; `{record['command']}`; {record['machine']}"
                           + (f". {record['note']}" if record.get("note") else ""))
     timing_text = ["Timings: not measured yet."] if timing is None else [

@@ -25,6 +25,13 @@ Each base model's runs are one record (``saved/seralm/<dataset>/<base>.json``, w
 machine and date), so the bases can run at different times; the timings are one more record,
 measured when it is missing (``--timing auto``). Writes the "seralm" section of docs/RESULTS.md
 from all the records.
+
+One run per cell leaves about a point of HIT@10 to chance. ``--seeds=main,2021,2022`` adds runs
+with other seeds (``main`` = the configured seed, the full procedure above; each other seed is
+one more record, ``<base>-seed<N>.json``), and the section shows each cell's mean and standard
+deviation over its runs. The extra seeds vary the recommenders' training, not the alignment:
+their Base+SeRALM trains on the knowledge of the main run's aligned adapter (``llm_adapter``),
+because one alignment with regeneration costs ~35 minutes per base model on a CPU.
 """
 from __future__ import annotations
 
@@ -103,19 +110,48 @@ VARIANTS = ("Base", "Base+NA_LLM", "Base+SeRALM")
 BASE_ORDER = ("SASRec", "Caser", "LightSANs", "GRU4Rec", "NARM")
 
 
-def record_file(dataset: str, name: str) -> Path:
-    """One record per base model (and one for the timings): a section can grow one base at a time."""
-    return RECORDS / dataset / f"{name}.json"
+def record_file(dataset: str, name: str, seed: int | None = None) -> Path:
+    """One record per base model and extra seed (and one for the timings): a section grows one run at a time."""
+    return RECORDS / dataset / (f"{name}.json" if seed is None else f"{name}-seed{seed}.json")
 
 
-def run_base(base: str, dataset: str, shared: dict, own: dict) -> dict:
-    """Base, Base+NA_LLM and Base+SeRALM of one base model, and their full-ranking latency."""
+def seed_records(dataset: str, base: str) -> list[dict]:
+    """The extra-seed records of one base model, by seed."""
+    found = (load_record(path) for path in (RECORDS / dataset).glob(f"{base}-seed*.json"))
+    return sorted(filter(None, found), key=lambda record: record["seed"])
+
+
+def mean_sd(values: list[float]) -> str:
+    """``mean`` of one value, ``mean ± sample standard deviation`` of several (in %)."""
+    text = f"{100 * statistics.mean(values):.2f}"
+    return text + (f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+
+def aligned_adapter(base: str, dataset: str, settings: dict) -> Path:
+    """The aligned adapter of ``base``'s main run (SeRALM's trainer names it from the settings)."""
+    _, _, trainer, _ = build("SeRALM", dataset, config_dict={**settings, "base_model": base})
+    path = trainer.alignment_dir()
+    if not (path / "adapter_config.json").is_file():
+        raise SystemExit(f"{base}: no aligned adapter at {path}; run the main seed first "
+                         f"(python benchmarks/seralm.py --models {base} --seeds=main)")
+    return path
+
+
+def run_base(base: str, dataset: str, shared: dict, own: dict, seed: int | None = None) -> dict:
+    """Base, Base+NA_LLM and Base+SeRALM of one base model, and their full-ranking latency.
+
+    ``seed``: an extra run with that seed, whose Base+SeRALM uses the main run's aligned adapter.
+    """
     runs, variants = {}, {}
     settings = {**shared, **own}
+    aligned = {}
+    if seed is not None:
+        aligned = {"llm_adapter": str(aligned_adapter(base, dataset, settings))}
+        settings["seed"] = seed
     for label, model, extra in [
         ("Base", base, {}),
         ("Base+NA_LLM", "SeRALM", {"base_model": base, "alignment_iterations": 0}),
-        ("Base+SeRALM", "SeRALM", {"base_model": base}),
+        ("Base+SeRALM", "SeRALM", {"base_model": base, **aligned}),
     ]:
         result, trainer, net, test, minutes = train_and_test(model, dataset, {**settings, **extra})
         runs[label] = (net, test)
@@ -123,7 +159,8 @@ def run_base(base: str, dataset: str, shared: dict, own: dict) -> dict:
         variants[label] = {**{m: float(result[m]) for m in METRICS}, "minutes": minutes, "alignment": stats}
         print(base, label, result, f"{minutes:.1f} min", stats, flush=True)
     return {
-        "base": base, "overrides": own, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "base": base, "overrides": own, "seed": seed, **aligned,
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(), "variants": variants, "test_users": len(runs["Base"][1]._dataset),
         "latency_ms": {"base": 1000 * latency(*runs["Base"]), "seralm": 1000 * latency(*runs["Base+SeRALM"])},
     }
@@ -140,25 +177,38 @@ def run_timing(dataset: str, shared: dict, iterations: int, n_items: int) -> dic
 
 
 def section_body(dataset: str, records: dict, timing: dict | None) -> str:
-    """The "seralm" section from every base model's record (each says when, where and how it ran)."""
+    """The "seralm" section from every base model's records (each says when, where and how it ran).
+
+    ``records``: base model -> its runs, the main run first, then the extra seeds.
+    """
     rows, checks, latency_rows, provenance = [], [], [], []
-    for base, record in records.items():
-        cells = record["variants"]
-        rows += [[base, label] + [f"{100 * cells[label][m]:.2f}" for m in METRICS] + [f"{cells[label]['minutes']:.1f}"]
-                 for label in VARIANTS]
-        plain, na, aligned = (cells[label]["hit@10"] for label in VARIANTS)
-        users = record["test_users"]
+    for base, runs in records.items():
+        hits = {label: [run["variants"][label]["hit@10"] for run in runs] for label in VARIANTS}
+        for label in VARIANTS:
+            ndcgs = [run["variants"][label]["ndcg@10"] for run in runs]
+            per_run = " / ".join(f"{100 * hit:.2f}" for hit in hits[label])
+            rows.append([base, label, len(runs), mean_sd(hits[label]), mean_sd(ndcgs), per_run,
+                         f"{runs[0]['variants'][label]['minutes']:.1f}"])
+        plain, na, aligned = (statistics.mean(hits[label]) for label in VARIANTS)
+        users = runs[0]["test_users"]
         noise = (plain * (1 - plain) / users) ** 0.5  # binomial standard error of one HIT@10
+        ratios = [a / b for a, b in zip(hits["Base+SeRALM"], hits["Base"])]
         checks.append(f"- {base}: Base+SeRALM / Base HIT@10 = {aligned / plain:.3f}"
                       + (" (goal >= 1.03)" if base == "SASRec" else "")
+                      + (f", mean of {len(runs)} runs (per run: {', '.join(f'{r:.3f}' for r in ratios)})"
+                         if len(runs) > 1 else "")
                       + f"; Base+SeRALM >= Base+NA_LLM: {'yes' if aligned >= na else 'no'} "
                       f"({100 * aligned:.2f} vs {100 * na:.2f})"
                       f"; standard error of one HIT@10 over {users} test users: about {100 * noise:.1f} points")
-        ms = record["latency_ms"]
+        ms = runs[0]["latency_ms"]
         latency_rows.append([base, f"{ms['base']:.2f}", f"{ms['seralm']:.2f}", f"{ms['seralm'] / ms['base']:.2f}"])
-        own = f", overrides {json.dumps(record['overrides'])}" if record["overrides"] else ""
-        provenance.append(f"- {base}: measured {record['measured']}{own}; `{record['command']}`; {record['machine']}"
-                          + (f". {record['note']}" if record.get("note") else ""))
+        main = runs[0]
+        own = f", overrides {json.dumps(main['overrides'])}" if main["overrides"] else ""
+        provenance.append(f"- {base}: measured {main['measured']}{own}; `{main['command']}`; {main['machine']}"
+                          + (f". {main['note']}" if main.get("note") else ""))
+        provenance += [f"  - seed {run['seed']}: measured {run['measured']}; `{run['command']}`; {run['machine']}; "
+                       f"Base+SeRALM on the main run's aligned knowledge (llm_adapter={run['llm_adapter']})"
+                       for run in runs[1:]]
     timing_text = ["Timings: not measured yet."] if timing is None else [
         f"Knowledge generation + encoding per item ({timing['latency_items']} items, greedy, embedded LLM): "
         f"{timing['generation_s']:.2f} s + {timing['encoding_s']:.3f} s = "
@@ -169,7 +219,10 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
         f"(measured {timing['measured']}; {timing['machine']}).",
     ]
     return "\n".join([
-        markdown_table(["base model", "variant", "HIT@10 (%)", "NDCG@10 (%)", "wall time (min)"], rows),
+        markdown_table(["base model", "variant", "runs", "HIT@10 (%)", "NDCG@10 (%)", "HIT@10 per run (%)",
+                        "wall time (min, main run)"], rows),
+        "",
+        "Several runs: mean ± standard deviation over seeds (the main run first, then the extra seeds).",
         "",
         "Paper (MovieLens-1M, SASRec, HIT@10 %): Base {} / NA_LLM {} / SeRALM {} (x1.030).".format(*PAPER_SASREC),
         "",
@@ -185,7 +238,7 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
         "",
         *provenance,
         "",
-        f"Protocol: {dataset}, leave-one-out in time order, full ranking over all items; one run per cell; "
+        f"Protocol: {dataset}, leave-one-out in time order, full ranking over all items; "
         "the LLM is the embedded SmolLM2-135M-Instruct (the paper: Llama-2-7b-chat), the encoder all-MiniLM-L6-v2.",
     ])
 
@@ -199,7 +252,11 @@ def main():
                         help="measure generation/alignment speed: auto = when no timing record exists")
     parser.add_argument("--timing_iterations", type=int, default=10)
     parser.add_argument("--latency_items", type=int, default=16)
+    parser.add_argument("--seeds", default="main",
+                        help="runs per base model: main (the configured seed, with alignment) and/or extra seeds, "
+                             "e.g. main,2021,2022")
     args, rest = parser.parse_known_args()
+    seeds = [None if seed == "main" else int(seed) for seed in filter(None, args.seeds.split(","))]
     everyone, per_base = split_overrides(rest)
     overrides = {"show_progress": False, **parse_overrides(everyone)}
     # The base models train with SeRALM's own settings, for a like-for-like comparison.
@@ -210,14 +267,16 @@ def main():
     how = {"command": command()}
     with bare_argv():  # RecBole's Config would read our --key=value arguments from sys.argv
         for base in filter(None, args.models.split(",")):  # --models= only rewrites the section
-            record = run_base(base, args.dataset, shared, parse_overrides(per_base.get(base, [])))
-            write_record(record_file(args.dataset, base), {**record, **how})
+            own = parse_overrides(per_base.get(base, []))
+            for seed in seeds:
+                record = run_base(base, args.dataset, shared, own, seed)
+                write_record(record_file(args.dataset, base, seed), {**record, **how})
         if args.timing == "yes" or (args.timing == "auto" and load_record(timing_file) is None):
             timing = run_timing(args.dataset, shared, args.timing_iterations, args.latency_items)
             write_record(timing_file, {**timing, **how})
 
     found = {base: load_record(record_file(args.dataset, base)) for base in BASE_ORDER}
-    records = {base: record for base, record in found.items() if record}
+    records = {base: [main, *seed_records(args.dataset, base)] for base, main in found.items() if main}
     body = section_body(args.dataset, records, load_record(timing_file))
     write_section("seralm", f"SeRALM on {args.dataset}", body)
     print(body)

@@ -115,24 +115,35 @@ def test_seralm_alignment_that_would_regenerate_knowledge_is_refused(tmp_path, r
 
 
 def test_seralm_section_grows_one_base_model_at_a_time(monkeypatch):
-    """benchmarks/seralm.py: each base model's runs are their own record; the section shows all of them."""
+    """benchmarks/seralm.py: each base model's runs are their own record; the section shows all of them,
+    averaging a base model's extra seeds with its main run."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import seralm
 
-    def record(base, hits, overrides=None):
+    def record(base, hits, overrides=None, seed=None):
         variants = {label: {"hit@10": hit, "ndcg@10": hit / 2, "minutes": 1.0, "alignment": {}}
                     for label, hit in zip(seralm.VARIANTS, hits)}
         return {"base": base, "overrides": overrides or {}, "measured": "2026-01-01 00:00 UTC", "machine": "m",
                 "command": f"python benchmarks/seralm.py --models {base}", "variants": variants, "test_users": 100,
-                "latency_ms": {"base": 10.0, "seralm": 12.0}}
+                "latency_ms": {"base": 10.0, "seralm": 12.0}, "seed": seed, "llm_adapter": "aligned-x"}
 
-    records = {"SASRec": record("SASRec", (0.10, 0.11, 0.12)),
-               "Caser": record("Caser", (0.20, 0.18, 0.15), {"MAX_ITEM_LIST_LENGTH": 5})}
+    records = {"SASRec": [record("SASRec", (0.10, 0.11, 0.12))],
+               "Caser": [record("Caser", (0.20, 0.18, 0.15), {"MAX_ITEM_LIST_LENGTH": 5})]}
     body = seralm.section_body("ml-100k", records, timing=None)
     assert "- SASRec: Base+SeRALM / Base HIT@10 = 1.200 (goal >= 1.03); Base+SeRALM >= Base+NA_LLM: yes" in body
     assert "- Caser: Base+SeRALM / Base HIT@10 = 0.750; Base+SeRALM >= Base+NA_LLM: no (15.00 vs 18.00)" in body
-    assert "| Caser | Base+SeRALM | 15.00 | 7.50 | 1.0 |" in body and "| SASRec | 10.00 | 12.00 | 1.20 |" in body
+    assert "| Caser | Base+SeRALM | 1 | 15.00 | 7.50 | 15.00 | 1.0 |" in body and "| SASRec | 10.00 | 12.00 | 1.20 |" in body
     assert "about 3.0 points" in body  # sqrt(0.1 * 0.9 / 100)
     assert '- Caser: measured 2026-01-01 00:00 UTC, overrides {"MAX_ITEM_LIST_LENGTH": 5}' in body
     assert "Timings: not measured yet." in body
     assert seralm.record_file("ml-100k", "Caser").parts[-3:] == ("seralm", "ml-100k", "Caser.json")
+
+    records["SASRec"] += [record("SASRec", (0.12, 0.10, 0.14), seed=2021), record("SASRec", (0.14, 0.12, 0.16), seed=2022)]
+    body = seralm.section_body("ml-100k", records, timing=None)
+    # HIT@10 of Base over the seeds: 10, 12, 14 -> 12.00 ± 2.00; Base+SeRALM: 12, 14, 16 -> 14.00 ± 2.00
+    assert "| SASRec | Base | 3 | 12.00 ± 2.00 | 6.00 ± 1.00 | 10.00 / 12.00 / 14.00 | 1.0 |" in body
+    assert "| SASRec | Base+SeRALM | 3 | 14.00 ± 2.00 |" in body
+    assert "Base+SeRALM / Base HIT@10 = 1.167 (goal >= 1.03), mean of 3 runs (per run: 1.200, 1.167, 1.143)" in body
+    assert "Base+SeRALM >= Base+NA_LLM: yes (14.00 vs 11.00)" in body
+    assert "  - seed 2022: measured 2026-01-01 00:00 UTC" in body and "(llm_adapter=aligned-x)" in body
+    assert seralm.record_file("ml-100k", "SASRec", 2021).name == "SASRec-seed2021.json"

@@ -195,8 +195,8 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
         ratios = [a / b for a, b in zip(hits["Base+SeRALM"], hits["Base"])]
         checks.append(f"- {base}: Base+SeRALM / Base HIT@10 = {aligned / plain:.3f}"
                       + (" (goal >= 1.03)" if base == "SASRec" else "")
-                      + (f", mean of {len(runs)} runs (per run: {', '.join(f'{r:.3f}' for r in ratios)})"
-                         if len(runs) > 1 else "")
+                      + (f", mean of {len(runs)} runs (per run: {', '.join(f'{r:.3f}' for r in ratios)}; "
+                         f"standard error {statistics.stdev(ratios) / len(ratios) ** 0.5:.3f})" if len(runs) > 1 else "")
                       + f"; Base+SeRALM >= Base+NA_LLM: {'yes' if aligned >= na else 'no'} "
                       f"({100 * aligned:.2f} vs {100 * na:.2f})"
                       f"; standard error of one HIT@10 over {users} test users: about {100 * noise:.1f} points")

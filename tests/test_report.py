@@ -143,7 +143,8 @@ def test_seralm_section_grows_one_base_model_at_a_time(monkeypatch):
     # HIT@10 of Base over the seeds: 10, 12, 14 -> 12.00 ± 2.00; Base+SeRALM: 12, 14, 16 -> 14.00 ± 2.00
     assert "| SASRec | Base | 3 | 12.00 ± 2.00 | 6.00 ± 1.00 | 10.00 / 12.00 / 14.00 | 1.0 |" in body
     assert "| SASRec | Base+SeRALM | 3 | 14.00 ± 2.00 |" in body
-    assert "Base+SeRALM / Base HIT@10 = 1.167 (goal >= 1.03), mean of 3 runs (per run: 1.200, 1.167, 1.143)" in body
+    assert ("Base+SeRALM / Base HIT@10 = 1.167 (goal >= 1.03), mean of 3 runs (per run: 1.200, 1.167, 1.143; "
+            "standard error 0.017)") in body
     assert "Base+SeRALM >= Base+NA_LLM: yes (14.00 vs 11.00)" in body
     assert "  - seed 2022: measured 2026-01-01 00:00 UTC" in body and "(llm_adapter=aligned-x)" in body
     assert seralm.record_file("ml-100k", "SASRec", 2021).name == "SASRec-seed2021.json"

@@ -148,3 +148,16 @@ def test_seralm_section_grows_one_base_model_at_a_time(monkeypatch):
     assert "Base+SeRALM >= Base+NA_LLM: yes (14.00 vs 11.00)" in body
     assert "  - seed 2022: measured 2026-01-01 00:00 UTC" in body and "(llm_adapter=aligned-x)" in body
     assert seralm.record_file("ml-100k", "SASRec", 2021).name == "SASRec-seed2021.json"
+
+
+def test_seralm_extra_seed_records_are_found_in_seed_order(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import seralm
+
+    monkeypatch.setattr(seralm, "RECORDS", tmp_path)
+    for seed in (2022, 7):
+        seralm.write_record(seralm.record_file("ml-100k", "SASRec", seed), {"base": "SASRec", "seed": seed})
+    seralm.write_record(seralm.record_file("ml-100k", "SASRec"), {"base": "SASRec", "seed": None})  # the main run
+    seralm.write_record(seralm.record_file("ml-100k", "Caser", 9), {"base": "Caser", "seed": 9})
+    (tmp_path / "ml-100k" / "SASRec-seed5.json").write_text('{"base": "SAS')  # half-written: not a record
+    assert [record["seed"] for record in seralm.seed_records("ml-100k", "SASRec")] == [7, 2022]

@@ -1,6 +1,7 @@
 """Laser vs its frozen SASRec (and E4SRec when it exists) on one dataset, one run, same split.
 
-    python benchmarks/laser.py [--dataset ml-100k] [--threads 1] [--ablation_rows 500] [--key=value ...]
+    python benchmarks/laser.py [--dataset ml-100k] [--threads 1] [--ablation_rows 500] [--seeds 2021,2022]
+                               [--skip_e4srec] [--key=value ...]
 
 1. Laser with the shipped defaults (properties/model/Laser.yaml); stage 1 trains (or reuses
    from checkpoint_dir/stage1) the frozen SASRec. Reports full-ranking test metrics, the
@@ -8,7 +9,10 @@
 2. The frozen SASRec itself, evaluated on the same test split (no retraining).
 3. E4SRec with its shipped defaults, only if recbole_llm/model/e4srec.py exists (a failure is
    reported, not raised); run last, after the Laser section is written.
-4. Ablations, SHORT runs (1 epoch, --ablation_rows training rows, no validation, test after
+4. With ``--seeds``: Laser and its own stage-1 SASRec again for each extra seed (same
+   settings, new seed for stage 1, Laser and the data loaders), to tell the Laser / SASRec
+   ratio from run-to-run noise: per-seed ratios, their mean and standard error.
+5. Ablations, SHORT runs (1 epoch, --ablation_rows training rows, no validation, test after
    the epoch) so they fit a CPU budget: full Laser vs no prefix / no suffix / one expert.
 
 Extra --key=value arguments are config overrides for every Laser run.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
+import statistics
 import time
 
 import torch
@@ -111,6 +116,26 @@ def run_laser(dataset_name, overrides, fit_validation=True):
     return test, stats, model, config, test_data
 
 
+def laser_and_sasrec(dataset_name, overrides):
+    """One Laser run and its frozen SASRec on the same test split: (laser test, sasrec test, stats, config)."""
+    laser_test, stats, model, config, test_data = run_laser(dataset_name, overrides)
+    sasrec_test = Trainer(config, model.id_model).evaluate(test_data, load_best_model=False, show_progress=False)
+    return laser_test, sasrec_test, stats, config
+
+
+def seeds_table(runs):
+    """Markdown table of (seed, SASRec test, Laser test) runs and the mean Laser / SASRec NDCG@10 ratio."""
+    ratios = [laser["ndcg@10"] / max(sasrec["ndcg@10"], 1e-12) for _, sasrec, laser in runs]
+    rows = [[str(seed), f"{sasrec['ndcg@10']:.4f}", f"{laser['ndcg@10']:.4f}", f"{ratio:.3f}"]
+            for (seed, sasrec, laser), ratio in zip(runs, ratios)]
+    text = markdown_table(["seed", "SASRec NDCG@10", "Laser NDCG@10", "Laser / SASRec"], rows)
+    if len(ratios) > 1:
+        error = statistics.stdev(ratios) / len(ratios) ** 0.5
+        text += (f"\n\nMean Laser / SASRec NDCG@10 over {len(ratios)} seeds: {statistics.mean(ratios):.3f} "
+                 f"(standard error {error:.3f}; goal >= 1).")
+    return text
+
+
 def row(name, test, extra=""):
     return [name] + [f"{test[m]:.4f}" for m in METRICS] + [extra]
 
@@ -121,6 +146,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ablation_rows", type=int, default=500)
     parser.add_argument("--skip_e4srec", action="store_true")
+    parser.add_argument("--seeds", default="", help="extra seeds for Laser + its SASRec, e.g. 2021,2022")
     args, rest = parser.parse_known_args()
     overrides = {k.lstrip("-"): parse_value(v) for k, v in (a.split("=", 1) for a in rest)}
     overrides = {"show_progress": False, "num_threads": args.threads, **overrides}
@@ -129,13 +155,11 @@ def main():
 
     print("Laser (shipped defaults + command-line overrides) ...", flush=True)
     t = time.perf_counter()
-    laser_test, stats, model, config, test_data = run_laser(args.dataset, overrides)
+    laser_test, sasrec_test, stats, config = laser_and_sasrec(args.dataset, overrides)
     laser_minutes = (time.perf_counter() - t) / 60
     print("Laser", dict(laser_test), stats, flush=True)
-
-    sasrec_test = Trainer(config, model.id_model).evaluate(test_data, load_best_model=False, show_progress=False)
     print("SASRec (frozen stage 1)", dict(sasrec_test), flush=True)
-    del model
+    seed_runs = [(config["seed"], sasrec_test, laser_test)]
 
     ablation_rows, ablation_budget = [], {"rows": args.ablation_rows, "epochs": 1}
     main_rows = [
@@ -157,6 +181,8 @@ def main():
             + (f"loaded from id_model_checkpoint={config['id_model_checkpoint']}" if config["id_model_checkpoint"]
                else "stage 1 with `id_model_config` from properties/model/Laser.yaml")
             + "), evaluated on the same test split."
+            + ("\n\nSeeds (each: its own stage-1 SASRec and Laser, same settings; the first is the run above):\n\n"
+               + seeds_table(seed_runs) if len(seed_runs) > 1 else "")
             + "\n\nCost (the Laser run above: shipped defaults plus the command-line overrides, "
             f"LLM = {config['llm_path'] or 'embedded SmolLM2-135M-Instruct'}, {stats['llm_layers']} decoder layers kept, {args.threads} torch thread):\n\n"
             + markdown_table(
@@ -184,7 +210,13 @@ def main():
         )
 
     title = f"Laser vs SASRec on {args.dataset}"
-    write_section("laser", title, body())  # the main comparison first; ablations are added as they finish
+    write_section("laser", title, body())  # the main comparison first; seeds and ablations as they finish
+    for seed in [int(s) for s in args.seeds.split(",") if s]:
+        print(f"seed {seed} ...", flush=True)
+        laser_seed, sasrec_seed, _, _ = laser_and_sasrec(args.dataset, {**overrides, "seed": seed})
+        seed_runs.append((seed, sasrec_seed, laser_seed))
+        print(f"seed {seed}: SASRec", dict(sasrec_seed), "Laser", dict(laser_seed), flush=True)
+        write_section("laser", title, body())
     short = {"epochs": 1, "train_rows_per_epoch": args.ablation_rows, "eval_step": 0}
     for name, switch in ABLATIONS.items():
         print(f"ablation {name} ...", flush=True)
@@ -199,7 +231,8 @@ def main():
 
     e4srec_file = importlib.util.find_spec("recbole_llm.model.e4srec")
     if e4srec_file is None or args.skip_e4srec:
-        write_section("laser", title, body(e4srec_note="E4SRec: not run (recbole_llm/model/e4srec.py absent or skipped)."))
+        write_section("laser", title, body(e4srec_note="E4SRec: not run here (--skip_e4srec or no e4srec.py); the \"report\" "
+                                                "section has it with its shipped defaults on the same split."))
         return
     print("E4SRec (shipped defaults) ...", flush=True)
     t = time.perf_counter()

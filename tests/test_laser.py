@@ -142,24 +142,3 @@ def test_ablations_build_valid_models(tiny_data, tiny_llama_dir, ablation):
     with torch.no_grad():
         scores = model.eval().full_sort_predict(interaction)
     assert scores.shape == (interaction.length, model.n_items) and torch.isfinite(scores).all()
-
-
-@pytest.mark.parametrize("norm", ["none", "center", "standardize"])
-def test_llm_output_norm_uses_the_statistics_of_the_item_title_encodings(tiny_data, tiny_llama_dir, norm):
-    _, model, _, _, test = _setup(tiny_data, tiny_llama_dir, llm_output_norm=norm, item_repr="both")
-    raw = model._encode_item_texts()[1:]  # the frozen LLM's title encodings of the real items
-    expected = {
-        "none": raw,
-        "center": raw - raw.mean(0),
-        "standardize": (raw - raw.mean(0)) / raw.std(0),
-    }[norm]
-    assert torch.allclose(model.item_text_vectors[1:], expected, atol=1e-5)
-    assert model.item_text_vectors[0].abs().sum() == 0  # the padding item has no text
-    pooled = torch.randn(3, raw.size(1))  # the suffix outputs go through the same map
-    assert torch.allclose(model._normalized(pooled), {
-        "none": pooled, "center": pooled - raw.mean(0), "standardize": (pooled - raw.mean(0)) / raw.std(0)}[norm], atol=1e-5)
-    with torch.no_grad():  # the untrained suffix mapping is zero: SASRec's ranking whatever the norm
-        interaction = first_batch(test)
-        assert torch.allclose(model.full_sort_predict(interaction), model.id_model.full_sort_predict(interaction), atol=1e-4)
-    with pytest.raises(ValueError, match="llm_output_norm must be"):
-        _setup(tiny_data, tiny_llama_dir, llm_output_norm="layer")

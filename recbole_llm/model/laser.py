@@ -50,14 +50,6 @@ Choices the paper leaves open (each a setting in ``properties/model/Laser.yaml``
   is the frozen LLM's mean-pooled last hidden state over the item's title, computed once at
   construction (not saved; rebuilt identically from the same LLM); its projection
   ``Linear(llm hidden, id hidden)`` trains and starts at zero.
-* ``llm_output_norm`` (``standardize``): the frozen SmolLM2's outputs carry a few massive,
-  nearly user-independent dimensions (one at ~23 where the median magnitude is ~0.4, at every
-  position), so a projection reading them raw gets a ~60x larger effective step on those
-  dimensions under Adam and a shared shift of every item's score: training loss rose above the
-  frozen SASRec's own (docs/RESULTS.md "laser_notes"). ``standardize`` subtracts the per-dimension
-  mean and divides by the standard deviation of the LLM's item-title encodings (fixed, computed at
-  construction from the frozen LLM) before the output and item-text projections; ``center`` only
-  subtracts the mean; ``none`` reads them raw.
 * ``id_residual`` (true): the user vector is the SASRec user representation plus the mapped
   suffix output; the suffix mapping starts at zero, so training starts from exactly the
   frozen SASRec's ranking and learns a correction from the LLM. The paper does not say
@@ -190,15 +182,12 @@ class Laser(PluggableMixin, SequentialRecommender):
         self.suffix_pooling = config["suffix_pooling"]
         self.item_repr = config["item_repr"]
         self.id_residual = bool(config["id_residual"])
-        self.llm_output_norm = config["llm_output_norm"] or "none"
         self.balance_weight = float(config["balance_weight"])
         self.rows_fraction = rows_fraction(config["train_rows_per_epoch"], len(dataset))
         if self.suffix_pooling not in ("mean", "last"):
             raise InputError(f"suffix_pooling must be 'mean' or 'last'; got {self.suffix_pooling!r}")
         if self.item_repr not in ("id", "text", "both"):
             raise InputError(f"item_repr must be 'id', 'text' or 'both'; got {self.item_repr!r}")
-        if self.llm_output_norm not in ("none", "center", "standardize"):
-            raise InputError(f"llm_output_norm must be 'none', 'center' or 'standardize'; got {self.llm_output_norm!r}")
 
         titles = item_texts(dataset, config["item_text_fields"])  # first: a dataset without text fails fast
 
@@ -260,16 +249,8 @@ class Laser(PluggableMixin, SequentialRecommender):
         if self.id_residual:
             nn.init.zeros_(self.output_projection.weight)
             nn.init.zeros_(self.output_projection.bias)
-        if self.item_repr in ("text", "both") or self.llm_output_norm != "none":
-            title_vectors = self._encode_item_texts()
-            real = title_vectors[1:]  # without the padding item
-            shift = real.mean(0) if self.llm_output_norm != "none" else torch.zeros_like(real[0])
-            scale = real.std(0).clamp(min=1e-6) if self.llm_output_norm == "standardize" else torch.ones_like(shift)
-            self.register_buffer("llm_output_shift", shift, persistent=False)
-            self.register_buffer("llm_output_scale", scale, persistent=False)
-            self.register_buffer("item_text_vectors", self._normalized(title_vectors), persistent=False)
-            self.item_text_vectors[0] = 0.0  # padding item
         if self.item_repr in ("text", "both"):
+            self.register_buffer("item_text_vectors", self._encode_item_texts(), persistent=False)
             self.text_projection = nn.Linear(llm_hidden, id_hidden, bias=False)
             if self.item_repr == "both":
                 nn.init.zeros_(self.text_projection.weight)
@@ -293,12 +274,6 @@ class Laser(PluggableMixin, SequentialRecommender):
         vectors = torch.cat(vectors)
         vectors[0] = 0.0  # padding item
         return vectors
-
-    def _normalized(self, llm_outputs: torch.Tensor) -> torch.Tensor:
-        """``llm_output_norm`` applied to LLM outputs [..., llm hidden] (identity for ``none``)."""
-        if self.llm_output_norm == "none":
-            return llm_outputs
-        return (llm_outputs - self.llm_output_shift) / self.llm_output_scale
 
     def _left_pad(self, sequences, device):
         width = max(len(s) for s in sequences)
@@ -356,7 +331,7 @@ class Laser(PluggableMixin, SequentialRecommender):
             pooled = hidden[:, -self.n_suffix:].mean(1)
         else:
             pooled = hidden[:, -1]
-        user = self.output_projection(self._normalized(pooled.float()))
+        user = self.output_projection(pooled.float())
         if self.id_residual:
             user = user + id_user
         return user, weights, balance

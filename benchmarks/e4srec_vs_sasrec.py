@@ -114,7 +114,7 @@ def main():
         + f"\n\nE4SRec: LLM {config['llm_path'] or 'embedded SmolLM2-135M-Instruct'}, history {config['MAX_ITEM_LIST_LENGTH']}, "
         f"LoRA r={config['lora_r']} alpha={config['lora_alpha']} on {', '.join(config['lora_target_modules'])}, "
         f"{len(epoch_times)} epochs of {rows_per_epoch} random training rows (of {len(train.dataset)}), "
-        f"batch {config['train_batch_size']}, {config['learner']} lr {config['learning_rate']} ({config['lr_schedule'] or 'constant'}), score_head {config['score_head']} (head_init {config['head_init']}), llm_layers {config['llm_layers'] or 'all'}; "
+        f"batch {config['train_batch_size']}, {config['learner']} lr {config['learning_rate']} ({config['lr_schedule'] or 'constant'}), score_head {config['score_head']}, llm_layers {config['llm_layers'] or 'all'}; "
         f"fit {fit_minutes:.1f} min (train + validation), model setup incl. stage 1 {setup_minutes:.1f} min; "
         f"epoch times (s): {', '.join(f'{t:.0f}' for t in epoch_times)}; "
         f"valid {config['valid_metric']} after each epoch: {', '.join(f'{v:.4f}' for v in valid_scores)}. "
@@ -126,7 +126,6 @@ def main():
         "negatives with LLaMA2-13B, so its absolute numbers are not comparable with these."
     )
     head = "" if config["score_head"] == "linear" else f" (score_head: {config['score_head']})"
-    head += "" if config["head_init"] == "random" else f" (head_init: {config['head_init']})"
     write_section(args.section, f"E4SRec{head} vs its stage-1 SASRec on {args.dataset}", body)
     print(f"ratio: {ratio:.3f}")
 

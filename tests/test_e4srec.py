@@ -166,23 +166,6 @@ def test_tied_head_scores_items_by_their_projected_input_embeddings(tiny_data, t
         _build(_config(tiny_data, tiny_llama_dir, score_head="cosine"))
 
 
-def test_item_table_head_init_starts_at_the_tied_heads_scores_and_trains_per_item(tiny_data, tiny_llama_dir):
-    model, train, test = _build(_config(tiny_data, tiny_llama_dir, head_init="item_table"))
-    interaction = first_batch(test)
-    with torch.no_grad():  # before training: the tied head's scores (user . projected ID embedding)
-        user = model.forward(interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN])
-        tied = user @ model.input_proj(model.item_embedding.weight).t()
-        assert torch.allclose(model.full_sort_predict(interaction), tied, atol=1e-5)
-    head_before, projection_before = model.score.weight.clone(), model.input_proj.weight.clone()
-    train_steps(model, train)
-    assert not torch.equal(model.score.weight, head_before)  # the head's rows train on their own
-    with torch.no_grad():
-        assert not torch.allclose(model.score.weight, model.input_proj(model.item_embedding.weight), atol=1e-4)
-    assert not torch.equal(model.input_proj.weight, projection_before)
-    with pytest.raises(ValueError, match="head_init must be 'random'"):
-        _build(_config(tiny_data, tiny_llama_dir, head_init="zeros"))
-
-
 def test_id_model_checkpoint_from_another_dataset_is_a_clear_error(tiny_data, tiny_llama_dir, tmp_path):
     from recbole.model.sequential_recommender import SASRec
 

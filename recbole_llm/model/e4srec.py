@@ -50,10 +50,6 @@ Choices the paper and code leave open, made here:
   the last hidden state with that item's projected input embedding (the frozen ID table
   through the trained ``input_proj``), as SASRec ties its input and output item tables: no
   per-item parameters to learn, so a short CPU budget is spent on the mapping, not the head.
-* ``head_init`` (``linear`` head only): ``random`` (default) is PyTorch's initialisation, as the
-  authors; ``item_table`` (beyond the paper) sets each item's head row to its projected ID
-  embedding at construction, so the authors' head starts from the tied head's scores and keeps
-  its per-item freedom.
 * Optimiser and learning rate are RecBole's (``learner``, ``learning_rate``); the authors use
   AdamW 3e-4 with a cosine schedule in HF's Trainer: ``lr_schedule: cosine`` (LLMTrainer).
 """
@@ -171,12 +167,6 @@ class E4SRec(PluggableMixin, SequentialRecommender):
             self.score = nn.Linear(self.llm_hidden, self.n_items, bias=False)
         elif self.score_head != "tied":
             raise InputError(f"score_head must be 'linear' (the authors' head) or 'tied'; got {self.score_head!r}")
-        head_init = _setting(config, "head_init", "random")
-        if head_init == "item_table" and self.score_head == "linear":
-            with torch.no_grad():  # start where the tied head starts; every row then trains on its own
-                self.score.weight.copy_(self.input_proj(self.item_embedding.weight))
-        elif head_init not in ("random", "item_table"):
-            raise InputError(f"head_init must be 'random' (the authors') or 'item_table'; got {head_init!r}")
         self.loss_fct = nn.CrossEntropyLoss()
         self._llm_dtype = llm_dtype
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -1,4 +1,4 @@
-"""Laser vs its frozen SASRec (and E4SRec when it exists) on one dataset, one run, same split.
+"""Laser vs its frozen SASRec (and E4SRec when it exists) on one dataset, same split; one run, or one per seed.
 
     python benchmarks/laser.py [--dataset ml-100k] [--threads 1] [--ablation_rows 500] [--seeds 2021,2022]
                                [--skip_e4srec] [--key=value ...]

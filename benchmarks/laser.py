@@ -21,7 +21,6 @@ Writes the "laser" section of docs/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.util
 import statistics
 import time
@@ -30,7 +29,7 @@ import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.trainer import Trainer
 from recbole.utils import init_logger, init_seed
-from results_doc import markdown_table, write_section
+from results_doc import markdown_table, parse_overrides, standard_error, write_section
 
 from recbole_llm import load_config, run_recbole_llm
 from recbole_llm.model.laser import Laser
@@ -43,13 +42,6 @@ ABLATIONS = {
     "no suffix (last prompt position)": {"suffix_tokens": 0},
     "one expert": {"n_experts": 1, "router_top_k": 1},
 }
-
-
-def parse_value(text):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def run_laser(dataset_name, overrides, fit_validation=True):
@@ -130,9 +122,8 @@ def seeds_table(runs):
             for (seed, sasrec, laser), ratio in zip(runs, ratios)]
     text = markdown_table(["seed", "SASRec NDCG@10", "Laser NDCG@10", "Laser / SASRec"], rows)
     if len(ratios) > 1:
-        error = statistics.stdev(ratios) / len(ratios) ** 0.5
         text += (f"\n\nMean Laser / SASRec NDCG@10 over {len(ratios)} seeds: {statistics.mean(ratios):.3f} "
-                 f"(standard error {error:.3f}; goal >= 1).")
+                 f"(standard error {standard_error(ratios):.3f}; goal >= 1).")
     return text
 
 
@@ -148,8 +139,7 @@ def main():
     parser.add_argument("--skip_e4srec", action="store_true")
     parser.add_argument("--seeds", default="", help="extra seeds for Laser + its SASRec, e.g. 2021,2022")
     args, rest = parser.parse_known_args()
-    overrides = {k.lstrip("-"): parse_value(v) for k, v in (a.split("=", 1) for a in rest)}
-    overrides = {"show_progress": False, "num_threads": args.threads, **overrides}
+    overrides = {"show_progress": False, "num_threads": args.threads, **parse_overrides(rest)}
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
 

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -68,6 +69,11 @@ def parse_overrides(args: list[str]) -> dict:
         return parsed
 
     return {k.lstrip("-"): value(v) for k, v in (a.split("=", 1) for a in args)}
+
+
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean of ``values`` (at least two)."""
+    return statistics.stdev(values) / len(values) ** 0.5
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 from results_doc import (ROOT, bare_argv, command, load_record, machine, markdown_table, parse_overrides,
-                         split_overrides, write_record, write_section)
+                         split_overrides, standard_error, write_record, write_section)
 
 from recbole_llm.quick_start import build
 
@@ -196,7 +196,7 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
         checks.append(f"- {base}: Base+SeRALM / Base HIT@10 = {aligned / plain:.3f}"
                       + (" (goal >= 1.03)" if base == "SASRec" else "")
                       + (f", mean of {len(runs)} runs (per run: {', '.join(f'{r:.3f}' for r in ratios)}; "
-                         f"standard error {statistics.stdev(ratios) / len(ratios) ** 0.5:.3f})" if len(runs) > 1 else "")
+                         f"standard error {standard_error(ratios):.3f})" if len(runs) > 1 else "")
                       + f"; Base+SeRALM >= Base+NA_LLM: {'yes' if aligned >= na else 'no'} "
                       f"({100 * aligned:.2f} vs {100 * na:.2f})"
                       f"; standard error of one HIT@10 over {users} test users: about {100 * noise:.1f} points")

@@ -161,3 +161,16 @@ def test_seralm_extra_seed_records_are_found_in_seed_order(monkeypatch, tmp_path
     seralm.write_record(seralm.record_file("ml-100k", "Caser", 9), {"base": "Caser", "seed": 9})
     (tmp_path / "ml-100k" / "SASRec-seed5.json").write_text('{"base": "SAS')  # half-written: not a record
     assert [record["seed"] for record in seralm.seed_records("ml-100k", "SASRec")] == [7, 2022]
+
+
+def test_laser_seeds_table_gives_each_ratio_their_mean_and_standard_error(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import laser
+
+    runs = [(1, {"ndcg@10": 0.05}, {"ndcg@10": 0.045}), (2, {"ndcg@10": 0.04}, {"ndcg@10": 0.04}),
+            (3, {"ndcg@10": 0.05}, {"ndcg@10": 0.055})]
+    table = laser.seeds_table(runs)
+    assert "| 1 | 0.0500 | 0.0450 | 0.900 |" in table and "| 3 | 0.0500 | 0.0550 | 1.100 |" in table
+    # ratios 0.9, 1.0, 1.1: mean 1.000, sample sd 0.1, standard error 0.1 / sqrt(3) = 0.058
+    assert "over 3 seeds: 1.000 (standard error 0.058; goal >= 1)" in table
+    assert "Mean" not in laser.seeds_table(runs[:1])  # one run: no mean to give

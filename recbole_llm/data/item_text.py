@@ -47,6 +47,7 @@ def item_texts(dataset, fields: Sequence[str]) -> list[str]:
     fields is present, the error lists the item fields the dataset has. An item whose
     name is empty is called by its id token ('item 1234'), and the count is logged.
     """
+    fields = list(fields or [])
     item_feat = getattr(dataset, "item_feat", None)
     available = [] if item_feat is None else [f for f in item_feat.columns if f != dataset.iid_field]
     present = [f for f in fields if f in available]
@@ -54,7 +55,7 @@ def item_texts(dataset, fields: Sequence[str]) -> list[str]:
         where = (f"no item file ({dataset.dataset_path}/{dataset.dataset_name}.item, or load_col has no 'item' entry)"
                  if item_feat is None else f"item fields loaded: {available}")
         raise InputError(
-            f"Dataset '{dataset.dataset_name}' has no item text field among item_text_fields={list(fields)}: {where}. "
+            f"Dataset '{dataset.dataset_name}' has no item text field among item_text_fields={fields}: {where}. "
             "This model needs item text: provide the .item file, set item_text_fields to fields of it and list "
             "them under load_col: item: [...]."
         )

@@ -93,7 +93,8 @@ def generation_time_per_item(config, dataset, n_items):
 
 
 def alignment_speed(dataset, overrides, iterations):
-    """Seconds per alignment iteration, async generator vs sync (SASRec, fresh LoRA each)."""
+    """Seconds per alignment iteration, async generator (refreshed at its default interval) vs sync
+    (SASRec, fresh LoRA each); also the async run's refresh interval and applied refreshes."""
     per_iteration = {}
     for mode in ("async", "sync"):
         cfg = {**overrides, "base_model": "SASRec", "alignment_iterations": iterations, "generator_mode": mode,
@@ -101,6 +102,9 @@ def alignment_speed(dataset, overrides, iterations):
         config, model, trainer, (train, _, _) = build("SeRALM", dataset, config_dict=cfg)
         trainer.align(train)
         per_iteration[mode] = trainer.alignment_stats["seconds_per_iteration"]
+        if mode == "async":
+            per_iteration["refresh_interval"] = trainer.alignment_stats["refresh_interval"]
+            per_iteration["refreshes"] = trainer.alignment_stats["refreshes"]
         print(mode, trainer.alignment_stats, flush=True)
     return per_iteration
 
@@ -173,7 +177,8 @@ def run_timing(dataset: str, shared: dict, iterations: int, n_items: int) -> dic
     speed = alignment_speed(dataset, shared, iterations)
     return {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
             "latency_items": n_items, "generation_s": gen_seconds, "encoding_s": enc_seconds,
-            "iterations": iterations, "async_s": speed["async"], "sync_s": speed["sync"]}
+            "iterations": iterations, "async_s": speed["async"], "sync_s": speed["sync"],
+            "refresh_interval": speed["refresh_interval"], "refreshes": speed["refreshes"]}
 
 
 def section_body(dataset: str, records: dict, timing: dict | None) -> str:
@@ -214,7 +219,9 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
         f"{timing['generation_s']:.2f} s + {timing['encoding_s']:.3f} s = "
         f"{timing['generation_s'] + timing['encoding_s']:.2f} s (paper, A100: 2.57 s).",
         "",
-        f"Alignment ({timing['iterations']} iterations, SASRec): async {timing['async_s']:.2f} s/it, "
+        f"Alignment ({timing['iterations']} iterations, SASRec): async {timing['async_s']:.2f} s/it"
+        + (f" (generator refreshed every {timing['refresh_interval']} iterations, {timing['refreshes']} refreshes "
+           "applied)" if "refreshes" in timing else " (generator never refreshed)") + ", "
         f"sync {timing['sync_s']:.2f} s/it, async/sync = {timing['async_s'] / timing['sync_s']:.2f} "
         f"(measured {timing['measured']}; {timing['machine']}).",
     ]

@@ -27,6 +27,7 @@ from recbole_llm.trainer.alignment import (
     SeRALMTrainer,
     alignment_loss,
     per_token_kl,
+    resolve_refresh_interval,
     snapshot_module,
     token_log_probs,
 )
@@ -48,7 +49,8 @@ def test_parse_knowledge_clean_salvaged_and_fallback():
 
 def test_prompt_carries_the_item_fields_as_json():
     prompt = build_prompt({"title": "Titanic", "year": "1997", "genres": "Drama, Romance"})
-    assert prompt.startswith(KNOWLEDGE_PROMPT.split("{item_json}")[0])
+    assert "summarize which types of users would enjoy a specific movie" in prompt  # the paper's Fig. 3
+    assert '"description"' in prompt and '"summarization"' in prompt
     assert prompt.endswith('{"title": "Titanic", "year": "1997", "genres": "Drama, Romance"}')
 
 
@@ -190,6 +192,20 @@ def test_alignment_gradient_matches_eq_6_and_8_by_hand():
     assert torch.allclose(grad(kl_coef=0.5, ratio_baseline=1.0), -1.0 * dlogp_s + 0.5 * score, atol=1e-6)
     # the ratio clip
     assert torch.allclose(grad(kl_coef=0.0, ratio_baseline=0.0, ratio_clip=1.5), -1.5 * dlogp_s, atol=1e-6)
+    # a stale sample: token t's gradient carries rho_t = pi_current(t) / pi_snapshot(t), PPO-clipped at 1 +- 0.2
+    logp_now = theta.detach().log_softmax(0)[tokens[0]].unsqueeze(0)
+    per_token = [torch.nn.functional.one_hot(t, 3).float() - p for t in tokens[0]]  # grad log p(t)
+    for rho, advantage, kept in [((1.1, 0.9), 1.0, (1.1, 0.9)),  # inside the range: weighted by rho
+                                 ((1.5, 0.5), 1.0, (0.0, 0.5)),  # A > 0: rho > 1.2 is cut, rho < 0.8 kept
+                                 ((1.5, 0.5), -0.5, (1.5, 0.0))]:  # A < 0: the other way round
+        stale = logp_now - torch.log(torch.tensor([rho]))
+        baseline = 2.0 - advantage  # the reward ratio is 2
+        expected = -advantage * sum(w * g for w, g in zip(kept, per_token))
+        assert torch.allclose(grad(kl_coef=0.0, ratio_baseline=baseline, logp_old=stale, importance_clip=0.2),
+                              expected, atol=1e-6), rho
+    unclipped = -1.0 * (1.5 * per_token[0] + 0.5 * per_token[1])
+    assert torch.allclose(grad(kl_coef=0.0, ratio_baseline=1.0, logp_old=logp_now - torch.log(torch.tensor([[1.5, 0.5]])),
+                               importance_clip=None), unclipped, atol=1e-6)
 
 
 def test_kl_is_zero_when_the_adapter_is_zero(tiny_llama_dir, embedded_tokenizer):
@@ -336,11 +352,13 @@ def test_fused_embedding_keeps_the_base_models_contract(seralm_env, monkeypatch,
     model.eval()
     interaction = first_batch(test)
     scores = model.full_sort_predict(interaction)
-    assert scores.shape == (len(interaction), model.n_items) and torch.isfinite(scores).all()
+    model.base.item_embedding = fused.id_embedding  # the base model with its own, plain item table
+    plain = model.base.full_sort_predict(interaction)
+    model.base.item_embedding = fused
+    assert scores.shape == (len(interaction), model.n_items) and torch.allclose(scores, plain, atol=1e-5)
     model.train()
-    loss = model.calculate_loss(first_batch(train))
-    loss.backward()
-    assert torch.isfinite(loss) and fused.fuse.weight.grad[:, size:].abs().sum() > 0  # knowledge gets a gradient
+    model.calculate_loss(first_batch(train)).backward()
+    assert fused.fuse.weight.grad[:, size:].abs().sum() > 0  # knowledge gets a gradient
     assert fused.knowledge.shape == (model.n_items, 384) and not fused.knowledge[0].any()
 
 
@@ -379,26 +397,168 @@ def test_joint_mode_trains_the_encoder(seralm_env, monkeypatch):
 
 def test_alignment_end_to_end_with_the_async_generator(seralm_env, monkeypatch):
     config, model, (train, valid, test) = _build(
-        seralm_env, monkeypatch, base_model="SASRec", alignment_iterations=2, warmup_epochs=0, refresh_interval=1,
+        seralm_env, monkeypatch, base_model="SASRec", alignment_iterations=2, warmup_epochs=0,
         align_batch_size=2, align_max_new_tokens=4, generator_mode="async", align_llm_learning_rate=0.05)
     na_file = model.knowledge_file
     trainer = SeRALMTrainer(config, model)
     trainer.fit(train, valid, saved=True, show_progress=False)
     stats = trainer.alignment_stats
-    assert stats["iterations"] == 2 and stats["refreshes"] >= 1 and math.isfinite(stats["loss_llm"])
+    # the default interval refreshes even a 2-iteration run (after each iteration)
+    assert stats["iterations"] == 2 and stats["refresh_interval"] == 1 and stats["refreshes_sent"] == 2
+    assert stats["kl"] > 0  # the first update moved the LLM away from the original one
     adapter_dir = trainer.alignment_dir()
-    assert (adapter_dir / "adapter_config.json").is_file()
+    assert adapter_dir_fingerprint(adapter_dir) is not None  # saved, and not the identity adapter
     assert stats["knowledge_file"] != na_file  # regenerated under the aligned adapter's key
-    result = trainer.evaluate(test, load_best_model=True, show_progress=False)
-    assert 0.0 <= result["ndcg@10"] <= 1.0
+    trainer.evaluate(test, load_best_model=True, show_progress=False)  # the best checkpoint loads back
     # a second run with the same settings reuses the aligned adapter and its knowledge
     config2, model2, (train2, valid2, _) = _build(
-        seralm_env, monkeypatch, base_model="SASRec", alignment_iterations=2, warmup_epochs=0, refresh_interval=1,
+        seralm_env, monkeypatch, base_model="SASRec", alignment_iterations=2, warmup_epochs=0,
         align_batch_size=2, align_max_new_tokens=4, generator_mode="async", align_llm_learning_rate=0.05)
     trainer2 = SeRALMTrainer(config2, model2)
     trainer2.fit(train2, valid2, saved=False, show_progress=False)
     assert trainer2.alignment_stats["reused"] == str(adapter_dir)
     assert trainer2.alignment_stats["knowledge_file"] == stats["knowledge_file"]
+
+
+def _aligner(env, monkeypatch, **extra):
+    """A tiny SeRALM whose scores use its knowledge (random fusion), its trainer, the LLM being
+    aligned (LoRA B = 0), the items' prompt fields and a batch of 3 training instances."""
+    from recbole_llm.knowledge.generation import item_prompt_fields
+
+    config, model, (train, _, _) = _build(env, monkeypatch, base_model="SASRec", fusion_init="random",
+                                          align_max_new_tokens=4, align_clip_grad_norm=1e9, **extra)
+    trainer = SeRALMTrainer(config, model)
+    llm, tokenizer = trainer.load_llm()
+    fields = item_prompt_fields(train._dataset, dict(config["knowledge_fields"]))
+    return trainer, model, llm, tokenizer, fields, first_batch(train)[:3]
+
+
+def _move_lora(llm, seed=0):
+    """A trainer update stand-in: random LoRA B (the LLM is no longer the original one)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in llm.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+
+
+def _logp(llm, sample, full=False):
+    with torch.no_grad():
+        return token_log_probs(llm, sample.prompt_ids, sample.prompt_mask, sample.new_ids, sample.new_mask, full)
+
+
+def test_alignment_reward_is_the_recommenders_score_with_the_sampled_knowledge(seralm_env, monkeypatch):
+    trainer, model, llm, tokenizer, fields, batch = _aligner(seralm_env, monkeypatch)
+    job = trainer.make_job(llm, tokenizer, model, model, fields)  # (the model is its own reference here)
+    samples = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        samples.append(job(batch))
+    assert samples[0].texts != samples[1].texts
+    model.eval()
+    with torch.no_grad():
+        for sample in samples:  # log p(y|x,s) with THIS sample's knowledge of the target
+            vectors = model.encode_knowledge(sample.texts).view(len(batch), 1, -1)
+            assert torch.allclose(sample.log_p_rec, model.log_prob_target(batch, sample.items, vectors), atol=1e-5)
+        cached = model.log_prob_target(batch)  # the un-aligned knowledge
+    assert not torch.allclose(samples[0].log_p_rec, cached, atol=1e-4)
+    assert not torch.allclose(samples[0].log_p_rec, samples[1].log_p_rec, atol=1e-4)
+
+
+def test_alignment_step_kl_is_to_the_frozen_initial_llm(seralm_env, monkeypatch, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    trainer, model, llm, tokenizer, fields, batch = _aligner(seralm_env, monkeypatch, kl_coef=1.0)
+    _move_lora(llm)
+    torch.manual_seed(0)
+    sample = trainer.make_job(llm, tokenizer, model, model, fields)(batch)
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()  # an independent copy of the initial LLM
+    _, now = _logp(llm, sample, full=True)
+    _, before = _logp(original, sample, full=True)
+    expected = float((per_token_kl(now, before) * sample.new_mask).sum() / len(batch))
+    frozen = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0) for m in (llm, model)]
+    stats = trainer.alignment_step(llm, sample, *frozen)
+    assert expected > 1e-3 and stats["kl"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_alignment_step_weights_a_stale_sample_by_its_importance_ratio(seralm_env, monkeypatch):
+    trainer, model, llm, tokenizer, fields, batch = _aligner(seralm_env, monkeypatch, kl_coef=0.0)
+    _move_lora(llm)
+    torch.manual_seed(0)
+    sample = trainer.make_job(llm, tokenizer, model, model, fields)(batch)
+    lora = [p for p in llm.parameters() if p.requires_grad]
+    frozen = [torch.optim.SGD(lora, lr=0.0), torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)]
+
+    def step(logp_old):
+        sample.logp_old = logp_old
+        stats = trainer.alignment_step(llm, sample, *frozen)
+        return torch.cat([p.grad.flatten() for p in lora]), stats
+
+    fresh, _ = _logp(llm, sample)  # what a snapshot equal to the live LLM returns
+    on_policy, _ = step(None)
+    assert on_policy.abs().max() > 0
+    assert torch.allclose(step(fresh)[0], on_policy, atol=1e-7)
+    stale, stats = step(fresh - math.log(1.1))  # sampled by a snapshot that gave every token 1/1.1 of its probability
+    assert torch.allclose(stale, 1.1 * on_policy, rtol=1e-4, atol=1e-7)
+    assert stats["importance"] == pytest.approx(1.1, rel=1e-4) and stats["clipped"] == 0
+    trainer.config["importance_clip"] = 0.05  # the setting reaches the loss: 1.1 is now outside the range
+    assert step(fresh - math.log(1.1))[1]["clipped"] == 1
+
+
+def test_async_samples_after_a_refresh_come_from_the_refreshed_weights(seralm_env, monkeypatch):
+    trainer, model, llm, tokenizer, fields, batch = _aligner(seralm_env, monkeypatch)
+    llm_snapshot, model_snapshot, reference = snapshot_module(llm), snapshot_module(model), snapshot_module(model)
+    job = trainer.make_job(llm_snapshot, tokenizer, model_snapshot, reference, fields, score_tokens=True)
+    model.eval()
+
+    def scored_by_live(sample):
+        now, _ = _logp(llm, sample)
+        with llm.disable_adapter():
+            initial, _ = _logp(llm, sample)
+        with torch.no_grad():
+            rec = model.log_prob_target(sample.interaction, sample.items, sample.vectors.view(len(batch), 1, -1))
+        return now, initial, rec
+
+    def batches():
+        while True:
+            yield batch
+
+    with AsyncKnowledgeSource(job, batches(), {"llm": llm, "rec": model}, {"llm": llm_snapshot, "rec": model_snapshot},
+                              refresh_interval=1, queue_size=1) as source:
+        first = source.get()
+        _move_lora(llm)  # the trainer's update: new LoRA and recommender weights ...
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(0.1)
+        source.step(1)  # ... sent to the worker
+        for _ in range(6):
+            sample = source.get()
+            if sample.version == 1:
+                break
+    assert first.version == 0 and sample.version == 1
+    now, initial, rec = scored_by_live(sample)
+    assert torch.allclose(sample.logp_old, now, atol=1e-5)  # sampled and scored by the refreshed LLM
+    assert not torch.allclose(sample.logp_old, initial, atol=1e-3)
+    assert torch.allclose(sample.log_p_rec, rec, atol=1e-5)  # rewarded by the refreshed recommender
+    _, initial_first, _ = scored_by_live(first)
+    assert torch.allclose(first.logp_old, initial_first, atol=1e-5)  # the first sample: the initial LLM
+
+
+def test_default_refresh_interval_refreshes_a_short_run_and_a_run_that_cannot_says_so(caplog):
+    import logging
+
+    assert resolve_refresh_interval(None, 20) == 4  # the CPU default: refreshed after iterations 4, 8, 12, 16
+    assert resolve_refresh_interval(None, 1000) == 50  # the paper's interval once the budget allows
+    for iterations in (2, 5, 20, 49, 250, 1000):
+        interval = resolve_refresh_interval(None, iterations)
+        assert (iterations - 1) // interval >= min(4, iterations - 1)  # refreshes that a later sample can use
+    logger = logging.getLogger("test_seralm")
+    with caplog.at_level("WARNING", logger="test_seralm"):
+        assert resolve_refresh_interval(10, 20, logger=logger) == 10
+        assert "never refreshed" not in caplog.text
+        assert resolve_refresh_interval(None, 20, slow=True, logger=logger) == 240  # the paper's 60x ablation
+    assert caplog.text.count("never refreshed") == 1
 
 
 def test_aligned_adapter_is_keyed_by_its_inputs(seralm_env, monkeypatch):
@@ -409,7 +569,8 @@ def test_aligned_adapter_is_keyed_by_its_inputs(seralm_env, monkeypatch):
 
     same = adapter_dir()
     assert adapter_dir() == same
-    for changed in ({"reference_config": {"epochs": 2}}, {"MAX_ITEM_LIST_LENGTH": 5}, {"kl_coef": 0.5}):
+    for changed in ({"reference_config": {"epochs": 2}}, {"MAX_ITEM_LIST_LENGTH": 5}, {"kl_coef": 0.5},
+                    {"importance_clip": 0.1}, {"refresh_interval": 7}):
         assert adapter_dir(**changed) != same, changed
 
 

@@ -1,8 +1,9 @@
 """SeRALM: any RecBole sequential recommender, its item embedding fused with LLM-generated knowledge.
 
-Yi Ren, Zhan Chen, Xue Yang, Longyu Li, Cheng Jiang, Lei Cheng, Bo Zhang, Linjian Mo, Jun Zhou.
-"Enhancing Sequential Recommenders with Augmented Knowledge from Aligned Large Language Models."
-SIGIR 2024 (../shared/papers/seralm.txt). No public code exists; this follows sections 4.2-4.4.
+Yankun Ren, Zhongde Chen, Xinxing Yang, Longfei Li, Cong Jiang, Lei Cheng, Bo Zhang, Linjian Mo,
+Jun Zhou. "Enhancing Sequential Recommenders with Augmented Knowledge from Aligned Large Language
+Models." SIGIR 2024, doi:10.1145/3626772.3657782 (no arXiv version). No public code exists; this
+follows sections 4.2-4.4.
 
 What the model is (section 4.3): the ID-based recommender named by ``base_model`` (RecBole's
 Caser, SASRec, LightSANs, GRU4Rec, NARM; any RecBole sequential model with an

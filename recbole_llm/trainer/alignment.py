@@ -1,5 +1,7 @@
 """SeRALM's trainer: knowledge-enhanced training, alignment training (Algorithm 1) and the
-asynchronous knowledge generator (SeRALM, section 4.4, Eq. 5-9, Fig. 4).
+asynchronous knowledge generator (section 4.4, Eq. 5-9, Fig. 4 of "Enhancing Sequential
+Recommenders with Augmented Knowledge from Aligned Large Language Models", Ren et al., SIGIR 2024,
+doi:10.1145/3626772.3657782; the paper has no arXiv version).
 
 ``SeRALMTrainer.fit`` runs, in order:
 
@@ -44,11 +46,28 @@ asynchronous knowledge generator (SeRALM, section 4.4, Eq. 5-9, Fig. 4).
    *generator job* - sample ``s``, encode it, compute ``p(y|x,s)`` and ``p(y|x)`` - on
    SNAPSHOTS of the LLM adapter and of the recommender and puts the results in a bounded queue
    (``generator_queue_size``); the *trainer job* consumes them and, every ``refresh_interval``
-   iterations (paper: 50), sends the snapshots the current weights. A snapshot shares the frozen
-   LLM weights with the live model and copies only what trains (LoRA, recommender). Ablation
-   ``slow_refresh`` = a larger interval (the paper: 60x, 3000). ``generator_mode: sync`` is the
-   original algorithm (generation with the live weights, the trainer waits). Errors in the
+   iterations, sends the snapshots the current weights. A snapshot shares the frozen LLM weights
+   with the live model and copies only what trains (LoRA, recommender). Ablation
+   ``slow_refresh`` = a 60x larger interval (the paper: 50 -> 3000). ``generator_mode: sync`` is
+   the original algorithm (generation with the live weights, the trainer waits). Errors in the
    worker are re-raised in the trainer; Ctrl-C or an error stops the worker cleanly.
+   Choices the paper leaves open:
+
+   * ``refresh_interval: ~`` (default) = ``min(50, alignment_iterations // 5)``, at least 1: the
+     paper's 50 iterations, or less, so that a short run (CPU: 20 iterations -> every 4) still
+     refreshes its generator at least 4 times. A run whose interval reaches its iteration budget
+     would never refresh: it says so in one warning.
+   * Stale samples are importance-weighted (the paper does not say how it corrects for them): the
+     worker also returns the sampled tokens' log-probabilities under its snapshot, and the policy
+     term becomes PPO's clipped surrogate per token, ``-min(rho_t A, clip(rho_t, 1 - eps,
+     1 + eps) A)`` with ``rho_t = pi_current(t_k) / pi_snapshot(t_k)``, ``A = w_b -
+     ratio_baseline`` and ``eps = importance_clip`` (PPO's 0.2; ``~``: unclipped importance
+     weights). Per token, not per sequence (whose ratio is a product of up to 64 factors), as in
+     the PPO fine-tuning of [17]. An on-policy sample (``sync``, or a fresh snapshot) has
+     ``rho_t = 1`` and the plain gradient above. The reward ``w_b`` is the snapshot
+     recommender's (as in Fig. 4) and the KL term is not reweighted.
+   * ``lora_dropout`` defaults to 0: generation runs without dropout, so the LLM trained is the
+     LLM that samples and an on-policy ratio is exactly 1.
 4. **Inference knowledge** (end of 4.4): the aligned adapter is saved
    (``<knowledge_dir>/aligned-<base>-<key>/``, reused by a later run with the same settings
    when ``alignment_cache``), the knowledge of ALL items is regenerated with it (greedy, cached
@@ -91,6 +110,8 @@ from recbole_llm.knowledge.generation import (
 from recbole_llm.errors import InputError
 
 RESAMPLE_CHOICES = ("target", "last")
+PAPER_REFRESH_INTERVAL = 50  # section 5.1.3: the generator job is refreshed every 50 iterations
+MIN_REFRESHES = 5  # the default interval gives a run this many snapshots (the initial one included)
 
 
 # --------------------------------------------------------------------------- the losses
@@ -116,22 +137,33 @@ def per_token_kl(log_probs_align: torch.Tensor, log_probs_orig: torch.Tensor) ->
 
 
 def alignment_loss(logp_align, logp_orig, mask, log_p_rec, log_p_ref, kl_coef: float = 0.1,
-                   ratio_baseline: float = 1.0, ratio_clip: float | None = None, kl_tokens=None):
+                   ratio_baseline: float = 1.0, ratio_clip: float | None = None, kl_tokens=None,
+                   logp_old=None, importance_clip: float | None = 0.2):
     """The LLM's loss whose gradient descent is the update of Eq. 8 (see the module docstring).
 
     ``logp_align`` [B, T] (with gradient) and ``logp_orig`` [B, T]: per-token log-probabilities of
     each instance's sampled knowledge (its resampled items' texts side by side) under the aligned
     and the original LLM; ``mask`` [B, T] marks real tokens; ``log_p_rec`` = log p(y|x,s) and
     ``log_p_ref`` = log p(y|x), [B]. ``kl_tokens`` [B, T] (the ``full`` estimator) replaces the
-    sampled-token KL term. Returns ``(loss, stats)``.
+    sampled-token KL term. ``logp_old`` [B, T]: the tokens' log-probabilities under the LLM that
+    sampled them (a generator snapshot); each token's term is weighted by its importance ratio
+    ``rho_t = pi_current / pi_snapshot`` in PPO's clipped surrogate
+    ``min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A)`` with ``eps = importance_clip`` (``None``: no
+    clip). ``logp_old=None`` means on-policy (``rho_t = 1``, the plain Eq. 6 gradient). Returns
+    ``(loss, stats)``.
     """
     mask = mask.to(logp_align.dtype)
     ratio = (log_p_rec - log_p_ref).detach().exp()
     if ratio_clip:
         ratio = ratio.clamp(max=float(ratio_clip))
-    weight = ratio - float(ratio_baseline)
-    seq_logp = (logp_align * mask).sum(dim=1)
-    policy = -(weight * seq_logp).mean()
+    advantage = (ratio - float(ratio_baseline)).unsqueeze(1)
+    old = logp_align.detach() if logp_old is None else logp_old.detach()
+    rho = (logp_align - old).exp()  # value pi_current / pi_snapshot, gradient rho * grad log pi_current
+    surrogate = rho * advantage
+    if importance_clip is not None:
+        eps = float(importance_clip)
+        surrogate = torch.minimum(surrogate, rho.clamp(1.0 - eps, 1.0 + eps) * advantage)
+    policy = -(surrogate * mask).sum(dim=1).mean()
     if kl_tokens is not None:
         kl = (kl_tokens * mask).sum(dim=1).mean()
         kl_value = kl.detach()
@@ -140,7 +172,11 @@ def alignment_loss(logp_align, logp_orig, mask, log_p_rec, log_p_ref, kl_coef: f
         kl = (log_ratio * logp_align * mask).sum(dim=1).mean()
         kl_value = log_ratio.sum(dim=1).mean()
     loss = policy + float(kl_coef) * kl
-    stats = {"ratio": float(ratio.mean()), "kl": float(kl_value), "tokens": float(mask.sum(dim=1).mean())}
+    tokens = mask.sum().clamp(min=1)
+    rho = rho.detach()
+    clipped = ((rho - 1).abs() > float(importance_clip)) if importance_clip is not None else torch.zeros_like(rho)
+    stats = {"ratio": float(ratio.mean()), "kl": float(kl_value), "tokens": float(mask.sum(dim=1).mean()),
+             "importance": float((rho * mask).sum() / tokens), "clipped": float((clipped * mask).sum() / tokens)}
     return loss, stats
 
 
@@ -159,23 +195,29 @@ class Sample:
     vectors: torch.Tensor  # [B*K, d] encoded by the generator's encoder
     log_p_rec: torch.Tensor  # [B] log p(y|x,s) from the generator's recommender
     log_p_ref: torch.Tensor  # [B] log p(y|x) from the frozen knowledge-free recommender
+    logp_old: torch.Tensor | None = None  # [B*K, T] log p(t_k) under the LLM that sampled (None: the live one)
     fallbacks: int = 0
     version: int = 0  # snapshot version the sample was made with
     extra: dict = field(default_factory=dict)
 
 
 class GeneratorJob:
-    """Algorithm 1, lines 3-4: sample knowledge with ``llm`` and score it with ``recommender``."""
+    """Algorithm 1, lines 3-4: sample knowledge with ``llm`` and score it with ``recommender``.
+
+    ``score_tokens``: also return the sampled tokens' log-probabilities under ``llm`` (a snapshot:
+    the denominator of the importance ratio of a stale sample).
+    """
 
     def __init__(self, llm, tokenizer, recommender, reference, item_fields, resample_items=("target",),
                  template=KNOWLEDGE_PROMPT, use_chat_template=True, max_new_tokens=64, temperature=1.0, top_p=1.0,
-                 text_format=None):
+                 text_format=None, score_tokens=False):
         self.llm, self.recommender, self.reference = llm, recommender, reference
         self.generator = KnowledgeGenerator(llm, tokenizer, template, use_chat_template, max_new_tokens)
         self.item_fields = item_fields
         self.resample_items = tuple(resample_items)
         self.temperature, self.top_p = temperature, top_p
         self.text_format = text_format
+        self.score_tokens = score_tokens
 
     def resampled(self, interaction) -> torch.Tensor:
         model = self.recommender
@@ -193,6 +235,15 @@ class GeneratorJob:
         prompts = [self.generator.prompt(self.item_fields[i]) for i in items.flatten().tolist()]
         prompt_ids, prompt_mask, new_ids, new_mask = self.generator.generate_ids(
             prompts, do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        logp_old = None
+        if self.score_tokens:
+            was_training = self.llm.training
+            self.llm.eval()  # the mode that sampled
+            try:
+                with torch.no_grad():
+                    logp_old, _ = token_log_probs(self.llm, prompt_ids, prompt_mask, new_ids, new_mask)
+            finally:
+                self.llm.train(was_training)
         parsed = [parse_knowledge(text) for text in self.generator.decode(new_ids, new_mask)]
         fields = [self.item_fields[i] for i in items.flatten().tolist()]
         text_format = self.text_format or DEFAULT_TEXT_FORMAT
@@ -208,7 +259,7 @@ class GeneratorJob:
         finally:
             model.train(was_training)
         return Sample(interaction, items, prompt_ids, prompt_mask, new_ids, new_mask, texts, vectors,
-                      log_p_rec, log_p_ref, fallbacks=sum(not ok for _, ok in parsed))
+                      log_p_rec, log_p_ref, logp_old, fallbacks=sum(not ok for _, ok in parsed))
 
 
 def reference_log_prob(reference, interaction, target_field) -> torch.Tensor:
@@ -375,6 +426,24 @@ class AsyncKnowledgeSource:
         self.close()
 
 
+def resolve_refresh_interval(configured, iterations: int, slow: bool = False, logger=None) -> int:
+    """Iterations between generator refreshes: ``configured``, or by default (``None``)
+    ``min(PAPER_REFRESH_INTERVAL, iterations // MIN_REFRESHES)`` (at least 1), so that a short run
+    still refreshes its generator ``MIN_REFRESHES - 1`` times or more; ``slow`` = the paper's
+    ablation (60x). Logs one warning when the generator could never refresh within the run."""
+    interval = int(configured) if configured is not None else min(PAPER_REFRESH_INTERVAL,
+                                                                  max(1, int(iterations) // MIN_REFRESHES))
+    if slow:
+        interval *= 60
+    if interval < 1:
+        raise InputError(f"refresh_interval must be >= 1, got {interval}")
+    if interval >= iterations > 0 and logger is not None:
+        logger.warning(f"SeRALM: the asynchronous generator is never refreshed in this run (refresh_interval "
+                       f"{interval} >= alignment_iterations {iterations}): every sample comes from the initial "
+                       "LLM and recommender.")
+    return interval
+
+
 # --------------------------------------------------------------------------- the trainer
 class SeRALMTrainer(Trainer):
     """RecBole's Trainer plus SeRALM's alignment stage (see the module docstring)."""
@@ -433,8 +502,8 @@ class SeRALMTrainer(Trainer):
     # ---- alignment
     def alignment_key(self) -> str:
         config = self.config
-        prefixes = ("align", "lora_", "kl_", "ratio_", "resample", "refresh", "slow_refresh", "generator_", "warmup",
-                    "reference_")  # reference_*: the frozen recommender giving p(y|x)
+        prefixes = ("align", "lora_", "kl_", "ratio_", "importance_", "resample", "refresh", "slow_refresh",
+                    "generator_", "warmup", "reference_")  # reference_*: the frozen recommender giving p(y|x)
         keys = sorted(k for k in config.final_config_dict if k.startswith(prefixes) and k != "alignment_cache")
         parts = {
             "dataset": config["dataset"], "llm": llm_identity(setting(config, "llm_path", None)),
@@ -497,7 +566,7 @@ class SeRALMTrainer(Trainer):
                 batch = batch.repeat_interleave(repeats)
             yield batch.to(self.device)
 
-    def make_job(self, llm, tokenizer, recommender, reference, item_fields) -> GeneratorJob:
+    def make_job(self, llm, tokenizer, recommender, reference, item_fields, score_tokens=False) -> GeneratorJob:
         config = self.config
         resample = setting(config, "resample_items", ["target"])
         resample = [resample] if isinstance(resample, str) else list(resample)
@@ -509,7 +578,7 @@ class SeRALMTrainer(Trainer):
             use_chat_template=setting(config, "use_chat_template", True),
             max_new_tokens=setting(config, "align_max_new_tokens", 64),
             temperature=setting(config, "align_temperature", 1.0), top_p=setting(config, "align_top_p", 1.0),
-            text_format=setting(config, "knowledge_text_format", None),
+            text_format=setting(config, "knowledge_text_format", None), score_tokens=score_tokens,
         )
 
     def align(self, train_data, show_progress=False, llm=None, tokenizer=None, reference=None):
@@ -519,9 +588,9 @@ class SeRALMTrainer(Trainer):
         mode = setting(config, "generator_mode", "async")
         if mode not in ("async", "sync"):
             raise InputError(f"generator_mode must be 'async' or 'sync', not {mode!r}")
-        interval = int(setting(config, "refresh_interval", 50))
-        if setting(config, "slow_refresh", False):
-            interval *= 60  # the paper's ablation: 60x slower refreshes
+        interval = resolve_refresh_interval(setting(config, "refresh_interval", None), iterations,
+                                            bool(setting(config, "slow_refresh", False)),
+                                            self.logger if mode == "async" else None)
         if llm is None:
             llm, tokenizer = self.load_llm()
         dataset = train_data._dataset
@@ -530,7 +599,7 @@ class SeRALMTrainer(Trainer):
         batches = self.instances(train_data)
         if mode == "async":
             llm_snapshot, model_snapshot = snapshot_module(llm), snapshot_module(model)
-            job = self.make_job(llm_snapshot, tokenizer, model_snapshot, reference, item_fields)
+            job = self.make_job(llm_snapshot, tokenizer, model_snapshot, reference, item_fields, score_tokens=True)
             source = AsyncKnowledgeSource(job, batches, {"llm": llm, "rec": model},
                                           {"llm": llm_snapshot, "rec": model_snapshot}, interval,
                                           int(setting(config, "generator_queue_size", 2)))
@@ -540,8 +609,8 @@ class SeRALMTrainer(Trainer):
         llm_optimizer = torch.optim.AdamW(lora, lr=float(setting(config, "align_llm_learning_rate", 1e-4)), weight_decay=0.0)
         rec_optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                          lr=float(setting(config, "align_rec_learning_rate", config["learning_rate"])))
-        self.logger.info(set_color("SeRALM", "green") + f": alignment, {iterations} iterations, {mode} generator, "
-                         f"refresh every {interval}")
+        self.logger.info(set_color("SeRALM", "green") + f": alignment, {iterations} iterations, {mode} generator"
+                         + (f", refreshed every {interval} iterations" if mode == "async" else ""))
         history, start = [], time.perf_counter()
         steps = range(1, iterations + 1)
         if show_progress:
@@ -565,6 +634,7 @@ class SeRALMTrainer(Trainer):
         self.alignment_stats = {
             "iterations": iterations, "mode": mode, "refresh_interval": interval, "seconds": seconds,
             "seconds_per_iteration": seconds / max(iterations, 1), "refreshes": source.refresh_count,
+            "refreshes_sent": getattr(source, "requested_version", 0),
             **{k: float(np.mean([h[k] for h in history])) for k in (history[0] if history else {})},
         }
         model.train()
@@ -589,7 +659,8 @@ class SeRALMTrainer(Trainer):
             logp.view(batch, -1), logp0.view(batch, -1), sample.new_mask.view(batch, -1), sample.log_p_rec,
             sample.log_p_ref, kl_coef=float(setting(config, "kl_coef", 0.1)),
             ratio_baseline=float(setting(config, "ratio_baseline", 1.0)), ratio_clip=setting(config, "ratio_clip", 10.0),
-            kl_tokens=kl_tokens)
+            kl_tokens=kl_tokens, logp_old=None if sample.logp_old is None else sample.logp_old.view(batch, -1),
+            importance_clip=setting(config, "importance_clip", None))
         llm_optimizer.zero_grad(set_to_none=True)
         loss_llm.backward()
         torch.nn.utils.clip_grad_norm_([p for p in llm.parameters() if p.requires_grad],

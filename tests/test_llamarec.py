@@ -194,3 +194,80 @@ def test_validation_scores_only_rows_with_the_target_among_candidates(llamarec):
     hits = int((phase.flat("candidates") == phase.flat("targets").unsqueeze(1)).any(1).sum())
     assert trainer.ranked_rows - rows == hits < rows
     assert trainer.evaluate(valid, load_best_model=False) == full
+
+
+def _history_first_retriever(model, monkeypatch):
+    """Make the retriever score every history item above all other items."""
+    original = model.retrieval_scores
+
+    def scores(interaction):
+        return original(interaction) + 1000.0 * model.history_mask(interaction).float()
+
+    monkeypatch.setattr(model, "retrieval_scores", scores)
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_evaluation_candidates_exclude_the_history(llamarec, monkeypatch, split):
+    """The trainer's cached candidates (validation and test) and ``full_sort_predict`` leave out
+    every item of the row's history, even when the retriever ranks the history first."""
+    config, model, (_, valid, test) = llamarec
+    loader = {"valid": valid, "test": test}[split]
+    _history_first_retriever(model, monkeypatch)
+    phase = LlamaRecTrainer(config, model)._phase(loader)
+    histories = [h for batch in phase.histories for h in batch]
+    assert sum(len(h) for h in histories) > 0
+    for history, candidates in zip(histories, phase.flat("candidates").tolist()):
+        assert not set(history) & set(candidates)
+    model.eval()
+    interaction = first_batch(loader)
+    top = model.full_sort_predict(interaction).topk(K, dim=1).indices
+    for history, candidates in zip(model._histories(interaction), top.tolist()):
+        assert not set(history) & set(candidates)
+
+
+def test_exclude_history_false_allows_repeats(llamarec, monkeypatch):
+    config, model, (_, valid, _) = llamarec
+    model.exclude_history = False
+    _history_first_retriever(model, monkeypatch)
+    phase = LlamaRecTrainer(config, model)._phase(valid)
+    histories = [h for batch in phase.histories for h in batch]
+    repeats = sum(bool(set(h) & set(c)) for h, c in zip(histories, phase.flat("candidates").tolist()))
+    assert repeats == len(histories)  # the history items the retriever put first stay candidates
+    random_draws = [model.training_candidates(list(range(1, 20)), target=25)[0] for _ in range(20)]
+    assert any(set(c) & set(range(1, 20)) for c in random_draws)
+
+
+def test_loss_supervises_the_logits_that_inference_reads(llamarec, monkeypatch):
+    """calculate_loss is the mean cross-entropy of (a) the logit row the verbalizer reads at
+    inference, against the true letter, and (b) the next row, against EOS; checked per row on
+    a batch of prompts with different lengths (left padding)."""
+    _, model, (train, _, _) = llamarec
+    model.eval()  # no LoRA dropout: the two computations must agree exactly
+    with torch.no_grad():
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    histories, targets = [[3, 4, 5, 6, 7, 8], [9]], [12, 13]
+    chosen = {12: ([12, 1, 2, 20, 21], 0), 13: ([1, 2, 13, 20, 21], 2)}
+    monkeypatch.setattr(model, "training_candidates", lambda history, target: chosen[target])
+    seq = torch.zeros(2, model.max_seq_length, dtype=torch.long)
+    for row, history in enumerate(histories):
+        seq[row, : len(history)] = torch.tensor(history)
+    from recbole.data.interaction import Interaction
+
+    batch = Interaction({model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: torch.tensor([6, 1]),
+                         model.POS_ITEM_ID: torch.tensor(targets)})
+    loss = model.calculate_loss(batch)
+    expected = []
+    for history, target in zip(histories, targets):
+        candidates, index = chosen[target]
+        prompt = model._prompt_ids(history, candidates)
+        answer = model.verbalizer.answer_ids(index)
+        with torch.no_grad():
+            logits = model.llm(input_ids=torch.tensor([prompt + answer])).logits[0].float()
+            read = model.ranker_scores([history], torch.tensor([candidates]))[0]
+        letter_row, eos_row = logits[len(prompt) - 1], logits[len(prompt)]
+        assert torch.allclose(read, letter_row[model.verbalizer.letter_ids], atol=1e-4)  # inference reads this row
+        expected += [torch.nn.functional.cross_entropy(letter_row, torch.tensor(answer[0])),
+                     torch.nn.functional.cross_entropy(eos_row, torch.tensor(answer[1]))]
+    assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-4)

@@ -7,7 +7,11 @@ PGAI@CIKM 2023 (arXiv:2311.02089).
 * Stage 1, retrieval: an ID-based sequential model (``retriever``, LRURec by default,
   any RecBole sequential model) trained with its own RecBole trainer, or loaded from
   ``retriever_checkpoint`` (see :mod:`recbole_llm.model.pretrained`), then frozen. Its
-  top ``candidate_k`` items, history excluded, are the candidates.
+  top ``candidate_k`` items are the candidates. As the authors, they exclude the user's
+  history, taken from the batch's own item sequence (RecBole gives sequential models no
+  history index at evaluation), by one code path for training, validation, test and
+  ``full_sort_predict``; ``exclude_history: False`` allows repeats (datasets where users
+  consume items again).
 * Stage 2, ranking: the history titles and the lettered candidates go into the
   authors' prompt (:mod:`recbole_llm.llm.prompts`); the LLM, tuned with LoRA, scores all
   candidates in ONE forward pass through the letter verbalizer (only the last
@@ -82,6 +86,7 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         self.max_prompt_tokens = config["max_prompt_tokens"]
         self.eval_micro_batch = config["ranker_eval_batch_size"]
         self.fusion_weight = 0.0
+        self.exclude_history = config["exclude_history"]
         self.ranker_enabled = True  # False: full_sort_predict returns the retriever's scores (for comparisons)
         texts = item_texts(dataset, config["item_text_fields"])  # first: a dataset without text fails fast
 
@@ -132,6 +137,14 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         mask = torch.zeros(seq.size(0), self.n_items, dtype=torch.bool, device=seq.device)
         return mask.scatter_(1, seq, True)
 
+    def candidate_exclusion(self, interaction) -> torch.Tensor:
+        """Items that may not be candidates, bool [B, n_items]: the history (``exclude_history``)
+        or nothing. The one rule for evaluation candidates (trainer cache and ``full_sort_predict``)."""
+        if self.exclude_history:
+            return self.history_mask(interaction)
+        seq = interaction[self.ITEM_SEQ]
+        return torch.zeros(seq.size(0), self.n_items, dtype=torch.bool, device=seq.device)
+
     # ----- stage 2 -------------------------------------------------------------------
     def _histories(self, interaction) -> list[list[int]]:
         seq, seq_len = interaction[self.ITEM_SEQ].tolist(), interaction[self.ITEM_SEQ_LEN].tolist()
@@ -179,10 +192,13 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         return fused
 
     def training_candidates(self, history: list[int], target: int) -> tuple[list[int], int]:
-        """The true item and ``k - 1`` random non-history items, shuffled; and the true item's index."""
-        excluded = set(history) | {0, target}
+        """The true item and ``k - 1`` random other items (non-history with ``exclude_history``,
+        the rule evaluation candidates follow), shuffled; and the true item's index."""
+        excluded = (set(history) if self.exclude_history else set()) | {0, target}
         if self.n_items - len(excluded) < self.k - 1:
-            raise InputError(f"only {self.n_items - len(excluded)} non-history items for candidate_k={self.k}")
+            raise InputError(f"only {self.n_items - len(excluded)} items besides the target"
+                             f"{' and the history' if self.exclude_history else ''} for candidate_k={self.k}: "
+                             "lower candidate_k")
         negatives = set()
         while len(negatives) < self.k - 1:
             item = random.randrange(1, self.n_items)
@@ -209,14 +225,14 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
     def full_sort_predict(self, interaction, exclude=None, candidates=None, ranker=None):
         """Scores for all items (see the module docstring).
 
-        ``exclude`` (bool [B, n_items], default: the visible history) keeps items out of
-        the candidates; ``candidates`` / ``ranker`` let a trainer pass cached values.
+        ``exclude`` (bool [B, n_items], default: :meth:`candidate_exclusion`) keeps items out
+        of the candidates; ``candidates`` / ``ranker`` let a trainer pass cached values.
         """
         retrieval = self.retrieval_scores(interaction)
         if not self.ranker_enabled:
             return retrieval
         if candidates is None:
-            candidates = self.top_candidates(retrieval, self.history_mask(interaction) if exclude is None else exclude)
+            candidates = self.top_candidates(retrieval, self.candidate_exclusion(interaction) if exclude is None else exclude)
         if ranker is None:
             ranker = self.ranker_scores(self._histories(interaction), candidates)
         fused = self.fuse(ranker.to(retrieval.device), retrieval.gather(1, candidates), self.fusion_weight)

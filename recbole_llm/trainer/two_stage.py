@@ -2,9 +2,11 @@
 
 Stage 1 (the retriever) is trained or loaded when the model is built. This trainer:
 
-1. fixes each evaluation loader's candidates once: the retriever's top-k with the
-   user's whole history excluded (RecBole's ``history_index``), cached on disk under
-   ``checkpoint_dir/llamarec/`` keyed by the retriever's weights, k and the rows;
+1. fixes each evaluation loader's candidates once: the retriever's top-k without the
+   items :meth:`LlamaRec.candidate_exclusion` rules out (the history in the batch's own item
+   sequence: RecBole 1.2.1 gives sequential models no ``history_index``), cached on disk
+   under ``checkpoint_dir/llamarec/`` keyed by the retriever's weights, k, the exclusion
+   rule and the rows;
 2. trains the ranker's LoRA on RecBole's training rows (every prefix), capped at
    ``ranker_max_train_examples``, with linear warm-up and decay; every
    ``ranker_eval_step`` steps it ranks the retriever candidates of the first
@@ -116,11 +118,11 @@ class LlamaRecTrainer(LLMTrainer):
         model = self.model
         model.eval()
         batches = list(eval_data)
-        digest = hashlib.sha1(f"k={model.k}".encode())
+        digest = hashlib.sha1(f"k={model.k} exclude_history={model.exclude_history}".encode())
         for tensor in model.retriever.state_dict().values():
             digest.update(tensor.detach().cpu().numpy().tobytes())
         for interaction, *_ in batches:
-            for name in (self.config["USER_ID_FIELD"], model.ITEM_ID, model.ITEM_SEQ_LEN):
+            for name in (self.config["USER_ID_FIELD"], model.ITEM_ID, model.ITEM_SEQ, model.ITEM_SEQ_LEN):
                 digest.update(interaction[name].cpu().numpy().tobytes())
         path = self.cache_dir / f"candidates-{digest.hexdigest()[:16]}.pt"
         histories = [model._histories(interaction) for interaction, *_ in batches]
@@ -130,13 +132,10 @@ class LlamaRecTrainer(LLMTrainer):
             self.logger.info(f"candidates reused from {path}")
             return EvalPhase(saved["candidates"], saved["retrieval"], targets, histories)
         candidates, retrieval = [], []
-        for interaction, history_index, *_ in tqdm(batches, desc="Candidates", disable=not show_progress):
+        for interaction, *_ in tqdm(batches, desc="Candidates", disable=not show_progress):
             interaction = interaction.to(self.device)
             scores = model.retrieval_scores(interaction)
-            exclude = torch.zeros_like(scores, dtype=torch.bool)
-            if history_index is not None:
-                exclude[history_index] = True
-            top = model.top_candidates(scores, exclude)
+            top = model.top_candidates(scores, model.candidate_exclusion(interaction))
             candidates.append(top.cpu())
             retrieval.append(scores.gather(1, top).cpu())
         self.cache_dir.mkdir(parents=True, exist_ok=True)

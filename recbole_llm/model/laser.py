@@ -31,7 +31,8 @@ Choices the paper leaves open (each a setting in ``properties/model/Laser.yaml``
 * Router: ``Linear(id hidden, n_experts)`` on the frozen SASRec user representation (its
   encoding at the last position), softmax, keep the ``router_top_k`` (2) largest and
   renormalise, so a user's weights sum to one. The prefix is the weighted sum of the selected
-  experts' query outputs (a fixed ``n_queries`` tokens whatever the routing).
+  experts' query outputs (a fixed ``n_queries`` tokens whatever the routing). With one expert
+  there is no router (its weight is always one).
 * Load balancing: Switch-Transformer's ``n_experts * sum_e f_e * P_e`` (``f_e``: share of
   the batch's top-k slots routed to expert e, ``P_e``: mean router probability), weight
   ``balance_weight`` (0.01). It equals 1 when balanced; skipped with one expert.
@@ -51,9 +52,14 @@ Choices the paper leaves open (each a setting in ``properties/model/Laser.yaml``
   construction (not saved; rebuilt identically from the same LLM); its projection
   ``Linear(llm hidden, id hidden)`` trains and starts at zero.
 * ``id_residual`` (true): the user vector is the SASRec user representation plus the mapped
-  suffix output; the suffix mapping starts at zero, so training starts from exactly the
-  frozen SASRec's ranking and learns a correction from the LLM. The paper does not say
-  this; it is our choice for a small CPU budget (the ablation table measures it).
+  suffix output, so training starts from (almost) the frozen SASRec's ranking and learns a
+  correction from the LLM. The paper does not say this; it is our choice for a small CPU
+  budget (the ablation table measures it). The mapping ``Linear(llm hidden, id hidden)``
+  then starts with small random weights, ``N(0, output_init_std^2)`` (0.001), and a zero
+  bias: small, so the start stays next to SASRec's ranking, but not zero, because a zero
+  mapping passes no gradient back to the suffix tokens, the prefix projection and M-Former,
+  and their first optimizer step would then be empty. ``output_init_std: 0`` restores the
+  exact SASRec start.
 * The paper trains in two phases to obtain item and user embeddings through the suffix (the
   ACL version encodes items with the LLM as well). Here one phase: cross-entropy over ALL
   items plus the balancing term; items are not re-encoded by the LLM during training (one
@@ -77,6 +83,7 @@ from torch import nn
 from recbole_llm.data.item_text import item_texts
 from recbole_llm.llm.backbone import keep_first_layers, load_causal_lm, set_num_threads
 from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
+from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import pretrained_id_model
 from recbole_llm.errors import InputError
 
@@ -137,13 +144,14 @@ class MFormer(nn.Module):
             })
             for _ in range(n_layers)
         )
-        self.router = nn.Linear(hidden, n_experts)
+        # one expert needs no router (a softmax over one logit is constant: its weights would never train)
+        self.router = nn.Linear(hidden, n_experts) if n_experts > 1 else None
 
     def route(self, user: torch.Tensor):
         """Top-k routing: (weights [B, E] summing to one per user, balance loss)."""
+        if self.router is None:
+            return user.new_ones(user.size(0), 1), user.new_zeros(())
         probs = F.softmax(self.router(user), dim=-1)
-        if self.n_experts == 1:
-            return probs, probs.new_zeros(())
         top_values, top_index = probs.topk(self.top_k, dim=-1)
         weights = torch.zeros_like(probs).scatter(1, top_index, top_values / top_values.sum(-1, keepdim=True))
         routed = torch.zeros_like(probs).scatter(1, top_index, 1.0)
@@ -175,6 +183,7 @@ class Laser(PluggableMixin, SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        check_loss_type(config, "Laser", ("CE",))  # before stage 1 trains
         logger = getLogger()
         set_num_threads(config["num_threads"])
         self.use_prefix = bool(config["use_prefix"])
@@ -246,8 +255,8 @@ class Laser(PluggableMixin, SequentialRecommender):
         if self.n_suffix:
             self.suffix = nn.Parameter(torch.randn(self.n_suffix, llm_hidden) * embedding_std)
         self.output_projection = nn.Linear(llm_hidden, id_hidden)
-        if self.id_residual:
-            nn.init.zeros_(self.output_projection.weight)
+        if self.id_residual:  # small, not zero: a zero mapping gives everything before it no gradient
+            nn.init.normal_(self.output_projection.weight, std=float(config["output_init_std"]))
             nn.init.zeros_(self.output_projection.bias)
         if self.item_repr in ("text", "both"):
             self.register_buffer("item_text_vectors", self._encode_item_texts(), persistent=False)

@@ -6,7 +6,8 @@ see each target many times over. ``SequenceWindowDataset`` keeps, per user, only
 the rows whose windows tile the sequence: the last row, then every
 ``MAX_ITEM_LIST_LENGTH``-th row before it, so each training target is predicted
 exactly once per epoch (the same (prefix, target) pairs as RecBole's prefixes, at
-a fraction of the cost). Validation and test rows are untouched.
+a fraction of the cost). Validation and test rows are untouched. A pairwise loss
+(``loss_type: BPR``) scores one target per row, so it keeps RecBole's rows of every prefix.
 
 RecBole picks ``<Model>Dataset`` from ``recbole.data.dataset`` when it exists;
 :func:`recbole_llm.registry.register_datasets` installs this class under the names
@@ -36,6 +37,8 @@ class SequenceWindowDataset(SequentialDataset):
 
     def build(self):
         datasets = super().build()
+        if self.config["loss_type"] != "CE":
+            return datasets
         train = datasets[0]
         keep = window_rows(train.inter_feat[self.uid_field].numpy(), self.config["MAX_ITEM_LIST_LENGTH"])
         train.inter_feat = train.inter_feat[torch.from_numpy(keep)]

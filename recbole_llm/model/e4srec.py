@@ -59,13 +59,13 @@ from logging import getLogger
 
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
-from recbole.utils import InputType
 from torch import nn
 
 from recbole_llm.llm.backbone import (apply_lora, forward_keeping_cache, keep_first_layers, load_causal_lm,
                                       set_num_threads)
 from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
 from recbole_llm.model.lrurec import left_align
+from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import pretrained_id_model
 from recbole_llm.errors import InputError
 
@@ -86,10 +86,9 @@ def _setting(config, key, default):
 class E4SRec(PluggableMixin, SequentialRecommender):
     """E4SRec as a RecBole sequential recommender (see the module docstring)."""
 
-    input_type = InputType.POINTWISE
-
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        check_loss_type(config, "E4SRec", ("CE",))  # before stage 1 trains
         logger = getLogger()
         set_num_threads(_setting(config, "num_threads", None))
         self.rows_fraction = rows_fraction(_setting(config, "train_rows_per_epoch", None), len(dataset))

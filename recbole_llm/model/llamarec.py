@@ -51,6 +51,7 @@ from recbole_llm.llm.backbone import apply_lora, load_causal_lm, set_num_threads
 from recbole_llm.llm.pluggable import PluggableMixin
 from recbole_llm.llm.prompts import ALPACA_TEMPLATE, RANKING_INSTRUCTION, RankingPrompt, truncate_texts
 from recbole_llm.llm.verbalizer import LetterVerbalizer
+from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import pretrained_id_model
 from recbole_llm.errors import InputError
 
@@ -81,6 +82,7 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        check_loss_type(config, "LlamaRec", ("CE",))  # before stage 1 trains
         self.logger = getLogger()
         self.k = config["candidate_k"]
         self.max_prompt_tokens = config["max_prompt_tokens"]

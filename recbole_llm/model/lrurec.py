@@ -19,6 +19,10 @@ training sequence (split into windows of ``MAX_ITEM_LIST_LENGTH``). RecBole expa
 sequence into all of its prefixes; LRURec's dataset (``SequenceWindowDataset``) keeps
 one row per window, so every target is still predicted exactly once per epoch, with
 one pass over each window instead of one per prefix.
+
+``loss_type: BPR`` (beyond the authors, as RecBole's SASRec offers it): RecBole's rows of
+every prefix, each with the negatives ``train_neg_sample_args`` draws, and the BPR loss of
+the target's score against the negative's at the last position.
 """
 from __future__ import annotations
 
@@ -27,7 +31,10 @@ import math
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.model.loss import BPRLoss
 from torch import nn
+
+from recbole_llm.model.objectives import check_loss_type
 
 
 def left_align(item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
@@ -119,6 +126,8 @@ class LRURec(SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        check_loss_type(config, "LRURec", ("CE", "BPR"))
+        self.loss_type = config["loss_type"]
         self.hidden_size = config["hidden_size"]
         self.n_layers = config["n_layers"]
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
@@ -133,7 +142,7 @@ class LRURec(SequentialRecommender):
             for _ in range(self.n_layers)
         )
         self.item_bias = nn.Parameter(torch.zeros(self.n_items))
-        self.loss_fct = nn.CrossEntropyLoss()
+        self.loss_fct = nn.CrossEntropyLoss() if self.loss_type == "CE" else BPRLoss()
         self._init_weights()
 
     def _init_weights(self):
@@ -170,17 +179,25 @@ class LRURec(SequentialRecommender):
 
     def calculate_loss(self, interaction):
         """Cross-entropy at every real position of the window: each position predicts the
-        next item, the last one the row's target (see :mod:`recbole_llm.data.sequence_windows`)."""
+        next item, the last one the row's target (see :mod:`recbole_llm.data.sequence_windows`).
+        With BPR: the target's score above the sampled negative's, at the last position."""
+        if self.loss_type == "BPR":
+            user = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+            return self.loss_fct(self._item_scores(user, interaction[self.POS_ITEM_ID]),
+                                 self._item_scores(user, interaction[self.NEG_ITEM_ID]))
         items = left_align(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         labels = torch.cat([items[:, 1:], interaction[self.POS_ITEM_ID].unsqueeze(1)], dim=1)
         real = items > 0
         states = self.encode(items)[real]
         return self.loss_fct(self._scores(states), labels[real])
 
+    def _item_scores(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores of one item per user, [B]: the same as :meth:`_scores` at those items."""
+        return (user * self.item_embedding(items)).sum(-1) + self.item_bias[items]
+
     def predict(self, interaction):
         user = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        items = interaction[self.ITEM_ID]
-        return (user * self.item_embedding(items)).sum(-1) + self.item_bias[items]
+        return self._item_scores(user, interaction[self.ITEM_ID])
 
     def full_sort_predict(self, interaction):
         user = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])

@@ -56,7 +56,6 @@ from logging import getLogger
 import torch
 from recbole.data.interaction import Interaction
 from recbole.model.abstract_recommender import SequentialRecommender
-from recbole.utils import InputType
 from torch import nn
 
 from recbole_llm import registry
@@ -64,6 +63,7 @@ from recbole_llm.knowledge.encoding import TextEncoder, cached_vectors
 from recbole_llm.knowledge.generation import (
     DEFAULT_TEXT_FORMAT, KNOWLEDGE_PROMPT, dataset_knowledge, item_prompt_fields, knowledge_text, setting,
 )
+from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import id_model_config
 from recbole_llm.errors import InputError
 
@@ -191,14 +191,14 @@ class FusedItemEmbedding(nn.Module):
 class SeRALM(SequentialRecommender):
     """SeRALM around a RecBole sequential model (see the module docstring)."""
 
-    input_type = InputType.POINTWISE
-
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        check_loss_type(config, "SeRALM", ("CE", "BPR"))  # the base model trains with SeRALM's loss_type
         logger = getLogger()
         self.base_model_name = setting(config, "base_model", "SASRec")
         base_class = self._base_class(self.base_model_name)
-        overrides = {"MAX_ITEM_LIST_LENGTH": config["MAX_ITEM_LIST_LENGTH"], **dict(setting(config, "base_model_config", {}))}
+        overrides = {key: config[key] for key in ("MAX_ITEM_LIST_LENGTH", "loss_type", "train_neg_sample_args")}
+        overrides.update(setting(config, "base_model_config", {}))
         self.base_config = id_model_config(config, self.base_model_name, overrides)
         self.base = base_class(self.base_config, dataset)
         table = getattr(self.base, "item_embedding", None)

@@ -9,14 +9,17 @@ writes it to ``<checkpoint_dir>/comparison-<dataset>-<time>.{csv,json}``. Any ot
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
+from recbole_llm import checks
 from recbole_llm.errors import InputError
 from recbole_llm.quick_start import comparison_table, load_config, run
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Our flags, and the rest (RecBole's ``--key=value`` overrides)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", "-m", type=str, default="LlamaRec", help="name, or several separated by commas")
     parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="name of the dataset")
     parser.add_argument("--config_files", type=str, default=None, help="config files, separated by spaces")
@@ -25,8 +28,7 @@ def parse_args(argv=None):
     parser.add_argument("--port", type=str, default="5678", help="the port of the master node")
     parser.add_argument("--world_size", type=int, default=-1, help="total number of processes")
     parser.add_argument("--group_offset", type=int, default=0, help="the global rank offset of this node")
-    args, _ = parser.parse_known_args(argv)  # the rest are RecBole --key=value overrides
-    return args
+    return parser.parse_known_args(sys.argv[1:] if argv is None else argv)
 
 
 def main(argv=None):
@@ -39,27 +41,36 @@ def main(argv=None):
 
 
 def _main(argv=None):
-    args = parse_args(argv)
-    config_files = args.config_files.strip().split(" ") if args.config_files else None
+    args, overrides = parse_args(argv)
+    checks.check_command_line(overrides)
+    config_files = args.config_files.strip().split() if args.config_files else None
     models = [m.strip() for m in args.model.split(",") if m.strip()]
+    if not models:
+        raise InputError(f"--model={args.model!r} names no model; e.g. --model=LRURec or --model=LRURec,SASRec.")
+    for model in models:  # every name first, then every model's settings, before the first one trains
+        checks.check_model_name(model)
+    configs = {model: load_config(model, args.dataset, config_files) for model in models}
     results = {}
-    for model in models:
-        results[model] = run(
-            model,
-            args.dataset,
-            config_file_list=config_files,
-            nproc=args.nproc,
-            world_size=args.world_size,
-            ip=args.ip,
-            port=args.port,
-            group_offset=args.group_offset,
-        )
+    try:
+        for model in models:
+            results[model] = run(model, args.dataset, config_file_list=config_files, nproc=args.nproc,
+                                 world_size=args.world_size, ip=args.ip, port=args.port,
+                                 group_offset=args.group_offset)
+    except BaseException:
+        finished = {model: result for model, result in results.items() if result}
+        if finished and len(models) > 1:
+            write_table(finished, configs[models[0]]["checkpoint_dir"], args.dataset, note=" (the models that finished)")
+        raise
     if len(models) > 1 and all(results.values()):
-        out_dir = load_config(models[0], args.dataset, config_files)["checkpoint_dir"]
-        stem = f"comparison-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        print(comparison_table(results, out_dir, stem))
-        print(f"written: {out_dir}/{stem}.csv and .json")
+        write_table(results, configs[models[0]]["checkpoint_dir"], args.dataset)
     return results
+
+
+def write_table(results, out_dir, dataset, note=""):
+    """Print the comparison table and write it to ``out_dir/comparison-<dataset>-<time>.{csv,json}``."""
+    stem = f"comparison-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(comparison_table(results, out_dir, stem))
+    print(f"written{note}: {out_dir}/{stem}.csv and .json")
 
 
 if __name__ == "__main__":

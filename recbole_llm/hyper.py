@@ -34,7 +34,7 @@ from unittest import mock
 
 from recbole.trainer.hyper_tuning import HyperTuning
 
-from recbole_llm import registry
+from recbole_llm import checks, registry
 from recbole_llm.errors import InputError, MissingInputError
 from recbole_llm.quick_start import kind_problem, load_config, properties_dir, run_recbole_llm
 
@@ -181,6 +181,7 @@ def main(argv=None):
     ``error: ...`` line (exit status 1) instead of a traceback."""
     try:
         args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        checks.check_command_line(overrides)  # RecBole ignores --key value (with a space)
         config_files = args.config_files.strip().split(" ") if args.config_files else None
         with mock.patch.object(sys, "argv", sys.argv[:1] + overrides):  # RecBole's Config reads sys.argv
             return run_hyper(args.model, args.dataset, args.params_file, config_files, algo=args.algo,

@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from logging import getLogger
@@ -22,8 +23,8 @@ from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
-from recbole_llm import compat, registry
-from recbole_llm.data.datasets import resolve_data_path
+from recbole_llm import checks, compat, registry
+from recbole_llm.data.datasets import drop_exact_duplicates, resolve_data_path
 from recbole_llm.errors import InputError, MissingInputError
 
 
@@ -49,17 +50,42 @@ def property_files(model_name: str, dataset: str) -> list[str]:
 def load_config(model, dataset, config_file_list=None, config_dict=None) -> Config:
     """A RecBole ``Config`` with our property files first, then the user's files and dict.
 
-    ``model`` is a name (ours or RecBole's) or a model class.
+    ``model`` is a name (ours or RecBole's) or a model class. Every check of the settings,
+    the output folders, the dataset's files and (for an LLM model) the LLM settings runs
+    here, so a problem the user can fix stops the run before anything trains
+    (:mod:`recbole_llm.checks`).
     """
     compat.apply()
+    checks.check_model_name(model)
+    checks.check_config_files(config_file_list)
     model_class = registry.get_model(model)
     ours = property_files(model_class.__name__, dataset)
-    config = Config(model=model_class, dataset=dataset, config_file_list=ours + list(config_file_list or []),
-                    config_dict=config_dict)
+    try:
+        config = Config(model=model_class, dataset=dataset, config_file_list=ours + list(config_file_list or []),
+                        config_dict=config_dict)
+    except (ValueError, NotImplementedError, SyntaxError) as error:  # RecBole's own setting checks
+        raise InputError(f"RecBole refused the settings: {error}{_metric_hint(error)}") from None
     recbole_defaults = [RECBOLE_PROPERTIES / "overall.yaml", RECBOLE_PROPERTIES / "model" / f"{model_class.__name__}.yaml"]
     check_setting_types(config, [f for f in recbole_defaults if f.is_file()] + ours)
+    checks.check_ranges(config)
+    checks.check_valid_metric(config)
+    checks.warn_unknown_settings(checks.user_settings(config, config_file_list, config_dict),
+                                 checks.known_settings(properties_dir()))
+    checks.check_output_folders(config)
     resolve_data_path(config, config.external_config_dict.get("data_path"))
+    checks.check_llm_settings(config)
     return config
+
+
+def _metric_hint(error) -> str:
+    """For RecBole's "There is no metric named 'X'": the closest metric names."""
+    import difflib
+
+    from recbole.evaluator.register import metrics_dict
+
+    match = re.search(r"no metric named '([^']*)'", str(error))
+    close = difflib.get_close_matches(match.group(1).lower(), list(metrics_dict), n=2) if match else []
+    return f" (did you mean {' or '.join(close)}? Fix it in metrics)" if close else ""
 
 
 RECBOLE_PROPERTIES = Path(recbole.__file__).parent / "properties"
@@ -124,9 +150,13 @@ def build(model, dataset, config_file_list=None, config_dict=None):
     logger.info(sys.argv)
     logger.info(config)
 
-    dataset = create_dataset(config)
+    dataset = checks.filtered_dataset(config, create_dataset)
+    dropped = drop_exact_duplicates(config, dataset)
+    if dropped:
+        logger.info(f"drop_exact_duplicates: dropped {dropped} exact duplicate interactions")
     logger.info(dataset)
-    warn_short_histories(config, dataset, logger)
+    checks.check_split_sizes(config, dataset)
+    checks.check_candidates_fit(config, dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
@@ -135,20 +165,6 @@ def build(model, dataset, config_file_list=None, config_dict=None):
     logger.info(model)
     trainer = registry.get_trainer(model_class)(config, model)
     return config, model, trainer, (train_data, valid_data, test_data)
-
-
-def warn_short_histories(config, dataset, logger) -> None:
-    """Say how many users leave-one-out cannot evaluate (fewer than 3 interactions)."""
-    split = (config["eval_args"] or {}).get("split") or {}
-    if "LS" not in split:
-        return
-    short = sum(1 for count in dataset.user_counter.values() if count < 3)
-    if short:
-        logger.warning(
-            f"{short} users have fewer than 3 interactions: leave-one-out gives them no validation target "
-            "(and users with one interaction no test target); they only add training data. "
-            "Set user_inter_num_interval: '[3,inf)' to drop them."
-        )
 
 
 def run_recbole_llm(model, dataset, config_file_list=None, config_dict=None, saved=True, queue=None):

@@ -20,6 +20,7 @@ import torch
 from recbole.data import create_dataset, data_preparation
 
 from recbole_llm import compat, registry
+from recbole_llm.data.datasets import drop_exact_duplicates
 from recbole_llm.errors import InputError, MissingInputError
 
 #: Settings copied from the LLM model's config so stage 1 sees the same data and split.
@@ -29,7 +30,11 @@ SHARED_KEYS = (
     "rm_dup_inter", "val_interval", "filter_inter_by_user_or_item", "user_inter_num_interval",
     "item_inter_num_interval", "benchmark_filename", "eval_args", "repeatable", "metrics", "topk",
     "valid_metric", "valid_metric_bigger", "eval_batch_size", "metric_decimal_place",
+    "field_separator", "seq_separator", "encoding", "drop_exact_duplicates",
 )
+#: Training settings logged for stage 1 beside the model's own (see :func:`settings_report`).
+REPORTED_KEYS = ("epochs", "train_batch_size", "learner", "learning_rate", "stopping_step", "MAX_ITEM_LIST_LENGTH",
+                 "loss_type")
 #: Config entries that do not change what stage 1 learns (left out of the cache key).
 _VOLATILE = {"device", "gpu_id", "use_gpu", "checkpoint_dir", "show_progress", "state", "data_path",
              "local_rank", "single_spec", "eval_batch_size", "worker", "log_wandb", "wandb_project", "resume", "verbose"}
@@ -58,6 +63,8 @@ def cache_key(config) -> str:
     folder = Path(config["data_path"])
     files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in folder.glob(f"{config['dataset']}.*"))
     settings = {k: v for k, v in config.final_config_dict.items() if k not in _VOLATILE}
+    if not settings.get("drop_exact_duplicates"):  # its default leaves the caches made before it valid
+        settings.pop("drop_exact_duplicates", None)
     text = json.dumps([config["model"], config["dataset"], files, settings], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -121,6 +128,7 @@ def _load_or_train(config, dataset, model_name, checkpoint, overrides, setting):
     id_config = id_model_config(config, model_name, overrides)
     model_class = registry.get_model(model_name)
     model = model_class(id_config, dataset).to(config["device"])
+    logger.info(settings_report(config, id_config, model_name, overrides, setting))
     if checkpoint:
         load_state(model, checkpoint, setting)
         logger.info(f"stage 1: {model_name} loaded from {checkpoint}")
@@ -149,6 +157,7 @@ def _frozen(model):
 def train_id_model(id_config, model, expected_items: int) -> None:
     """Train ``model`` with its own RecBole pipeline and keep its best-on-validation weights."""
     id_dataset = create_dataset(id_config)
+    drop_exact_duplicates(id_config, id_dataset)  # as the main model's dataset
     if id_dataset.item_num != expected_items:
         raise InputError(
             f"stage 1 sees {id_dataset.item_num} items but the main model {expected_items}: "
@@ -159,3 +168,40 @@ def train_id_model(id_config, model, expected_items: int) -> None:
     trainer.fit(train, valid, saved=True, show_progress=id_config["show_progress"])
     best = torch.load(trainer.saved_model_file, map_location="cpu", weights_only=False)
     model.load_state_dict(best["state_dict"])
+
+
+def settings_report(config, id_config, model_name: str, overrides: dict | None, setting: str) -> str:
+    """What stage 1 runs with: the stage-1 model's own settings and the training settings,
+    each with where its value came from (the parent model's ``*_config`` overrides, as its
+    property file or the user set them; the parent's data and split settings; the stage-1
+    model's property file, ours or RecBole's; the overall defaults)."""
+    import yaml
+
+    from recbole_llm.quick_start import RECBOLE_PROPERTIES, properties_dir
+
+    def read(path):
+        return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+
+    parent = config["model"]
+    override_setting = setting.replace("_checkpoint", "_config")
+    parent_defaults = read(properties_dir() / "model" / f"{parent}.yaml")
+    own = [(f"recbole-llm's {model_name}.yaml", read(properties_dir() / "model" / f"{model_name}.yaml")),
+           (f"RecBole's {model_name}.yaml", read(RECBOLE_PROPERTIES / "model" / f"{model_name}.yaml")),
+           ("recbole-llm's overall.yaml", read(properties_dir() / "overall.yaml"))]
+    overrides = dict(overrides or {})
+
+    def source(key):
+        if key in overrides:
+            for name in (override_setting, "base_model_config"):
+                given = config[name] if name in config and isinstance(config[name], dict) else {}
+                if key in given and given[key] == overrides[key]:
+                    by_file = (parent_defaults.get(name) or {}).get(key) == given[key]
+                    return f"{parent}.yaml's {name}" if by_file else f"your {name}"
+            return f"set by {parent} (follows its own setting)"
+        if key in SHARED_KEYS:
+            return f"shared with {parent}"
+        return next((name for name, values in own if key in values), "RecBole's defaults")
+
+    keys = list(dict.fromkeys([*own[0][1], *own[1][1], *REPORTED_KEYS, *overrides]))
+    lines = [f"{key}={id_config[key]!r} ({source(key)})" for key in keys if key in id_config]
+    return f"stage 1: {model_name} for {parent} ({setting}) with\n  " + "\n  ".join(lines)

@@ -1,0 +1,349 @@
+"""Checks of a run's settings, model names and dataset, run before anything trains.
+
+Each check is one function. A problem the user can fix raises an
+:class:`~recbole_llm.errors.InputError` whose message names the setting, file or model and
+the fix (the command line prints it as one ``error: ...`` line); input that RecBole accepts
+but that is probably a mistake gets one warning (:func:`~recbole_llm.errors.warn_once`).
+:func:`recbole_llm.quick_start.load_config` runs the setting checks on every config it builds
+(and so before stage 1 of a two-stage model); :func:`recbole_llm.quick_start.build` runs the
+dataset checks between RecBole's filtering and its split. The checks of the atomic files
+themselves are in :mod:`recbole_llm.data.datasets`.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+import json
+import os
+import re
+from pathlib import Path
+
+import recbole
+import yaml
+
+from recbole_llm import registry
+from recbole_llm.errors import InputError, MissingInputError, warn_once
+
+RECBOLE_PROPERTIES = Path(recbole.__file__).parent / "properties"
+#: Settings RecBole reads or sets without a property file default, and our command-line flags.
+INTERNAL_SETTINGS = {
+    "model", "dataset", "config_files", "device", "single_spec", "local_rank", "nproc", "world_size", "ip", "port",
+    "offset", "group_offset", "encoding", "MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type", "valid_neg_sample_args",
+    "test_neg_sample_args", "verbose", "params_file", "algo", "max_evals", "early_stop", "output_file",
+    "CROP_ITEM_SEQ", "CROP_ITEM_SEQ_LEN", "INVERSE_ITEM_SEQ", "MASK_INDEX", "MASK_ITEM_SEQ", "REORDER_ITEM_SEQ",
+    "NEG_ITEMS", "POS_ITEMS", "feature_num", "token_num_threshold",
+}
+#: How our code reads a setting: config["key"], setting(config, "key", ...), _setting(config, "key", ...).
+_SETTING_READ = re.compile(r"""config\[\s*["'](\w+)["']\s*\]|setting\(\s*[\w.]*config\w*\s*,\s*["'](\w+)["']""")
+#: Whole-number settings and their lowest value.
+AT_LEAST_ONE = {
+    "epochs": "training epochs", "train_batch_size": "rows per training step",
+    "eval_batch_size": "users per evaluation batch", "MAX_ITEM_LIST_LENGTH": "history items fed to the model",
+    "stopping_step": "epochs without improvement before early stopping",
+}
+#: LlamaRec's verbalizer names candidates by the letters A..Z.
+MAX_CANDIDATES = 26
+
+
+# ------------------------------------------------------------------ model names
+@functools.cache
+def model_names() -> tuple:
+    """Our models, then every RecBole model name (general, sequential, context-aware, knowledge)."""
+    import importlib
+
+    from recbole.model.abstract_recommender import AbstractRecommender
+
+    names = list(registry.our_models())
+    for package in ("sequential_recommender", "general_recommender", "context_aware_recommender",
+                    "knowledge_aware_recommender"):
+        module = importlib.import_module(f"recbole.model.{package}")
+        names += sorted(name for name, obj in vars(module).items()
+                        if inspect.isclass(obj) and issubclass(obj, AbstractRecommender) and name not in names)
+    return tuple(names)
+
+
+def check_model_name(name) -> None:
+    """An unknown model name: the same name in other case, or close names, as "did you mean"."""
+    if not isinstance(name, str) or name in model_names():
+        return
+    same = [known for known in model_names() if known.lower() == name.lower()]
+    lowered = {known.lower(): known for known in model_names()}
+    close = same or [lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.75)]
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    raise InputError(
+        f"Unknown model {name!r}.{hint} Model names are case-sensitive. recbole-llm models: "
+        f"{', '.join(registry.our_models())}; RecBole sequential models: "
+        f"{', '.join(registry.recbole_sequential_models())} (or any other RecBole model)."
+    )
+
+
+# ------------------------------------------------------------------ config files and the command line
+def check_config_files(files) -> None:
+    """Each ``--config_files`` file exists and is a YAML mapping (RecBole would raise a
+    bare FileNotFoundError or a YAML parser traceback)."""
+    from recbole.config import Config
+
+    loader = Config._build_yaml_loader(None)  # RecBole's loader (its float resolver)
+    for file in files or []:
+        path = Path(file)
+        if not path.is_file():
+            raise MissingInputError(f"config file {str(file)!r} does not exist"
+                                    f"{' (it is a folder)' if path.is_dir() else ''}; check the path given "
+                                    "with --config_files (several files are separated by spaces).")
+        try:
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise InputError(f"config file {str(file)!r} is not valid YAML{where}: {problem}. "
+                             "Each line is 'key: value'.") from None
+        except UnicodeDecodeError:
+            raise InputError(f"config file {str(file)!r} is not UTF-8 text; RecBole reads it as UTF-8.") from None
+        if data is not None and not isinstance(data, dict):
+            raise InputError(f"config file {str(file)!r} holds a {type(data).__name__}, not 'key: value' lines.")
+
+
+def check_command_line(tokens) -> None:
+    """The arguments left after our flags must be RecBole's ``--key=value``: RecBole ignores
+    ``--key value`` (with a space) and a value holding '=', and stops on a key given twice."""
+    seen = {}
+    for position, token in enumerate(tokens):
+        following = tokens[position + 1] if position + 1 < len(tokens) else None
+        if token.startswith("--") and "=" not in token:
+            value = following if following is not None and not following.startswith("--") else "VALUE"
+            raise InputError(f"{token} {value if value != 'VALUE' else ''}".rstrip()
+                             + f": RecBole reads settings only as --key=value and would ignore this one. "
+                             f"Write {token}={value}.")
+        if not token.startswith("--"):
+            previous = tokens[position - 1] if position else None
+            if previous is not None and previous.startswith("--") and "=" not in previous:
+                continue  # reported with its key above
+            raise InputError(f"{token!r} on the command line is not a --key=value setting; RecBole would ignore it.")
+        key, _, value = token[2:].partition("=")
+        if "=" in value:
+            raise InputError(f"{token}: RecBole cannot read a command-line value that contains '='; put {key} "
+                             "in a --config_files YAML file instead.")
+        if key in seen and seen[key] != value:
+            raise InputError(f"--{key} is given twice ({seen[key]!r} and {value!r}); keep one.")
+        seen[key] = value
+
+
+# ------------------------------------------------------------------ settings
+def user_settings(config, config_file_list=None, config_dict=None) -> dict:
+    """``{key: where the user set it}`` for the user's config files, dict and command line."""
+    loader = config.yaml_loader
+    found = {}
+    for file in config_file_list or []:
+        with open(file, encoding="utf-8") as f:
+            found.update({key: f"in {file}" for key in (yaml.load(f.read(), Loader=loader) or {})})
+    found.update({key: "in config_dict" for key in config_dict or {}})
+    found.update({key: f"--{key}=..." for key in config.cmd_config_dict})
+    return found
+
+
+@functools.cache
+def known_settings(our_properties: Path) -> frozenset:
+    """Every setting a property file (RecBole's or ours) sets, that our code reads, or that
+    RecBole reads without a default."""
+    keys = set(INTERNAL_SETTINGS)
+    for folder in (RECBOLE_PROPERTIES, Path(our_properties)):
+        for path in folder.rglob("*.yaml"):
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            keys |= set(data) if isinstance(data, dict) else set()
+    for path in Path(__file__).parent.rglob("*.py"):
+        keys |= {a or b for a, b in _SETTING_READ.findall(path.read_text(encoding="utf-8"))}
+    return frozenset(keys)
+
+
+def warn_unknown_settings(user: dict, known: frozenset) -> None:
+    """A setting no property file knows is ignored by RecBole: warn, with the closest known name."""
+    for key, where in user.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.7)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            warn_once(f"Setting {key!r} ({where}) is not a setting of RecBole or recbole-llm, so nothing reads it.{hint}")
+
+
+def check_ranges(config) -> None:
+    """Whole-number settings that must be >= 1, a positive learning rate and cut-offs."""
+    settings = config.final_config_dict
+    for key, meaning in AT_LEAST_ONE.items():
+        if key in settings and not _whole_at_least(settings[key], 1):
+            raise InputError(f"{key}={settings[key]!r} is out of range: it is the number of {meaning}, a whole "
+                             f"number >= 1. Set --{key}=... accordingly.")
+    rate = settings.get("learning_rate")
+    if "learning_rate" in settings and not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0):
+        raise InputError(f"learning_rate={rate!r} is out of range: it must be a number > 0 (e.g. 0.001).")
+    topk = settings.get("topk")
+    if topk is not None and not all(_whole_at_least(k, 1) for k in (topk if isinstance(topk, list) else [topk])):
+        raise InputError(f"topk={topk!r}: the cut-offs must be whole numbers >= 1 (e.g. [5, 10]).")
+
+
+def _whole_at_least(value, lowest: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lowest
+
+
+def check_valid_metric(config) -> None:
+    """``valid_metric`` must be one RecBole computes (metric@k for ranking metrics), or
+    RecBole fails with a KeyError after the first training epoch."""
+    from recbole.evaluator.base_metric import TopkMetric
+    from recbole.evaluator.register import metrics_dict
+
+    metrics = config["metrics"] if isinstance(config["metrics"], list) else [config["metrics"]]
+    topk = config["topk"] if isinstance(config["topk"], list) else [config["topk"]]
+    computed = []
+    for metric in metrics:
+        metric_class = metrics_dict.get(str(metric).lower())
+        if metric_class is not None and issubclass(metric_class, TopkMetric):
+            computed += [f"{metric}@{k}" for k in topk]
+        elif metric_class is not None:
+            computed.append(str(metric))
+    valid = config["valid_metric"]
+    if not isinstance(valid, str) or valid.lower() not in {name.lower() for name in computed}:
+        raise InputError(f"valid_metric={valid!r} is not among the metrics computed ({', '.join(computed)}: "
+                         "metrics at each topk cut-off). Set valid_metric to one of them, or add its metric to "
+                         "metrics and its cut-off to topk.")
+
+
+def check_output_folders(config) -> None:
+    """``checkpoint_dir`` and RecBole's ``./log`` and ``./log_tensorboard`` can be written."""
+    folders = [(f"checkpoint_dir={config['checkpoint_dir']!r}", config["checkpoint_dir"],
+                "Set checkpoint_dir to a folder you can write.")]
+    for name in ("log", "log_tensorboard"):
+        folders.append((f"RecBole's log folder ./{name} (in the working directory {os.getcwd()})", name,
+                        "Run from a folder you can write."))
+    for what, folder, fix in folders:
+        problem = _why_unwritable(Path(folder))
+        if problem:
+            raise InputError(f"{what} cannot be written: {problem}. {fix}")
+
+
+def _why_unwritable(path: Path) -> str | None:
+    """Why ``path`` (a folder, made if absent) cannot be written, or None; creates nothing."""
+    probe = path.expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
+# ------------------------------------------------------------------ LLM settings (before stage 1)
+def check_llm_settings(config) -> None:
+    """The LLM settings of an LLM model, before anything is built: ``llm_path`` holds a causal
+    LM, ``ranker_adapter`` / ``llm_adapter`` are PEFT folders, ``candidate_k`` fits the
+    letters, and ``load_in_4bit`` without CUDA says once that it uses LoRA in full precision."""
+    from recbole_llm.llm import backbone
+
+    settings = config.final_config_dict
+    if "llm_path" in settings:
+        backbone.check_causal_lm(settings["llm_path"], "llm_path")
+    for key in ("ranker_adapter", "llm_adapter"):
+        if settings.get(key):
+            check_adapter(settings[key], key)
+    if "candidate_k" in settings:
+        check_candidate_k(settings["candidate_k"])
+    if settings.get("load_in_4bit"):
+        note_4bit_fallback(config)
+
+
+def check_adapter(path, key: str) -> None:
+    """A PEFT adapter folder: ``adapter_config.json`` (written by ``save_pretrained``)."""
+    folder = Path(os.path.expanduser(str(path)))
+    if not folder.is_dir():
+        raise MissingInputError(f"{key}={str(path)!r} is not a folder ({'a file' if folder.exists() else 'nothing'} "
+                                "there); set it to a PEFT adapter folder (adapter_config.json + weights, as "
+                                "save_pretrained writes it), or unset it to train one.")
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        hint = " (it holds a model's config.json: that is an llm_path, not an adapter)" \
+            if (folder / "config.json").is_file() else ""
+        raise MissingInputError(f"{key}={str(path)!r} has no adapter_config.json, so it is not a PEFT adapter "
+                                f"folder{hint}. Point {key} at the folder save_pretrained wrote, or unset it.")
+    try:
+        json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"{config_file} is not valid JSON ({error}); save the adapter again.") from None
+
+
+def check_candidate_k(k) -> None:
+    if not _whole_at_least(k, 1) or k > MAX_CANDIDATES:
+        raise InputError(f"candidate_k={k!r} is out of range: LlamaRec names candidates by the index letters "
+                         f"A..Z, so candidate_k is a whole number from 1 to {MAX_CANDIDATES} (the paper uses 20).")
+
+
+def note_4bit_fallback(config) -> None:
+    """``load_in_4bit`` where 4-bit cannot run: one line now (before stage 1), and the setting
+    is turned off so the backbone loader does not say it again."""
+    from recbole_llm.llm import backbone
+
+    device = str(config["device"])
+    if not backbone.four_bit_available(device):
+        warn_once(backbone.FALLBACK_4BIT_MESSAGE.format(device=config["device"].type))
+        config["load_in_4bit"] = False
+
+
+# ------------------------------------------------------------------ the dataset after RecBole's filtering
+def filtered_dataset(config, create):
+    """``create(config)`` (RecBole's ``create_dataset``), with its "Some feat is empty" error
+    (filtering left nothing) turned into one line naming the filter settings."""
+    try:
+        return create(config)
+    except ValueError as error:
+        if "Some feat is empty" not in str(error):
+            raise
+        filters = {key: config[key] for key in ("user_inter_num_interval", "item_inter_num_interval", "val_interval",
+                                                 "rm_dup_inter") if config[key] is not None}
+        raise InputError(f"RecBole's filtering of {config['dataset']} left no interactions (filters: {filters}). "
+                         "Relax those settings (e.g. user_inter_num_interval: '[0,inf)').") from None
+
+
+def check_split_sizes(config, dataset) -> None:
+    """Leave-one-out on the filtered data: stop where a split would be empty (RecBole fails,
+    the validation one only after the first epoch); warn with the count of users who get no
+    validation or test target. A sequential model learns from each prefix, so a user with n
+    interactions gives n - 1 rows: the last is the test target, the one before it the
+    validation target (``valid_and_test``), the rest are training rows."""
+    from recbole.data.dataset import SequentialDataset
+
+    split = (config["eval_args"] or {}).get("split") or {}
+    mode = split.get("LS")
+    if mode is None:
+        return
+    held_out = 2 if mode == "valid_and_test" else 1
+    offset = 1 if isinstance(dataset, SequentialDataset) else 0  # a user's first item is never a target
+    need = {"training": 1 + offset}
+    if mode in ("valid_and_test", "valid_only"):
+        need["validation"] = held_out + 1 + offset
+    if mode in ("valid_and_test", "test_only"):
+        need["test"] = 2 + offset
+    counts = [count for count in dataset.user_counter.values()]
+    users, longest = len(counts), max(counts, default=0)
+    for part, least in need.items():
+        if not any(count >= least for count in counts):
+            raise InputError(
+                f"After RecBole's filtering {users} users remain with at most {longest} interaction(s) each; "
+                f"leave-one-out ({mode}) gives a user a {part} target only from {least} interactions, so the {part} "
+                "set would be empty. Give users more interactions (check user_inter_num_interval and "
+                "item_inter_num_interval), or change eval_args split."
+            )
+    least = max(need.values())
+    short = [count for count in counts if count < least]
+    if short:
+        details = ", ".join(f"{sum(c < n for c in short)} without a {part} target" for part, n in need.items()
+                            if any(c < n for c in short))
+        warn_once(f"{config['dataset']}: {len(short)} of {users} users have fewer than {least} interactions, too few "
+                  f"for leave-one-out ({mode}) to give each a training, validation and test target ({details}). "
+                  f"Set user_inter_num_interval: '[{least},inf)' to drop them.")
+
+
+def check_candidates_fit(config, dataset) -> None:
+    """LlamaRec's ``candidate_k`` must leave room among the dataset's items."""
+    k = config.final_config_dict.get("candidate_k")
+    if k is not None and k > dataset.item_num - 1:
+        raise InputError(f"candidate_k={k} but {config['dataset']} has only {dataset.item_num - 1} items after "
+                         f"filtering; set candidate_k below that.")

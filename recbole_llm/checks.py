@@ -4,9 +4,10 @@ Each check is one function. A problem the user can fix raises an
 :class:`~recbole_llm.errors.InputError` whose message names the setting, file or model and
 the fix (the command line prints it as one ``error: ...`` line); input that RecBole accepts
 but that is probably a mistake gets one warning (:func:`~recbole_llm.errors.warn_once`).
-:func:`recbole_llm.quick_start.load_config` runs the setting checks on every config it builds
-(and so before stage 1 of a two-stage model); :func:`recbole_llm.quick_start.build` runs the
-dataset checks between RecBole's filtering and its split. The checks of the atomic files
+:func:`recbole_llm.quick_start.load_config` runs the setting checks on every config it builds,
+:func:`recbole_llm.quick_start.preflight` those of the LLM settings (before stage 1 of a
+two-stage model), and :func:`recbole_llm.quick_start.build` the dataset checks between
+RecBole's filtering and its split. The checks of the atomic files
 themselves are in :mod:`recbole_llm.data.datasets`.
 """
 from __future__ import annotations
@@ -209,7 +210,7 @@ def check_valid_metric(config) -> None:
 
 def check_output_folders(config) -> None:
     """``checkpoint_dir`` and RecBole's ``./log`` and ``./log_tensorboard`` can be written."""
-    folders = [(f"checkpoint_dir={config['checkpoint_dir']!r}", config["checkpoint_dir"],
+    folders = [(f"checkpoint_dir={config['checkpoint_dir']!r}", str(config["checkpoint_dir"] or "."),
                 "Set checkpoint_dir to a folder you can write.")]
     for name in ("log", "log_tensorboard"):
         folders.append((f"RecBole's log folder ./{name} (in the working directory {os.getcwd()})", name,

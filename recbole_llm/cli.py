@@ -14,7 +14,7 @@ import time
 
 from recbole_llm import checks
 from recbole_llm.errors import InputError
-from recbole_llm.quick_start import comparison_table, load_config, run
+from recbole_llm.quick_start import comparison_table, load_config, preflight, run
 
 
 def parse_args(argv=None):
@@ -50,6 +50,8 @@ def _main(argv=None):
     for model in models:  # every name first, then every model's settings, before the first one trains
         checks.check_model_name(model)
     configs = {model: load_config(model, args.dataset, config_files) for model in models}
+    for config in configs.values():
+        preflight(config)
     results = {}
     try:
         for model in models:

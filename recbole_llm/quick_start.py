@@ -50,10 +50,9 @@ def property_files(model_name: str, dataset: str) -> list[str]:
 def load_config(model, dataset, config_file_list=None, config_dict=None) -> Config:
     """A RecBole ``Config`` with our property files first, then the user's files and dict.
 
-    ``model`` is a name (ours or RecBole's) or a model class. Every check of the settings,
-    the output folders, the dataset's files and (for an LLM model) the LLM settings runs
-    here, so a problem the user can fix stops the run before anything trains
-    (:mod:`recbole_llm.checks`).
+    ``model`` is a name (ours or RecBole's) or a model class. The checks of the settings,
+    the output folders and the dataset's files run here (:mod:`recbole_llm.checks`); those
+    of an LLM model's LLM settings run in :func:`preflight`.
     """
     compat.apply()
     checks.check_model_name(model)
@@ -73,8 +72,14 @@ def load_config(model, dataset, config_file_list=None, config_dict=None) -> Conf
                                  checks.known_settings(properties_dir()))
     checks.check_output_folders(config)
     resolve_data_path(config, config.external_config_dict.get("data_path"))
-    checks.check_llm_settings(config)
     return config
+
+
+def preflight(config) -> None:
+    """The checks of an LLM model's LLM settings (``llm_path``, adapters, ``candidate_k``,
+    ``load_in_4bit``), reading config files only: :func:`build` runs them before the dataset
+    and the model (stage 1 and the LLM) are built, the command line for every model first."""
+    checks.check_llm_settings(config)
 
 
 def _metric_hint(error) -> str:
@@ -143,6 +148,7 @@ def _init_logger(config) -> None:
 def build(model, dataset, config_file_list=None, config_dict=None):
     """What ``run_recbole_llm`` sets up before training: ``(config, model, trainer, (train, valid, test))``."""
     config = load_config(model, dataset, config_file_list, config_dict)
+    preflight(config)
     init_seed(config["seed"], config["reproducibility"])
     _init_logger(config)
     logger = getLogger()
@@ -161,7 +167,12 @@ def build(model, dataset, config_file_list=None, config_dict=None):
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model_class = registry.get_model(model)
-    model = model_class(config, train_data._dataset).to(config["device"])
+    try:
+        model = model_class(config, train_data._dataset).to(config["device"])
+    except ValueError as error:  # RecBole's models check their settings with ValueError
+        if isinstance(error, InputError) or not model_class.__module__.startswith("recbole."):
+            raise
+        raise InputError(f"RecBole's {model_class.__name__} refused its settings: {error}") from None
     logger.info(model)
     trainer = registry.get_trainer(model_class)(config, model)
     return config, model, trainer, (train_data, valid_data, test_data)

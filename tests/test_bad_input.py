@@ -362,8 +362,18 @@ def test_model_name_in_another_case_or_misspelt(given, suggested):
 
 # D. LLM settings, before stage 1
 def _llm_config(tiny_data, **settings):
+    """LlamaRec's config after the pre-flight checks that ``build`` runs before stage 1."""
     name, overrides = tiny_data
-    return load_config("LlamaRec", name, config_dict={**overrides, **settings})
+    config = load_config("LlamaRec", name, config_dict={**overrides, **settings})
+    quick_start.preflight(config)
+    return config
+
+
+def test_llm_settings_are_checked_before_stage_one(tiny_data, tmp_path):
+    name, overrides = tiny_data
+    with pytest.raises(InputError, match=r"candidate_k=27 is out of range"):
+        quick_start.build("LlamaRec", name, config_dict={**overrides, "candidate_k": 27})
+    assert not (tmp_path / "saved").exists()  # no stage-1 model was trained or cached
 
 
 def test_llm_path_that_does_not_exist(tiny_data, tmp_path):

@@ -157,3 +157,13 @@ def test_shipped_example_spaces_are_valid(tiny_data, model, size):
     config = load_config(model, name, config_dict=overrides)
     space = hyper.validated_space(HyperTuning._build_space_from_file(path), config, "exhaustive", str(path))
     assert HyperTuning(lambda *args: None, space=space).max_evals == size
+
+
+def test_key_space_value_on_the_command_line_is_refused(monkeypatch):
+    """RecBole ignores ``--key value``: the search would run every trial without the setting."""
+    argv = ["--model=LRURec", "--learning_rate", "0.01"]
+    monkeypatch.setattr("sys.argv", ["run_hyper_llm.py", *argv])
+    with pytest.raises(SystemExit) as stop:
+        hyper.main(argv)
+    assert str(stop.value) == ("error: --learning_rate 0.01: RecBole reads settings only as --key=value and would "
+                               "ignore this one. Write --learning_rate=0.01.")

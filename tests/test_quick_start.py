@@ -110,3 +110,43 @@ def test_stage_one_ignores_the_main_models_command_line(tiny_data, monkeypatch):
     stage_one = id_model_config(config, "SASRec", {"epochs": 2})
     assert stage_one["epochs"] == 2 and stage_one["learning_rate"] != 0.5
     assert stage_one["data_path"] == config["data_path"]  # same dataset folder, same split settings
+
+
+def _cli_args(tiny_data, tmp_path, models, *extra):
+    name, overrides = tiny_data
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(overrides))
+    return [f"--model={models}", f"--dataset={name}", f"--config_files={config_file}", *extra]
+
+
+@pytest.mark.parametrize("models, extra, message", [
+    ("LRURec,LlamaRek", (), "error: Unknown model 'LlamaRek'. Did you mean LlamaRec?"),
+    ("LRURec,LlamaRec", ("--candidate_k=30",), "error: candidate_k=30 is out of range"),
+], ids=["misspelt second name", "second model's setting"])
+def test_cli_checks_every_model_before_the_first_trains(tiny_data, tmp_path, monkeypatch, models, extra, message):
+    argv = _cli_args(tiny_data, tmp_path, models, *extra)
+    monkeypatch.setattr(sys, "argv", ["run_recbole_llm.py", *argv])
+    trained = []
+    monkeypatch.setattr(cli, "run", lambda model, *args, **kwargs: trained.append(model))
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert str(stop.value).startswith(message)
+    assert trained == []
+
+
+def test_cli_writes_the_table_of_the_finished_models_when_a_later_one_fails(tiny_data, tmp_path, monkeypatch, capsys):
+    argv = _cli_args(tiny_data, tmp_path, "LRURec,GRU4Rec")
+    monkeypatch.setattr(sys, "argv", ["run_recbole_llm.py", *argv])
+
+    def run(model, *args, **kwargs):
+        if model == "GRU4Rec":
+            raise RuntimeError("out of memory")
+        return {"best_valid_score": 0.1, "valid_score_bigger": True, "best_valid_result": {"ndcg@10": 0.1},
+                "test_result": {"ndcg@10": 0.2}}
+
+    monkeypatch.setattr(cli, "run", run)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cli.main(argv)
+    assert "written (the models that finished)" in capsys.readouterr().out
+    written = list((tmp_path / "saved").glob("comparison-tiny-*.json"))
+    assert len(written) == 1 and set(json.loads(written[0].read_text())) == {"LRURec"}

@@ -1,4 +1,5 @@
-"""E4SRec: frozen LLM and item table, full-catalogue scores, padding, pluggable round trip, bad input."""
+"""E4SRec: frozen LLM and item table, ID embeddings through the projection into the LLM, one head scoring
+all items, padding, pluggable round trip, quick start, bad input."""
 from pathlib import Path
 
 import pytest
@@ -79,17 +80,73 @@ def test_item_table_is_the_cached_stage1_sasrec_table(e4srec):
     assert torch.equal(saved["item_embedding.weight"], model.item_embedding.weight)
 
 
-def test_full_sort_predict_covers_every_item(e4srec):
+def _count_llm_calls(model):
+    """A list that gets one entry (the ``inputs_embeds``) per call of the LLM body, and the hook's handle."""
+    calls = []
+    handle = model.llm.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs.get("inputs_embeds")), with_kwargs=True
+    )
+    return calls, handle
+
+
+def test_full_sort_predict_scores_every_item_with_one_linear_head(e4srec):
     _, model, _, test = e4srec
     interaction = first_batch(test)
     model.eval()
+    calls, handle = _count_llm_calls(model)
     with torch.no_grad():
         scores = model.full_sort_predict(interaction)
+        calls_for_the_batch = len(calls)
+        model.full_sort_predict(interaction[:1])
+        calls_for_one_user = len(calls) - calls_for_the_batch
         predicted = model.predict(interaction)
+        hidden = model.forward(interaction["item_id_list"], interaction["item_length"])
+    handle.remove()
     assert scores.shape == (interaction.length, model.n_items)
-    assert torch.isfinite(scores).all()
+    assert calls_for_the_batch == calls_for_one_user  # no LLM pass per user or per item
+    assert torch.allclose(scores, hidden @ model.score.weight.t(), atol=1e-5)
     chosen = scores.gather(1, interaction["item_id"].unsqueeze(1)).squeeze(1)
     assert torch.allclose(predicted, chosen)
+    item = 7  # the head's row for item j drives column j, and only it, for every user
+    with torch.no_grad():
+        model.score.weight[item] += torch.randn_like(model.score.weight[item])
+        moved = model.full_sort_predict(interaction)
+    assert (moved != scores).any(0).nonzero().flatten().tolist() == [item]
+    assert (moved[:, item] != scores[:, item]).all()
+
+
+def test_item_id_embeddings_enter_the_llm_through_the_projection_and_drive_the_scores(e4srec):
+    _, model, _, _ = e4srec
+    model.eval()
+    histories = torch.tensor([[3, 4, 5, 0], [6, 7, 8, 9]])  # RecBole's right padding
+    interaction = Interaction({"item_id_list": histories, "item_length": torch.tensor([3, 4])})
+    calls, handle = _count_llm_calls(model)
+    with torch.no_grad():
+        base = model.full_sort_predict(interaction)
+        projected = model.input_proj(model.item_embedding.weight)
+    handle.remove()
+    response = model.response_embeds.size(0)
+    items = calls[-1][:, -response - 4:-response]  # the item slots: left-padded, just before the response frame
+    assert torch.allclose(items[0, 1:], projected[[3, 4, 5]], atol=1e-6)
+    assert torch.allclose(items[1], projected[[6, 7, 8, 9]], atol=1e-6)
+    assert torch.allclose(calls[-1][:, -response:], model.response_embeds.expand(2, -1, -1))
+
+    table = model.item_embedding.weight
+    with torch.no_grad():
+        saved = table.clone()
+        table[4] = table[20]  # another ID embedding for item 4, in user 0's history only
+        changed_item_4 = model.full_sort_predict(interaction)
+        table.copy_(saved)
+        table[20] = table[4]  # item 20 is in no history: its ID embedding only enters through histories
+        changed_item_20 = model.full_sort_predict(interaction)
+        table.copy_(saved)
+        other_history = model.full_sort_predict(
+            Interaction({"item_id_list": torch.tensor([[3, 14, 5, 0], [6, 7, 8, 9]]), "item_length": torch.tensor([3, 4])})
+        )
+    assert (changed_item_4[0] - base[0]).abs().max() > 1e-4
+    assert torch.allclose(changed_item_4[1], base[1], atol=1e-6)
+    assert torch.allclose(changed_item_20, base, atol=1e-6)
+    assert (other_history[0] - base[0]).abs().max() > 1e-4
 
 
 def test_padded_and_unpadded_history_give_the_same_scores(e4srec):
@@ -189,14 +246,26 @@ def test_bad_lora_target_lists_the_llm_modules(tiny_data, tiny_llama_dir):
         assert real_name in str(error.value)
 
 
-def test_quick_start_trains_and_evaluates_with_llm_trainer(tiny_data, tiny_llama_dir):
+def test_quick_start_reports_the_full_ranking_metrics_of_the_trained_checkpoint(tiny_data, tiny_llama_dir):
+    """run_recbole_llm trains E4SRec with LLMTrainer, saves its pluggable part, and its test result is
+    that checkpoint's full-ranking evaluation, not the untrained model's."""
     from recbole_llm import run_recbole_llm
+    from recbole_llm.quick_start import build
+    from recbole_llm.trainer.llm_trainer import LLMTrainer
 
     name, overrides = tiny_data
     settings = {**overrides, "llm_path": str(tiny_llama_dir), "lora_r": 4, "id_model_config": {"epochs": 1},
                 "epochs": 1, "train_rows_per_epoch": 64}
     result = run_recbole_llm("E4SRec", name, config_dict=settings)
-    assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
+    checkpoints = list(Path(overrides["checkpoint_dir"]).glob("E4SRec-*.pth"))
+    assert len(checkpoints) == 1
+
+    _, fresh, trainer, (_, _, test) = build("E4SRec", name, config_dict=settings)
+    assert isinstance(trainer, LLMTrainer)
+    untrained = trainer.evaluate(test, load_best_model=False, show_progress=False)
+    trained = trainer.evaluate(test, load_best_model=True, model_file=str(checkpoints[0]), show_progress=False)
+    assert dict(trained) == pytest.approx(dict(result["test_result"]), abs=1e-4)
+    assert dict(untrained) != pytest.approx(dict(trained), abs=1e-4)
 
 
 def test_cosine_schedule_decays_per_step_and_a_resumed_epoch_continues_the_curve(tiny_data, tiny_llama_dir):

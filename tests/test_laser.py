@@ -1,4 +1,7 @@
-"""Laser: frozen LLM and ID model, M-Former routing, full ranking, pluggable save/load, bad input."""
+"""Laser: frozen LLM and ID model, a gradient for every trainable part at the first step, the router sets the
+mix of query experts, prefix and suffix each move the scores, full ranking, pluggable save/load, ablations, bad input.
+
+Each mechanism test was checked by breaking the mechanism by hand (see the docstring of the test or the commit)."""
 import pytest
 import torch
 from recbole.data import create_dataset, data_preparation
@@ -33,6 +36,15 @@ def _setup(tiny_data, tiny_llama_dir, **settings):
 
 
 
+def _parameters_without_gradient(model, interaction):
+    """Names of trainable parameters whose gradient is missing or all zero after one backward pass."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model.calculate_loss(interaction).backward()
+    return [name for name, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not p.grad.abs().max() > 0)]
+
+
 @pytest.fixture
 def laser(tiny_data, tiny_llama_dir):
     return _setup(tiny_data, tiny_llama_dir)
@@ -64,8 +76,94 @@ def test_router_weights_sum_to_one_per_user_with_top_k_experts(laser):
     assert weights.shape == (interaction.length, 3)
     assert torch.allclose(weights.sum(-1), torch.ones(interaction.length), atol=1e-6)
     assert ((weights > 0).sum(-1) == 2).all()  # router_top_k=2 of 3 experts
-    _, balance = model.mformer.route(model.id_encodings(interaction["item_id_list"], interaction["item_length"])[2])
-    assert balance.item() >= 1.0 - 1e-5  # Switch-style balance loss is >= 1, = 1 when balanced
+
+
+def test_balance_loss_is_one_for_a_uniform_router_grows_when_users_crowd_and_joins_the_loss(laser):
+    _, model, train, _, _ = laser
+    interaction = first_batch(train)
+    user = model.id_encodings(interaction["item_id_list"], interaction["item_length"])[2]
+    router = model.mformer.router
+    model.eval()  # no dropout: the two losses below differ only by the balance term
+    with torch.no_grad():
+        router.weight.zero_()
+        router.bias.zero_()
+        uniform = model.mformer.route(user)[1]
+        router.bias.copy_(torch.tensor([5.0, 5.0, -5.0]))  # everyone to experts 0 and 1
+        crowded = model.mformer.route(user)[1]
+        with_balance = model.calculate_loss(interaction)
+        weight, model.balance_weight = model.balance_weight, 0.0
+        without_balance = model.calculate_loss(interaction)
+    assert uniform.item() == pytest.approx(1.0, abs=1e-5)
+    assert crowded.item() > 1.4  # 3 * (0.5 * 0.5 + 0.5 * 0.5) = 1.5 when two of three experts take everyone
+    assert weight > 0 and (with_balance - without_balance).item() == pytest.approx(weight * crowded.item(), rel=1e-3)
+
+
+def test_every_trainable_parameter_gets_a_gradient_at_the_first_step(laser):
+    """The output projection starts small, not zero: a zero mapping would give the suffix, the prefix
+    projection and M-Former exactly zero gradient at the first step."""
+    _, model, train, _, _ = laser
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("mformer.") for n in trainable) and "suffix" in trainable
+    assert _parameters_without_gradient(model, first_batch(train)) == []
+
+
+def test_routing_users_to_other_experts_changes_their_scores(laser):
+    _, model, _, _, test = laser
+    interaction = first_batch(test)
+    router = model.mformer.router
+    model.eval()
+    routed = {}
+    with torch.no_grad():
+        router.weight.zero_()
+        for name, bias in {"experts 0, 1": [5.0, 5.0, -5.0], "experts 1, 2": [-5.0, 5.0, 5.0]}.items():
+            router.bias.copy_(torch.tensor(bias))
+            routed[name] = model.router_weights(interaction), model.full_sort_predict(interaction)
+    (weights_a, scores_a), (weights_b, scores_b) = routed.values()
+    assert torch.allclose(weights_a, torch.tensor([0.5, 0.5, 0.0]).expand_as(weights_a), atol=1e-4)
+    assert torch.allclose(weights_b, torch.tensor([0.0, 0.5, 0.5]).expand_as(weights_b), atol=1e-4)
+    assert ((scores_a - scores_b).abs().amax(1) > 1e-5).all()  # every user's scores follow the routing
+
+
+def test_prefix_is_the_router_weighted_mix_of_expert_outputs_over_each_users_id_encodings(laser, monkeypatch):
+    _, model, _, _, test = laser
+    interaction = first_batch(test)
+    model.eval()
+    encodings, padding, user = model.id_encodings(interaction["item_id_list"], interaction["item_length"])
+
+    def prefix(weights):  # M-Former's output with the router's weights forced to ``weights`` for every user
+        monkeypatch.setattr(model.mformer, "route", lambda u: (weights.expand(u.size(0), -1), u.new_zeros(())))
+        with torch.no_grad():
+            return model.mformer(encodings, padding, user)[0]
+
+    experts = [prefix(torch.eye(3)[e]) for e in range(3)]
+    mixed = prefix(torch.tensor([0.25, 0.75, 0.0]))
+    assert torch.allclose(mixed, 0.25 * experts[0] + 0.75 * experts[1], atol=1e-5)
+    assert (experts[0] - experts[1]).abs().max() > 1e-2 and (experts[1] - experts[2]).abs().max() > 1e-2
+    # the queries read each user's own ID encodings: users with different histories get different prefixes
+    assert (experts[0][0] - experts[0][1]).abs().max() > 1e-2
+
+
+def test_prefix_and_suffix_each_change_every_users_scores(laser):
+    _, model, _, _, test = laser
+    interaction = first_batch(test)
+    model.eval()
+    scale = model.suffix.detach().std()  # the token-embedding scale
+
+    def scores():
+        with torch.no_grad():
+            return model.full_sort_predict(interaction)
+
+    base = scores()
+    assert torch.equal(base, scores())  # deterministic: any difference below comes from the perturbation
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.suffix.add_(scale * torch.randn_like(model.suffix))
+    after_suffix = scores()
+    with torch.no_grad():
+        model.prefix_projection.bias.add_(scale * torch.randn_like(model.prefix_projection.bias))
+    after_prefix = scores()
+    assert ((after_suffix - base).abs().amax(1) > 1e-5).all()
+    assert ((after_prefix - after_suffix).abs().amax(1) > 1e-5).all()
 
 
 def test_full_sort_covers_every_item_and_predict_agrees(laser):
@@ -131,17 +229,20 @@ def test_too_many_virtual_tokens_is_an_error_with_the_numbers(tiny_data, tiny_ll
 
 
 @pytest.mark.parametrize(
-    "ablation",
-    [{"use_prefix": False}, {"suffix_tokens": 0}, {"n_experts": 1, "router_top_k": 1},
-     {"item_repr": "id", "id_residual": False, "llm_layers": 1, "suffix_pooling": "last", "train_rows_per_epoch": 10}],
+    "ablation, removed",
+    [({"use_prefix": False}, ("mformer.", "prefix_projection.")),
+     ({"suffix_tokens": 0}, ("suffix",)),
+     ({"n_experts": 1, "router_top_k": 1}, ("mformer.router.",)),
+     ({"item_repr": "id", "id_residual": False, "llm_layers": 1, "suffix_pooling": "last", "train_rows_per_epoch": 10},
+      ("text_projection.",))],
     ids=["no_prefix", "no_suffix", "one_expert", "id_items_no_residual"],
 )
-def test_ablations_build_valid_models(tiny_data, tiny_llama_dir, ablation):
+def test_ablations_drop_their_part_and_train_every_remaining_parameter(tiny_data, tiny_llama_dir, ablation, removed):
     _, model, train, _, test = _setup(tiny_data, tiny_llama_dir, **ablation)
-    loss = model.calculate_loss(first_batch(train))
-    assert torch.isfinite(loss)
-    loss.backward()
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not [name for name in trainable if name.startswith(removed)]
+    assert _parameters_without_gradient(model, first_batch(train)) == []
     interaction = first_batch(test)
     with torch.no_grad():
         scores = model.eval().full_sort_predict(interaction)
-    assert scores.shape == (interaction.length, model.n_items) and torch.isfinite(scores).all()
+    assert scores.shape == (interaction.length, model.n_items)

@@ -10,9 +10,10 @@ and ``load_state_dict`` below accepts it.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
+
+from recbole_llm.cache_io import atomic_save
 from recbole_llm.errors import InputError
 
 
@@ -36,11 +37,7 @@ class PluggableMixin:
 
     def save_pluggable(self, path: str | os.PathLike) -> None:
         """Write the trainable part to one file (temp file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"model": type(self).__name__, "state_dict": self.trainable_state_dict()}, tmp)
-        os.replace(tmp, path)
+        atomic_save({"model": type(self).__name__, "state_dict": self.trainable_state_dict()}, path)
 
     def load_pluggable(self, path: str | os.PathLike) -> None:
         """Load what :meth:`save_pluggable` wrote."""

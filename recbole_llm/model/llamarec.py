@@ -34,11 +34,8 @@ top-k (``w = 0`` is the paper; the trainer picks ``w`` on validation when
 """
 from __future__ import annotations
 
-import os
 import random
-import shutil
 from logging import getLogger
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +43,7 @@ from recbole.data.interaction import Interaction
 from recbole.model.abstract_recommender import SequentialRecommender
 from tqdm import tqdm
 
+from recbole_llm.cache_io import atomic_target
 from recbole_llm.data.item_text import item_texts
 from recbole_llm.llm.backbone import apply_lora, load_causal_lm, set_num_threads
 from recbole_llm.llm.pluggable import PluggableMixin
@@ -243,12 +241,8 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
     def save_adapter(self, path) -> None:
         """The ranker's LoRA adapter as a PEFT directory (``PeftModel.from_pretrained``
         or the ``ranker_adapter`` setting loads it), written to a temp dir, then renamed."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.llm.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        with atomic_target(path) as tmp:
+            self.llm.save_pretrained(tmp)
 
     def predict(self, interaction):
         scores = self.full_sort_predict(interaction)

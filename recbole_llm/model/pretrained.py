@@ -20,6 +20,7 @@ import torch
 from recbole.data import create_dataset, data_preparation
 
 from recbole_llm import compat, registry
+from recbole_llm.cache_io import atomic_save, cache_lock, guarded_load
 from recbole_llm.data.datasets import drop_exact_duplicates
 from recbole_llm.errors import InputError, MissingInputError
 
@@ -69,13 +70,18 @@ def cache_key(config) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def load_state(model, checkpoint: str | os.PathLike, setting: str) -> None:
-    """Load a RecBole checkpoint (or a bare state dict) into ``model`` with a clear error
-    when it was made for another dataset or model."""
+def load_state(model, checkpoint: str | os.PathLike, setting: str, saved: dict | None = None) -> None:
+    """Load a RecBole checkpoint (or a bare state dict; ``saved`` when already read) into
+    ``model`` with a clear error when it is unreadable or was made for another dataset or model."""
     path = Path(checkpoint)
-    if not path.is_file():
-        raise MissingInputError(f"{setting}={checkpoint!r} does not exist (expected a RecBole .pth checkpoint).")
-    saved = torch.load(path, map_location="cpu", weights_only=False)  # RecBole pickles its Config in it
+    if saved is None:
+        if not path.is_file():
+            raise MissingInputError(f"{setting}={checkpoint!r} does not exist (expected a RecBole .pth checkpoint).")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False)  # RecBole pickles its Config in it
+        except Exception as error:  # noqa: BLE001 - truncated, corrupt or not a torch file
+            raise InputError(f"{setting}={checkpoint!r} cannot be read ({type(error).__name__}: {str(error)[:80]}); "
+                             "point it at a complete RecBole .pth checkpoint, or drop it to train one.") from None
     state = saved.get("state_dict", saved)
     own = model.state_dict()
     mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape}
@@ -134,16 +140,15 @@ def _load_or_train(config, dataset, model_name, checkpoint, overrides, setting):
         logger.info(f"stage 1: {model_name} loaded from {checkpoint}")
     else:
         cache = Path(config["checkpoint_dir"]) / "stage1" / f"{model_name}-{config['dataset']}-{cache_key(id_config)}.pth"
-        if cache.is_file():
-            load_state(model, cache, "stage-1 cache")
-            logger.info(f"stage 1: {model_name} reused from {cache}")
-        else:
-            logger.info(f"stage 1: training {model_name} on {config['dataset']} (cached as {cache})")
-            train_id_model(id_config, model, dataset.item_num)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            torch.save({"state_dict": model.state_dict(), "model": model_name}, tmp)
-            os.replace(tmp, cache)
+        with cache_lock(cache, logger):  # a second run with the same stage 1 waits for this one, then reuses it
+            saved = guarded_load(cache, what="stage-1 cache", logger=logger)
+            if saved is not None:
+                load_state(model, cache, "stage-1 cache", saved=saved)
+                logger.info(f"stage 1: {model_name} reused from {cache}")
+            else:
+                logger.info(f"stage 1: training {model_name} on {config['dataset']} (cached as {cache})")
+                train_id_model(id_config, model, dataset.item_num)
+                atomic_save({"state_dict": model.state_dict(), "model": model_name}, cache)
     return _frozen(model)
 
 

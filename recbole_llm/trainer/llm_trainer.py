@@ -10,12 +10,11 @@ evaluation, logging) is RecBole's.
 from __future__ import annotations
 
 import math
-import os
 
-import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
+from recbole_llm.cache_io import atomic_save, unique_checkpoint_name
 from recbole_llm.errors import InputError
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -30,6 +29,7 @@ def cosine_factor(step: int, total: int) -> float:
 class LLMTrainer(Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
+        self.saved_model_file = unique_checkpoint_name(self.saved_model_file)  # runs started together differ
         self.lr_schedule = (config["lr_schedule"] if "lr_schedule" in config else None) or "constant"
         if self.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.lr_schedule!r}")
@@ -72,8 +72,6 @@ class LLMTrainer(Trainer):
             "other_parameter": self.model.other_parameter(),
             "optimizer": self.optimizer.state_dict(),
         }
-        tmp = f"{saved_model_file}.tmp"
-        torch.save(state, tmp, pickle_protocol=4)
-        os.replace(tmp, saved_model_file)
+        atomic_save(state, saved_model_file, pickle_protocol=4)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")

@@ -18,7 +18,6 @@ most one epoch (one ``ranker_eval_step`` for the ranker).
 from __future__ import annotations
 
 import functools
-import os
 import random
 from logging import getLogger
 from pathlib import Path
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from recbole.trainer import Trainer
+
+from recbole_llm.cache_io import atomic_save, guarded_load, unique_checkpoint_name
 
 
 def resume_path(config, what: str) -> Path:
@@ -62,14 +63,13 @@ def set_rng_state(state: dict, loader=None) -> None:
 
 def save_state(path: Path, state: dict) -> None:
     """Write ``state`` so that a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_save(state, path)
 
 
-def load_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own file (numpy RNG state inside)
+def load_state(path: Path) -> dict | None:
+    """The resume state at ``path``; None when there is none, or when it is unreadable (then it
+    is logged and removed, and the run starts over)."""
+    return guarded_load(path, what="resume state")  # our own file (numpy RNG state inside)
 
 
 def trainable_weights(model) -> dict:
@@ -83,10 +83,15 @@ class ResumableTrainer:
 
     _resume_file: Path | None = None
 
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.saved_model_file = unique_checkpoint_name(self.saved_model_file)  # runs started together differ
+
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         path = resume_path(self.config, "fit")
-        if path.is_file() and wants_resume(self.config):
-            self._restore(load_state(path), train_data, path)
+        state = load_state(path) if wants_resume(self.config) else None
+        if state is not None:
+            self._restore(state, train_data, path)
         self._resume_file = path if self._is_main_process() else None
         result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         if self._resume_file is not None:

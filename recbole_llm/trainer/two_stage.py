@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -42,6 +41,7 @@ from recbole.utils import set_color
 from tqdm import tqdm
 
 from recbole_llm import compat
+from recbole_llm.cache_io import atomic_save, cache_lock, guarded_load
 from recbole_llm.trainer.llm_trainer import LLMTrainer
 from recbole_llm.trainer.resume import (
     load_state, resume_path, rng_state, save_state, set_rng_state, trainable_weights, wants_resume,
@@ -127,10 +127,19 @@ class LlamaRecTrainer(LLMTrainer):
         path = self.cache_dir / f"candidates-{digest.hexdigest()[:16]}.pt"
         histories = [model._histories(interaction) for interaction, *_ in batches]
         targets = [interaction[model.ITEM_ID].cpu() for interaction, *_ in batches]
-        if path.is_file():
-            saved = torch.load(path, weights_only=True)
-            self.logger.info(f"candidates reused from {path}")
-            return EvalPhase(saved["candidates"], saved["retrieval"], targets, histories)
+        with cache_lock(path, self.logger):  # a second run with the same inputs waits, then reuses
+            saved = guarded_load(path, lambda p: torch.load(p, weights_only=True), "candidates cache", self.logger)
+            if saved is not None:
+                self.logger.info(f"candidates reused from {path}")
+                return EvalPhase(saved["candidates"], saved["retrieval"], targets, histories)
+            candidates, retrieval = self._retrieve(batches, show_progress)
+            atomic_save({"candidates": candidates, "retrieval": retrieval}, path)
+        self.logger.info(f"candidates ({eval_data._dataset.inter_num} rows, k={model.k}) cached in {path}")
+        return EvalPhase(candidates, retrieval, targets, histories)
+
+    def _retrieve(self, batches, show_progress):
+        """The retriever's top-k candidates of every batch and their retrieval scores."""
+        model = self.model
         candidates, retrieval = [], []
         for interaction, *_ in tqdm(batches, desc="Candidates", disable=not show_progress):
             interaction = interaction.to(self.device)
@@ -138,12 +147,7 @@ class LlamaRecTrainer(LLMTrainer):
             top = model.top_candidates(scores, model.candidate_exclusion(interaction))
             candidates.append(top.cpu())
             retrieval.append(scores.gather(1, top).cpu())
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"candidates": candidates, "retrieval": retrieval}, tmp)
-        os.replace(tmp, path)
-        self.logger.info(f"candidates ({eval_data._dataset.inter_num} rows, k={model.k}) cached in {path}")
-        return EvalPhase(candidates, retrieval, targets, histories)
+        return candidates, retrieval
 
     def _score_phase(self, phase: EvalPhase, show_progress, hits_only: bool = False) -> None:
         """The ranker's scores of every row's candidates. ``hits_only`` (validation) scores only
@@ -194,7 +198,7 @@ class LlamaRecTrainer(LLMTrainer):
         """The saved ranker state if there is one (and resume is on): rank 0's, on every rank."""
         if not wants_resume(self.config):
             return None
-        state = [load_state(resume_file) if self.is_main_process and resume_file.is_file() else None]
+        state = [load_state(resume_file) if self.is_main_process else None]
         if self.world_size > 1:
             dist.broadcast_object_list(state, src=0)
         return state[0]

@@ -1,0 +1,96 @@
+"""Cached artefacts on disk, written and read so that nothing half-written is ever used.
+
+* :func:`atomic_target` / :func:`atomic_save`: every cache write goes to a unique temp name in
+  the target's own folder, then one rename; a kill leaves the old file or the new one, and
+  two runs writing the same cache never share a temp file.
+* :func:`guarded_load`: every cache read; a truncated or corrupt file is logged with its path,
+  removed, and reported as absent, so the caller rebuilds it instead of failing.
+* :func:`cache_lock`: one inter-process lock per cache key (``filelock``), so two runs that
+  need the same artefact build it once: the second waits, then reuses the first's.
+* :func:`unique_checkpoint_name`: RecBole names checkpoints ``<model>-<time>.pth`` to the
+  second; two runs started together would write the same file.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from logging import getLogger
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
+    """A unique temp path beside ``path`` to write a file or a folder to; when the block ends
+    without error it replaces ``path`` in one rename, otherwise it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():  # a folder cannot be renamed onto a non-empty one
+            _remove(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+
+
+def atomic_save(obj, path: str | os.PathLike, **kwargs) -> None:
+    """``torch.save(obj, path)`` through :func:`atomic_target`."""
+    with atomic_target(path) as tmp:
+        torch.save(obj, tmp, **kwargs)
+
+
+def guarded_load(path: str | os.PathLike, load: Callable | None = None, what: str = "cache", logger=None):
+    """``load(path)`` (default: ``torch.load`` on the CPU), or None when there is no file or it
+    cannot be read: a truncated or corrupt file is logged with its path and removed, and the
+    caller builds it again."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    load = load or (lambda p: torch.load(p, map_location="cpu", weights_only=False))
+    try:
+        return load(path)
+    except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt, whatever the reader raised
+        (logger or getLogger()).warning(
+            f"{what} {path} is unreadable ({type(error).__name__}: {str(error)[:120]}); removed, it is rebuilt."
+        )
+        _remove(path)
+        return None
+
+
+@contextmanager
+def cache_lock(path: str | os.PathLike, logger=None) -> Iterator[None]:
+    """Hold the lock of the cache at ``path`` (``<path>.lock``) for the block; says so once
+    when another run holds it and this one waits."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path.with_name(path.name + ".lock")))
+    try:
+        lock.acquire(timeout=0)
+    except TimeoutError:
+        (logger or getLogger()).info(f"waiting for another run that is building {path}")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def unique_checkpoint_name(saved_model_file: str) -> str:
+    """RecBole's ``<dir>/<model>-<time>.pth`` with a short random tag before ``.pth``."""
+    stem, suffix = os.path.splitext(saved_model_file)
+    return f"{stem}-{uuid.uuid4().hex[:6]}{suffix}"

@@ -1,0 +1,123 @@
+"""Caches: atomic writes, reads that heal a corrupt file, one lock per cache key, and
+checkpoint names that two runs started together do not share."""
+import logging
+import threading
+
+import pytest
+import torch
+from recbole.data import create_dataset, data_preparation
+
+from recbole_llm import load_config
+from recbole_llm.cache_io import atomic_save, atomic_target, cache_lock, guarded_load, unique_checkpoint_name
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "cache.pt"
+    atomic_save({"v": 1}, path)
+    with pytest.raises(RuntimeError):
+        with atomic_target(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed mid-write")
+    assert torch.load(path) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.pt"]
+
+
+def test_a_folder_replaces_the_old_folder(tmp_path):
+    target = tmp_path / "adapter"
+    for version in ("old", "new"):
+        with atomic_target(target) as tmp:
+            tmp.mkdir()
+            (tmp / version).write_text(version)
+    assert [p.name for p in target.iterdir()] == ["new"]
+
+
+def test_two_writers_never_share_a_temp_name(tmp_path):
+    with atomic_target(tmp_path / "x") as first, atomic_target(tmp_path / "x") as second:
+        assert first != second and first.parent == second.parent == tmp_path
+        first.write_text("1")
+        second.write_text("2")
+    assert (tmp_path / "x").read_text() in ("1", "2")
+
+
+def test_a_truncated_cache_is_logged_removed_and_rebuilt(tmp_path, caplog):
+    path = tmp_path / "cache.pt"
+    atomic_save({"weights": torch.arange(1000)}, path)
+    path.write_bytes(path.read_bytes()[:100])  # a kill during a non-atomic write
+    with caplog.at_level(logging.WARNING):
+        assert guarded_load(path, what="stage-1 cache") is None
+    assert str(path) in caplog.text and "stage-1 cache" in caplog.text
+    assert not path.exists()
+    assert guarded_load(tmp_path / "absent.pt") is None
+
+
+def test_the_second_run_waits_for_the_first_and_reuses_its_result(tmp_path):
+    """Two 'runs' need the same cache: the builder runs once, both get its result."""
+    path, builds, results, first_inside = tmp_path / "shared.pt", [], [], threading.Event()
+
+    def run(release=None):
+        with cache_lock(path):
+            if release is not None:
+                first_inside.set()
+                release.wait()
+            value = guarded_load(path)
+            if value is None:
+                builds.append(1)
+                value = {"built": len(builds)}
+                atomic_save(value, path)
+        results.append(value)
+
+    release = threading.Event()
+    first = threading.Thread(target=run, args=(release,))
+    first.start()
+    first_inside.wait()
+    second = threading.Thread(target=run)
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive()  # blocked on the lock while the first builds
+    release.set()
+    first.join()
+    second.join()
+    assert builds == [1] and results == [{"built": 1}, {"built": 1}]
+
+
+def test_checkpoint_names_of_runs_started_in_the_same_second_differ(tiny_data):
+    from recbole_llm.model.lrurec import LRURec
+    from recbole_llm.registry import get_trainer
+
+    name, overrides = tiny_data
+    config = load_config("LRURec", name, config_dict=overrides)
+    train, _, _ = data_preparation(config, create_dataset(config))
+    trainer_class = get_trainer(LRURec)
+    first, second = (trainer_class(config, LRURec(config, train._dataset)) for _ in range(2))
+    assert first.saved_model_file != second.saved_model_file
+    assert unique_checkpoint_name("saved/LRURec-Nov-30.pth").startswith("saved/LRURec-Nov-30-")
+
+
+def test_corrupt_stage1_cache_and_resume_file_are_rebuilt(tiny_data, tiny_llama_dir, caplog):
+    """A truncated stage-1 checkpoint and a truncated resume file: logged with their paths,
+    removed, rebuilt; the run ends as a clean one does."""
+    from pathlib import Path
+
+    from recbole_llm.quick_start import run
+
+    name, overrides = tiny_data
+    settings = {**overrides, "llm_path": str(tiny_llama_dir), "id_model_config": {"epochs": 1}, "epochs": 1,
+                "train_rows_per_epoch": 16, "lora_r": 2}
+    clean = run("E4SRec", name, config_dict=settings)
+    stage1 = next((Path(overrides["checkpoint_dir"]) / "stage1").glob("SASRec-*.pth"))
+    stage1.write_bytes(stage1.read_bytes()[:64])
+    resume = Path(overrides["checkpoint_dir"]) / "resume" / "E4SRec-tiny-fit-0.pth"
+    resume.parent.mkdir(parents=True, exist_ok=True)
+    resume.write_bytes(b"\x80\x02garbage")
+    import recbole_llm.trainer.resume as resume_module
+
+    real_path = resume_module.resume_path
+    resume_module.resume_path = lambda config, what: resume if config["model"] == "E4SRec" else real_path(config, what)
+    try:
+        with caplog.at_level(logging.WARNING):
+            again = run("E4SRec", name, config_dict=settings)
+    finally:
+        resume_module.resume_path = real_path
+    assert str(stage1) in caplog.text and str(resume) in caplog.text
+    assert stage1.is_file() and torch.load(stage1, weights_only=False)["model"] == "SASRec"
+    assert again["test_result"] == clean["test_result"]

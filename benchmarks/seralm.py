@@ -152,10 +152,10 @@ def run_base(base: str, dataset: str, shared: dict, own: dict, seed: int | None 
     if seed is not None:
         aligned = {"llm_adapter": str(aligned_adapter(base, dataset, settings))}
         settings["seed"] = seed
-    for label, model, extra in [
+    for label, model, extra in [  # the aligned run first: the longest, and the one alignment changes
+        ("Base+SeRALM", "SeRALM", {"base_model": base, **aligned}),
         ("Base", base, {}),
         ("Base+NA_LLM", "SeRALM", {"base_model": base, "alignment_iterations": 0}),
-        ("Base+SeRALM", "SeRALM", {"base_model": base, **aligned}),
     ]:
         result, trainer, net, test, minutes = train_and_test(model, dataset, {**settings, **extra})
         runs[label] = (net, test)

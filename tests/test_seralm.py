@@ -203,9 +203,10 @@ def test_alignment_gradient_matches_eq_6_and_8_by_hand():
         expected = -advantage * sum(w * g for w, g in zip(kept, per_token))
         assert torch.allclose(grad(kl_coef=0.0, ratio_baseline=baseline, logp_old=stale, importance_clip=0.2),
                               expected, atol=1e-6), rho
-    unclipped = -1.0 * (1.5 * per_token[0] + 0.5 * per_token[1])
-    assert torch.allclose(grad(kl_coef=0.0, ratio_baseline=1.0, logp_old=logp_now - torch.log(torch.tensor([[1.5, 0.5]])),
-                               importance_clip=None), unclipped, atol=1e-6)
+    unclipped = -1.0 * (1.5 * per_token[0] + 0.5 * per_token[1])  # importance_clip ~: plain importance weights
+    stale = logp_now - torch.log(torch.tensor([[1.5, 0.5]]))
+    assert torch.allclose(grad(kl_coef=0.0, ratio_baseline=1.0, logp_old=stale, importance_clip=None), unclipped,
+                          atol=1e-6)
 
 
 def test_kl_is_zero_when_the_adapter_is_zero(tiny_llama_dir, embedded_tokenizer):
@@ -487,7 +488,7 @@ def test_alignment_step_weights_a_stale_sample_by_its_importance_ratio(seralm_en
     torch.manual_seed(0)
     sample = trainer.make_job(llm, tokenizer, model, model, fields)(batch)
     lora = [p for p in llm.parameters() if p.requires_grad]
-    frozen = [torch.optim.SGD(lora, lr=0.0), torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)]
+    frozen = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0) for m in (llm, model)]
 
     def step(logp_old):
         sample.logp_old = logp_old

@@ -197,7 +197,9 @@ class SeRALM(SequentialRecommender):
         logger = getLogger()
         self.base_model_name = setting(config, "base_model", "SASRec")
         base_class = self._base_class(self.base_model_name)
-        overrides = {key: config[key] for key in ("MAX_ITEM_LIST_LENGTH", "loss_type", "train_neg_sample_args")}
+        overrides = {key: config[key] for key in ("MAX_ITEM_LIST_LENGTH", "loss_type")}
+        if config["loss_type"] != "CE":  # RecBole refuses any train_neg_sample_args (even 'none') with CE
+            overrides["train_neg_sample_args"] = config["train_neg_sample_args"]
         overrides.update(setting(config, "base_model_config", {}))
         self.base_config = id_model_config(config, self.base_model_name, overrides)
         self.base = base_class(self.base_config, dataset)

@@ -138,7 +138,7 @@ def per_token_kl(log_probs_align: torch.Tensor, log_probs_orig: torch.Tensor) ->
 
 def alignment_loss(logp_align, logp_orig, mask, log_p_rec, log_p_ref, kl_coef: float = 0.1,
                    ratio_baseline: float = 1.0, ratio_clip: float | None = None, kl_tokens=None,
-                   logp_old=None, importance_clip: float | None = 0.2):
+                   logp_old=None, importance_clip: float | None = None):
     """The LLM's loss whose gradient descent is the update of Eq. 8 (see the module docstring).
 
     ``logp_align`` [B, T] (with gradient) and ``logp_orig`` [B, T]: per-token log-probabilities of

@@ -71,9 +71,9 @@ def check_model_name(name) -> None:
     same = [known for known in model_names() if known.lower() == name.lower()]
     lowered = {known.lower(): known for known in model_names()}
     close = same or [lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.75)]
-    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    hint = f": did you mean {' or '.join(close)}?" if close else "."
     raise InputError(
-        f"Unknown model {name!r}.{hint} Model names are case-sensitive. recbole-llm models: "
+        f"Unknown model {name!r}{hint} Model names are case-sensitive. recbole-llm models: "
         f"{', '.join(registry.our_models())}; RecBole sequential models: "
         f"{', '.join(registry.recbole_sequential_models())} (or any other RecBole model)."
     )
@@ -163,8 +163,8 @@ def warn_unknown_settings(user: dict, known: frozenset) -> None:
     for key, where in user.items():
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.7)
-            hint = f" Did you mean {close[0]}?" if close else ""
-            warn_once(f"Setting {key!r} ({where}) is not a setting of RecBole or recbole-llm, so nothing reads it.{hint}")
+            hint = f"; did you mean {close[0]}?" if close else "."
+            warn_once(f"Setting {key!r} ({where}) is not a setting of RecBole or recbole-llm, so nothing reads it{hint}")
 
 
 def check_ranges(config) -> None:

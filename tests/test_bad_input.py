@@ -306,7 +306,7 @@ def test_unknown_setting_gets_did_you_mean(tiny_data, caplog):
     with caplog.at_level(logging.WARNING):
         load_config("LRURec", name, config_dict={**overrides, "learnig_rate": 0.01})
     assert any("'learnig_rate' (in config_dict) is not a setting of RecBole or recbole-llm" in m
-               and "Did you mean learning_rate?" in m for m in _warnings(caplog))
+               and "did you mean learning_rate?" in m for m in _warnings(caplog))
 
 
 def test_key_space_value_is_refused_with_the_right_form(tiny_data, monkeypatch):
@@ -356,7 +356,7 @@ def test_config_file_that_cannot_be_read(tiny_data, tmp_path, text, problem):
 
 @pytest.mark.parametrize("given, suggested", [("llamarec", "LlamaRec"), ("sasrec", "SASRec"), ("LRURek", "LRURec")])
 def test_model_name_in_another_case_or_misspelt(given, suggested):
-    with pytest.raises(InputError, match=rf"Unknown model '{given}'. Did you mean {suggested}\?"):
+    with pytest.raises(InputError, match=rf"Unknown model '{given}': did you mean {suggested}\?"):
         load_config(given, "tiny")
 
 

@@ -120,7 +120,7 @@ def _cli_args(tiny_data, tmp_path, models, *extra):
 
 
 @pytest.mark.parametrize("models, extra, message", [
-    ("LRURec,LlamaRek", (), "error: Unknown model 'LlamaRek'. Did you mean LlamaRec?"),
+    ("LRURec,LlamaRek", (), "error: Unknown model 'LlamaRek': did you mean LlamaRec?"),
     ("LRURec,LlamaRec", ("--candidate_k=30",), "error: candidate_k=30 is out of range"),
 ], ids=["misspelt second name", "second model's setting"])
 def test_cli_checks_every_model_before_the_first_trains(tiny_data, tmp_path, monkeypatch, models, extra, message):

@@ -141,10 +141,12 @@ def aligned_adapter(base: str, dataset: str, settings: dict) -> Path:
     return path
 
 
-def run_base(base: str, dataset: str, shared: dict, own: dict, seed: int | None = None) -> dict:
+def run_base(base: str, dataset: str, shared: dict, own: dict, seed: int | None = None, save=None) -> dict:
     """Base, Base+NA_LLM and Base+SeRALM of one base model, and their full-ranking latency.
 
     ``seed``: an extra run with that seed, whose Base+SeRALM uses the main run's aligned adapter.
+    ``save(record)`` is also called after each variant with the record so far (``unfinished``
+    names the variants still to run), so an interrupted run keeps what it measured.
     """
     runs, variants = {}, {}
     settings = {**shared, **own}
@@ -162,12 +164,13 @@ def run_base(base: str, dataset: str, shared: dict, own: dict, seed: int | None 
         stats = {k: v for k, v in getattr(trainer, "alignment_stats", {}).items() if isinstance(v, (int, float, str))}
         variants[label] = {**{m: float(result[m]) for m in METRICS}, "minutes": minutes, "alignment": stats}
         print(base, label, result, f"{minutes:.1f} min", stats, flush=True)
-    return {
-        "base": base, "overrides": own, "seed": seed, **aligned,
-        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(), "variants": variants, "test_users": len(runs["Base"][1]._dataset),
-        "latency_ms": {"base": 1000 * latency(*runs["Base"]), "seralm": 1000 * latency(*runs["Base+SeRALM"])},
-    }
+        record = {"base": base, "overrides": own, "seed": seed, **aligned,
+                  "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+                  "variants": variants, "test_users": len(test._dataset)}
+        if len(variants) < len(VARIANTS) and save is not None:
+            save({**record, "unfinished": [v for v in VARIANTS if v not in variants]})
+    record["latency_ms"] = {"base": 1000 * latency(*runs["Base"]), "seralm": 1000 * latency(*runs["Base+SeRALM"])}
+    return record
 
 
 def run_timing(dataset: str, shared: dict, iterations: int, n_items: int) -> dict:
@@ -188,6 +191,15 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
     """
     rows, checks, latency_rows, provenance = [], [], [], []
     for base, runs in records.items():
+        if runs[0].get("unfinished"):  # an interrupted main run: what it measured, no comparison
+            runs = runs[:1]
+            rows += [[base, label, 1, *(f"{100 * runs[0]['variants'][label][m]:.2f}" for m in METRICS), "-",
+                      f"{runs[0]['variants'][label]['minutes']:.1f}"] if label in runs[0]["variants"]
+                     else [base, label, 0, "not finished", "-", "-", "-"] for label in VARIANTS]
+            checks.append(f"- {base}: the run was stopped before {', '.join(runs[0]['unfinished'])} finished: "
+                          "no comparison")
+            provenance.append(f"- {base}: measured {runs[0]['measured']}; `{runs[0]['command']}`; {runs[0]['machine']}")
+            continue
         hits = {label: [run["variants"][label]["hit@10"] for run in runs] for label in VARIANTS}
         for label in VARIANTS:
             ndcgs = [run["variants"][label]["ndcg@10"] for run in runs]
@@ -276,8 +288,10 @@ def main():
         for base in filter(None, args.models.split(",")):  # --models= only rewrites the section
             own = parse_overrides(per_base.get(base, []))
             for seed in seeds:
-                record = run_base(base, args.dataset, shared, own, seed)
-                write_record(record_file(args.dataset, base, seed), {**record, **how})
+                path = record_file(args.dataset, base, seed)
+                record = run_base(base, args.dataset, shared, own, seed,
+                                  save=lambda partial, path=path: write_record(path, {**partial, **how}))
+                write_record(path, {**record, **how})
         if args.timing == "yes" or (args.timing == "auto" and load_record(timing_file) is None):
             timing = run_timing(args.dataset, shared, args.timing_iterations, args.latency_items)
             write_record(timing_file, {**timing, **how})

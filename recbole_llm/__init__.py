@@ -1,8 +1,9 @@
 """recbole-llm: LLM-based sequential recommenders as ordinary RecBole models."""
-from recbole_llm import compat, registry
+from recbole_llm import compat, plugin, registry
 
 compat.apply()
 registry.register_datasets()
+plugin.install()  # RecBole's own run_recbole, objective_function, Config... find our models by name
 
 from recbole_llm.quick_start import load_config, run, run_recbole_llm  # noqa: E402
 

@@ -6,8 +6,8 @@ on a tiny dataset and its outcome goes to the "bad_input" section of docs/RESULT
 A case ends in one of: a clear line (``error: ...``, exit status 1, no traceback), a warning
 (the run goes on; the warning names the file or setting, the count and the fix), or a correct
 result (the run trains and tests). Any other exception is recorded as a TRACEBACK, a failure.
-Cases of LLM settings stop at the pre-flight check (``load_config``) where the input is fine
-for it, so that no LLM is trained; the stage-1 case trains the retriever for one epoch.
+Cases of LLM settings stop at the pre-flight check (``load_config`` and ``preflight``, what
+the run does before stage 1) where the input is fine for it, so that no LLM is trained; the stage-1 case trains the retriever for one epoch.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class Case:
     args: list = field(default_factory=list)  # command-line arguments after --model/--dataset/--config_files
     prepare: Callable[[Path], None] | None = None  # edits the case folder (data in data/tiny)
     model: str = "LRURec"
-    entry: str = "cli"  # cli: run_recbole_llm.py for real; preflight: load_config only; stage1: train stage 1
+    entry: str = "cli"  # cli: run_recbole_llm.py for real; preflight: load_config + preflight; stage1: train stage 1
 
 
 # ------------------------------------------------------------------ edits of the tiny dataset
@@ -226,7 +226,7 @@ def run_case(case: Case, folder: Path) -> tuple[str, str]:
                               if r.name == "recbole_llm" and r.levelno >= logging.WARNING))
     if case.entry == "stage1":
         report = next(r.getMessage() for r in captured.records if r.getMessage().startswith("stage 1:"))
-        return "logged", report.replace("\n  ", "; ")
+        return "logged", report.replace(" with\n  ", " with: ").replace("\n  ", "; ")
     if ours:
         return "warning", " / ".join(ours) + (f" (then: {result})" if result else "")
     return "correct result", result
@@ -236,7 +236,10 @@ def _run(case, argv, load_config, cli) -> str:
     if case.entry == "cli":
         results = cli.main(argv)
         return "; ".join(f"{model} trained, test ndcg@10 {r['test_result']['ndcg@10']:.4f}" for model, r in results.items())
+    from recbole_llm.quick_start import preflight
+
     config = load_config(case.model, "tiny", ["tiny.yaml"])
+    preflight(config)
     if case.entry == "preflight":
         return "pre-flight checks passed (no LLM loaded)"
     from recbole.data import create_dataset
@@ -250,6 +253,7 @@ def _run(case, argv, load_config, cli) -> str:
 
 
 def main():
+    own_argv = [os.path.abspath(sys.argv[0]), *sys.argv[1:]]  # each case sets sys.argv (RecBole's Config reads it)
     only = next((arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith("--only=")), None)
     chosen = [int(n) for n in only.split(",")] if only else range(len(CASES))
     logging.getLogger("recbole_llm").setLevel(logging.INFO)
@@ -259,18 +263,20 @@ def main():
             case = CASES[n]
             outcome, seen = run_case(case, Path(tmp) / f"case{n}")
             counts[outcome] = counts.get(outcome, 0) + 1
-            rows.append([n, case.area, case.name, outcome, seen.replace("|", "\\|").replace("\n", " ")])
+            run = {"cli": "run_recbole_llm.py", "preflight": "pre-flight", "stage1": "stage 1"}[case.entry]
+            rows.append([n, case.area, case.name, run, outcome, seen.replace("|", "\\|").replace("\n", " ")])
             print(f"{n:2d} {outcome:14s} {case.name}: {seen[:150]}", file=sys.__stdout__, flush=True)
     os.chdir(ROOT)
+    sys.argv = own_argv
     summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(counts.items()))
     body = (
         f"{len(rows)} cases, each run for real through `run_recbole_llm.py` (in-process, `recbole_llm.cli.main`) on "
         "a tiny dataset (40 users x 12 interactions, 30 items; LRURec unless named), outcomes: "
         f"{summary}. A clear line is the one `error: ...` line the command prints (exit status 1, no traceback); "
-        "a warning lets the run go on (the run's result follows it); TRACEBACK would be a failure. Cases marked "
-        "pre-flight ran `load_config` only (its checks of the LLM settings pass and no LLM is trained); the "
+        "a warning lets the run go on (the run's result follows it); TRACEBACK would be a failure. Cases whose run is "
+        "pre-flight ran `load_config` and `preflight` only (what a run does before stage 1; their checks of the LLM settings pass and no LLM is trained); the "
         "stage-1 case trained the retriever for one epoch and shows the line it logged.\n\n"
-        + markdown_table(["#", "class", "case", "outcome", "what the user sees"], rows)
+        + markdown_table(["#", "class", "case", "run", "outcome", "what the user sees"], rows)
     )
     if not only:
         write_section("bad_input", "Bad input, tried for real", body)

@@ -2,9 +2,12 @@
 
     python run_recbole_llm.py --model=LRURec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
 
-``--model=LRURec,SASRec`` runs each model in turn, prints one comparison table and
-writes it to ``<checkpoint_dir>/comparison-<dataset>-<time>.{csv,json}``. Any other
-``--key=value`` is a RecBole config override, exactly as with ``run_recbole.py``.
+``--model=LRURec,SASRec`` checks every name and every model's settings first, then runs
+each model in turn, prints one comparison table and writes it to
+``<checkpoint_dir>/comparison-<dataset>-<time>.{csv,json}``; when a later model fails, the
+table of the models that finished is written before the error. Any other ``--key=value``
+is a RecBole config override, exactly as with ``run_recbole.py`` (``--key value``, which
+RecBole would ignore, is refused).
 """
 from __future__ import annotations
 

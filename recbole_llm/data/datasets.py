@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 
 import recbole
@@ -119,9 +120,8 @@ class AtomicFile:
     rows: list = field(default_factory=list)
     line_numbers: list = field(default_factory=list)
 
-    @property
-    def names(self) -> list:
-        return [name for name, _ in self.fields]
+    def __post_init__(self):
+        self.names = [name for name, _ in self.fields]
 
     def loaded(self, name: str) -> bool:
         return name in self.names and (self.columns is None or name in self.columns)
@@ -148,21 +148,22 @@ def read_atomic_file(path: Path, config, columns=None) -> AtomicFile:
     fields = _header(path, lines[0], separator)
     file = AtomicFile(path, fields, columns)
     floats = [i for i, (name, ftype) in enumerate(fields) if ftype == "float" and file.loaded(name)]
-    extra = []
+    extra, width = [], len(fields)
     for number, line in enumerate(lines[1:], start=2):
         values = line.split(separator)
-        if len(values) == 1 and not values[0].strip():
-            continue  # a blank line: pandas skips it
-        if len(values) < len(fields):
-            raise InputError(
-                f"{path}: line {number} has {len(values)} fields but the header has {len(fields)} "
-                f"({', '.join(file.names)}), separated by field_separator={separator!r}; RecBole would read "
-                f"the missing ones as empty. Fix or delete that line: {line[:120]!r}."
-            )
-        if len(values) > len(fields):
+        if len(values) != width:
+            if len(values) == 1 and not values[0].strip():
+                continue  # a blank line: pandas skips it
+            if len(values) < width:
+                raise InputError(
+                    f"{path}: line {number} has {len(values)} fields but the header has {width} "
+                    f"({', '.join(file.names)}), separated by field_separator={separator!r}; RecBole would read "
+                    f"the missing ones as empty. Fix or delete that line: {line[:120]!r}."
+                )
             extra.append(number)
-            values = values[:len(fields)]
-        _check_quotes(path, number, values, file.names)
+            values = values[:width]
+        if '"' in line:
+            _check_quotes(path, number, values, file.names)
         for i in floats:
             if values[i].strip() and not _is_number(values[i]):
                 raise InputError(
@@ -298,10 +299,10 @@ def check_time_field(config, inter: AtomicFile) -> None:
 def warn_duplicates(config, inter: AtomicFile) -> None:
     """Exact duplicate interactions (every loaded field equal): with leave-one-out a duplicate
     of the test target sits in the user's own history."""
-    indices = [i for i, name in enumerate(inter.names) if inter.loaded(name)]
+    key_of = itemgetter(*[i for i, name in enumerate(inter.names) if inter.loaded(name)])
     first_seen, duplicates, example = {}, 0, None
     for number, row in zip(inter.line_numbers, inter.rows):
-        key = tuple(row[i] for i in indices)
+        key = key_of(row)
         if key in first_seen:
             duplicates += 1
             example = example or (number, first_seen[key])

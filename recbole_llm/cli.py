@@ -50,8 +50,7 @@ def _main(argv=None):
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     if not models:
         raise InputError(f"--model={args.model!r} names no model; e.g. --model=LRURec or --model=LRURec,SASRec.")
-    for model in models:  # every name first, then every model's settings, before the first one trains
-        checks.check_model_name(model)
+    # every model's name and settings first (load_config checks both), before the first one trains
     configs = {model: load_config(model, args.dataset, config_files) for model in models}
     for config in configs.values():
         preflight(config)

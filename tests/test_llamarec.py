@@ -267,3 +267,45 @@ def test_loss_supervises_the_logits_that_inference_reads(llamarec, monkeypatch):
         expected += [torch.nn.functional.cross_entropy(letter_row, torch.tensor(answer[0])),
                      torch.nn.functional.cross_entropy(eos_row, torch.tensor(answer[1]))]
     assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-4)
+
+
+def test_ranker_training_stops_after_validations_without_improvement(llamarec, monkeypatch):
+    """Validation NDCG falls after the first check: with ranker_stopping_step 2 training stops at
+    the third validation (not the eighth the example budget allows) and keeps the first adapter."""
+    config, model, (train, valid, _) = llamarec
+    steps = 8  # the example budget: 8 steps of one training batch, a validation after each
+    config["ranker_max_train_examples"] = steps * train.step
+    config["ranker_eval_step"], config["ranker_stopping_step"] = 1, 2
+    trainer = LlamaRecTrainer(config, model)
+    curve, snapshots = iter([0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01]), []
+
+    def validation_ndcg(phase):
+        snapshots.append({n: p.detach().clone() for n, p in model.llm.named_parameters() if "lora_B" in n})
+        return next(curve)
+
+    monkeypatch.setattr(trainer, "_validation_ndcg", validation_ndcg)
+    trainer._train_ranker(train, trainer._phase(valid), show_progress=False)
+    assert len(snapshots) == 3 and trainer.cur_step == 1
+    best = snapshots[0]
+    assert all(torch.equal(p, best[n]) for n, p in model.llm.named_parameters() if n in best)
+
+
+@pytest.mark.parametrize("peak, chosen, tried", [(16.0, 16.0, [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]),
+                                                  (1.0, 1.0, [0.0, 0.5, 1.0, 2.0, 4.0])])
+def test_fusion_search_brackets_the_best_weight(llamarec, monkeypatch, peak, chosen, tried):
+    """The grid is extended by doubling its largest weight while that weight is the best, so the
+    chosen weight has a worse neighbour on each side."""
+    import math
+
+    config, model, (_, valid, _) = llamarec
+    config["fusion_weights"] = [0.0, 0.5, 1.0, 2.0, 4.0]
+    trainer = LlamaRecTrainer(config, model)
+    seen = []
+
+    def evaluate(data, load_best_model=True, **kwargs):
+        seen.append(model.fusion_weight)
+        return {"ndcg@10": 1.0 - abs(math.log2(model.fusion_weight + 1e-3) - math.log2(peak)) / 20}
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    results = trainer._fusion_curve(valid)
+    assert seen == tried and trainer._best_weight(results) == chosen

@@ -12,9 +12,12 @@ Stage 1 (the retriever) is trained or loaded when the model is built. This train
    ``ranker_eval_step`` steps it ranks the retriever candidates of the first
    ``ranker_valid_users`` validation users whose target is among them and keeps the
    adapter with the best NDCG@10 (rows whose target is not a candidate score the
-   same under any adapter);
+   same under any adapter); it stops after ``ranker_stopping_step`` validations
+   without a better one (RecBole's ``stopping_step``, counted in validations);
 3. scores every validation user once with the best adapter, then, with ``fusion``,
-   picks the fusion weight on validation from ``fusion_weights`` (0 = the paper);
+   picks the fusion weight on validation from ``fusion_weights`` (0 = the paper),
+   doubling the largest weight while it is the best, so the chosen weight is bracketed
+   by a worse one on each side (or is the grid's smallest); the curve is logged;
 4. evaluates with RecBole's evaluator over all items, and logs the paper's "valid
    retrieval subset" metrics (users whose target is among the candidates).
 
@@ -91,6 +94,7 @@ class LlamaRecTrainer(LLMTrainer):
         self.warmup = config["ranker_warmup_steps"]
         self.fusion = config["fusion"]
         self.fusion_weights = config["fusion_weights"]
+        self.stopping_step = config["ranker_stopping_step"]
         self.cache_dir = Path(config["checkpoint_dir"]) / "llamarec"
         self._phases: dict[int, EvalPhase] = {}
         self._active: EvalPhase | None = None
@@ -218,6 +222,7 @@ class LlamaRecTrainer(LLMTrainer):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
         self.best_valid_score, seen, step, running, passes, best_weights = -1.0, 0, 0, 0.0, 0, None
+        stale, stopped = 0, False  # validations since the best one; early stop
         resume_file = resume_path(self.config, "ranker")
         resumed = self._resume_state(resume_file)
         if resumed:
@@ -227,12 +232,13 @@ class LlamaRecTrainer(LLMTrainer):
             self.best_valid_score, self.cur_step = resumed["best_valid_score"], resumed["cur_step"]
             seen, step, self.saved_model_file = resumed["seen"], resumed["step"], resumed["saved_model_file"]
             passes, best_weights = resumed["passes"], resumed["best_weights"]
+            stale, stopped = resumed["stale"], resumed["stopped"]
             self.logger.info(f"resuming ranker training at step {step} ({seen} examples) from {resume_file} "
                              "(set resume: False to start over)")
         progress = tqdm(total=total_steps, initial=step, desc=set_color("Ranker training", "pink"),
                         disable=not show_progress)
         model.train()
-        while seen < self.max_examples:
+        while seen < self.max_examples and not stopped:
             if self.world_size > 1:
                 train_data.sampler.set_epoch(passes)  # the distributed sampler's shuffle of this pass
             if resumed:  # the pass the interrupted run was in: same order, then skip what it did
@@ -268,9 +274,15 @@ class LlamaRecTrainer(LLMTrainer):
                     )
                     running = 0.0
                     if ndcg > self.best_valid_score:
-                        self.best_valid_score, self.cur_step = ndcg, step
+                        self.best_valid_score, self.cur_step, stale = ndcg, step, 0
                         best_weights = trainable_weights(model)  # detached CPU copies (PluggableMixin)
                         self._save_checkpoint(step, verbose=False)
+                    else:
+                        stale += 1
+                    if self.stopping_step and stale >= self.stopping_step and not done:
+                        self.logger.info(f"ranker training stops early at step {step} of {total_steps}: "
+                                         f"{stale} validations without a better NDCG@10 (ranker_stopping_step)")
+                        done = stopped = True
                     if self.is_main_process:
                         save_state(resume_file, {
                             "state_dict": trainable_weights(model), "optimizer": self.optimizer.state_dict(),
@@ -278,6 +290,7 @@ class LlamaRecTrainer(LLMTrainer):
                             "cur_step": self.cur_step, "seen": seen, "step": step,
                             "saved_model_file": self.saved_model_file, "best_weights": best_weights,
                             "passes": passes, "pass_rng": pass_rng, "pass_position": position, "rng": rng_state(),
+                            "stale": stale, "stopped": stopped,
                         })
                 if done:
                     break
@@ -297,13 +310,8 @@ class LlamaRecTrainer(LLMTrainer):
                 self._train_ranker(train_data, phase, show_progress)
         self._forget_ranker_scores()
         self._score_phase(phase, show_progress, hits_only=True)
-        weights = self.fusion_weights if self.fusion else [0.0]
-        results = {}
-        for weight in weights:
-            model.fusion_weight = float(weight)
-            results[float(weight)] = self.evaluate(valid_data, load_best_model=False)
-            self.logger.info(f"fusion weight {weight}: valid {self.valid_metric} {results[float(weight)][self.valid_metric]:.4f}")
-        model.fusion_weight = max(results, key=lambda w: results[w][self.valid_metric])
+        results = self._fusion_curve(valid_data)
+        model.fusion_weight = self._best_weight(results)
         self.best_valid_result = results[model.fusion_weight]
         self.best_valid_score = self.best_valid_result[self.valid_metric]
         self.logger.info(set_color("chosen fusion weight", "blue") + f": {model.fusion_weight}")
@@ -311,6 +319,31 @@ class LlamaRecTrainer(LLMTrainer):
         if self.is_main_process:
             self.model.save_adapter(Path(self.saved_model_file).with_suffix(".adapter"))
         return self.best_valid_score, self.best_valid_result
+
+    def _best_weight(self, results: dict) -> float:
+        """The weight with the best validation score; the first (smallest) of equals."""
+        sign = 1 if self.valid_metric_bigger else -1
+        return max(results, key=lambda w: sign * results[w][self.valid_metric])
+
+    def _fusion_curve(self, valid_data, max_doublings: int = 10) -> dict:
+        """Validation results per fusion weight (ranker scores are cached: no LLM pass): the grid,
+        then the largest weight doubled while it is the best."""
+        results = {}
+
+        def validate(weight: float):
+            self.model.fusion_weight = weight
+            results[weight] = self.evaluate(valid_data, load_best_model=False)
+
+        for weight in sorted({float(w) for w in (self.fusion_weights if self.fusion else [0.0])}):
+            validate(weight)
+        for _ in range(max_doublings if self.fusion else 0):
+            largest = max(results)
+            if self._best_weight(results) != largest:
+                break
+            validate(largest * 2 if largest > 0 else 1.0)
+        curve = ", ".join(f"{w:g}: {r[self.valid_metric]:.4f}" for w, r in results.items())
+        self.logger.info(f"fusion weight -> valid {self.valid_metric}: {curve}")
+        return results
 
     # ----- evaluation ------------------------------------------------------------------
     @torch.no_grad()

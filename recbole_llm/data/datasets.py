@@ -220,10 +220,11 @@ def _header(path: Path, line: str, separator: str) -> list:
 
 
 def _check_quotes(path: Path, number: int, values: list, names: list) -> None:
-    """pandas (RecBole's reader) takes a field opening with ``"`` as quoted up to the next ``"``,
-    across separators and lines."""
+    """pandas (RecBole's reader) takes a field opening with ``"`` as quoted up to the next single
+    ``"``, across separators and lines; a whole quoted field (inner quotes doubled) is fine."""
     for name, value in zip(names, values):
-        if value.startswith('"') and not (len(value) > 1 and value.endswith('"') and '"' not in value[1:-1]):
+        whole = len(value) > 1 and value.endswith('"') and '"' not in value[1:-1].replace('""', "")
+        if value.startswith('"') and not whole:
             raise InputError(
                 f"{path}: line {number}, field '{name}' starts with a double quote it does not close "
                 f"({value[:40]!r}); RecBole's reader would read on past the field. Remove the quote or "

@@ -168,18 +168,18 @@ def warn_unknown_settings(user: dict, known: frozenset) -> None:
 
 
 def check_ranges(config) -> None:
-    """Whole-number settings that must be >= 1, a positive learning rate and cut-offs."""
+    """Whole-number settings that must be >= 1 (epochs, history length, every batch size) and
+    a positive learning rate (RecBole's Config checks topk itself)."""
     settings = config.final_config_dict
-    for key, meaning in AT_LEAST_ONE.items():
+    batch_sizes = {key: "rows or prompts per batch" for key in settings
+                   if key.endswith("_batch_size") and key not in AT_LEAST_ONE and settings[key] is not None}
+    for key, meaning in {**AT_LEAST_ONE, **batch_sizes}.items():
         if key in settings and not _whole_at_least(settings[key], 1):
             raise InputError(f"{key}={settings[key]!r} is out of range: it is the number of {meaning}, a whole "
                              f"number >= 1. Set --{key}=... accordingly.")
     rate = settings.get("learning_rate")
     if "learning_rate" in settings and not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0):
         raise InputError(f"learning_rate={rate!r} is out of range: it must be a number > 0 (e.g. 0.001).")
-    topk = settings.get("topk")
-    if topk is not None and not all(_whole_at_least(k, 1) for k in (topk if isinstance(topk, list) else [topk])):
-        raise InputError(f"topk={topk!r}: the cut-offs must be whole numbers >= 1 (e.g. [5, 10]).")
 
 
 def _whole_at_least(value, lowest: int) -> bool:

@@ -327,6 +327,22 @@ def test_setting_out_of_range(tiny_data, setting, value):
         load_config("LRURec", name, config_dict={**overrides, setting: value})
 
 
+def test_batch_size_of_an_llm_model_out_of_range(tiny_data):
+    name, overrides = tiny_data
+    with pytest.raises(InputError, match=r"^ranker_eval_batch_size=0 is out of range: .* a whole number >= 1"):
+        load_config("LlamaRec", name, config_dict={**overrides, "ranker_eval_batch_size": 0})
+
+
+@pytest.mark.parametrize("setting, value, problem", [
+    ("learning_rate", 0.0, r"^learning_rate=0.0 is out of range: it must be a number > 0"),
+    ("topk", [0, 10], r"^RecBole refused the settings: topk must be a positive integer"),  # RecBole's own check
+])
+def test_learning_rate_and_cut_offs_out_of_range(tiny_data, setting, value, problem):
+    name, overrides = tiny_data
+    with pytest.raises(InputError, match=problem):
+        load_config("LRURec", name, config_dict={**overrides, setting: value})
+
+
 def test_valid_metric_that_is_not_computed(tiny_data):
     name, overrides = tiny_data
     with pytest.raises(InputError, match=r"valid_metric='NDCG@20' is not among the metrics computed \(Recall@5, "):

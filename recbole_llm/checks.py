@@ -111,18 +111,14 @@ def check_command_line(tokens) -> None:
     ``--key value`` (with a space) and a value holding '=', and stops on a key given twice."""
     seen = {}
     for position, token in enumerate(tokens):
-        following = tokens[position + 1] if position + 1 < len(tokens) else None
-        if token.startswith("--") and "=" not in token:
-            value = following if following is not None and not following.startswith("--") else "VALUE"
-            raise InputError(f"{token} {value if value != 'VALUE' else ''}".rstrip()
-                             + f": RecBole reads settings only as --key=value and would ignore this one. "
-                             f"Write {token}={value}.")
         if not token.startswith("--"):
-            previous = tokens[position - 1] if position else None
-            if previous is not None and previous.startswith("--") and "=" not in previous:
-                continue  # reported with its key above
             raise InputError(f"{token!r} on the command line is not a --key=value setting; RecBole would ignore it.")
-        key, _, value = token[2:].partition("=")
+        key, equals, value = token[2:].partition("=")
+        if not equals:
+            following = tokens[position + 1] if position + 1 < len(tokens) else ""
+            given = following and not following.startswith("--")
+            raise InputError(f"{token}{' ' + following if given else ''}: RecBole reads settings only as --key=value "
+                             f"and would ignore this one. Write --{key}={following if given else 'VALUE'}.")
         if "=" in value:
             raise InputError(f"{token}: RecBole cannot read a command-line value that contains '='; put {key} "
                              "in a --config_files YAML file instead.")

@@ -309,3 +309,44 @@ def test_fusion_search_brackets_the_best_weight(llamarec, monkeypatch, peak, cho
     monkeypatch.setattr(trainer, "evaluate", evaluate)
     results = trainer._fusion_curve(valid)
     assert seen == tried and trainer._best_weight(results) == chosen
+
+
+def test_shared_prompt_prefix_gives_the_same_scores_loss_and_gradients(llamarec, monkeypatch):
+    """The instruction every prompt starts with runs once per batch: scores, training loss and
+    LoRA gradients equal those of feeding every whole prompt."""
+    import recbole_llm.model.llamarec as module
+    from recbole.data.interaction import Interaction
+
+    _, model, _ = llamarec
+    with torch.no_grad():
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    shared_lengths = []
+    real = module.forward_shared_prefix
+    monkeypatch.setattr(module, "forward_shared_prefix", lambda m, prefix, *a, **k: (
+        shared_lengths.append(prefix["input_ids"].size(1)), real(m, prefix, *a, **k))[1])
+    candidates = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 2, 13, 4, 15]])
+    histories = [[11, 12, 13, 14, 15, 16], [17], [20, 21]]
+    seq = torch.zeros(3, model.max_seq_length, dtype=torch.long)
+    for row, history in enumerate(histories):
+        seq[row, : len(history)] = torch.tensor(history)
+    batch = Interaction({model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: torch.tensor([6, 1, 2]),
+                         model.POS_ITEM_ID: torch.tensor([25, 26, 27])})
+    outcomes = {}
+    for share in (True, False):
+        model.share_prompt_prefix = share
+        model.eval()
+        scores = model.ranker_scores(histories, candidates)
+        random_state = __import__("random").getstate()
+        __import__("random").seed(0)  # the same training candidates for both runs
+        loss = model.calculate_loss(batch)
+        __import__("random").setstate(random_state)
+        model.llm.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.llm.named_parameters() if p.requires_grad}
+        outcomes[share] = (scores, loss.detach(), grads)
+    assert shared_lengths and min(shared_lengths) > 10  # the instruction's tokens were shared
+    (s1, l1, g1), (s0, l0, g0) = outcomes[True], outcomes[False]
+    assert torch.allclose(s1, s0, atol=1e-4) and torch.allclose(l1, l0, atol=1e-5)
+    assert all(torch.allclose(g1[n], g0[n], atol=1e-5) for n in g0) and any(g0[n].abs().sum() > 0 for n in g0)

@@ -27,7 +27,10 @@ PGAI@CIKM 2023 (arXiv:2311.02089).
 Choices the paper leaves open, each a setting (properties/model/LlamaRec.yaml): prompts
 that are too long lose their oldest history items first (the authors truncate on the
 left, which can cut the instruction); left padding with explicit position ids, so a
-padded prompt scores exactly as an unpadded one. Beyond the paper: ``fusion_weight``
+padded prompt scores exactly as an unpadded one; the prompts of a batch share their
+instruction, which ``share_prompt_prefix`` runs once per batch (the longest common token
+prefix, :func:`recbole_llm.llm.batching.forward_shared_prefix`; the same scores, less
+compute). Beyond the paper: ``fusion_weight``
 adds ``w * log_softmax(retriever scores)`` to the ranker's ``log_softmax`` inside the
 top-k (``w = 0`` is the paper; the trainer picks ``w`` on validation when
 ``fusion: True``), because users of the authors' code saw the ranker lower results.
@@ -46,6 +49,7 @@ from tqdm import tqdm
 from recbole_llm.cache_io import atomic_target
 from recbole_llm.data.item_text import item_texts
 from recbole_llm.llm.backbone import apply_lora, load_causal_lm, set_num_threads
+from recbole_llm.llm.batching import common_prefix_length, forward_shared_prefix, left_pad
 from recbole_llm.llm.pluggable import PluggableMixin
 from recbole_llm.llm.prompts import ALPACA_TEMPLATE, RANKING_INSTRUCTION, RankingPrompt, truncate_texts
 from recbole_llm.llm.verbalizer import LetterVerbalizer
@@ -85,6 +89,8 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         self.k = config["candidate_k"]
         self.max_prompt_tokens = config["max_prompt_tokens"]
         self.eval_micro_batch = config["ranker_eval_batch_size"]
+        self.share_prompt_prefix = config["share_prompt_prefix"]
+        self.gradient_checkpointing = config["gradient_checkpointing"]
         self.fusion_weight = 0.0
         self.exclude_history = config["exclude_history"]
         self.ranker_enabled = True  # False: full_sort_predict returns the retriever's scores (for comparisons)
@@ -162,14 +168,19 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
             history = history[1:]
 
     def _llm_logits(self, sequences: list[list[int]], keep: int) -> torch.Tensor:
-        """Next-token logits at the last ``keep`` positions of left-padded ``sequences``."""
-        width = max(len(s) for s in sequences)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], device=self.device)
-        attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=self.device)
-        positions = (attention.cumsum(1) - 1).clamp(min=0)
-        out = self.llm(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep)
-        return out.logits
+        """Next-token logits at the last ``keep`` positions of ``sequences`` (left-padded; their
+        common prefix run once with ``share_prompt_prefix``; gradient checkpointing's recompute
+        would extend the shared cache twice, so it turns sharing off in training)."""
+        shared = 0
+        if self.share_prompt_prefix and len(sequences) > 1 and not (self.training and self.gradient_checkpointing):
+            shared = min(common_prefix_length(sequences), min(len(s) for s in sequences) - keep)
+        input_ids, attention, positions = left_pad([s[shared:] for s in sequences], self.tokenizer.pad_token_id,
+                                                   self.device)
+        if shared <= 0:
+            return self.llm(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                            logits_to_keep=keep).logits
+        prefix = {"input_ids": torch.tensor([sequences[0][:shared]], device=self.device)}
+        return forward_shared_prefix(self.llm, prefix, {"input_ids": input_ids}, attention, logits_to_keep=keep).logits
 
     def ranker_scores(self, histories: list[list[int]], candidates: torch.Tensor, show_progress: bool = False) -> torch.Tensor:
         """Verbalizer scores [B, k] of each row's candidates, in micro-batches."""

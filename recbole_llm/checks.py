@@ -37,7 +37,7 @@ INTERNAL_SETTINGS = {
 }
 #: How our code reads a setting: config["key"], setting(config, "key", ...), _setting(config, "key", ...).
 _SETTING_READ = re.compile(r"""config\[\s*["'](\w+)["']\s*\]|setting\(\s*[\w.]*config\w*\s*,\s*["'](\w+)["']""")
-#: Whole-number settings and their lowest value.
+#: Whole-number settings that must be >= 1, and what they count.
 AT_LEAST_ONE = {
     "epochs": "training epochs", "train_batch_size": "rows per training step",
     "eval_batch_size": "users per evaluation batch", "MAX_ITEM_LIST_LENGTH": "history items fed to the model",
@@ -66,8 +66,13 @@ def model_names() -> tuple:
 
 def check_model_name(name) -> None:
     """An unknown model name: the same name in other case, or close names, as "did you mean"."""
-    if not isinstance(name, str) or name in model_names():
+    if not isinstance(name, str) or name in registry.our_models():
         return
+    try:
+        registry.get_model(name)  # RecBole finds a model by its module name, in lower case
+        return
+    except (InputError, AttributeError):  # AttributeError: a known module, the name in other case
+        pass
     same = [known for known in model_names() if known.lower() == name.lower()]
     lowered = {known.lower(): known for known in model_names()}
     close = same or [lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.75)]

@@ -17,7 +17,6 @@ import tempfile
 from logging import getLogger
 from pathlib import Path
 
-import recbole
 import yaml
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
@@ -93,7 +92,7 @@ def _metric_hint(error) -> str:
     return f" (did you mean {' or '.join(close)}? Fix it in metrics)" if close else ""
 
 
-RECBOLE_PROPERTIES = Path(recbole.__file__).parent / "properties"
+RECBOLE_PROPERTIES = checks.RECBOLE_PROPERTIES
 
 
 def check_setting_types(config, default_files) -> None:
@@ -146,7 +145,11 @@ def _init_logger(config) -> None:
 
 
 def build(model, dataset, config_file_list=None, config_dict=None):
-    """What ``run_recbole_llm`` sets up before training: ``(config, model, trainer, (train, valid, test))``."""
+    """What ``run_recbole_llm`` sets up before training: ``(config, model, trainer, (train, valid, test))``.
+
+    Every check runs before the model (and so stage 1) is built: settings, folders and data
+    files in :func:`load_config`, the LLM settings in :func:`preflight`, the filtered dataset
+    and its split sizes before RecBole's split."""
     config = load_config(model, dataset, config_file_list, config_dict)
     preflight(config)
     init_seed(config["seed"], config["reproducibility"])

@@ -21,10 +21,8 @@ full-precision LoRA elsewhere), LoRA with a readable error for wrong target
 names, and a tiny random Llama for tests.
 """
 
-import functools
 import importlib.metadata
 import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -248,22 +246,6 @@ def keep_first_layers(decoder, n_layers) -> int:
         if getattr(decoder.config, "layer_types", None):
             decoder.config.layer_types = decoder.config.layer_types[:n_layers]
     return len(layers)
-
-
-@functools.cache
-def _cache_keyword(body_class: type) -> str:
-    return "cache" if "cache" in inspect.signature(body_class.forward).parameters else "past_key_values"
-
-
-def forward_keeping_cache(body, cache=None, **inputs):
-    """``body(**inputs, use_cache=True)`` continuing ``cache``; returns ``(last_hidden_state, cache)``.
-
-    Transformers 5 renamed the KV-cache argument and output from ``past_key_values`` to
-    ``cache`` (the old name is deprecated); this works with either (looked up once per class).
-    """
-    keyword = _cache_keyword(type(body))
-    out = body(**inputs, use_cache=True, **({keyword: cache} if cache is not None else {}))
-    return out.last_hidden_state, getattr(out, keyword)
 
 
 def set_num_threads(n):

@@ -61,8 +61,8 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
-from recbole_llm.llm.backbone import (apply_lora, forward_keeping_cache, keep_first_layers, load_causal_lm,
-                                      set_num_threads)
+from recbole_llm.llm.backbone import apply_lora, keep_first_layers, load_causal_lm, set_num_threads
+from recbole_llm.llm.batching import forward_shared_prefix
 from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
 from recbole_llm.model.lrurec import left_align
 from recbole_llm.model.objectives import check_loss_type
@@ -192,19 +192,8 @@ class E4SRec(PluggableMixin, SequentialRecommender):
         tail = torch.cat([item_embeds, response], dim=1)
         prefix_mask = tail_mask.new_ones(batch, prefix_len)
         if self.share_instruction_prefix:
-            _, cache = forward_keeping_cache(
-                self.llm,
-                inputs_embeds=self.instruction_embeds.unsqueeze(0),
-                position_ids=torch.arange(prefix_len, device=items.device).unsqueeze(0),
-            )
-            cache.batch_repeat_interleave(batch)
-            hidden, _ = forward_keeping_cache(
-                self.llm,
-                cache,
-                inputs_embeds=tail,
-                attention_mask=torch.cat([prefix_mask, tail_mask], dim=1),
-                position_ids=tail_positions,
-            )
+            hidden = forward_shared_prefix(self.llm, {"inputs_embeds": self.instruction_embeds.unsqueeze(0)},
+                                           {"inputs_embeds": tail}, tail_mask, use_cache=True).last_hidden_state
         else:
             prefix = self.instruction_embeds.unsqueeze(0).expand(batch, -1, -1)
             positions = torch.cat([torch.arange(prefix_len, device=items.device).expand(batch, -1), tail_positions], 1)

@@ -76,13 +76,13 @@ class PaperGain:
 
 #: The papers' relative NDCG@10 gains over the base, on the dataset closest to ml-100k.
 PAPER_GAINS = {
-    # LlamaRec paper (../shared/papers/llamarec.txt), Table 1, "ML-100k" column, N@10: LlamaRec 0.0759 vs
+    # LlamaRec paper (arXiv:2311.02089), Table 1, "ML-100k" column, N@10: LlamaRec 0.0759 vs
     # LRU 0.0705. Their "ML-100k" is MovieLens latest-small (610 users, 3,650 items; Table 2), not RecBole's.
     ("LlamaRec", "LRURec"): PaperGain(0.0759, 0.0705, "LlamaRec paper, Table 1, ML-100k (latest-small), NDCG@10"),
     # The same table, LRURec vs SASRec: N@10 0.0705 vs 0.0522 (closer to ml-100k than the LRURec paper's
-    # ML-1M numbers, 0.1930 vs 0.1902, ../shared/papers/NOTES.md).
+    # ML-1M numbers, 0.1930 vs 0.1902, arXiv:2310.02367).
     ("LRURec", "SASRec"): PaperGain(0.0705, 0.0522, "LlamaRec paper, Table 1, ML-100k (latest-small), NDCG@10"),
-    # SeRALM paper (../shared/papers/seralm.txt), Table 1, MovieLens (ML-1M, Table 2), NDCG@10 (%),
+    # SeRALM paper (SIGIR 2024), Table 1, MovieLens (ML-1M, Table 2), NDCG@10 (%),
     # Base vs Base+SeRALM: SASRec 10.08 -> 10.37, LightSANs 11.26 -> 11.54, Caser 8.08 -> 8.29.
     ("SeRALM", "SASRec"): PaperGain(10.37, 10.08, "SeRALM paper, Table 1, MovieLens-1M, NDCG@10"),
     ("SeRALM", "LightSANs"): PaperGain(11.54, 11.26, "SeRALM paper, Table 1, MovieLens-1M, NDCG@10"),
@@ -90,8 +90,8 @@ PAPER_GAINS = {
 }
 #: Why a model has no paper number.
 NO_PAPER_GAIN = {
-    "E4SRec": "no paper number: ../shared/papers/e4srec.txt is the abstract only (and the paper ranks 99 sampled negatives)",
-    "Laser": "no paper number: ../shared/papers/laser.txt is the abstract only",
+    "E4SRec": "no paper number on a comparable protocol: the E4SRec paper (arXiv:2312.02443) ranks 99 sampled negatives",
+    "Laser": "no paper number: only the abstract of the Laser paper (arXiv:2409.01605) was at hand",
 }
 VOLATILE_RECORD_KEYS = ("run_id",)
 

@@ -1,7 +1,7 @@
 """The letter verbalizer (LlamaRec, Sec. 3.2): candidate scores from ONE forward pass.
 
 The score of candidate ``j`` is the raw next-token logit of its index letter at the
-last prompt position. The pitfall (NOTES.md): a letter encoded alone may get another
+last prompt position. The pitfall (reported by users of the authors' code): a letter encoded alone may get another
 id than the one the model is trained to emit after "### Response:\\n". Here each
 letter's id is taken from that very context (tokenize marker + letter, keep the last
 token), the context must tokenize as marker tokens + exactly one letter token, and the

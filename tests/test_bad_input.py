@@ -430,6 +430,17 @@ def test_candidate_k_beyond_the_index_letters(tiny_data, k):
         _llm_config(tiny_data, candidate_k=k)
 
 
+def test_more_candidates_than_items(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_tiny_dataset(tmp_path / "data", name="few", n_items=10)
+    overrides = {"data_path": str(tmp_path / "data"), "user_inter_num_interval": None, "item_inter_num_interval": None,
+                 "state": "WARNING", "show_progress": False, "use_gpu": False, "candidate_k": 20,
+                 "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title"]}}
+    with pytest.raises(InputError, match=r"candidate_k=20 but few has only 10 items after filtering"):
+        quick_start.build("LlamaRec", "few", config_dict=overrides)
+    assert not (tmp_path / "saved").exists()  # before stage 1
+
+
 def test_load_in_4bit_without_cuda_says_once_it_uses_lora(tiny_data, monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with caplog.at_level(logging.WARNING):

@@ -100,6 +100,7 @@ class LlamaRecTrainer(LLMTrainer):
         self._active: EvalPhase | None = None
         self._batch_pos = 0
         self.subset_result = None
+        self.fusion_results: dict = {}  # fusion weight -> validation result, after fit
         self.timings = defaultdict(float)  # seconds per stage, for the benchmarks' cost breakdown
         self.ranked_rows = 0
 
@@ -310,7 +311,7 @@ class LlamaRecTrainer(LLMTrainer):
                 self._train_ranker(train_data, phase, show_progress)
         self._forget_ranker_scores()
         self._score_phase(phase, show_progress, hits_only=True)
-        results = self._fusion_curve(valid_data)
+        results = self.fusion_results = self._fusion_curve(valid_data)
         model.fusion_weight = self._best_weight(results)
         self.best_valid_result = results[model.fusion_weight]
         self.best_valid_score = self.best_valid_result[self.valid_metric]

@@ -12,7 +12,7 @@ settings that shaped it, and its log goes to ``<MODEL>.log`` beside it.
 
 Incremental and resumable: a model whose record holds a result for the same settings hash (the
 model, dataset, overrides, its final config minus volatile keys and the dataset files:
-:func:`recbole_llm.model.pretrained.cache_key`) is reused, not re-run (``--rerun`` or
+:func:`recbole_llm.cache_io.config_key`) is reused, not re-run (``--rerun`` or
 ``--rerun=A,B`` forces it). A failed model is recorded ("not run: ...") and tried again next
 time; the others go on. Stage-1 models (retrievers, ID models, SeRALM's reference) are reused
 from ``checkpoint_dir/stage1`` by the models themselves when their inputs have not changed, and
@@ -113,12 +113,12 @@ def settings_hash(model: str, dataset: str, overrides: dict) -> str:
     """Hash of what shapes a model's result: name, dataset, overrides, final config and data files.
 
     Raises the config's own error (unknown model, wrong setting type) when there is no config."""
-    from recbole_llm.model.pretrained import cache_key
+    from recbole_llm.cache_io import config_key
     from recbole_llm.quick_start import load_config
 
     with bare_argv():
         config = load_config(model, dataset, config_dict=config_dict(overrides))
-    text = json.dumps([model, dataset, overrides, cache_key(config)], sort_keys=True, default=str)
+    text = json.dumps([model, dataset, overrides, config_key(config)], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -188,10 +188,10 @@ def alignment_needs_generation(trainer) -> str | None:
 
 def resume_pending(config) -> bool:
     """True when an interrupted training of these settings will be continued (fit time is then partial)."""
-    from recbole_llm.model.pretrained import cache_key
+    from recbole_llm.cache_io import config_key
 
     folder = Path(config["checkpoint_dir"]) / "resume"
-    return any(folder.glob(f"{config['model']}-{config['dataset']}-*-{cache_key(config)}.pth"))
+    return any(folder.glob(f"{config['model']}-{config['dataset']}-*-{config_key(config)}.pth"))
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -7,11 +7,15 @@
   removed, and reported as absent, so the caller rebuilds it instead of failing.
 * :func:`cache_lock`: one inter-process lock per cache key (``filelock``), so two runs that
   need the same artefact build it once: the second waits, then reuses the first's.
+* :func:`config_key`: the key of what a config trains (its settings and the dataset's files),
+  for stage-1 checkpoints and resume states.
 * :func:`unique_checkpoint_name`: RecBole names checkpoints ``<model>-<time>.pth`` to the
   second; two runs started together would write the same file.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import uuid
@@ -22,6 +26,11 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+
+
+#: Config entries that do not change what a run learns (left out of :func:`config_key`).
+_VOLATILE = {"device", "gpu_id", "use_gpu", "checkpoint_dir", "show_progress", "state", "data_path",
+             "local_rank", "single_spec", "eval_batch_size", "worker", "log_wandb", "wandb_project", "resume", "verbose"}
 
 
 def _remove(path: Path) -> None:
@@ -94,3 +103,14 @@ def unique_checkpoint_name(saved_model_file: str) -> str:
     """RecBole's ``<dir>/<model>-<time>.pth`` with a short random tag before ``.pth``."""
     stem, suffix = os.path.splitext(saved_model_file)
     return f"{stem}-{uuid.uuid4().hex[:6]}{suffix}"
+
+
+def config_key(config) -> str:
+    """Hash of everything that shapes a trained model: its config and the dataset files."""
+    folder = Path(config["data_path"])
+    files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in folder.glob(f"{config['dataset']}.*"))
+    settings = {k: v for k, v in config.final_config_dict.items() if k not in _VOLATILE}
+    if not settings.get("drop_exact_duplicates"):  # its default leaves the caches made before it valid
+        settings.pop("drop_exact_duplicates", None)
+    text = json.dumps([config["model"], config["dataset"], files, settings], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]

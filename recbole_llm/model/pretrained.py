@@ -9,8 +9,6 @@ trainer and then cached. The cache key holds every input that shapes the result
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 from logging import getLogger
@@ -20,7 +18,7 @@ import torch
 from recbole.data import create_dataset, data_preparation
 
 from recbole_llm import compat, registry
-from recbole_llm.cache_io import atomic_save, cache_lock, guarded_load
+from recbole_llm.cache_io import atomic_save, cache_lock, config_key, guarded_load
 from recbole_llm.data.datasets import drop_exact_duplicates
 from recbole_llm.errors import InputError, MissingInputError
 
@@ -36,9 +34,6 @@ SHARED_KEYS = (
 #: Training settings logged for stage 1 beside the model's own (see :func:`settings_report`).
 REPORTED_KEYS = ("epochs", "train_batch_size", "learner", "learning_rate", "stopping_step", "MAX_ITEM_LIST_LENGTH",
                  "loss_type")
-#: Config entries that do not change what stage 1 learns (left out of the cache key).
-_VOLATILE = {"device", "gpu_id", "use_gpu", "checkpoint_dir", "show_progress", "state", "data_path",
-             "local_rank", "single_spec", "eval_batch_size", "worker", "log_wandb", "wandb_project", "resume", "verbose"}
 
 
 def id_model_config(config, model_name: str, overrides: dict | None = None):
@@ -57,17 +52,6 @@ def id_model_config(config, model_name: str, overrides: dict | None = None):
         return load_config(model_name, config["dataset"], config_dict={**shared, **(overrides or {})})
     finally:
         sys.argv = argv
-
-
-def cache_key(config) -> str:
-    """Hash of everything that shapes a trained model: its config and the dataset files."""
-    folder = Path(config["data_path"])
-    files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in folder.glob(f"{config['dataset']}.*"))
-    settings = {k: v for k, v in config.final_config_dict.items() if k not in _VOLATILE}
-    if not settings.get("drop_exact_duplicates"):  # its default leaves the caches made before it valid
-        settings.pop("drop_exact_duplicates", None)
-    text = json.dumps([config["model"], config["dataset"], files, settings], sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def load_state(model, checkpoint: str | os.PathLike, setting: str, saved: dict | None = None) -> None:
@@ -139,7 +123,7 @@ def _load_or_train(config, dataset, model_name, checkpoint, overrides, setting):
         load_state(model, checkpoint, setting)
         logger.info(f"stage 1: {model_name} loaded from {checkpoint}")
     else:
-        cache = Path(config["checkpoint_dir"]) / "stage1" / f"{model_name}-{config['dataset']}-{cache_key(id_config)}.pth"
+        cache = Path(config["checkpoint_dir"]) / "stage1" / f"{model_name}-{config['dataset']}-{config_key(id_config)}.pth"
         with cache_lock(cache, logger):  # a second run with the same stage 1 waits for this one, then reuses it
             saved = guarded_load(cache, what="stage-1 cache", logger=logger)
             if saved is not None:

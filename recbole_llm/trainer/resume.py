@@ -10,7 +10,7 @@ best weights, and the random number generators, the training loader's included. 
 rerunning the same command after SIGINT, SIGTERM or a kill continues with the very
 batches and draws the uninterrupted run would have used, and ends with the same result.
 
-``key`` hashes the settings and data files (:func:`recbole_llm.model.pretrained.cache_key`):
+``key`` hashes the settings and data files (:func:`recbole_llm.cache_io.config_key`):
 a changed setting starts afresh instead of resuming an unrelated run. ``resume: False``
 starts over. A finished run deletes its resume file. Work lost to an interruption: at
 most one epoch (one ``ranker_eval_step`` for the ranker).
@@ -26,14 +26,12 @@ import numpy as np
 import torch
 from recbole.trainer import Trainer
 
-from recbole_llm.cache_io import atomic_save, guarded_load, unique_checkpoint_name
+from recbole_llm.cache_io import atomic_save, config_key, guarded_load, unique_checkpoint_name
 
 
 def resume_path(config, what: str) -> Path:
     """Where the run that ``config`` describes keeps its resume state for stage ``what``."""
-    from recbole_llm.model.pretrained import cache_key
-
-    name = f"{config['model']}-{config['dataset']}-{what}-{cache_key(config)}.pth"
+    name = f"{config['model']}-{config['dataset']}-{what}-{config_key(config)}.pth"
     return Path(config["checkpoint_dir"]) / "resume" / name
 
 

@@ -57,9 +57,9 @@ GPU path as RecBole wrote it, except for 7-9, which fix it on GPUs too.
 Stage 1 of the LLM models (:func:`recbole_llm.model.pretrained.pretrained_id_model`) is
 trained and cached by rank 0 alone and broadcast to the other ranks. A trainer with its own
 training loop either synchronises its ranks itself (the LlamaRec ranker's: RecBole's gradient
-hook, :func:`load_checkpoint`) or says ``supports_distributed = False`` (SeRALM's alignment):
-a distributed run of that one stops at once with an :class:`~recbole_llm.errors.InputError`
-(:func:`check_distributed_trainer`).
+hook, :func:`recbole_llm.distributed.load_checkpoint`) or says ``supports_distributed = False``
+(SeRALM's alignment): a distributed run of that one stops at once with an
+:class:`~recbole_llm.errors.InputError` (:func:`recbole_llm.distributed.check_distributed_trainer`).
 
 Hyper-parameter search (``recbole.trainer.hyper_tuning.HyperTuning``, used by :mod:`recbole_llm.hyper`).
 
@@ -87,6 +87,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from recbole_llm.distributed import check_distributed_trainer, is_distributed, rank0_bytes
 
 _applied = False
 _device_noted = False
@@ -155,13 +157,6 @@ def _apply_distributed() -> None:
         _patch(importlib.import_module(module), "ensure_dir", lambda original: _ensure_dir)
 
 
-def is_distributed(config) -> bool:
-    """True in a rank of a distributed run (RecBole's ``single_spec`` is False)."""
-    import torch.distributed as dist
-
-    return not config["single_spec"] and dist.is_available() and dist.is_initialized()
-
-
 def _gpu_id_text(gpu_id) -> str:
     return ",".join(map(str, gpu_id)) if isinstance(gpu_id, tuple) else str(gpu_id)
 
@@ -216,18 +211,6 @@ def _ddp_on_cpu(original):
     return __init__
 
 
-def check_distributed_trainer(trainer_class, model_name) -> None:
-    """Refuse a distributed run of a trainer whose own loop would let the ranks drift apart."""
-    if getattr(trainer_class, "supports_distributed", True) is False:
-        from recbole_llm.errors import InputError
-
-        raise InputError(
-            f"{model_name} trains with {trainer_class.__name__}'s own loop, which does not synchronise the "
-            "processes of a distributed run; run it in one process (nproc=1, world_size=-1). LRURec, LlamaRec, "
-            "E4SRec, Laser and RecBole's models run distributed."
-        )
-
-
 def _sync_grad_loss(self):
     """Shim 7: RecBole's zero-valued loss that touches every parameter, over those that train."""
     sync_loss = 0
@@ -256,33 +239,6 @@ def _evaluate_with_rank0_checkpoint(original):
             return original(self, eval_data, True, str(copy), show_progress)
 
     return evaluate
-
-
-def rank0_bytes(path) -> bytes:
-    """The bytes of rank 0's file ``path``, on every rank of a distributed run (rank 0 reads and
-    broadcasts; the broadcast also waits for rank 0 to finish writing it)."""
-    import torch.distributed as dist
-
-    payload = [None]
-    if dist.get_rank() == 0:
-        try:
-            payload = [Path(path).read_bytes()]
-        except OSError as error:
-            payload = [error]
-    dist.broadcast_object_list(payload, src=0)
-    if isinstance(payload[0], BaseException):
-        raise payload[0]
-    return payload[0]
-
-
-def load_checkpoint(config, path, map_location="cpu") -> dict:
-    """``torch.load`` of one of our checkpoints (``weights_only=False``: RecBole pickles its Config
-    in them); in a distributed run, rank 0's file (:func:`rank0_bytes`)."""
-    if not is_distributed(config):
-        return torch.load(path, map_location=map_location, weights_only=False)
-    import io
-
-    return torch.load(io.BytesIO(rank0_bytes(path)), map_location=map_location, weights_only=False)
 
 
 def _ensure_dir(dir_path):

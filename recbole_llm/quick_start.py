@@ -22,7 +22,7 @@ from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
-from recbole_llm import checks, compat, registry
+from recbole_llm import checks, compat, distributed, registry
 from recbole_llm.data.datasets import drop_exact_duplicates, resolve_data_path
 from recbole_llm.errors import InputError, MissingInputError
 
@@ -213,7 +213,7 @@ def run(model, dataset, config_file_list=None, config_dict=None, saved=True, npr
     if nproc == 1 and world_size <= 0:
         return run_recbole_llm(model, dataset, config_file_list, config_dict, saved)
     model_class = registry.get_model(model)
-    compat.check_distributed_trainer(registry.get_trainer(model_class), model_class.__name__)  # before spawning
+    distributed.check_distributed_trainer(registry.get_trainer(model_class), model_class.__name__)  # before spawning
     import torch.multiprocessing as mp
 
     queue = mp.get_context("spawn").SimpleQueue()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from recbole.data import create_dataset, data_preparation
 
-from recbole_llm import compat, registry
+from recbole_llm import distributed, registry
 from recbole_llm.cache_io import atomic_save, cache_lock, config_key, guarded_load
 from recbole_llm.data.datasets import drop_exact_duplicates
 from recbole_llm.errors import InputError, MissingInputError
@@ -91,7 +91,7 @@ def pretrained_id_model(config, dataset, model_name: str, checkpoint=None, overr
     weights: the ranks never race on the cache file, and a rank on another node needs no
     copy of the cache or of ``checkpoint``. The other ranks wait for it within the process
     group's timeout (30 minutes by default)."""
-    if not compat.is_distributed(config):
+    if not distributed.is_distributed(config):
         return _load_or_train(config, dataset, model_name, checkpoint, overrides, setting)
     import torch.distributed as dist
 

@@ -448,7 +448,7 @@ def resolve_refresh_interval(configured, iterations: int, slow: bool = False, lo
 class SeRALMTrainer(Trainer):
     """RecBole's Trainer plus SeRALM's alignment stage (see the module docstring)."""
 
-    supports_distributed = False  # the alignment stage's own loop (compat.check_distributed_trainer)
+    supports_distributed = False  # the alignment stage's own loop (distributed.check_distributed_trainer)
 
     def __init__(self, config, model):
         super().__init__(config, model)

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from recbole.utils import set_color
 from tqdm import tqdm
 
-from recbole_llm import compat
+from recbole_llm import distributed
 from recbole_llm.cache_io import atomic_save, cache_lock, guarded_load
 from recbole_llm.trainer.llm_trainer import LLMTrainer
 from recbole_llm.trainer.resume import (
@@ -87,7 +87,7 @@ def ranking_metrics(candidate_scores: torch.Tensor, candidates: torch.Tensor, ta
 class LlamaRecTrainer(LLMTrainer):
     def __init__(self, config, model):
         super().__init__(config, model)
-        self.world_size = dist.get_world_size() if compat.is_distributed(config) else 1
+        self.world_size = dist.get_world_size() if distributed.is_distributed(config) else 1
         self.max_examples = config["ranker_max_train_examples"]
         self.eval_every = config["ranker_eval_step"]
         self.valid_users = config["ranker_valid_users"]
@@ -352,7 +352,7 @@ class LlamaRecTrainer(LLMTrainer):
         if not eval_data:
             return None
         if load_best_model:
-            checkpoint = compat.load_checkpoint(self.config, model_file or self.saved_model_file, self.device)
+            checkpoint = distributed.load_checkpoint(self.config, model_file or self.saved_model_file, self.device)
             self.model.load_state_dict(checkpoint["state_dict"])
             self.model.load_other_parameter(checkpoint.get("other_parameter"))
             self._forget_ranker_scores()

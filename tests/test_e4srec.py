@@ -1,5 +1,7 @@
 """E4SRec: frozen LLM and item table, ID embeddings through the projection into the LLM, one head scoring
-all items, padding, pluggable round trip, quick start, bad input."""
+all items, padding, pluggable round trip, quick start, bad input.
+
+Each mechanism test was checked by breaking the mechanism by hand; its docstring names the breakages it caught."""
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,7 @@ def _frozen_llm_state(model):
 
 
 def test_training_changes_only_the_pluggable_part(e4srec):
+    """Caught: a base weight of the LLM left trainable after LoRA; the projection or the head bypassed."""
     _, model, train, _ = e4srec
     llm_before = _frozen_llm_state(model)
     table_before = model.item_embedding.weight.clone()
@@ -90,6 +93,7 @@ def _count_llm_calls(model):
 
 
 def test_full_sort_predict_scores_every_item_with_one_linear_head(e4srec):
+    """Caught: the linear head bypassed (items scored against their projected embeddings); one LLM pass per user."""
     _, model, _, test = e4srec
     interaction = first_batch(test)
     model.eval()
@@ -116,6 +120,7 @@ def test_full_sort_predict_scores_every_item_with_one_linear_head(e4srec):
 
 
 def test_item_id_embeddings_enter_the_llm_through_the_projection_and_drive_the_scores(e4srec):
+    """Caught: zeros fed in place of the ID embeddings; the trained projection replaced by a fixed map."""
     _, model, _, _ = e4srec
     model.eval()
     histories = torch.tensor([[3, 4, 5, 0], [6, 7, 8, 9]])  # RecBole's right padding
@@ -248,7 +253,9 @@ def test_bad_lora_target_lists_the_llm_modules(tiny_data, tiny_llama_dir):
 
 def test_quick_start_reports_the_full_ranking_metrics_of_the_trained_checkpoint(tiny_data, tiny_llama_dir):
     """run_recbole_llm trains E4SRec with LLMTrainer, saves its pluggable part, and its test result is
-    that checkpoint's full-ranking evaluation, not the untrained model's."""
+    that checkpoint's full-ranking evaluation, not the untrained model's.
+
+    Caught: validation metrics reported as the test result."""
     from recbole_llm import run_recbole_llm
     from recbole_llm.quick_start import build
     from recbole_llm.trainer.llm_trainer import LLMTrainer

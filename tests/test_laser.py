@@ -1,7 +1,7 @@
 """Laser: frozen LLM and ID model, a gradient for every trainable part at the first step, the router sets the
 mix of query experts, prefix and suffix each move the scores, full ranking, pluggable save/load, ablations, bad input.
 
-Each mechanism test was checked by breaking the mechanism by hand (see the docstring of the test or the commit)."""
+Each mechanism test was checked by breaking the mechanism by hand; its docstring names the breakages it caught."""
 import pytest
 import torch
 from recbole.data import create_dataset, data_preparation
@@ -70,6 +70,7 @@ def test_llm_and_id_model_stay_frozen_while_the_pluggable_part_trains(laser):
 
 
 def test_router_weights_sum_to_one_per_user_with_top_k_experts(laser):
+    """Caught: routing to every expert instead of the top k."""
     _, model, train, _, _ = laser
     interaction = first_batch(train)
     weights = model.router_weights(interaction)
@@ -79,6 +80,7 @@ def test_router_weights_sum_to_one_per_user_with_top_k_experts(laser):
 
 
 def test_balance_loss_is_one_for_a_uniform_router_grows_when_users_crowd_and_joins_the_loss(laser):
+    """Caught: the balance term left out of calculate_loss."""
     _, model, train, _, _ = laser
     interaction = first_batch(train)
     user = model.id_encodings(interaction["item_id_list"], interaction["item_length"])[2]
@@ -100,7 +102,10 @@ def test_balance_loss_is_one_for_a_uniform_router_grows_when_users_crowd_and_joi
 
 def test_every_trainable_parameter_gets_a_gradient_at_the_first_step(laser):
     """The output projection starts small, not zero: a zero mapping would give the suffix, the prefix
-    projection and M-Former exactly zero gradient at the first step."""
+    projection and M-Former exactly zero gradient at the first step.
+
+    Caught: a zero-initialised output projection; the prefix or the suffix left out of the LLM input;
+    M-Former without its cross-attention to the ID encodings."""
     _, model, train, _, _ = laser
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert any(n.startswith("mformer.") for n in trainable) and "suffix" in trainable
@@ -108,6 +113,8 @@ def test_every_trainable_parameter_gets_a_gradient_at_the_first_step(laser):
 
 
 def test_routing_users_to_other_experts_changes_their_scores(laser):
+    """Caught: experts averaged uniformly whatever the router says; the prefix left out of the LLM input;
+    a zero-initialised output projection."""
     _, model, _, _, test = laser
     interaction = first_batch(test)
     router = model.mformer.router
@@ -125,6 +132,7 @@ def test_routing_users_to_other_experts_changes_their_scores(laser):
 
 
 def test_prefix_is_the_router_weighted_mix_of_expert_outputs_over_each_users_id_encodings(laser, monkeypatch):
+    """Caught: experts averaged uniformly whatever the router says; M-Former without its cross-attention."""
     _, model, _, _, test = laser
     interaction = first_batch(test)
     model.eval()
@@ -144,6 +152,7 @@ def test_prefix_is_the_router_weighted_mix_of_expert_outputs_over_each_users_id_
 
 
 def test_prefix_and_suffix_each_change_every_users_scores(laser):
+    """Caught: the prefix, or the suffix, left out of the LLM input; a zero-initialised output projection."""
     _, model, _, _, test = laser
     interaction = first_batch(test)
     model.eval()
@@ -180,7 +189,9 @@ def test_full_sort_covers_every_item_and_predict_agrees(laser):
 
 def test_untrained_laser_starts_next_to_its_frozen_sasrec(laser, tiny_data, tiny_llama_dir):
     """id_residual: the mapped suffix output starts small (output_init_std), so training starts next to
-    SASRec's scores; output_init_std=0 is exactly SASRec."""
+    SASRec's scores; output_init_std=0 is exactly SASRec.
+
+    Caught: no id_residual (the SASRec user vector not added); a zero-initialised output projection."""
     _, model, _, _, test = laser
     interaction = first_batch(test)
     with torch.no_grad():
@@ -238,6 +249,7 @@ def test_too_many_virtual_tokens_is_an_error_with_the_numbers(tiny_data, tiny_ll
     ids=["no_prefix", "no_suffix", "one_expert", "id_items_no_residual"],
 )
 def test_ablations_drop_their_part_and_train_every_remaining_parameter(tiny_data, tiny_llama_dir, ablation, removed):
+    """Caught: use_prefix ignored; a router built (and never trained) with one expert."""
     _, model, train, _, test = _setup(tiny_data, tiny_llama_dir, **ablation)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable and not [name for name in trainable if name.startswith(removed)]

@@ -36,7 +36,8 @@ from recbole.trainer.hyper_tuning import HyperTuning
 
 from recbole_llm import checks, registry
 from recbole_llm.errors import InputError, MissingInputError
-from recbole_llm.quick_start import kind_problem, load_config, properties_dir, run_recbole_llm
+from recbole_llm.config import kind_problem, load_config, properties_dir
+from recbole_llm.quick_start import run_recbole_llm
 
 ALGOS = ("exhaustive", "random", "bayes")
 RESULT_KEYS = ("best_valid_score", "valid_score_bigger", "best_valid_result", "test_result")

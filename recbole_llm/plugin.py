@@ -52,7 +52,7 @@ def _load_internal_config_dict(self, model, model_class, dataset):
     """RecBole's defaults, then ours for our models (below the user's files and dict)."""
     _ORIGINAL["_load_internal_config_dict"](self, model, model_class, dataset)
     if _is_ours(model):
-        from recbole_llm.quick_start import property_files
+        from recbole_llm.config import property_files
 
         for path in property_files(model, dataset):
             self._update_internal_config_dict(path)

@@ -11,121 +11,18 @@ import csv
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 from logging import getLogger
 from pathlib import Path
 
-import yaml
-from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_llm import checks, compat, distributed, registry
-from recbole_llm.data.datasets import drop_exact_duplicates, resolve_data_path
-from recbole_llm.errors import InputError, MissingInputError
-
-
-def properties_dir() -> Path:
-    """Our ``properties/`` folder: beside the package in a clone, under ``share/`` in a wheel."""
-    candidates = [
-        Path(__file__).resolve().parent.parent / "properties",
-        Path(sys.prefix) / "share" / "recbole-llm" / "properties",
-    ]
-    for folder in candidates:
-        if (folder / "overall.yaml").is_file():
-            return folder
-    raise MissingInputError(f"recbole-llm property files not found; looked in {[str(c) for c in candidates]}")
-
-
-def property_files(model_name: str, dataset: str) -> list[str]:
-    """overall.yaml, then dataset/<dataset>.yaml and model/<model>.yaml where they exist."""
-    folder = properties_dir()
-    files = [folder / "overall.yaml", folder / "dataset" / f"{dataset}.yaml", folder / "model" / f"{model_name}.yaml"]
-    return [str(f) for f in files if f.is_file()]
-
-
-def load_config(model, dataset, config_file_list=None, config_dict=None) -> Config:
-    """A RecBole ``Config`` with our property files first, then the user's files and dict.
-
-    ``model`` is a name (ours or RecBole's) or a model class. The checks of the settings,
-    the output folders and the dataset's files run here (:mod:`recbole_llm.checks`); those
-    of an LLM model's LLM settings run in :func:`preflight`.
-    """
-    compat.apply()
-    checks.check_model_name(model)
-    checks.check_config_files(config_file_list)
-    model_class = registry.get_model(model)
-    ours = property_files(model_class.__name__, dataset)
-    try:
-        config = Config(model=model_class, dataset=dataset, config_file_list=ours + list(config_file_list or []),
-                        config_dict=config_dict)
-    except (ValueError, NotImplementedError, SyntaxError) as error:  # RecBole's own setting checks
-        raise InputError(f"RecBole refused the settings: {error}{_metric_hint(error)}") from None
-    recbole_defaults = [RECBOLE_PROPERTIES / "overall.yaml", RECBOLE_PROPERTIES / "model" / f"{model_class.__name__}.yaml"]
-    check_setting_types(config, [f for f in recbole_defaults if f.is_file()] + ours)
-    checks.check_ranges(config)
-    checks.check_valid_metric(config)
-    checks.warn_unknown_settings(checks.user_settings(config, config_file_list, config_dict),
-                                 checks.known_settings(properties_dir()))
-    checks.check_output_folders(config)
-    resolve_data_path(config, config.external_config_dict.get("data_path"))
-    return config
-
-
-def preflight(config) -> None:
-    """The checks of an LLM model's LLM settings (``llm_path``, adapters, ``candidate_k``,
-    ``load_in_4bit``), reading config files only: :func:`build` runs them before the dataset
-    and the model (stage 1 and the LLM) are built, the command line for every model first."""
-    checks.check_llm_settings(config)
-
-
-def _metric_hint(error) -> str:
-    """For RecBole's "There is no metric named 'X'": the closest metric names."""
-    import difflib
-
-    from recbole.evaluator.register import metrics_dict
-
-    match = re.search(r"no metric named '([^']*)'", str(error))
-    close = difflib.get_close_matches(match.group(1).lower(), list(metrics_dict), n=2) if match else []
-    return f" (did you mean {' or '.join(close)}? Fix it in metrics)" if close else ""
-
-
-RECBOLE_PROPERTIES = checks.RECBOLE_PROPERTIES
-
-
-def check_setting_types(config, default_files) -> None:
-    """Reject a setting whose final value has the wrong kind for the default given in
-    ``default_files`` (RecBole's and our property files): a number, a bool or a mapping.
-    A value from the command line that is not a Python literal stays a string, so
-    ``--epochs=ten`` would otherwise fail deep inside the trainer. Unset (~) defaults and
-    string/list settings are not checked (RecBole accepts several shapes for those)."""
-    for path in default_files:
-        with open(path, encoding="utf-8") as f:
-            defaults = yaml.load(f.read(), Loader=config.yaml_loader) or {}
-        for key, default in defaults.items():
-            value = config.final_config_dict.get(key)
-            problem = None if value is None else kind_problem(default, value)
-            if problem:
-                raise InputError(
-                    f"Setting {key}={value!r} ({type(value).__name__}) {problem}; its default in {path} is "
-                    f"{default!r}. Fix it where you set it (config file, config_dict or --{key}=...)."
-                )
-
-
-def kind_problem(default, value) -> str | None:
-    """Why ``value`` cannot stand where ``default`` does (a number, bool or mapping), or None."""
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, bool):
-        return None if isinstance(value, bool) else "must be True or False"
-    if isinstance(default, int):
-        return None if is_number and float(value).is_integer() else "must be a whole number"
-    if isinstance(default, float):
-        return None if is_number else "must be a number"
-    if isinstance(default, dict):
-        return None if isinstance(value, dict) else "must be a mapping (key: value)"
-    return None
+from recbole_llm.config import load_config, preflight, properties_dir, property_files  # noqa: F401 - public API
+from recbole_llm.data.datasets import drop_exact_duplicates
+from recbole_llm.errors import InputError
 
 
 _recbole_handlers: list[logging.Handler] = []

@@ -579,7 +579,7 @@ def main(argv=None):
     from recbole.data import create_dataset
     from recbole.utils import init_logger
 
-    from recbole_llm.quick_start import load_config
+    from recbole_llm.config import load_config
 
     config = load_config("SeRALM", args.dataset, args.config_files.split() if args.config_files else None,
                          {"use_gpu": False, **overrides})

@@ -43,7 +43,7 @@ def id_model_config(config, model_name: str, overrides: dict | None = None):
     ``config_dict``; the main model's command line (``--epochs=1`` for the LLM) must not
     reach stage 1, which takes its settings from ``overrides`` alone.
     """
-    from recbole_llm.quick_start import load_config
+    from recbole_llm.config import load_config
 
     shared = {key: config[key] for key in SHARED_KEYS if key in config}
     shared["data_path"] = str(Path(config["data_path"]).parent)
@@ -166,7 +166,7 @@ def settings_report(config, id_config, model_name: str, overrides: dict | None, 
     model's property file, ours or RecBole's; the overall defaults)."""
     import yaml
 
-    from recbole_llm.quick_start import RECBOLE_PROPERTIES, properties_dir
+    from recbole_llm.config import RECBOLE_PROPERTIES, properties_dir
 
     def read(path):
         return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}

@@ -67,16 +67,18 @@ def test_the_second_run_waits_for_the_first_and_reuses_its_result(tmp_path):
         results.append(value)
 
     release = threading.Event()
-    first = threading.Thread(target=run, args=(release,))
+    first = threading.Thread(target=run, args=(release,), daemon=True)
     first.start()
-    first_inside.wait()
-    second = threading.Thread(target=run)
+    assert first_inside.wait(timeout=60)
+    second = threading.Thread(target=run, daemon=True)
     second.start()
-    second.join(timeout=0.5)
-    assert second.is_alive()  # blocked on the lock while the first builds
-    release.set()
-    first.join()
-    second.join()
+    try:
+        second.join(timeout=0.5)
+        assert second.is_alive()  # blocked on the lock while the first builds
+    finally:
+        release.set()
+    first.join(timeout=60)
+    second.join(timeout=60)
     assert builds == [1] and results == [{"built": 1}, {"built": 1}]
 
 

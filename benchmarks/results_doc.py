@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from recbole_llm.cache_io import atomic_target, cache_lock
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "RESULTS.md"
 HEADER = "# Measured results\n\nEvery number below was measured by the script named in its section, on the machine it names.\n"
@@ -46,13 +48,12 @@ def write_section(name: str, title: str, body: str) -> None:
         f"<!-- BEGIN {name} -->\n## {title}\n\n"
         f"- command: `{command()}`\n- machine: {machine()}\n- date: {stamp}\n\n{body.strip()}\n<!-- END {name} -->\n"
     )
-    text = RESULTS.read_text() if RESULTS.exists() else HEADER
-    pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->\n", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    tmp = RESULTS.with_suffix(".md.tmp")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS)
+    with cache_lock(RESULTS):  # benchmarks running side by side each rewrite their own section
+        text = RESULTS.read_text() if RESULTS.exists() else HEADER
+        pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->\n", re.S)
+        text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+        with atomic_target(RESULTS) as tmp:
+            tmp.write_text(text)
 
 
 def parse_overrides(args: list[str]) -> dict:

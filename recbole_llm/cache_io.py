@@ -6,7 +6,8 @@
 * :func:`guarded_load`: every cache read; a truncated or corrupt file is logged with its path,
   removed, and reported as absent, so the caller rebuilds it instead of failing.
 * :func:`cache_lock`: one inter-process lock per cache key (``filelock``), so two runs that
-  need the same artefact build it once: the second waits, then reuses the first's.
+  need the same artefact build it once: the second waits, then reuses the first's;
+  :func:`try_lock` the same without waiting (a resume state belongs to one run at a time).
 * :func:`config_key`: the key of what a config trains (its settings and the dataset's files),
   for stage-1 checkpoints and resume states.
 * :func:`unique_checkpoint_name`: RecBole names checkpoints ``<model>-<time>.pth`` to the
@@ -97,6 +98,19 @@ def cache_lock(path: str | os.PathLike, logger=None) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def try_lock(path: str | os.PathLike) -> FileLock | None:
+    """The lock of ``path`` (``<path>.lock``) if no other process holds it, else None; the
+    caller releases it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path.with_name(path.name + ".lock")))
+    try:
+        lock.acquire(timeout=0)
+    except TimeoutError:
+        return None
+    return lock
 
 
 def unique_checkpoint_name(saved_model_file: str) -> str:

@@ -123,3 +123,25 @@ def test_corrupt_stage1_cache_and_resume_file_are_rebuilt(tiny_data, tiny_llama_
     assert str(stage1) in caplog.text and str(resume) in caplog.text
     assert stage1.is_file() and torch.load(stage1, weights_only=False)["model"] == "SASRec"
     assert again["test_result"] == clean["test_result"]
+
+
+def test_a_run_whose_resume_key_another_run_holds_neither_resumes_nor_saves(tiny_data, monkeypatch, caplog):
+    """Two identical commands at once: the resume state belongs to the first; the second trains
+    without reading or writing it (and says so), and ends with the same result."""
+    import recbole_llm.trainer.resume as resume
+    from recbole_llm.quick_start import run
+
+    name, overrides = tiny_data
+    settings = {**overrides, "epochs": 2}
+    saved = []
+    real_save = resume.save_state
+    monkeypatch.setattr(resume, "save_state", lambda path, state: (saved.append(path), real_save(path, state)))
+    first = run("LRURec", name, config_dict=settings)
+    assert saved  # the owner of the key saves its state every epoch
+    saved.clear()
+    monkeypatch.setattr(resume, "try_lock", lambda path: None)  # as if another run held the key
+    monkeypatch.setattr(resume, "load_state", lambda path: pytest.fail("read another run's resume state"))
+    with caplog.at_level(logging.WARNING):
+        second = run("LRURec", name, config_dict=settings)
+    assert not saved and "neither resumes from nor saves" in caplog.text
+    assert second["test_result"] == first["test_result"]

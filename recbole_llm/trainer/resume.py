@@ -12,11 +12,13 @@ batches and draws the uninterrupted run would have used, and ends with the same 
 
 ``key`` hashes the settings and data files (:func:`recbole_llm.cache_io.config_key`):
 a changed setting starts afresh instead of resuming an unrelated run. ``resume: False``
-starts over. A finished run deletes its resume file. Work lost to an interruption: at
+starts over. A resume state belongs to one run at a time (a lock per key): a second
+identical command started while the first trains neither resumes from nor writes it. A finished run deletes its resume file. Work lost to an interruption: at
 most one epoch (one ``ranker_eval_step`` for the ranker).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 from logging import getLogger
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from recbole.trainer import Trainer
 
-from recbole_llm.cache_io import atomic_save, config_key, guarded_load, unique_checkpoint_name
+from recbole_llm.cache_io import atomic_save, config_key, guarded_load, try_lock, unique_checkpoint_name
 
 
 def resume_path(config, what: str) -> Path:
@@ -70,6 +72,24 @@ def load_state(path: Path) -> dict | None:
     return guarded_load(path, what="resume state")  # our own file (numpy RNG state inside)
 
 
+def claim_resume(config, path: Path):
+    """The lock of the resume state at ``path`` for this run (release it with :func:`release`),
+    or None when another run with the same key holds it (said once). A distributed run's ranks
+    share one state through rank 0, so they take no lock."""
+    if not config["single_spec"]:
+        return contextlib.nullcontext()
+    lock = try_lock(path)
+    if lock is None:
+        getLogger().warning(f"another run with the same settings holds {path}: this run neither resumes from "
+                            "nor saves a resume state")
+    return lock
+
+
+def release(claim) -> None:
+    if hasattr(claim, "release"):
+        claim.release()
+
+
 def trainable_weights(model) -> dict:
     """The weights a resume must restore: the pluggable part of an LLM model, else all."""
     return model.trainable_state_dict() if hasattr(model, "trainable_state_dict") else model.state_dict()
@@ -87,14 +107,18 @@ class ResumableTrainer:
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         path = resume_path(self.config, "fit")
-        state = load_state(path) if wants_resume(self.config) else None
-        if state is not None:
-            self._restore(state, train_data, path)
-        self._resume_file = path if self._is_main_process() else None
-        result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
-        if self._resume_file is not None:
-            self._resume_file.unlink(missing_ok=True)
-        self._resume_file = None
+        claim = claim_resume(self.config, path)
+        try:
+            state = load_state(path) if claim is not None and wants_resume(self.config) else None
+            if state is not None:
+                self._restore(state, train_data, path)
+            self._resume_file = path if claim is not None and self._is_main_process() else None
+            result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+            if self._resume_file is not None:
+                self._resume_file.unlink(missing_ok=True)
+        finally:
+            self._resume_file = None
+            release(claim)
         return result
 
     def _train_epoch(self, train_data, epoch_idx, *args, **kwargs):

@@ -47,7 +47,8 @@ from recbole_llm import distributed
 from recbole_llm.cache_io import atomic_save, cache_lock, guarded_load
 from recbole_llm.trainer.llm_trainer import LLMTrainer
 from recbole_llm.trainer.resume import (
-    load_state, resume_path, rng_state, save_state, set_rng_state, trainable_weights, wants_resume,
+    claim_resume, load_state, release, resume_path, rng_state, save_state, set_rng_state, trainable_weights,
+    wants_resume,
 )
 
 
@@ -213,6 +214,15 @@ class LlamaRecTrainer(LLMTrainer):
         validated every ``ranker_eval_step`` steps; the best adapter is kept. Each validation
         step also writes the resume state, and an interrupted run continues from the last one
         with the same batches and random draws (:mod:`recbole_llm.trainer.resume`)."""
+        resume_file = resume_path(self.config, "ranker")
+        claim = claim_resume(self.config, resume_file)
+        try:
+            self._train_ranker_steps(train_data, phase, show_progress, resume_file if claim is not None else None)
+        finally:
+            release(claim)
+
+    def _train_ranker_steps(self, train_data, phase, show_progress, resume_file):
+        """The loop of :meth:`_train_ranker`; ``resume_file`` None: another run owns the state."""
         model = self.model
         global_batch = train_data.step * self.world_size  # RecBole gives each rank train_batch_size / world_size rows
         total_steps = math.ceil(self.max_examples / global_batch)
@@ -224,8 +234,7 @@ class LlamaRecTrainer(LLMTrainer):
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
         self.best_valid_score, seen, step, running, passes, best_weights = -1.0, 0, 0, 0.0, 0, None
         stale, stopped = 0, False  # validations since the best one; early stop
-        resume_file = resume_path(self.config, "ranker")
-        resumed = self._resume_state(resume_file)
+        resumed = self._resume_state(resume_file) if resume_file is not None else None
         if resumed:
             model.load_state_dict(resumed["state_dict"])
             self.optimizer.load_state_dict(resumed["optimizer"])
@@ -284,7 +293,7 @@ class LlamaRecTrainer(LLMTrainer):
                         self.logger.info(f"ranker training stops early at step {step} of {total_steps}: "
                                          f"{stale} validations without a better NDCG@10 (ranker_stopping_step)")
                         done = stopped = True
-                    if self.is_main_process:
+                    if self.is_main_process and resume_file is not None:
                         save_state(resume_file, {
                             "state_dict": trainable_weights(model), "optimizer": self.optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "best_valid_score": self.best_valid_score,
@@ -298,7 +307,7 @@ class LlamaRecTrainer(LLMTrainer):
             passes += 1
         progress.close()
         model.load_state_dict(best_weights)
-        if self.is_main_process:
+        if self.is_main_process and resume_file is not None:
             resume_file.unlink(missing_ok=True)
         self.logger.info(f"best ranker adapter: step {self.cur_step}, valid-subset NDCG@10 {self.best_valid_score:.4f}")
 

@@ -145,3 +145,27 @@ def test_a_run_whose_resume_key_another_run_holds_neither_resumes_nor_saves(tiny
         second = run("LRURec", name, config_dict=settings)
     assert not saved and "neither resumes from nor saves" in caplog.text
     assert second["test_result"] == first["test_result"]
+
+
+def test_a_corrupt_knowledge_vector_cache_is_encoded_again(tmp_path, caplog):
+    from torch import nn
+
+    from recbole_llm.knowledge.encoding import cached_vectors
+
+    class CountingEncoder(nn.Module):
+        calls = 0
+
+        def encode(self, texts):
+            CountingEncoder.calls += 1
+            return torch.ones(len(texts), 3)
+
+    texts = ["", "a film", "another film"]
+    first = cached_vectors(texts, "my-encoder", tmp_path, encoder=CountingEncoder())
+    (cache,) = tmp_path.glob("vectors-*.pt")
+    cache.write_bytes(cache.read_bytes()[:20])
+    with caplog.at_level(logging.WARNING):
+        again = cached_vectors(texts, "my-encoder", tmp_path, encoder=CountingEncoder())
+    assert CountingEncoder.calls == 2 and torch.equal(first, again)
+    assert str(cache) in caplog.text
+    assert torch.equal(cached_vectors(texts, "my-encoder", tmp_path, encoder=CountingEncoder()), first)
+    assert CountingEncoder.calls == 2  # the rebuilt cache is reused

@@ -27,12 +27,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from recbole_llm.cache_io import atomic_save, guarded_load
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 DEFAULT_ENCODER_ALIASES = (None, "", "default", DEFAULT_ENCODER, f"sentence-transformers/{DEFAULT_ENCODER}")
@@ -135,14 +136,11 @@ def cached_vectors(texts: Sequence[str], encoder_name=None, cache_dir: str | os.
     logger = logger or logging.getLogger("recbole_llm")
     key = hashlib.sha1((texts_hash(texts) + json.dumps(encoder_identity(encoder_name), sort_keys=True)).encode())
     path = Path(cache_dir) / f"vectors-{key.hexdigest()[:16]}.pt"
-    if path.is_file():
-        try:
-            vectors = torch.load(path, map_location="cpu", weights_only=True)
-            if vectors.shape[0] == len(texts):
-                logger.info(f"knowledge vectors: reusing {path}")
-                return vectors
-        except Exception as err:  # a corrupt file is re-encoded
-            logger.warning(f"knowledge vectors {path} unreadable ({err}); encoding again")
+    vectors = guarded_load(path, lambda p: torch.load(p, map_location="cpu", weights_only=True), "knowledge vectors",
+                           logger)
+    if vectors is not None and vectors.shape[0] == len(texts):
+        logger.info(f"knowledge vectors: reusing {path}")
+        return vectors
     empty = sum(not (t and t.strip()) for t in texts)
     if empty:
         logger.warning(f"{empty} of {len(texts)} knowledge texts are empty (padding row included): zero vectors")
@@ -151,10 +149,6 @@ def cached_vectors(texts: Sequence[str], encoder_name=None, cache_dir: str | os.
     elif not isinstance(encoder, nn.Module):  # a factory: load only when something must be encoded
         encoder = encoder()
     vectors = encoder.encode(list(texts)).cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    torch.save(vectors, tmp)
-    os.replace(tmp, path)
+    atomic_save(vectors, path)
     logger.info(f"knowledge vectors: {tuple(vectors.shape)} encoded and cached in {path}")
     return vectors

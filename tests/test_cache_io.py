@@ -169,3 +169,32 @@ def test_a_corrupt_knowledge_vector_cache_is_encoded_again(tmp_path, caplog):
     assert str(cache) in caplog.text
     assert torch.equal(cached_vectors(texts, "my-encoder", tmp_path, encoder=CountingEncoder()), first)
     assert CountingEncoder.calls == 2  # the rebuilt cache is reused
+
+
+def test_two_identical_commands_started_together_both_finish(tmp_path):
+    """Two identical command lines at once, sharing saved/: both finish, each with its own
+    checkpoint, and the same test result."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import write_tiny_dataset
+
+    write_tiny_dataset(tmp_path / "data")
+    root = Path(__file__).resolve().parent.parent
+    script = ("import json, sys; import recbole.trainer.trainer as t; "
+              "t.get_local_time = lambda: 'Nov-30-2026_12-00-00'; "  # both start within the same second
+              "from recbole_llm.quick_start import run; "
+              "r = run('LRURec', 'tiny', config_dict=json.loads(sys.argv[1])); print('RESULT', json.dumps(r['test_result']))")
+    settings = json.dumps({"data_path": str(tmp_path / "data"), "checkpoint_dir": str(tmp_path / "saved"),
+                           "user_inter_num_interval": None, "item_inter_num_interval": None, "MAX_ITEM_LIST_LENGTH": 8,
+                           "epochs": 2, "show_progress": False, "use_gpu": False, "state": "WARNING"})
+    env = {"PYTHONPATH": str(root), "PATH": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    runs = [subprocess.Popen([sys.executable, "-c", script, settings], cwd=tmp_path, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs[0][1][-1500:] + outputs[1][1][-1500:]
+    results = [out.split("RESULT ", 1)[1] for out, _ in outputs]
+    assert results[0] == results[1]
+    assert len(list((tmp_path / "saved").glob("LRURec-*.pth"))) == 2

@@ -1,8 +1,8 @@
 """The letter verbalizer (LlamaRec, Sec. 3.2): candidate scores from ONE forward pass.
 
 The score of candidate ``j`` is the raw next-token logit of its index letter at the
-last prompt position. The pitfall (reported by users of the authors' code): a letter encoded alone may get another
-id than the one the model is trained to emit after "### Response:\\n". Here each
+last prompt position. The pitfall (known from the authors' code): a letter encoded alone
+may get another id than the one the model is trained to emit after "### Response:\\n". Here each
 letter's id is taken from that very context (tokenize marker + letter, keep the last
 token), the context must tokenize as marker tokens + exactly one letter token, and the
 training labels are built from the same ids (:meth:`LetterVerbalizer.answer_ids`).

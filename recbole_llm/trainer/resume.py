@@ -13,8 +13,9 @@ batches and draws the uninterrupted run would have used, and ends with the same 
 ``key`` hashes the settings and data files (:func:`recbole_llm.cache_io.config_key`):
 a changed setting starts afresh instead of resuming an unrelated run. ``resume: False``
 starts over. A resume state belongs to one run at a time (a lock per key): a second
-identical command started while the first trains neither resumes from nor writes it. A finished run deletes its resume file. Work lost to an interruption: at
-most one epoch (one ``ranker_eval_step`` for the ranker).
+identical command started while the first trains neither resumes from nor writes it. A
+finished run deletes its resume file. Work lost to an interruption: at most one epoch (one
+``ranker_eval_step`` for the ranker).
 """
 from __future__ import annotations
 

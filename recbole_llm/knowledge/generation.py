@@ -48,12 +48,12 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from recbole_llm.cache_io import atomic_target
 from recbole_llm.data.item_text import _field_values, natural_title
 from recbole_llm.errors import InputError, MissingInputError
 
@@ -314,15 +314,11 @@ class KnowledgeCache:
         """Write all records to the final file (temp + rename), then drop the progress files."""
         self.directory.mkdir(parents=True, exist_ok=True)
         ordered = sorted(records.values(), key=lambda r: (len(str(r["token"])), str(r["token"])))
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.final.name}.", dir=self.directory)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
-        os.replace(tmp, self.final)
+        with atomic_target(self.final) as tmp:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered), encoding="utf-8")
         meta = {**self.meta, "key": self.key, "items": len(records), **(stats or {})}
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.meta_path.name}.", dir=self.directory)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, sort_keys=True, default=str)
-        os.replace(tmp, self.meta_path)
+        with atomic_target(self.meta_path) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str), encoding="utf-8")
         for part in self.parts():
             part.unlink(missing_ok=True)
 

@@ -80,10 +80,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import queue
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -94,6 +91,7 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
+from recbole_llm.cache_io import atomic_target
 from recbole_llm.knowledge.generation import (
     DEFAULT_KNOWLEDGE_FIELDS,
     DEFAULT_TEXT_FORMAT,
@@ -518,12 +516,8 @@ class SeRALMTrainer(Trainer):
         return knowledge_dir(self.config) / f"aligned-{self.model.base_model_name}-{self.alignment_key()}"
 
     def _save_adapter(self, llm, adapter_dir: Path) -> None:
-        adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
-        llm.save_pretrained(str(tmp))
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        os.replace(tmp, adapter_dir)
+        with atomic_target(adapter_dir) as tmp:
+            llm.save_pretrained(str(tmp))
         self.logger.info(f"SeRALM: aligned adapter saved to {adapter_dir} (llm_adapter={adapter_dir} reuses it)")
 
     def load_llm(self):

@@ -22,9 +22,11 @@ def candidate_counts(model, trainer, loader) -> list:
     phase = trainer._phase(loader)
     targets, histories = phase.flat("targets"), [h for batch in phase.histories for h in batch]
     rows = []
-    for exclude in (False, True):
-        model.exclude_history = exclude
-        candidates, retrieval = (torch.cat(part) for part in trainer._retrieve(list(loader), show_progress=False))
+    model.exclude_history = False
+    allowed = [torch.cat(part) for part in trainer._retrieve(list(loader), show_progress=False)]
+    model.exclude_history = True
+    excluded = [phase.flat("candidates"), phase.flat("retrieval")]  # the trainer's own (cached) candidates
+    for exclude, (candidates, retrieval) in ((False, allowed), (True, excluded)):
         hits = ranking_metrics(retrieval, candidates, targets, [10])
         held = [len(set(h) & set(c)) for h, c in zip(histories, candidates.tolist())]
         rows.append([f"history {'excluded' if exclude else 'allowed'}", phase.rows, f"{hits['users']} ({hits['share']:.1%})",

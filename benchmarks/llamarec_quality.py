@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from results_doc import markdown_table, parse_overrides, write_section
 
 from recbole_llm.quick_start import build
@@ -42,15 +40,6 @@ def main():
     phase = trainer._phase(test)
     retriever_subset = ranking_metrics(phase.flat("retrieval"), phase.flat("candidates"), phase.flat("targets"), config["topk"])
 
-    # the candidates without the history rule (what evaluation used before it applied there)
-    model.exclude_history = False
-    with_history = trainer._retrieve(list(test), show_progress=False)[0]
-    model.exclude_history = config["exclude_history"]
-    targets = phase.flat("targets")
-    share_with_history = float((torch.cat(with_history) == targets.unsqueeze(1)).any(1).float().mean())
-    held_history = sum(bool(set(h) & set(c)) for h, c in zip([h for b in phase.histories for h in b],
-                                                             torch.cat(with_history).tolist()))
-
     rows = []
     for name, overall, subset in [
         (f"{config['retriever']} (retriever alone)", retriever, retriever_subset),
@@ -68,10 +57,8 @@ def main():
     body = (
         f"Test users: {phase.rows}; {phase.rows and retriever_subset['users']} of them "
         f"({retriever_subset['share']:.1%}) have the target among the retriever's top-{model.k} "
-        "(the valid retrieval subset). Candidates exclude each user's history "
-        f"(exclude_history: {config['exclude_history']}); without that rule {share_with_history:.1%} of the test users "
-        f"would have their target among the top-{model.k}, and {held_history} of {phase.rows} users would have "
-        "history items among their candidates.\n\n"
+        f"(the valid retrieval subset); exclude_history: {config['exclude_history']} (the candidates with and "
+        "without it: benchmarks/llamarec_candidates.py).\n\n"
         + markdown_table(["model"] + METRICS + ["subset NDCG@10", "subset Hit@5"], rows)
         + f"\n\nLlamaRec / retriever NDCG@10: {gain_plain:.3f} (ranker only), {gain_fused:.3f} (with fusion). "
         "Paper (ML-100k latest-small, Llama-2-7B): 1.07.\n\n"

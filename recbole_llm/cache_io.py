@@ -82,35 +82,36 @@ def guarded_load(path: str | os.PathLike, load: Callable | None = None, what: st
         return None
 
 
-@contextmanager
-def cache_lock(path: str | os.PathLike, logger=None) -> Iterator[None]:
-    """Hold the lock of the cache at ``path`` (``<path>.lock``) for the block; says so once
-    when another run holds it and this one waits."""
+def _lock_of(path: str | os.PathLike) -> FileLock:
+    """The inter-process lock of ``path``: the file ``<path>.lock`` beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path.with_name(path.name + ".lock")))
-    try:
-        lock.acquire(timeout=0)
-    except TimeoutError:
-        (logger or getLogger()).info(f"waiting for another run that is building {path}")
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
+    return FileLock(str(path.with_name(path.name + ".lock")))
 
 
 def try_lock(path: str | os.PathLike) -> FileLock | None:
-    """The lock of ``path`` (``<path>.lock``) if no other process holds it, else None; the
-    caller releases it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path.with_name(path.name + ".lock")))
+    """The lock of ``path`` if no other process holds it, else None; the caller releases it."""
+    lock = _lock_of(path)
     try:
         lock.acquire(timeout=0)
     except TimeoutError:
         return None
     return lock
+
+
+@contextmanager
+def cache_lock(path: str | os.PathLike, logger=None) -> Iterator[None]:
+    """Hold the lock of the cache at ``path`` (``<path>.lock``) for the block; says so once
+    when another run holds it and this one waits."""
+    lock = try_lock(path)
+    if lock is None:
+        (logger or getLogger()).info(f"waiting for another run that is building {path}")
+        lock = _lock_of(path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def unique_checkpoint_name(saved_model_file: str) -> str:

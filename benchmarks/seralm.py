@@ -80,8 +80,8 @@ def generation_time_per_item(config, dataset, n_items):
     from recbole_llm.knowledge.generation import dataset_items, knowledge_text, load_generator, parse_knowledge
 
     generator = load_generator(config)
-    encoder = TextEncoder.load(config["text_encoder"] if "text_encoder" in config else None)
-    items = [fields for _, _, fields in dataset_items(dataset)[:n_items]]
+    encoder = TextEncoder.load(config["text_encoder"])
+    items = [fields for _, _, fields in dataset_items(dataset, config["knowledge_fields"])[:n_items]]
     start = time.perf_counter()
     answers = []
     for i in range(0, len(items), generator.batch_size):

@@ -31,7 +31,11 @@ from filelock import FileLock
 
 #: Config entries that do not change what a run learns (left out of :func:`config_key`).
 _VOLATILE = {"device", "gpu_id", "use_gpu", "checkpoint_dir", "show_progress", "state", "data_path",
-             "local_rank", "single_spec", "eval_batch_size", "worker", "log_wandb", "wandb_project", "resume", "verbose"}
+             "local_rank", "single_spec", "eval_batch_size", "worker", "log_wandb", "wandb_project", "resume", "verbose",
+             "knowledge_vector_dir"}
+#: Settings added to the property files after caches were made, with the value their absence meant:
+#: left out of :func:`config_key` while they hold it, so those caches stay valid.
+_ADDED_LATER = {"drop_exact_duplicates": False, "lr_schedule": "constant"}
 
 
 def _remove(path: Path) -> None:
@@ -125,7 +129,8 @@ def config_key(config) -> str:
     folder = Path(config["data_path"])
     files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in folder.glob(f"{config['dataset']}.*"))
     settings = {k: v for k, v in config.final_config_dict.items() if k not in _VOLATILE}
-    if not settings.get("drop_exact_duplicates"):  # its default leaves the caches made before it valid
-        settings.pop("drop_exact_duplicates", None)
+    for key, value in _ADDED_LATER.items():
+        if key in settings and settings[key] in (value, None):
+            settings.pop(key)
     text = json.dumps([config["model"], config["dataset"], files, settings], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]

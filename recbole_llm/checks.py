@@ -35,8 +35,8 @@ INTERNAL_SETTINGS = {
     "CROP_ITEM_SEQ", "CROP_ITEM_SEQ_LEN", "INVERSE_ITEM_SEQ", "MASK_INDEX", "MASK_ITEM_SEQ", "REORDER_ITEM_SEQ",
     "NEG_ITEMS", "POS_ITEMS", "feature_num", "token_num_threshold",
 }
-#: How our code reads a setting: config["key"], setting(config, "key", ...), _setting(config, "key", ...).
-_SETTING_READ = re.compile(r"""config\[\s*["'](\w+)["']\s*\]|setting\(\s*[\w.]*config\w*\s*,\s*["'](\w+)["']""")
+#: How our code reads a setting: config["key"].
+_SETTING_READ = re.compile(r"""config\[\s*["'](\w+)["']\s*\]""")
 #: Whole-number settings that must be >= 1, and what they count.
 AT_LEAST_ONE = {
     "epochs": "training epochs", "train_batch_size": "rows per training step",
@@ -155,7 +155,7 @@ def known_settings(our_properties: Path) -> frozenset:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
             keys |= set(data) if isinstance(data, dict) else set()
     for path in Path(__file__).parent.rglob("*.py"):
-        keys |= {a or b for a, b in _SETTING_READ.findall(path.read_text(encoding="utf-8"))}
+        keys |= set(_SETTING_READ.findall(path.read_text(encoding="utf-8")))
     return frozenset(keys)
 
 

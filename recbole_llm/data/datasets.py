@@ -313,7 +313,7 @@ def warn_duplicates(config, inter: AtomicFile) -> None:
         return
     what = f"{inter.path}: {duplicates} interaction(s) are exact duplicates of an earlier line (line {example[0]} " \
            f"repeats line {example[1]})"
-    if config.final_config_dict.get("drop_exact_duplicates"):
+    if config["drop_exact_duplicates"]:
         warn_once(f"{what}; dropped (drop_exact_duplicates: True).")
     else:
         warn_once(f"{what}: a duplicate can put a user's test target in their own history. Set "
@@ -343,7 +343,7 @@ def drop_exact_duplicates(config, dataset) -> int:
     """With ``drop_exact_duplicates: True``, drop the exact duplicate rows of a dataset that
     RecBole's ``create_dataset`` returned (after its filtering, before the split); returns
     how many were dropped."""
-    if not config.final_config_dict.get("drop_exact_duplicates"):
+    if not config["drop_exact_duplicates"]:
         return 0
     from recbole.utils import FeatureType
 

@@ -70,8 +70,6 @@ KNOWLEDGE_PROMPT = (
     "Here is the movie information:\n"
     "{item_json}"
 )
-#: prompt key -> item field (ml-100k's fields).
-DEFAULT_KNOWLEDGE_FIELDS = {"title": "movie_title", "year": "release_year", "genres": "class"}
 DEFAULT_TEXT_FORMAT = "{description} {summarization}"
 #: Item field values longer than this are cut before they enter a prompt (a runaway title cannot fill the context).
 MAX_FIELD_CHARS = 200
@@ -82,13 +80,13 @@ _SALVAGE = {key: re.compile(rf'"{key}"\s*:\s*"((?:[^"\\]|\\.)*)', re.I | re.S) f
 
 
 def setting(config, key, default):
-    """``config[key]`` when present and not None, else ``default``."""
+    """Kept for benchmarks/report.py only (it reads plain dicts); the library reads ``config[key]``."""
     value = config[key] if config is not None and key in config else None
     return default if value is None else value
 
 
 # --------------------------------------------------------------------------- prompts and parsing
-def item_prompt_fields(dataset, field_map: dict[str, str] | None = None) -> list[dict[str, str]]:
+def item_prompt_fields(dataset, field_map: dict[str, str]) -> list[dict[str, str]]:
     """One dict of prompt fields per internal item id (row 0, padding, is ``{}``).
 
     ``field_map`` maps prompt keys to item fields; fields the dataset lacks and empty values
@@ -98,7 +96,7 @@ def item_prompt_fields(dataset, field_map: dict[str, str] | None = None) -> list
     """
     from recbole.utils import FeatureType
 
-    field_map = dict(field_map or DEFAULT_KNOWLEDGE_FIELDS)
+    field_map = dict(field_map)
     item_feat = getattr(dataset, "item_feat", None)
     available = [] if item_feat is None else [f for f in item_feat.columns if f != dataset.iid_field]
     present = {key: field for key, field in field_map.items() if field in available}
@@ -451,21 +449,26 @@ def _progress(iterable, show, desc):
 
 
 # --------------------------------------------------------------------------- from a RecBole config
+def knowledge_prompt(config) -> str:
+    """The ``knowledge_prompt`` setting; its default ``~`` is the paper's Fig. 3 prompt."""
+    return config["knowledge_prompt"] or KNOWLEDGE_PROMPT
+
+
 def knowledge_dir(config) -> Path:
     """``knowledge_dir`` setting, else ``<data_path>/knowledge`` (``dataset/ml-100k/knowledge``)."""
-    return Path(setting(config, "knowledge_dir", Path(config["data_path"]) / "knowledge"))
+    return Path(config["knowledge_dir"] or Path(config["data_path"]) / "knowledge")
 
 
 def decoding_settings(config) -> dict:
-    return {"max_new_tokens": int(setting(config, "knowledge_max_new_tokens", 96)), "do_sample": False}
+    return {"max_new_tokens": int(config["knowledge_max_new_tokens"]), "do_sample": False}
 
 
 def knowledge_cache_for(config, dataset_name: str, adapter: str | None, logger=None) -> KnowledgeCache:
     """The cache that the config's LLM, ``adapter``, prompt and decoding settings address."""
-    template = setting(config, "knowledge_prompt", KNOWLEDGE_PROMPT)
-    field_map = dict(setting(config, "knowledge_fields", DEFAULT_KNOWLEDGE_FIELDS))
-    chat = bool(setting(config, "use_chat_template", True))
-    llm = llm_identity(setting(config, "llm_path", None))
+    template = knowledge_prompt(config)
+    field_map = dict(config["knowledge_fields"])
+    chat = bool(config["use_chat_template"])
+    llm = llm_identity(config["llm_path"])
     decoding = decoding_settings(config)
     key = cache_key(dataset_name, llm, adapter, template, field_map, chat, decoding)
     meta = {"dataset": dataset_name, "llm": llm, "adapter": adapter, "template": template, "fields": field_map,
@@ -480,7 +483,7 @@ def _command() -> str:
     return " ".join(["python", *sys.argv])
 
 
-def dataset_items(dataset, field_map=None) -> list[tuple[int, str, dict]]:
+def dataset_items(dataset, field_map: dict[str, str]) -> list[tuple[int, str, dict]]:
     """``(internal id, original token, prompt fields)`` for every real item of ``dataset``."""
     fields = item_prompt_fields(dataset, field_map)
     tokens = dataset.field2id_token[dataset.iid_field]
@@ -492,19 +495,19 @@ def load_generator(config, model=None, tokenizer=None, adapter_path=None, logger
     from recbole_llm.llm.backbone import load_causal_lm, set_num_threads
 
     if model is None:
-        set_num_threads(setting(config, "num_threads", None))
-        model, tokenizer = load_causal_lm(setting(config, "llm_path", None), dtype=setting(config, "llm_dtype", "auto"),
-                                          device=str(config["device"]) if "device" in config else "cpu", logger=logger)
+        set_num_threads(config["num_threads"])
+        model, tokenizer = load_causal_lm(config["llm_path"], dtype=config["llm_dtype"],
+                                          device=str(config["device"]), logger=logger)
         if adapter_path:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter_path)
         model.eval()
     return KnowledgeGenerator(
-        model, tokenizer, template=setting(config, "knowledge_prompt", KNOWLEDGE_PROMPT),
-        use_chat_template=setting(config, "use_chat_template", True),
+        model, tokenizer, template=knowledge_prompt(config),
+        use_chat_template=config["use_chat_template"],
         max_new_tokens=decoding_settings(config)["max_new_tokens"],
-        batch_size=int(setting(config, "knowledge_batch_size", 8)),
+        batch_size=int(config["knowledge_batch_size"]),
     )
 
 
@@ -520,17 +523,17 @@ def dataset_knowledge(config, dataset, model=None, tokenizer=None, adapter_path=
     rank's share is generated; rows of items no rank has done yet are ``{}``.
     """
     logger = logger or logging.getLogger("recbole_llm")
-    field_map = dict(setting(config, "knowledge_fields", DEFAULT_KNOWLEDGE_FIELDS))
+    field_map = dict(config["knowledge_fields"])
     items = dataset_items(dataset, field_map)
-    adapter_path = adapter_path or setting(config, "llm_adapter", None)
+    adapter_path = adapter_path or config["llm_adapter"]
     adapter = adapter_dir_fingerprint(adapter_path) if adapter_path else adapter_fingerprint(model)
     cache = knowledge_cache_for(config, dataset.dataset_name, adapter, logger)
     records = cache.load()
-    template = setting(config, "knowledge_prompt", KNOWLEDGE_PROMPT)
+    template = knowledge_prompt(config)
     fresh = all(records.get(t, {}).get("prompt_hash") == item_prompt_hash(f, template) for _, t, f in items)
     if not (fresh and cache.final.is_file() and not cache.parts() and not cache.corrupt_lines):
         if show_progress is None:
-            show_progress = bool(setting(config, "show_progress", True))
+            show_progress = bool(config["show_progress"])
         generator = load_generator(config, model, tokenizer, adapter_path, logger)
         records = generate_knowledge(generator, items, cache, rank, world_size, show_progress, logger)
     else:

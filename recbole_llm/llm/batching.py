@@ -1,5 +1,6 @@
 """Batches of prompts for a decoder-only LLM: left padding, and a prefix shared by every row.
 
+* :func:`left_align`: RecBole's right-padded item sequences moved to the right end (left padding).
 * :func:`left_pad`: token sequences of different lengths, padded on the left with explicit
   position ids (real tokens at 0, 1, ...), so a padded row scores as it would alone.
 * :func:`forward_shared_prefix`: rows that start with the same prefix (an instruction) run it
@@ -14,6 +15,13 @@ import functools
 import inspect
 
 import torch
+
+
+def left_align(item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+    """Move RecBole's right-padded sequences to the right end (left padding with 0)."""
+    length = item_seq.size(1)
+    index = (torch.arange(length, device=item_seq.device) + item_seq_len.unsqueeze(1)) % length
+    return item_seq.gather(1, index)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device=None):

@@ -62,25 +62,11 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from recbole_llm.llm.backbone import apply_lora, keep_first_layers, load_causal_lm, set_num_threads
-from recbole_llm.llm.batching import forward_shared_prefix
+from recbole_llm.llm.batching import forward_shared_prefix, left_align
 from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
-from recbole_llm.model.lrurec import left_align
 from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import pretrained_id_model
 from recbole_llm.errors import InputError
-
-DEFAULT_INSTRUCTION = "Given the user's purchase history, predict next possible item to be purchased."
-DEFAULT_FRAME = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-    "\n\n### Instruction:\n{instruction}\n"
-)
-DEFAULT_RESPONSE = "\n### Response:\n"
-DEFAULT_TARGETS = ["gate_proj", "up_proj", "down_proj"]
-
-
-def _setting(config, key, default):
-    value = config[key] if key in config else None
-    return default if value is None else value
 
 
 class E4SRec(PluggableMixin, SequentialRecommender):
@@ -90,29 +76,29 @@ class E4SRec(PluggableMixin, SequentialRecommender):
         super().__init__(config, dataset)
         check_loss_type(config, "E4SRec", ("CE",))  # before stage 1 trains
         logger = getLogger()
-        set_num_threads(_setting(config, "num_threads", None))
-        self.rows_fraction = rows_fraction(_setting(config, "train_rows_per_epoch", None), len(dataset))
-        gradient_checkpointing = bool(_setting(config, "gradient_checkpointing", False))
-        self.share_instruction_prefix = bool(_setting(config, "share_instruction_prefix", True)) and not gradient_checkpointing
+        set_num_threads(config["num_threads"])
+        self.rows_fraction = rows_fraction(config["train_rows_per_epoch"], len(dataset))
+        gradient_checkpointing = bool(config["gradient_checkpointing"])
+        self.share_instruction_prefix = bool(config["share_instruction_prefix"]) and not gradient_checkpointing
 
         # The LLM: frozen body without the LM head, LoRA on the MLP projections (fail fast on bad targets).
         causal_lm, tokenizer = load_causal_lm(
-            _setting(config, "llm_path", None),
-            dtype=_setting(config, "llm_dtype", "auto"),
+            config["llm_path"],
+            dtype=config["llm_dtype"],
             device=str(config["device"]),
-            load_in_4bit=bool(_setting(config, "load_in_4bit", False)),
+            load_in_4bit=bool(config["load_in_4bit"]),
             gradient_checkpointing=gradient_checkpointing,
             logger=logger,
         )
-        self.llm_full_layers = keep_first_layers(causal_lm.get_decoder(), _setting(config, "llm_layers", None))
+        self.llm_full_layers = keep_first_layers(causal_lm.get_decoder(), config["llm_layers"])
         for param in causal_lm.parameters():
             param.requires_grad_(False)
         peft_model = apply_lora(
             causal_lm,
-            r=_setting(config, "lora_r", 16),
-            alpha=_setting(config, "lora_alpha", 16),
-            dropout=_setting(config, "lora_dropout", 0.05),
-            target_modules=_setting(config, "lora_target_modules", DEFAULT_TARGETS),
+            r=config["lora_r"],
+            alpha=config["lora_alpha"],
+            dropout=config["lora_dropout"],
+            target_modules=config["lora_target_modules"],
         )
         causal_lm = peft_model.get_base_model()
         self.llm = causal_lm.get_decoder()  # the body: LoRA layers are injected in place
@@ -122,10 +108,10 @@ class E4SRec(PluggableMixin, SequentialRecommender):
         llm_dtype = self.llm.get_input_embeddings().weight.dtype
 
         # The instruction frame, embedded once with the LLM's (frozen) input embeddings.
-        instruction = _setting(config, "instruction", DEFAULT_INSTRUCTION)
-        frame = _setting(config, "instruction_frame", DEFAULT_FRAME)
+        instruction = config["instruction"]
+        frame = config["instruction_frame"]
         self.instruction_text = frame.format(instruction=instruction)
-        self.response_text = _setting(config, "response_text", DEFAULT_RESPONSE)
+        self.response_text = config["response_text"]
         with torch.no_grad():
             embed = self.llm.get_input_embeddings()
             device = embed.weight.device
@@ -139,13 +125,13 @@ class E4SRec(PluggableMixin, SequentialRecommender):
             self.register_buffer("response_embeds", embed(ids[1])[0].detach().clone(), persistent=False)
 
         # Stage 1: the frozen item table of a pretrained ID model on the same split.
-        id_model_name = _setting(config, "id_model", "SASRec")
+        id_model_name = config["id_model"]
         id_model = pretrained_id_model(
             config,
             dataset,
             id_model_name,
-            checkpoint=_setting(config, "id_model_checkpoint", None),
-            overrides=_setting(config, "id_model_config", {}),
+            checkpoint=config["id_model_checkpoint"],
+            overrides=config["id_model_config"],
             setting="id_model_checkpoint",
         )
         table = getattr(id_model, "item_embedding", None)
@@ -161,7 +147,7 @@ class E4SRec(PluggableMixin, SequentialRecommender):
 
         # The pluggable part: projection into the LLM's input space and the head over all items.
         self.input_proj = nn.Linear(self.item_embedding.embedding_dim, self.llm_hidden)
-        self.score_head = _setting(config, "score_head", "linear")
+        self.score_head = config["score_head"]
         if self.score_head == "linear":
             self.score = nn.Linear(self.llm_hidden, self.n_items, bias=False)
         elif self.score_head != "tied":

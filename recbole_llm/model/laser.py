@@ -204,7 +204,7 @@ class Laser(PluggableMixin, SequentialRecommender):
         overrides = dict(config["id_model_config"] or {})
         overrides["MAX_ITEM_LIST_LENGTH"] = config["MAX_ITEM_LIST_LENGTH"]
         self.id_model = pretrained_id_model(
-            config, dataset, config["id_model"] or "SASRec",
+            config, dataset, config["id_model"],
             checkpoint=config["id_model_checkpoint"], overrides=overrides, setting="id_model_checkpoint",
         )
         for attribute in ("item_embedding", "position_embedding", "trm_encoder", "LayerNorm", "get_attention_mask"):
@@ -217,7 +217,7 @@ class Laser(PluggableMixin, SequentialRecommender):
         id_hidden = self.id_model.item_embedding.embedding_dim
 
         # The frozen LLM (decoder only: its LM head is never used).
-        llm, tokenizer = load_causal_lm(config["llm_path"], dtype=config["llm_dtype"] or "auto",
+        llm, tokenizer = load_causal_lm(config["llm_path"], dtype=config["llm_dtype"],
                                         device=config["device"], logger=logger)
         decoder = llm.get_decoder()
         self.llm_full_layers = keep_first_layers(decoder, config["llm_layers"])  # depth before the cut

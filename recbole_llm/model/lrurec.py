@@ -34,14 +34,8 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
+from recbole_llm.llm.batching import left_align
 from recbole_llm.model.objectives import check_loss_type
-
-
-def left_align(item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
-    """Move RecBole's right-padded sequences to the right end (left padding with 0)."""
-    length = item_seq.size(1)
-    index = (torch.arange(length, device=item_seq.device) + item_seq_len.unsqueeze(1)) % length
-    return item_seq.gather(1, index)
 
 
 def parallel_scan(u: torch.Tensor, lamb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

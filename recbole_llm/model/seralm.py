@@ -61,7 +61,7 @@ from torch import nn
 from recbole_llm import registry
 from recbole_llm.knowledge.encoding import TextEncoder, cached_vectors
 from recbole_llm.knowledge.generation import (
-    DEFAULT_TEXT_FORMAT, KNOWLEDGE_PROMPT, dataset_knowledge, item_prompt_fields, knowledge_text, setting,
+    dataset_knowledge, item_prompt_fields, knowledge_prompt, knowledge_text,
 )
 from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import id_model_config
@@ -195,12 +195,12 @@ class SeRALM(SequentialRecommender):
         super().__init__(config, dataset)
         check_loss_type(config, "SeRALM", ("CE", "BPR"))  # the base model trains with SeRALM's loss_type
         logger = getLogger()
-        self.base_model_name = setting(config, "base_model", "SASRec")
+        self.base_model_name = config["base_model"]
         base_class = self._base_class(self.base_model_name)
         overrides = {key: config[key] for key in ("MAX_ITEM_LIST_LENGTH", "loss_type")}
         if config["loss_type"] != "CE":  # RecBole refuses any train_neg_sample_args (even 'none') with CE
             overrides["train_neg_sample_args"] = config["train_neg_sample_args"]
-        overrides.update(setting(config, "base_model_config", {}))
+        overrides.update(config["base_model_config"])
         self.base_config = id_model_config(config, self.base_model_name, overrides)
         self.base = base_class(self.base_config, dataset)
         table = getattr(self.base, "item_embedding", None)
@@ -208,32 +208,32 @@ class SeRALM(SequentialRecommender):
             raise _unsupported(self.base_model_name, "has no nn.Embedding `item_embedding` over all items")
 
         # Knowledge: cached records -> texts -> cached vectors.
-        self.text_format = setting(config, "knowledge_text_format", DEFAULT_TEXT_FORMAT)
-        self.encoder_name = setting(config, "text_encoder", None)
-        self.encoder_mode = setting(config, "encoder_mode", "frozen")
+        self.text_format = config["knowledge_text_format"]
+        self.encoder_name = config["text_encoder"]
+        self.encoder_mode = config["encoder_mode"]
         if self.encoder_mode not in ("frozen", "joint"):
             raise InputError(f"encoder_mode must be 'frozen' or 'joint', not {self.encoder_mode!r}")
-        self.vector_dir = setting(config, "knowledge_vector_dir", None) or f"{config['checkpoint_dir']}/knowledge"
+        self.vector_dir = config["knowledge_vector_dir"] or f"{config['checkpoint_dir']}/knowledge"
         rows, cache = dataset_knowledge(config, dataset, logger=logger)
         self.knowledge_file = str(cache.final)
-        self.knowledge_prompt = setting(config, "knowledge_prompt", KNOWLEDGE_PROMPT)
-        self.item_fields = item_prompt_fields(dataset, setting(config, "knowledge_fields", None))
+        self.knowledge_prompt = knowledge_prompt(config)
+        self.item_fields = item_prompt_fields(dataset, config["knowledge_fields"])
         texts = self.knowledge_texts(rows, logger)
         encoder = None
         if self.encoder_mode == "joint":
             encoder = TextEncoder.load(self.encoder_name, device=config["device"],
-                                       batch_size=setting(config, "encoder_batch_size", 64))
+                                       batch_size=config["encoder_batch_size"])
         if encoder is None:
             encoder_or_factory = lambda: frozen_encoder(self.encoder_name, config["device"])  # noqa: E731
         else:
             encoder_or_factory = encoder
         vectors = cached_vectors(texts, self.encoder_name, self.vector_dir, encoder=encoder_or_factory,
-                                 batch_size=setting(config, "encoder_batch_size", 64), logger=logger)
+                                 batch_size=config["encoder_batch_size"], logger=logger)
         self.base.item_embedding = FusedItemEmbedding(
-            table, vectors, knowledge_size=setting(config, "knowledge_size", 64),
-            fusion_init=setting(config, "fusion_init", "identity"), encoder=encoder,
+            table, vectors, knowledge_size=config["knowledge_size"],
+            fusion_init=config["fusion_init"], encoder=encoder,
             texts=texts if encoder is not None else None,
-            joint_items_per_step=setting(config, "joint_items_per_step", 256),
+            joint_items_per_step=config["joint_items_per_step"],
         )
         logger.info(f"SeRALM: {self.base_model_name} with knowledge from {cache.final.name} "
                     f"({vectors.shape[1]}-d {self.encoder_mode} encoder -> {self.fused.knowledge_proj.out_features}-d)")

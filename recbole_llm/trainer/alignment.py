@@ -93,17 +93,16 @@ from recbole.utils import set_color
 
 from recbole_llm.cache_io import atomic_target
 from recbole_llm.knowledge.generation import (
-    DEFAULT_KNOWLEDGE_FIELDS,
     DEFAULT_TEXT_FORMAT,
     KNOWLEDGE_PROMPT,
     KnowledgeGenerator,
     dataset_knowledge,
     item_prompt_fields,
     knowledge_dir,
+    knowledge_prompt,
     knowledge_text,
     llm_identity,
     parse_knowledge,
-    setting,
 )
 from recbole_llm.errors import InputError
 
@@ -469,18 +468,18 @@ class SeRALMTrainer(Trainer):
     # ---- fit
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         config = self.config
-        iterations = int(setting(config, "alignment_iterations", 0))
-        if iterations <= 0 or setting(config, "llm_adapter", None):
+        iterations = int(config["alignment_iterations"])
+        if iterations <= 0 or config["llm_adapter"]:
             return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         epochs = self.epochs
-        warmup = int(setting(config, "warmup_epochs", 1))
+        warmup = int(config["warmup_epochs"])
         if warmup > 0:
             self.logger.info(set_color("SeRALM", "green") + f": warm-up, {warmup} epoch(s) on the un-aligned knowledge")
             self._restart(warmup)
             super().fit(train_data, valid_data, verbose, False, show_progress, None)
         adapter_dir = self.alignment_dir()
         llm = tokenizer = None
-        if setting(config, "alignment_cache", True) and (adapter_dir / "adapter_config.json").is_file():
+        if config["alignment_cache"] and (adapter_dir / "adapter_config.json").is_file():
             self.logger.info(f"SeRALM: reusing the aligned adapter {adapter_dir} (alignment skipped)")
             self.alignment_stats = {"reused": str(adapter_dir)}
         else:
@@ -504,8 +503,8 @@ class SeRALMTrainer(Trainer):
                     "generator_", "warmup", "reference_")  # reference_*: the frozen recommender giving p(y|x)
         keys = sorted(k for k in config.final_config_dict if k.startswith(prefixes) and k != "alignment_cache")
         parts = {
-            "dataset": config["dataset"], "llm": llm_identity(setting(config, "llm_path", None)),
-            "base": self.model.base_model_name, "base_config": setting(config, "base_model_config", {}),
+            "dataset": config["dataset"], "llm": llm_identity(config["llm_path"]),
+            "base": self.model.base_model_name, "base_config": config["base_model_config"],
             "seed": config["seed"], "len": config["MAX_ITEM_LIST_LENGTH"], "epochs": config["epochs"],
             "knowledge": Path(self.model.knowledge_file).name,
             "settings": {k: config[k] for k in keys},
@@ -525,14 +524,14 @@ class SeRALMTrainer(Trainer):
         from recbole_llm.llm.backbone import apply_lora, load_causal_lm, set_num_threads
 
         config = self.config
-        set_num_threads(setting(config, "num_threads", None))
-        model, tokenizer = load_causal_lm(setting(config, "llm_path", None), dtype=setting(config, "llm_dtype", "auto"),
+        set_num_threads(config["num_threads"])
+        model, tokenizer = load_causal_lm(config["llm_path"], dtype=config["llm_dtype"],
                                           device=str(config["device"]), logger=self.logger)
         for param in model.parameters():
             param.requires_grad_(False)
-        llm = apply_lora(model, r=setting(config, "lora_r", 8), alpha=setting(config, "lora_alpha", 16),
-                         dropout=setting(config, "lora_dropout", 0.05),
-                         target_modules=setting(config, "lora_target_modules", ["q_proj", "v_proj"]))
+        llm = apply_lora(model, r=config["lora_r"], alpha=config["lora_alpha"],
+                         dropout=config["lora_dropout"],
+                         target_modules=config["lora_target_modules"])
         return llm, tokenizer
 
     def reference_model(self, dataset):
@@ -541,17 +540,17 @@ class SeRALMTrainer(Trainer):
 
         config = self.config
         overrides = {"MAX_ITEM_LIST_LENGTH": config["MAX_ITEM_LIST_LENGTH"],
-                     **dict(setting(config, "base_model_config", {})), **dict(setting(config, "reference_config", {}))}
+                     **dict(config["base_model_config"]), **dict(config["reference_config"])}
         return pretrained_id_model(config, dataset, self.model.base_model_name,
-                                   checkpoint=setting(config, "reference_checkpoint", None), overrides=overrides,
+                                   checkpoint=config["reference_checkpoint"], overrides=overrides,
                                    setting="reference_checkpoint")
 
     def instances(self, train_data):
         """Endless random batches of ``align_batch_size`` training instances (each repeated
         ``align_num_samples`` times: Eq. 6's k samples per instance)."""
         dataset = train_data._dataset
-        batch_size = int(setting(self.config, "align_batch_size", 4))
-        repeats = int(setting(self.config, "align_num_samples", 1))
+        batch_size = int(self.config["align_batch_size"])
+        repeats = int(self.config["align_num_samples"])
         generator = torch.Generator().manual_seed(int(self.config["seed"]))
         while True:
             index = torch.randint(len(dataset), (batch_size,), generator=generator)
@@ -562,47 +561,47 @@ class SeRALMTrainer(Trainer):
 
     def make_job(self, llm, tokenizer, recommender, reference, item_fields, score_tokens=False) -> GeneratorJob:
         config = self.config
-        resample = setting(config, "resample_items", ["target"])
+        resample = config["resample_items"]
         resample = [resample] if isinstance(resample, str) else list(resample)
         if not resample or any(r not in RESAMPLE_CHOICES for r in resample):
             raise InputError(f"resample_items must be a non-empty list of {RESAMPLE_CHOICES}, got {resample}")
         return GeneratorJob(
             llm, tokenizer, recommender, reference, item_fields, resample,
-            template=setting(config, "knowledge_prompt", KNOWLEDGE_PROMPT),
-            use_chat_template=setting(config, "use_chat_template", True),
-            max_new_tokens=setting(config, "align_max_new_tokens", 64),
-            temperature=setting(config, "align_temperature", 1.0), top_p=setting(config, "align_top_p", 1.0),
-            text_format=setting(config, "knowledge_text_format", None), score_tokens=score_tokens,
+            template=knowledge_prompt(config),
+            use_chat_template=config["use_chat_template"],
+            max_new_tokens=config["align_max_new_tokens"],
+            temperature=config["align_temperature"], top_p=config["align_top_p"],
+            text_format=config["knowledge_text_format"], score_tokens=score_tokens,
         )
 
     def align(self, train_data, show_progress=False, llm=None, tokenizer=None, reference=None):
         """Algorithm 1 for ``alignment_iterations`` iterations; returns ``(llm, tokenizer)``."""
         config, model = self.config, self.model
-        iterations = int(setting(config, "alignment_iterations", 0))
-        mode = setting(config, "generator_mode", "async")
+        iterations = int(config["alignment_iterations"])
+        mode = config["generator_mode"]
         if mode not in ("async", "sync"):
             raise InputError(f"generator_mode must be 'async' or 'sync', not {mode!r}")
-        interval = resolve_refresh_interval(setting(config, "refresh_interval", None), iterations,
-                                            bool(setting(config, "slow_refresh", False)),
+        interval = resolve_refresh_interval(config["refresh_interval"], iterations,
+                                            bool(config["slow_refresh"]),
                                             self.logger if mode == "async" else None)
         if llm is None:
             llm, tokenizer = self.load_llm()
         dataset = train_data._dataset
         reference = reference if reference is not None else self.reference_model(dataset)
-        item_fields = item_prompt_fields(dataset, dict(setting(config, "knowledge_fields", DEFAULT_KNOWLEDGE_FIELDS)))
+        item_fields = item_prompt_fields(dataset, dict(config["knowledge_fields"]))
         batches = self.instances(train_data)
         if mode == "async":
             llm_snapshot, model_snapshot = snapshot_module(llm), snapshot_module(model)
             job = self.make_job(llm_snapshot, tokenizer, model_snapshot, reference, item_fields, score_tokens=True)
             source = AsyncKnowledgeSource(job, batches, {"llm": llm, "rec": model},
                                           {"llm": llm_snapshot, "rec": model_snapshot}, interval,
-                                          int(setting(config, "generator_queue_size", 2)))
+                                          int(config["generator_queue_size"]))
         else:
             source = SyncKnowledgeSource(self.make_job(llm, tokenizer, model, reference, item_fields), batches)
         lora = [p for p in llm.parameters() if p.requires_grad]
-        llm_optimizer = torch.optim.AdamW(lora, lr=float(setting(config, "align_llm_learning_rate", 1e-4)), weight_decay=0.0)
+        llm_optimizer = torch.optim.AdamW(lora, lr=float(config["align_llm_learning_rate"]), weight_decay=0.0)
         rec_optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                         lr=float(setting(config, "align_rec_learning_rate", config["learning_rate"])))
+                                         lr=float(config["align_rec_learning_rate"]))
         self.logger.info(set_color("SeRALM", "green") + f": alignment, {iterations} iterations, {mode} generator"
                          + (f", refreshed every {interval} iterations" if mode == "async" else ""))
         history, start = [], time.perf_counter()
@@ -617,8 +616,8 @@ class SeRALMTrainer(Trainer):
                 stats = self.alignment_step(llm, sample, llm_optimizer, rec_optimizer)
                 source.step(iteration)
                 history.append(stats)
-                if iteration % int(setting(config, "align_log_interval", 10)) == 0 or iteration == iterations:
-                    recent = history[-int(setting(config, "align_log_interval", 10)):]
+                if iteration % int(config["align_log_interval"]) == 0 or iteration == iterations:
+                    recent = history[-int(config["align_log_interval"]):]
                     self.logger.info(
                         f"alignment {iteration}/{iterations}: " + ", ".join(
                             f"{k} {np.mean([h[k] for h in recent]):.4f}" for k in recent[0]))
@@ -637,7 +636,7 @@ class SeRALMTrainer(Trainer):
     def alignment_step(self, llm, sample: Sample, llm_optimizer, rec_optimizer) -> dict:
         """Algorithm 1 lines 5-6 on one sample; returns its statistics."""
         config, model = self.config, self.model
-        estimator = setting(config, "kl_estimator", "full")
+        estimator = config["kl_estimator"]
         if estimator not in ("full", "sample"):
             raise InputError(f"kl_estimator must be 'full' or 'sample', not {estimator!r}")
         full = estimator == "full"
@@ -651,14 +650,14 @@ class SeRALMTrainer(Trainer):
         kl_tokens = per_token_kl(logp_all, logp0_all).view(batch, -1) if full else None
         loss_llm, stats = alignment_loss(
             logp.view(batch, -1), logp0.view(batch, -1), sample.new_mask.view(batch, -1), sample.log_p_rec,
-            sample.log_p_ref, kl_coef=float(setting(config, "kl_coef", 0.1)),
-            ratio_baseline=float(setting(config, "ratio_baseline", 1.0)), ratio_clip=setting(config, "ratio_clip", 10.0),
+            sample.log_p_ref, kl_coef=float(config["kl_coef"]),
+            ratio_baseline=float(config["ratio_baseline"]), ratio_clip=config["ratio_clip"],
             kl_tokens=kl_tokens, logp_old=None if sample.logp_old is None else sample.logp_old.view(batch, -1),
-            importance_clip=setting(config, "importance_clip", None))
+            importance_clip=config["importance_clip"])
         llm_optimizer.zero_grad(set_to_none=True)
         loss_llm.backward()
         torch.nn.utils.clip_grad_norm_([p for p in llm.parameters() if p.requires_grad],
-                                       float(setting(config, "align_clip_grad_norm", 1.0)))
+                                       float(config["align_clip_grad_norm"]))
         llm_optimizer.step()
         del logp_all, logp0_all, kl_tokens
         # Recommender (Eq. 9) on (x, s, y)

@@ -30,7 +30,7 @@ class LLMTrainer(Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.saved_model_file = unique_checkpoint_name(self.saved_model_file)  # runs started together differ
-        self.lr_schedule = (config["lr_schedule"] if "lr_schedule" in config else None) or "constant"
+        self.lr_schedule = config["lr_schedule"]
         if self.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.lr_schedule!r}")
 

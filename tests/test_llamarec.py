@@ -172,24 +172,29 @@ def test_missing_llm_path_says_what_was_tried(tiny_data):
         LlamaRec(config, train._dataset)
 
 
-def test_validation_scores_only_rows_with_the_target_among_candidates(llamarec):
-    """Model selection ranks only the valid users whose target is a candidate; the metrics are
-    those of scoring every user (the others' target sits below all k candidates either way)."""
-    config, model, (_, valid, _) = llamarec
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_evaluation_ranks_only_rows_with_the_target_among_candidates(llamarec, split):
+    """Validation and test send to the LLM only the users whose target is a candidate; the metrics
+    are those of scoring every user (the others' target sits below all k candidates either way)."""
+    config, model, (_, valid, test) = llamarec
+    data = {"valid": valid, "test": test}[split]
     with torch.no_grad():
         for name, param in model.llm.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)  # a ranker whose order differs from the retriever's
     model.fusion_weight = 0.0
     trainer = LlamaRecTrainer(config, model)
-    full = trainer.evaluate(valid, load_best_model=False)
-    rows = trainer.ranked_rows
-    trainer._forget_ranker_scores()
-    phase = trainer._phase(valid)
-    trainer._score_phase(phase, show_progress=False, hits_only=True)
-    hits = int((phase.flat("candidates") == phase.flat("targets").unsqueeze(1)).any(1).sum())
-    assert trainer.ranked_rows - rows == hits < rows
-    assert trainer.evaluate(valid, load_best_model=False) == full
+    ranked = trainer.evaluate(data, load_best_model=False)
+    phase = trainer._phase(data)
+    candidates, targets = phase.flat("candidates"), phase.flat("targets")
+    hits = int((candidates == targets.unsqueeze(1)).any(1).sum())
+    assert trainer.ranked_rows == hits < phase.rows
+
+    histories = [h for batch in phase.histories for h in batch]
+    with torch.no_grad():
+        every_row = model.ranker_scores(histories, candidates).float()
+    phase.ranker = list(every_row.split([len(t) for t in phase.targets]))
+    assert trainer.evaluate(data, load_best_model=False) == ranked
 
 
 def _history_first_retriever(model, monkeypatch):

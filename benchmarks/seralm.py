@@ -77,7 +77,8 @@ def latency(model, test_data, repeats=3):
 def generation_time_per_item(config, dataset, n_items):
     """Seconds per item to generate (greedy, as for the cache) and encode one item's knowledge."""
     from recbole_llm.knowledge.encoding import TextEncoder
-    from recbole_llm.knowledge.generation import dataset_items, knowledge_text, load_generator, parse_knowledge
+    from recbole_llm.knowledge.generation import dataset_items, load_generator
+    from recbole_llm.knowledge.prompts import knowledge_text, parse_knowledge
 
     generator = load_generator(config)
     encoder = TextEncoder.load(config["text_encoder"])

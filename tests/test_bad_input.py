@@ -16,7 +16,7 @@ from recbole_llm.cli import main
 from recbole_llm.data.datasets import drop_exact_duplicates
 from recbole_llm.data.item_text import item_texts
 from recbole_llm.errors import InputError, MissingInputError
-from recbole_llm.knowledge.generation import MAX_FIELD_CHARS, item_prompt_fields
+from recbole_llm.knowledge.prompts import MAX_FIELD_CHARS, item_prompt_fields
 from recbole_llm.model.pretrained import pretrained_id_model
 from conftest import write_tiny_dataset
 

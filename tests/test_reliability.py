@@ -10,7 +10,9 @@ import pytest
 from recbole.trainer import Trainer
 
 from recbole_llm import run_recbole_llm
-from recbole_llm.knowledge.generation import KNOWLEDGE_PROMPT, KnowledgeCache, generate_knowledge
+from recbole_llm.knowledge.generator import generate_knowledge
+from recbole_llm.knowledge.prompts import KNOWLEDGE_PROMPT
+from recbole_llm.knowledge.store import KnowledgeCache
 from recbole_llm.model.llamarec import LlamaRec
 
 

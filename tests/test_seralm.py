@@ -9,28 +9,13 @@ from conftest import first_batch
 from torch import nn
 
 from recbole_llm import load_config
-from recbole_llm.knowledge.generation import (
-    KNOWLEDGE_PROMPT,
-    KnowledgeCache,
-    KnowledgeGenerator,
-    adapter_dir_fingerprint,
-    adapter_fingerprint,
-    build_prompt,
-    cache_key,
-    generate_knowledge,
-    item_prompt_hash,
-    knowledge_text,
-    parse_knowledge,
-)
-from recbole_llm.trainer.alignment import (
-    AsyncKnowledgeSource,
-    SeRALMTrainer,
-    alignment_loss,
-    per_token_kl,
-    resolve_refresh_interval,
-    snapshot_module,
-    token_log_probs,
-)
+from recbole_llm.knowledge.generator import KnowledgeGenerator, generate_knowledge
+from recbole_llm.knowledge.identity import adapter_dir_fingerprint, adapter_fingerprint, cache_key, item_prompt_hash
+from recbole_llm.knowledge.prompts import KNOWLEDGE_PROMPT, build_prompt, knowledge_text, parse_knowledge
+from recbole_llm.knowledge.store import KnowledgeCache
+from recbole_llm.trainer.alignment import SeRALMTrainer
+from recbole_llm.trainer.alignment_losses import alignment_loss, per_token_kl, token_log_probs
+from recbole_llm.trainer.knowledge_source import AsyncKnowledgeSource, resolve_refresh_interval, snapshot_module
 
 torch.set_num_threads(1)
 
@@ -424,7 +409,7 @@ def test_alignment_end_to_end_with_the_async_generator(seralm_env, monkeypatch):
 def _aligner(env, monkeypatch, **extra):
     """A tiny SeRALM whose scores use its knowledge (random fusion), its trainer, the LLM being
     aligned (LoRA B = 0), the items' prompt fields and a batch of 3 training instances."""
-    from recbole_llm.knowledge.generation import item_prompt_fields
+    from recbole_llm.knowledge.prompts import item_prompt_fields
 
     config, model, (train, _, _) = _build(env, monkeypatch, base_model="SASRec", fusion_init="random",
                                           align_max_new_tokens=4, align_clip_grad_norm=1e9, **extra)

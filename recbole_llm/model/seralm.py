@@ -60,9 +60,8 @@ from torch import nn
 
 from recbole_llm import registry
 from recbole_llm.knowledge.encoding import TextEncoder, cached_vectors
-from recbole_llm.knowledge.generation import (
-    dataset_knowledge, item_prompt_fields, knowledge_prompt, knowledge_text,
-)
+from recbole_llm.knowledge.generation import dataset_knowledge, knowledge_prompt
+from recbole_llm.knowledge.prompts import item_prompt_fields, knowledge_text
 from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import id_model_config
 from recbole_llm.errors import InputError

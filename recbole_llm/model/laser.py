@@ -81,7 +81,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from recbole_llm.data.item_text import item_texts
-from recbole_llm.llm.backbone import keep_first_layers, load_causal_lm, set_num_threads
+from recbole_llm.llm.backbone import from_llm, keep_first_layers, load_llm, set_num_threads, to_llm
 from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
 from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import pretrained_id_model
@@ -217,8 +217,7 @@ class Laser(PluggableMixin, SequentialRecommender):
         id_hidden = self.id_model.item_embedding.embedding_dim
 
         # The frozen LLM (decoder only: its LM head is never used).
-        llm, tokenizer = load_causal_lm(config["llm_path"], dtype=config["llm_dtype"],
-                                        device=config["device"], logger=logger)
+        llm, tokenizer = load_llm(config, logger)
         decoder = llm.get_decoder()
         self.llm_full_layers = keep_first_layers(decoder, config["llm_layers"])  # depth before the cut
         decoder.requires_grad_(False)
@@ -279,7 +278,7 @@ class Laser(PluggableMixin, SequentialRecommender):
             hidden = self.llm(input_ids=input_ids, attention_mask=mask,
                               position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False).last_hidden_state
             weights = mask.unsqueeze(-1).to(hidden.dtype)
-            vectors.append(((hidden * weights).sum(1) / weights.sum(1)).float())
+            vectors.append(from_llm((hidden * weights).sum(1) / weights.sum(1)))
         vectors = torch.cat(vectors)
         vectors[0] = 0.0  # padding item
         return vectors
@@ -326,12 +325,12 @@ class Laser(PluggableMixin, SequentialRecommender):
         batch = item_seq.size(0)
         if self.use_prefix:
             queries, weights, balance = self.mformer(encodings, padding, id_user)
-            parts.append(self.prefix_projection(queries).to(embed.weight.dtype))
+            parts.append(to_llm(self.prefix_projection(queries), self.llm))
             masks.append(text_mask.new_ones(batch, self.n_prefix))
         parts.append(embed(text_ids))
         masks.append(text_mask)
         if self.n_suffix:
-            parts.append(self.suffix.to(embed.weight.dtype).unsqueeze(0).expand(batch, -1, -1))
+            parts.append(to_llm(self.suffix, self.llm).unsqueeze(0).expand(batch, -1, -1))
             masks.append(text_mask.new_ones(batch, self.n_suffix))
         inputs, mask = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
         hidden = self.llm(inputs_embeds=inputs, attention_mask=mask,
@@ -340,7 +339,7 @@ class Laser(PluggableMixin, SequentialRecommender):
             pooled = hidden[:, -self.n_suffix:].mean(1)
         else:
             pooled = hidden[:, -1]
-        user = self.output_projection(pooled.float())
+        user = self.output_projection(from_llm(pooled))
         if self.id_residual:
             user = user + id_user
         return user, weights, balance

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from recbole_llm.cache_io import atomic_target
 from recbole_llm.data.item_text import item_texts
-from recbole_llm.llm.backbone import apply_lora, load_causal_lm, set_num_threads
+from recbole_llm.llm.backbone import apply_lora, from_llm, load_llm
 from recbole_llm.llm.batching import common_prefix_length, forward_shared_prefix, left_pad
 from recbole_llm.llm.pluggable import PluggableMixin
 from recbole_llm.llm.prompts import ALPACA_TEMPLATE, RANKING_INSTRUCTION, RankingPrompt, truncate_texts
@@ -100,12 +100,7 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
             config, dataset, config["retriever"], checkpoint=config["retriever_checkpoint"],
             overrides=config["retriever_config"], setting="retriever_checkpoint",
         )
-        set_num_threads(config["num_threads"])
-        llm, self.tokenizer = load_causal_lm(
-            config["llm_path"], dtype=config["llm_dtype"], device=config["device"].type,
-            load_in_4bit=config["load_in_4bit"], gradient_checkpointing=config["gradient_checkpointing"],
-            logger=self.logger,
-        )
+        llm, self.tokenizer = load_llm(config, self.logger)
         for param in llm.parameters():
             param.requires_grad_(False)
         if config["ranker_adapter"]:
@@ -192,7 +187,7 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
             prompts = [self._prompt_ids(h, c) for h, c in zip(histories[chunk], rows[chunk])]
             with torch.no_grad():
                 logits = self._llm_logits(prompts, keep=1)[:, -1]
-            scores.append(self.verbalizer.scores(logits).float())
+            scores.append(from_llm(self.verbalizer.scores(logits)))
         return torch.cat(scores)
 
     def fuse(self, ranker: torch.Tensor, retrieval_of_candidates: torch.Tensor, weight: float) -> torch.Tensor:
@@ -230,7 +225,7 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         # logits at positions -3 and -2 predict the letter and EOS
         logits = self._llm_logits(sequences, keep=3)[:, :2]
         labels = torch.tensor(answers, device=logits.device)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1))
+        return F.cross_entropy(from_llm(logits.reshape(-1, logits.size(-1))), labels.reshape(-1))
 
     # ----- RecBole's scoring contract -------------------------------------------------
     def full_sort_predict(self, interaction, exclude=None, candidates=None, ranker=None):

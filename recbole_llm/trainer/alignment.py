@@ -184,12 +184,10 @@ class SeRALMTrainer(Trainer):
 
     def load_llm(self):
         """The LLM being aligned: the shared backbone, frozen, with a fresh LoRA (B = 0)."""
-        from recbole_llm.llm.backbone import apply_lora, load_causal_lm, set_num_threads
+        from recbole_llm.llm.backbone import apply_lora, load_llm
 
         config = self.config
-        set_num_threads(config["num_threads"])
-        model, tokenizer = load_causal_lm(config["llm_path"], dtype=config["llm_dtype"],
-                                          device=str(config["device"]), logger=self.logger)
+        model, tokenizer = load_llm(config, self.logger)
         for param in model.parameters():
             param.requires_grad_(False)
         llm = apply_lora(model, r=config["lora_r"], alpha=config["lora_alpha"],

@@ -135,7 +135,7 @@ def test_knowledge_generation_generates(precision, tiny_data, tiny_llama_dir, tm
     name, extra = precision
     config = _seralm_config(tiny_data, tiny_llama_dir, tmp_path, extra)
     dataset = create_dataset(config)
-    items = dataset_items(dataset)[:3]
+    items = dataset_items(dataset, dict(config["knowledge_fields"]))[:3]
     with bitsandbytes_ops():
         generator = load_generator(config)
         assert_llm_precision(generator.model, name)

@@ -1,7 +1,7 @@
 """Laser vs its frozen SASRec (and E4SRec when it exists) on one dataset, same split; one run, or one per seed.
 
     python benchmarks/laser.py [--dataset ml-100k] [--threads 1] [--ablation_rows 500] [--seeds 2021,2022]
-                               [--skip_e4srec] [--key=value ...]
+                               [--variants "paper scoring,no phase 1"] [--skip_e4srec] [--key=value ...]
 
 1. Laser with the shipped defaults (properties/model/Laser.yaml); stage 1 trains (or reuses
    from checkpoint_dir/stage1) the frozen SASRec. Reports full-ranking test metrics, the
@@ -9,11 +9,17 @@
 2. The frozen SASRec itself, evaluated on the same test split (no retraining).
 3. E4SRec with its shipped defaults, only if recbole_llm/model/e4srec.py exists (a failure is
    reported, not raised); run last, after the Laser section is written.
-4. With ``--seeds``: Laser and its own stage-1 SASRec again for each extra seed (same
+4. With ``--variants``: each named variant (``VARIANTS``) on the first seed, same stage-1 SASRec,
+   full runs like the main one (validation after phase 1 and every epoch, test of the best).
+5. With ``--seeds``: Laser and its own stage-1 SASRec again for each extra seed (same
    settings, new seed for stage 1, Laser and the data loaders), to tell the Laser / SASRec
    ratio from run-to-run noise: per-seed ratios, their mean and standard error.
-5. Ablations, SHORT runs (1 epoch, --ablation_rows training rows, no validation, test after
-   the epoch) so they fit a CPU budget: full Laser vs no prefix / no suffix / one expert.
+6. Ablations (``--ablation_rows`` > 0), SHORT runs (1 epoch, --ablation_rows training rows, no
+   validation, test after the epoch) so they fit a CPU budget: full Laser vs no prefix / no
+   suffix / one expert.
+
+Every run records the validation NDCG@10 after phase 1 (item side) and after each phase-2 epoch,
+and the two parts of the training loss per epoch (cross-entropy, 0.01 x balance).
 
 Extra --key=value arguments are config overrides for every Laser run.
 Writes the "laser" section of docs/RESULTS.md.
@@ -33,9 +39,14 @@ from results_doc import markdown_table, parse_overrides, standard_error, write_s
 
 from recbole_llm import load_config, run_recbole_llm
 from recbole_llm.model.laser import Laser
-from recbole_llm.trainer.llm_trainer import LLMTrainer
+from recbole_llm.trainer.laser import LaserTrainer
 
 METRICS = ["recall@5", "recall@10", "mrr@5", "mrr@10", "ndcg@5", "ndcg@10"]
+VARIANTS = {
+    "paper scoring": {"scoring": "paper"},
+    "no phase 1": {"item_phase_epochs": 0, "item_side_lr_scale": 1.0},
+    "residual, item side slowed": {"item_side_lr_scale": 0.1},
+}
 ABLATIONS = {
     "Laser (4 experts, top-2)": {},
     "no prefix (no M-Former)": {"use_prefix": False},
@@ -64,8 +75,16 @@ def run_laser(dataset_name, overrides, fit_validation=True):
         return forward(item_seq, item_seq_len)
 
     model.forward = counting_forward
-    trainer = LLMTrainer(config, model)
-    epoch_seconds, epoch_cpu_seconds = [], []
+    trainer = LaserTrainer(config, model)
+    epoch_seconds, epoch_cpu_seconds, epoch_losses, valid_scores = [], [], [], []
+    valid_epoch = trainer._valid_epoch
+
+    def recorded_valid_epoch(*args, **kwargs):
+        score, result = valid_epoch(*args, **kwargs)
+        valid_scores.append(score)
+        return score, result
+
+    trainer._valid_epoch = recorded_valid_epoch
     train_epoch = trainer._train_epoch
 
     def timed_train_epoch(*args, **kwargs):
@@ -73,6 +92,7 @@ def run_laser(dataset_name, overrides, fit_validation=True):
         out = train_epoch(*args, **kwargs)
         epoch_seconds.append(time.perf_counter() - t)
         epoch_cpu_seconds.append(time.process_time() - cpu)
+        epoch_losses.append(tuple(part / len(args[0]) for part in out) if isinstance(out, tuple) else (out / len(args[0]),))
         print(f"  epoch {len(epoch_seconds)}: {epoch_seconds[-1]:.0f} s wall, {epoch_cpu_seconds[-1]:.0f} s CPU, loss {out}", flush=True)
         return out
 
@@ -104,6 +124,10 @@ def run_laser(dataset_name, overrides, fit_validation=True):
         "llm_params_kept": llm_params,
         "llm_params_full": full_llm_params,
         "llm_layers": f"{len(model.llm.layers)} of {model.llm_full_layers}",
+        # validation NDCG@10 after phase 1 (when it ran) and each phase-2 epoch; loss parts per batch, per epoch
+        "valid": valid_scores,
+        "phase_1": bool(config["item_phase_epochs"]) and bool(model.item_side_parameters()) and fit_validation,
+        "losses": epoch_losses,
     }
     return test, stats, model, config, test_data
 
@@ -115,15 +139,24 @@ def laser_and_sasrec(dataset_name, overrides):
     return laser_test, sasrec_test, stats, config
 
 
+def training_trace(stats):
+    """Validation NDCG@10 after phase 1 and each epoch, and the loss parts per epoch, as one cell."""
+    valid = stats["valid"]
+    phases = (["phase 1"] if stats["phase_1"] else []) + [f"epoch {k + 1}" for k in range(len(valid))]
+    cells = [f"{name} {score:.4f}" for name, score in zip(phases, valid)]
+    losses = "; ".join(" + ".join(f"{part:.3f}" for part in parts) for parts in stats["losses"])
+    return ", ".join(cells) + (f" (loss per batch, CE + 0.01 x balance: {losses})" if losses else "")
+
+
 def seeds_table(runs):
-    """Markdown table of (seed, SASRec test, Laser test) runs and the mean Laser / SASRec NDCG@10 ratio."""
-    ratios = [laser["ndcg@10"] / max(sasrec["ndcg@10"], 1e-12) for _, sasrec, laser in runs]
-    rows = [[str(seed), f"{sasrec['ndcg@10']:.4f}", f"{laser['ndcg@10']:.4f}", f"{ratio:.3f}"]
-            for (seed, sasrec, laser), ratio in zip(runs, ratios)]
-    text = markdown_table(["seed", "SASRec NDCG@10", "Laser NDCG@10", "Laser / SASRec"], rows)
-    if len(ratios) > 1:
-        text += (f"\n\nMean Laser / SASRec NDCG@10 over {len(ratios)} seeds: {statistics.mean(ratios):.3f} "
-                 f"(standard error {standard_error(ratios):.3f}; goal >= 1).")
+    """Markdown table of (seed, SASRec test, Laser test, stats) runs and the mean Laser / SASRec NDCG@10 ratio."""
+    ratios = [laser["ndcg@10"] / max(sasrec["ndcg@10"], 1e-12) for _, sasrec, laser, _ in runs]
+    rows = [[str(seed), f"{sasrec['ndcg@10']:.4f}", f"{laser['ndcg@10']:.4f}", f"{ratio:.3f}", training_trace(stats)]
+            for (seed, sasrec, laser, stats), ratio in zip(runs, ratios)]
+    text = markdown_table(["seed", "SASRec NDCG@10", "Laser NDCG@10", "Laser / SASRec", "valid NDCG@10"], rows)
+    text += (f"\n\nLaser / SASRec NDCG@10, mean over {len(ratios)} seed{'s' if len(ratios) > 1 else ''}: "
+             f"{statistics.mean(ratios):.3f}"
+             + (f" (standard error {standard_error(ratios):.3f})" if len(ratios) > 1 else "") + "; goal >= 1.")
     return text
 
 
@@ -138,6 +171,7 @@ def main():
     parser.add_argument("--ablation_rows", type=int, default=500)
     parser.add_argument("--skip_e4srec", action="store_true")
     parser.add_argument("--seeds", default="", help="extra seeds for Laser + its SASRec, e.g. 2021,2022")
+    parser.add_argument("--variants", default="", help=f"comma-separated names of VARIANTS: {', '.join(VARIANTS)}")
     args, rest = parser.parse_known_args()
     overrides = {"show_progress": False, "num_threads": args.threads, **parse_overrides(rest)}
     torch.set_num_threads(args.threads)
@@ -149,12 +183,13 @@ def main():
     laser_minutes = (time.perf_counter() - t) / 60
     print("Laser", dict(laser_test), stats, flush=True)
     print("SASRec (frozen stage 1)", dict(sasrec_test), flush=True)
-    seed_runs = [(config["seed"], sasrec_test, laser_test)]
+    seed_runs = [(config["seed"], sasrec_test, laser_test, stats)]
+    variant_rows = []
 
     ablation_rows, ablation_budget = [], {"rows": args.ablation_rows, "epochs": 1}
     main_rows = [
         row("SASRec (Laser's frozen stage-1 ID model)", sasrec_test, "-"),
-        row("Laser", laser_test, f"{laser_minutes:.1f}"),
+        row(f"Laser (scoring {config['scoring']})", laser_test, f"{laser_minutes:.1f}"),
     ]
     epochs = ", ".join(f"{s:.0f}" for s in stats["epoch_s"])
     epochs_cpu = ", ".join(f"{s:.0f}" for s in stats["epoch_cpu_s"])
@@ -171,8 +206,11 @@ def main():
             + (f"loaded from id_model_checkpoint={config['id_model_checkpoint']}" if config["id_model_checkpoint"]
                else "stage 1 with `id_model_config` from properties/model/Laser.yaml")
             + "), evaluated on the same test split."
-            + ("\n\nSeeds (each: its own stage-1 SASRec and Laser, same settings; the first is the run above):\n\n"
-               + seeds_table(seed_runs) if len(seed_runs) > 1 else "")
+            + "\n\nSeeds (each: its own stage-1 SASRec and Laser, same settings; the first is the run above):\n\n"
+            + seeds_table(seed_runs)
+            + ("\n\nVariants on the first seed (same stage-1 SASRec, same settings but the ones named; full runs):\n\n"
+               + markdown_table(["variant", "overrides", "ndcg@10", "Laser / SASRec", "valid NDCG@10",
+                                 "wall time (min)"], variant_rows) if variant_rows else "")
             + "\n\nCost (the Laser run above: shipped defaults plus the command-line overrides, "
             f"LLM = {config['llm_path'] or 'embedded SmolLM2-135M-Instruct'}, {stats['llm_layers']} decoder layers kept, {args.threads} torch thread):\n\n"
             + markdown_table(
@@ -193,22 +231,31 @@ def main():
                     ["model build (stage-1 load + LLM load + item-text vectors)", f"{stats['build_s']:.0f} s"],
                 ],
             )
-            + f"\n\nAblations: SHORT runs ({ablation_budget['epochs']} epoch(s) of {ablation_budget['rows']} training "
+            + (f"\n\nAblations: SHORT runs ({ablation_budget['epochs']} epoch(s) of {ablation_budget['rows']} training "
             "rows, no validation, test after training) so all four fit the CPU budget; compare rows with each other, "
             "not with the full run above. Command-line --key=value overrides apply to these runs too.\n\n"
-            + markdown_table(["variant"] + METRICS + ["trainable params / wall time"], ablation_rows)
+            + markdown_table(["variant"] + METRICS + ["trainable params / wall time"], ablation_rows) if ablation_rows else "")
         )
 
     title = f"Laser vs SASRec on {args.dataset}"
-    write_section("laser", title, body())  # the main comparison first; seeds and ablations as they finish
+    write_section("laser", title, body())  # the main comparison first; variants, seeds and ablations as they finish
+    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        print(f"variant {name} ...", flush=True)
+        t = time.perf_counter()
+        laser_variant, sasrec_variant, variant_stats, _ = laser_and_sasrec(args.dataset, {**overrides, **VARIANTS[name]})
+        ratio = laser_variant["ndcg@10"] / max(sasrec_variant["ndcg@10"], 1e-12)
+        variant_rows.append([name, f"`{VARIANTS[name]}`", f"{laser_variant['ndcg@10']:.4f}", f"{ratio:.3f}",
+                             training_trace(variant_stats), f"{(time.perf_counter() - t) / 60:.1f}"])
+        print(f"variant {name}: Laser", dict(laser_variant), variant_stats["valid"], flush=True)
+        write_section("laser", title, body())
     for seed in [int(s) for s in args.seeds.split(",") if s]:
         print(f"seed {seed} ...", flush=True)
-        laser_seed, sasrec_seed, _, _ = laser_and_sasrec(args.dataset, {**overrides, "seed": seed})
-        seed_runs.append((seed, sasrec_seed, laser_seed))
+        laser_seed, sasrec_seed, seed_stats, _ = laser_and_sasrec(args.dataset, {**overrides, "seed": seed})
+        seed_runs.append((seed, sasrec_seed, laser_seed, seed_stats))
         print(f"seed {seed}: SASRec", dict(sasrec_seed), "Laser", dict(laser_seed), flush=True)
         write_section("laser", title, body())
     short = {"epochs": 1, "train_rows_per_epoch": args.ablation_rows, "eval_step": 0}
-    for name, switch in ABLATIONS.items():
+    for name, switch in (ABLATIONS.items() if args.ablation_rows > 0 else ()):
         print(f"ablation {name} ...", flush=True)
         t = time.perf_counter()
         test, ab_stats, _, ab_config, _ = run_laser(args.dataset, {**overrides, **short, **switch}, fit_validation=False)

@@ -18,13 +18,14 @@ MODELS = {
     "LRURec": ("recbole_llm.model.lrurec:LRURec", None),
     "LlamaRec": ("recbole_llm.model.llamarec:LlamaRec", "recbole_llm.trainer.two_stage:LlamaRecTrainer"),
     "E4SRec": ("recbole_llm.model.e4srec:E4SRec", "recbole_llm.trainer.llm_trainer:LLMTrainer"),
-    "Laser": ("recbole_llm.model.laser:Laser", "recbole_llm.trainer.llm_trainer:LLMTrainer"),
+    "Laser": ("recbole_llm.model.laser:Laser", "recbole_llm.trainer.laser:LaserTrainer"),
     "SeRALM": ("recbole_llm.model.seralm:SeRALM", "recbole_llm.trainer.alignment:SeRALMTrainer"),
 }
 
 #: model name -> "module:Class" of the dataset RecBole's create_dataset must use for it.
 DATASETS = {
     "LRURec": "recbole_llm.data.sequence_windows:SequenceWindowDataset",
+    "E4SRec": "recbole_llm.data.sequence_windows:LastTargetsDataset",
 }
 
 

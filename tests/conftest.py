@@ -94,6 +94,11 @@ def train_steps(model, loader, steps=2, lr=1e-2):
     batch = first_batch(loader)
     for _ in range(steps):
         optimizer.zero_grad()
-        model.calculate_loss(batch).backward()
+        total_loss(model.calculate_loss(batch)).backward()
         optimizer.step()
     model.eval()
+
+
+def total_loss(losses):
+    """A model's loss, or the sum of its parts when it returns them as a tuple (as RecBole accepts)."""
+    return sum(losses) if isinstance(losses, tuple) else losses

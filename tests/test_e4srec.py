@@ -2,6 +2,7 @@
 all items, padding, pluggable round trip, quick start, bad input.
 
 Each mechanism test was checked by breaking the mechanism by hand; its docstring names the breakages it caught."""
+import math
 from pathlib import Path
 
 import pytest
@@ -297,3 +298,62 @@ def test_cosine_schedule_decays_per_step_and_a_resumed_epoch_continues_the_curve
 
     with pytest.raises(Exception, match="lr_schedule must be one of constant, cosine"):
         LLMTrainer(_config(tiny_data, tiny_llama_dir, lr_schedule="linear"), model)
+
+
+def test_last_rows_keeps_each_users_last_rows_in_time_order():
+    from recbole_llm.data.sequence_windows import last_rows
+
+    users = torch.tensor([1, 1, 1, 2, 2, 3, 1]).numpy()  # user 1's rows: 0, 1, 2, 6
+    assert last_rows(users, 2).tolist() == [2, 3, 4, 5, 6]
+    assert last_rows(users, 5).tolist() == list(range(7))
+
+
+def test_authors_rows_every_position_of_each_users_last_targets(tiny_data, tiny_llama_dir):
+    """train_targets_per_user: the training rows are each user's last n training targets, each with its whole
+    prefix as history (cut to MAX_ITEM_LIST_LENGTH); validation and test rows are untouched; ~ keeps every row.
+
+    Caught: the first n targets kept instead of the last; the cap applied to the validation split too."""
+    splits = {}
+    for per_user in (None, 4):
+        config = _config(tiny_data, tiny_llama_dir, train_targets_per_user=per_user)
+        dataset = create_dataset(config)
+        assert type(dataset).__name__ == "LastTargetsDataset"
+        splits[per_user] = [d.inter_feat for d in dataset.build()]
+    (train_all, valid_all, test_all), (train_last, valid_last, test_last) = splits[None], splits[4]
+    assert len(valid_last) == len(valid_all) and len(test_last) == len(test_all)
+    users = train_all["user_id"].unique()
+    assert len(train_last) == 4 * len(users) < len(train_all)
+    for user in users.tolist():
+        rows_all, rows_last = train_all[train_all["user_id"] == user], train_last[train_last["user_id"] == user]
+        assert torch.equal(rows_last["item_id"], rows_all["item_id"][-4:])
+        assert torch.equal(rows_last["item_id_list"], rows_all["item_id_list"][-4:])
+        assert torch.equal(rows_last["item_length"], rows_all["item_length"][-4:])
+
+
+def test_warmup_rises_linearly_then_the_cosine_decays_over_the_remaining_steps(tiny_data, tiny_llama_dir):
+    """Caught: warmup_steps ignored; the cosine counted over all steps instead of those after the warm-up."""
+    from recbole_llm.trainer.llm_trainer import LLMTrainer
+
+    config = _config(tiny_data, tiny_llama_dir, lr_schedule="cosine", epochs=1, train_batch_size=16, warmup_steps=2)
+    model, train, _ = _build(config)
+    trainer = LLMTrainer(config, model)
+    seen = []
+    trainer.optimizer.register_step_post_hook(lambda optimizer, *_: seen.append(optimizer.param_groups[0]["lr"]))
+    trainer._train_epoch(train, 0)
+    steps = len(train)
+    assert steps >= 4 and len(seen) == steps
+    assert seen[:2] == pytest.approx([0.005, 0.01])
+    assert seen[2:] == pytest.approx([0.01 * (1 + math.cos(math.pi * k / (steps - 2))) / 2 for k in range(steps - 2)])
+
+
+def test_lora_on_the_attention_projections(tiny_data, tiny_llama_dir):
+    """lora_target_modules puts LoRA on the attention projections instead of the authors' MLPs, and it trains.
+
+    Caught: the setting ignored (LoRA on the default MLP modules)."""
+    model, train, _ = _build(_config(tiny_data, tiny_llama_dir, lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(".self_attn." in n for n in lora) and not any(".mlp." in n for n in lora)
+    assert {n.split(".self_attn.")[1].split(".")[0] for n in lora} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    before = {n: p.detach().clone() for n, p in lora.items() if "lora_B" in n}
+    train_steps(model, train)
+    assert all(not torch.equal(before[n], lora[n]) for n in before)

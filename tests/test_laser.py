@@ -9,7 +9,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole_llm import load_config
 from recbole_llm.model.laser import Laser
 from recbole_llm.trainer.llm_trainer import LLMTrainer
-from conftest import first_batch, train_steps, write_tiny_dataset
+from conftest import first_batch, total_loss, train_steps, write_tiny_dataset
 
 FAST = {
     "id_model_config": {"epochs": 1, "train_batch_size": 64, "stopping_step": 1},
@@ -40,7 +40,7 @@ def _parameters_without_gradient(model, interaction):
     """Names of trainable parameters whose gradient is missing or all zero after one backward pass."""
     model.train()
     model.zero_grad(set_to_none=True)
-    model.calculate_loss(interaction).backward()
+    total_loss(model.calculate_loss(interaction)).backward()
     return [name for name, p in model.named_parameters()
             if p.requires_grad and (p.grad is None or not p.grad.abs().max() > 0)]
 
@@ -80,7 +80,9 @@ def test_router_weights_sum_to_one_per_user_with_top_k_experts(laser):
 
 
 def test_balance_loss_is_one_for_a_uniform_router_grows_when_users_crowd_and_joins_the_loss(laser):
-    """Caught: the balance term left out of calculate_loss."""
+    """The loss comes in two parts (RecBole logs each): the cross-entropy alone, and balance_weight x balance.
+
+    Caught: the balance term left out of calculate_loss; the balance term added into the first part."""
     _, model, train, _, _ = laser
     interaction = first_batch(train)
     user = model.id_encodings(interaction["item_id_list"], interaction["item_length"])[2]
@@ -92,20 +94,23 @@ def test_balance_loss_is_one_for_a_uniform_router_grows_when_users_crowd_and_joi
         uniform = model.mformer.route(user)[1]
         router.bias.copy_(torch.tensor([5.0, 5.0, -5.0]))  # everyone to experts 0 and 1
         crowded = model.mformer.route(user)[1]
-        with_balance = model.calculate_loss(interaction)
-        weight, model.balance_weight = model.balance_weight, 0.0
-        without_balance = model.calculate_loss(interaction)
+        cross_entropy, balance_part = model.calculate_loss(interaction)
+        user_vectors = model.forward(interaction["item_id_list"], interaction["item_length"])[0]
+        expected_ce = torch.nn.functional.cross_entropy(user_vectors @ model.item_representations().t(),
+                                                        interaction["item_id"])
     assert uniform.item() == pytest.approx(1.0, abs=1e-5)
     assert crowded.item() > 1.4  # 3 * (0.5 * 0.5 + 0.5 * 0.5) = 1.5 when two of three experts take everyone
-    assert weight > 0 and (with_balance - without_balance).item() == pytest.approx(weight * crowded.item(), rel=1e-3)
+    assert model.balance_weight > 0
+    assert balance_part.item() == pytest.approx(model.balance_weight * crowded.item(), rel=1e-3)
+    assert cross_entropy.item() == pytest.approx(expected_ce.item(), rel=1e-5)  # the first part is the pure cross-entropy
 
 
 def test_every_trainable_parameter_gets_a_gradient_at_the_first_step(laser):
-    """The output projection starts small, not zero: a zero mapping would give the suffix, the prefix
-    projection and M-Former exactly zero gradient at the first step.
+    """The gate on the LLM correction starts small, not zero: a zero gate (or a zero projection) would give
+    the projection, the suffix, the prefix projection and M-Former exactly zero gradient at the first step.
 
-    Caught: a zero-initialised output projection; the prefix or the suffix left out of the LLM input;
-    M-Former without its cross-attention to the ID encodings."""
+    Caught: output_gate_init 0; a zero-initialised output projection; the prefix or the suffix left out of
+    the LLM input; M-Former without its cross-attention to the ID encodings."""
     _, model, train, _, _ = laser
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert any(n.startswith("mformer.") for n in trainable) and "suffix" in trainable
@@ -114,7 +119,7 @@ def test_every_trainable_parameter_gets_a_gradient_at_the_first_step(laser):
 
 def test_routing_users_to_other_experts_changes_their_scores(laser):
     """Caught: experts averaged uniformly whatever the router says; the prefix left out of the LLM input;
-    a zero-initialised output projection."""
+    a zero gate."""
     _, model, _, _, test = laser
     interaction = first_batch(test)
     router = model.mformer.router
@@ -152,7 +157,7 @@ def test_prefix_is_the_router_weighted_mix_of_expert_outputs_over_each_users_id_
 
 
 def test_prefix_and_suffix_each_change_every_users_scores(laser):
-    """Caught: the prefix, or the suffix, left out of the LLM input; a zero-initialised output projection."""
+    """Caught: the prefix, or the suffix, left out of the LLM input; a zero gate."""
     _, model, _, _, test = laser
     interaction = first_batch(test)
     model.eval()
@@ -188,10 +193,10 @@ def test_full_sort_covers_every_item_and_predict_agrees(laser):
 
 
 def test_untrained_laser_starts_next_to_its_frozen_sasrec(laser, tiny_data, tiny_llama_dir):
-    """id_residual: the mapped suffix output starts small (output_init_std), so training starts next to
-    SASRec's scores; output_init_std=0 is exactly SASRec.
+    """scoring residual: the gated correction starts small (output_gate_init), so training starts next to
+    SASRec's scores; output_gate_init=0 is exactly SASRec.
 
-    Caught: no id_residual (the SASRec user vector not added); a zero-initialised output projection."""
+    Caught: the SASRec user vector not added; a zero gate at the start."""
     _, model, _, _, test = laser
     interaction = first_batch(test)
     with torch.no_grad():
@@ -199,7 +204,7 @@ def test_untrained_laser_starts_next_to_its_frozen_sasrec(laser, tiny_data, tiny
         theirs = model.id_model.full_sort_predict(interaction)
         gap = (ours - theirs).abs().max()
         assert 0 < gap < 0.05 * theirs.std()
-        _, exact, *_ = _setup(tiny_data, tiny_llama_dir, output_init_std=0.0)
+        _, exact, *_ = _setup(tiny_data, tiny_llama_dir, output_gate_init=0.0)
         assert torch.allclose(exact.eval().full_sort_predict(interaction), theirs, atol=1e-5)
 
 
@@ -244,9 +249,9 @@ def test_too_many_virtual_tokens_is_an_error_with_the_numbers(tiny_data, tiny_ll
     [({"use_prefix": False}, ("mformer.", "prefix_projection.")),
      ({"suffix_tokens": 0}, ("suffix",)),
      ({"n_experts": 1, "router_top_k": 1}, ("mformer.router.",)),
-     ({"item_repr": "id", "id_residual": False, "llm_layers": 1, "suffix_pooling": "last", "train_rows_per_epoch": 10},
+     ({"item_repr": "id", "scoring": "paper", "llm_layers": 1, "suffix_pooling": "last", "train_rows_per_epoch": 10},
       ("text_projection.",))],
-    ids=["no_prefix", "no_suffix", "one_expert", "id_items_no_residual"],
+    ids=["no_prefix", "no_suffix", "one_expert", "id_items_paper_scoring"],
 )
 def test_ablations_drop_their_part_and_train_every_remaining_parameter(tiny_data, tiny_llama_dir, ablation, removed):
     """Caught: use_prefix ignored; a router built (and never trained) with one expert."""
@@ -258,3 +263,107 @@ def test_ablations_drop_their_part_and_train_every_remaining_parameter(tiny_data
     with torch.no_grad():
         scores = model.eval().full_sort_predict(interaction)
     assert scores.shape == (interaction.length, model.n_items)
+
+
+def test_llm_outputs_are_normalised_before_both_projections(laser):
+    """The frozen LLM's vectors (norms ~30 for SmolLM2) reach the output and title projections at unit scale
+    per dimension, like the ID model's vectors.
+
+    Caught: the pooled suffix output, or the title vectors, projected without normalisation."""
+    _, model, train, _, _ = laser
+    seen = []
+    handle = model.output_projection.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model.eval().full_sort_predict(first_batch(train))
+    handle.remove()
+    for vectors in (seen[0], model.item_text_vectors[1:]):
+        assert torch.allclose(vectors.mean(-1), torch.zeros(len(vectors)), atol=1e-4)
+        assert torch.allclose(vectors.var(-1, unbiased=False), torch.ones(len(vectors)), atol=1e-2)
+
+
+@pytest.mark.parametrize("scoring", ["residual", "paper"])
+def test_scoring_paper_uses_the_mapped_suffix_output_alone_and_residual_adds_it_gated_to_sasrec(
+        tiny_data, tiny_llama_dir, scoring):
+    """scoring paper: the user embedding is the mapped suffix output alone (the paper's), scored by dot product
+    with the item representations; residual: SASRec's user vector + gate x that output.
+
+    Caught: the SASRec user vector added in paper scoring; the gate left out of residual scoring."""
+    _, model, _, _, test = _setup(tiny_data, tiny_llama_dir, scoring=scoring, output_gate_init=0.3)
+    assert hasattr(model, "output_gate") == (scoring == "residual")
+    interaction = first_batch(test)
+    seen = []
+    handle = model.output_projection.register_forward_hook(lambda module, args, output: seen.append(output))
+    with torch.no_grad():
+        scores = model.eval().full_sort_predict(interaction)
+        id_user = model.id_encodings(interaction["item_id_list"], interaction["item_length"])[2]
+        items = model.item_representations()
+    handle.remove()
+    user = seen[0] if scoring == "paper" else id_user + 0.3 * seen[0]
+    assert torch.allclose(scores, user @ items.t(), atol=1e-5)
+
+
+def _changed(before, model):
+    return {name for name, value in model.trainable_state_dict().items() if not torch.equal(value, before[name])}
+
+
+def test_two_phases_item_side_on_all_rows_without_the_llm_then_the_rest_with_the_item_side_held(
+        tiny_data, tiny_llama_dir):
+    """Phase 1 trains only the title projection, on every training row, with no LLM pass; its validation result
+    becomes the best so far; phase 2 trains the LLM side with the title projection held (item_side_lr_scale 0).
+
+    Caught: phase 1 training the other parameters too; phase 1 calling the LLM; phase 1 on a share of the rows;
+    the item side not held in phase 2; no validation after phase 1."""
+    from recbole_llm.registry import get_trainer
+    from recbole_llm.trainer.laser import LaserTrainer
+
+    config, model, train, valid, _ = _setup(tiny_data, tiny_llama_dir, item_phase_epochs=2, train_rows_per_epoch=20,
+                                            train_batch_size=16)
+    assert issubclass(get_trainer(Laser), LaserTrainer)
+    trainer = LaserTrainer(config, model)
+    llm_calls, rows_seen = [], []
+    handle = model.llm.register_forward_pre_hook(lambda module, args: llm_calls.append(1))
+    loss = model.item_phase_loss
+    model.item_phase_loss = lambda users, targets: rows_seen.append(len(targets)) or loss(users, targets)
+    before = model.trainable_state_dict()
+    trainer.item_phase(train, 2)
+    handle.remove()
+    del model.item_phase_loss
+    assert llm_calls == [] and sum(rows_seen) == 2 * len(train._dataset)
+    assert _changed(before, model) == {"text_projection.weight"}
+
+    after_phase_1 = model.trainable_state_dict()
+    trainer._train_epoch(train, 0)
+    changed = _changed(after_phase_1, model)
+    assert "text_projection.weight" not in changed and "suffix" in changed and "output_gate" in changed
+
+    fresh_config, fresh, *_ = _setup(tiny_data, tiny_llama_dir, item_phase_epochs=1, epochs=1)
+    fitted = LaserTrainer(fresh_config, fresh)
+    validations = []
+    valid_epoch = fitted._valid_epoch
+    fitted._valid_epoch = lambda *args, **kwargs: validations.append(1) or valid_epoch(*args, **kwargs)
+    fitted.fit(train, valid, saved=False, show_progress=False)
+    assert len(validations) == 2  # after phase 1, and after the one phase-2 epoch
+
+
+def test_gradient_accumulation_equals_one_batch_of_all_the_rows(tiny_data, tiny_llama_dir):
+    """Two batches of 16 rows accumulated into one step move the parameters as one batch of their 32 rows (SGD,
+    no clipping: Adam's first step and clipping would hide a wrong scale; no balance term, which depends on
+    the batch's routing statistics and so is not a sum over rows).
+
+    Caught: the losses not divided by the number of batches in a step; a step after every batch."""
+    from recbole_llm.trainer.llm_trainer import LLMTrainer
+
+    config, model, train, _, _ = _setup(tiny_data, tiny_llama_dir, mformer_dropout=0.0, train_rows_per_epoch=None,
+                                        learner="sgd", learning_rate=0.5, clip_grad_norm=None, balance_weight=0.0)
+    start = model.trainable_state_dict()
+    batch = first_batch(train)[:32]
+    results = []
+    for steps, batches in ((1, [batch]), (2, [batch[:16], batch[16:]])):
+        model.load_state_dict(start)
+        config["gradient_accumulation_steps"] = steps
+        LLMTrainer(config, model)._train_epoch(batches, 0)
+        results.append(model.trainable_state_dict())
+    one, accumulated = results
+    assert _changed(start, model)
+    for name in one:
+        assert torch.allclose(one[name], accumulated[name], atol=1e-5), name

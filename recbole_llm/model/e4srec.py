@@ -12,7 +12,8 @@ Follows the authors' code:
 * ``Linear(id_dim, llm_hidden)`` with bias projects each history item into the LLM's input
   space;
 * the LLM body without its LM head, frozen, with LoRA (r=16, alpha=16, dropout 0.05 on
-  ``gate_proj``, ``up_proj``, ``down_proj``) gets as ``inputs_embeds``
+  ``gate_proj``, ``up_proj``, ``down_proj``; ``lora_target_modules`` puts it elsewhere, e.g. on
+  the attention projections ``[q_proj, k_proj, v_proj, o_proj]``) gets as ``inputs_embeds``
   ``[instruction tokens | projected items | "\\n### Response:\\n" tokens]``, the instruction in
   the Alpaca "no input" frame, tokenised without special tokens as the authors do;
 * the last position's hidden state -> ``Linear(llm_hidden, n_items, bias=False)`` -> logits over
@@ -24,17 +25,22 @@ serves many datasets; the frozen item table comes from the stage-1 model of each
 
 Choices the paper and code leave open, made here:
 
-* History length is RecBole's ``MAX_ITEM_LIST_LENGTH`` (the authors use 50; our ml-100k
-  default is shorter, for CPU cost). RecBole right-pads histories; here the item part is
-  LEFT-padded so the last position is always the response frame, padded slots get
-  ``attention_mask = 0`` and the position ids skip them, so a padded and an unpadded history
-  give the same scores. (The authors right-pad the items before the response frame, so their
-  response tokens sit at different positions for different history lengths.) Each batch is
-  trimmed to its longest history.
-* Training rows: RecBole's sequential split, one row per prefix of each user's training
-  sequence (the authors: every position of the last 50 training items). On a CPU an epoch
-  over all ~97k ml-100k rows is too costly, so ``train_rows_per_epoch`` (optional) keeps a
-  uniformly random subset of that size per epoch (each batch keeps its share of rows).
+* History: each row's history is the whole prefix before its target, as in the authors' code,
+  cut to RecBole's ``MAX_ITEM_LIST_LENGTH`` (our ml-100k default is 20, for CPU cost). RecBole
+  right-pads histories; here the item part is LEFT-padded, as the authors' collator pads, so the
+  last position is always the response frame; padded slots get ``attention_mask = 0`` and the
+  position ids skip them, so a padded and an unpadded history give the same scores. Each batch
+  is trimmed to its longest history.
+* Training rows: the authors' (``train_targets_per_user: 50``): every position of the last 50
+  training items of each user is a target (50 caps the targets per user, not the history);
+  ``~`` keeps RecBole's rows, one per prefix of each user's whole training sequence
+  (:class:`recbole_llm.data.sequence_windows.LastTargetsDataset`). On a CPU an epoch over all of
+  them is too costly, so ``train_rows_per_epoch`` (optional) keeps a uniformly random subset of
+  that size per epoch (each batch keeps its share of rows).
+* Step size: the authors take 128 rows per optimiser step, AdamW lr 3e-4, 100 warm-up steps and
+  a cosine decay (HF's Trainer): ``gradient_accumulation_steps`` (batches summed into one step),
+  ``learning_rate``, ``warmup_steps``, ``lr_schedule: cosine`` (LLMTrainer). The defaults are
+  sized for a CPU budget instead (fewer rows per step, more steps; docs/RESULTS.md).
 * ``llm_layers`` (optional, a CPU compromise shared with Laser): keep only the first n decoder
   layers of the LLM; the authors use the whole LLM.
 * The instruction prefix is the same for every user: with ``share_instruction_prefix`` its
@@ -50,8 +56,6 @@ Choices the paper and code leave open, made here:
   the last hidden state with that item's projected input embedding (the frozen ID table
   through the trained ``input_proj``), as SASRec ties its input and output item tables: no
   per-item parameters to learn, so a short CPU budget is spent on the mapping, not the head.
-* Optimiser and learning rate are RecBole's (``learner``, ``learning_rate``); the authors use
-  AdamW 3e-4 with a cosine schedule in HF's Trainer: ``lr_schedule: cosine`` (LLMTrainer).
 """
 from __future__ import annotations
 

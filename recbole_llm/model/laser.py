@@ -43,30 +43,40 @@ Choices the paper leaves open (each a setting in ``properties/model/Laser.yaml``
   Titles come from the dataset's item table (:func:`recbole_llm.data.item_text.item_texts`),
   never from the batch (the batch carries the *target* item's features).
 * Suffix: ``suffix_tokens`` (4) learnable embeddings (initialised at the token-embedding
-  scale); their last-layer outputs are pooled by ``suffix_pooling`` (``mean`` or ``last``)
-  and mapped by ``Linear(llm hidden, id hidden)`` to the user vector. With
-  ``suffix_tokens: 0`` (the "no suffix" ablation) the last prompt position is pooled instead.
+  scale); their last-layer outputs are pooled by ``suffix_pooling`` (``mean`` or ``last``),
+  normalised (LayerNorm without weights: the frozen LLM's outputs have norms ~30, dominated by
+  a few massive dimensions, while SASRec's vectors have norms below 1) and mapped by
+  ``Linear(llm hidden, id hidden)`` (PyTorch's default init). With ``suffix_tokens: 0`` (the
+  "no suffix" ablation) the last prompt position is pooled instead.
 * Item representations (``item_repr``): ``id`` = the frozen SASRec item embeddings;
   ``text`` = projected item-text vectors; ``both`` (default) = their sum. An item-text vector
-  is the frozen LLM's mean-pooled last hidden state over the item's title, computed once at
-  construction (not saved; rebuilt identically from the same LLM); its projection
-  ``Linear(llm hidden, id hidden)`` trains and starts at zero.
-* ``id_residual`` (true): the user vector is the SASRec user representation plus the mapped
-  suffix output, so training starts from (almost) the frozen SASRec's ranking and learns a
-  correction from the LLM. The paper does not say this; it is our choice for a small CPU
-  budget (the ablation table measures it). The mapping ``Linear(llm hidden, id hidden)``
-  then starts with small random weights, ``N(0, output_init_std^2)`` (0.001), and a zero
-  bias: small, so the start stays next to SASRec's ranking, but not zero, because a zero
-  mapping passes no gradient back to the suffix tokens, the prefix projection and M-Former,
-  and their first optimizer step would then be empty. ``output_init_std: 0`` restores the
-  exact SASRec start.
-* The paper trains in two phases to obtain item and user embeddings through the suffix (the
-  ACL version encodes items with the LLM as well). Here one phase: cross-entropy over ALL
-  items plus the balancing term; items are not re-encoded by the LLM during training (one
-  LLM pass per item and step is beyond a CPU budget).
+  is the frozen LLM's mean-pooled last hidden state over the item's title, normalised the same
+  way, computed once at construction (not saved; rebuilt identically from the same LLM); its
+  projection ``Linear(llm hidden, id hidden)`` starts at zero with ``both`` (so the items start
+  as SASRec's).
+* Scoring (``scoring``): ``paper`` = the paper's: the mapped suffix output IS the user
+  embedding, scored by dot product with the item representations. ``residual`` (ours, beyond
+  the paper): the user embedding is the frozen SASRec's user vector plus ``output_gate`` times
+  the mapped suffix output, so training starts next to SASRec's ranking and learns a
+  correction from the LLM. The gate is one scalar that trains, starting at
+  ``output_gate_init`` (small, not zero: a zero gate would give the projection, the suffix,
+  the prefix and M-Former no gradient at the first step).
+* Two training phases, as the paper (which first obtains the item representations, then
+  trains the user side): phase 1 (``item_phase_epochs`` over ALL training rows,
+  ``item_phase_learning_rate``) trains only the item side (the title projection) against the
+  frozen SASRec's user vectors, which needs no LLM pass (seconds per epoch); phase 2 trains the
+  rest with the item side held (``item_side_lr_scale: 0``) or slowed. The phases run in
+  :class:`recbole_llm.trainer.laser.LaserTrainer`, which validates after phase 1, so the
+  checkpoint tested is the best on validation of phase 1 and every epoch of phase 2. Items are
+  encoded by the frozen LLM once, not re-encoded with the suffix during training (the ACL
+  version does; one LLM pass per item and step is beyond a CPU budget).
+* The logged training loss has two parts (RecBole logs a tuple per part): ``train_loss1`` the
+  cross-entropy, comparable with SASRec's, and ``train_loss2`` = ``balance_weight`` x the
+  balance loss.
 * CPU compromises, documented as settings: ``llm_layers`` keeps only the first n decoder
   layers of the frozen LLM (null = all); ``train_rows_per_epoch`` caps the training rows per
-  epoch by keeping a random share of each batch (null = all of RecBole's prefix rows).
+  epoch by keeping a random share of each batch (null = all of RecBole's prefix rows); with
+  ``gradient_accumulation_steps`` an optimizer step still sees at least 128 rows.
 
 The ablation switches: ``use_prefix: false`` (no M-Former prefix), ``suffix_tokens: 0``
 (no suffix), ``n_experts: 1`` (one expert).
@@ -88,6 +98,11 @@ from recbole_llm.model.pretrained import pretrained_id_model
 from recbole_llm.errors import InputError
 
 HISTORY_SEPARATOR = ";"
+
+
+def normalise(hidden: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without weights: the frozen LLM's outputs (float32, via ``from_llm``) at unit scale per dimension."""
+    return F.layer_norm(hidden, hidden.shape[-1:])
 
 
 class HistoryPrompt:
@@ -190,13 +205,17 @@ class Laser(PluggableMixin, SequentialRecommender):
         self.n_suffix = int(config["suffix_tokens"] or 0)
         self.suffix_pooling = config["suffix_pooling"]
         self.item_repr = config["item_repr"]
-        self.id_residual = bool(config["id_residual"])
+        self.scoring = config["scoring"]
+        self.item_phase_epochs = int(config["item_phase_epochs"])
+        self.item_side_lr_scale = float(config["item_side_lr_scale"])
         self.balance_weight = float(config["balance_weight"])
         self.rows_fraction = rows_fraction(config["train_rows_per_epoch"], len(dataset))
         if self.suffix_pooling not in ("mean", "last"):
             raise InputError(f"suffix_pooling must be 'mean' or 'last'; got {self.suffix_pooling!r}")
         if self.item_repr not in ("id", "text", "both"):
             raise InputError(f"item_repr must be 'id', 'text' or 'both'; got {self.item_repr!r}")
+        if self.scoring not in ("residual", "paper"):
+            raise InputError(f"scoring must be 'residual' (SASRec user + gated LLM correction) or 'paper'; got {self.scoring!r}")
 
         titles = item_texts(dataset, config["item_text_fields"])  # first: a dataset without text fails fast
 
@@ -254,9 +273,8 @@ class Laser(PluggableMixin, SequentialRecommender):
         if self.n_suffix:
             self.suffix = nn.Parameter(torch.randn(self.n_suffix, llm_hidden) * embedding_std)
         self.output_projection = nn.Linear(llm_hidden, id_hidden)
-        if self.id_residual:  # small, not zero: a zero mapping gives everything before it no gradient
-            nn.init.normal_(self.output_projection.weight, std=float(config["output_init_std"]))
-            nn.init.zeros_(self.output_projection.bias)
+        if self.scoring == "residual":  # small, not zero: a zero gate gives everything before it no gradient
+            self.output_gate = nn.Parameter(torch.tensor(float(config["output_gate_init"])))
         if self.item_repr in ("text", "both"):
             self.register_buffer("item_text_vectors", self._encode_item_texts(), persistent=False)
             self.text_projection = nn.Linear(llm_hidden, id_hidden, bias=False)
@@ -278,7 +296,7 @@ class Laser(PluggableMixin, SequentialRecommender):
             hidden = self.llm(input_ids=input_ids, attention_mask=mask,
                               position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False).last_hidden_state
             weights = mask.unsqueeze(-1).to(hidden.dtype)
-            vectors.append(from_llm((hidden * weights).sum(1) / weights.sum(1)))
+            vectors.append(normalise(from_llm((hidden * weights).sum(1) / weights.sum(1))))
         vectors = torch.cat(vectors)
         vectors[0] = 0.0  # padding item
         return vectors
@@ -339,9 +357,9 @@ class Laser(PluggableMixin, SequentialRecommender):
             pooled = hidden[:, -self.n_suffix:].mean(1)
         else:
             pooled = hidden[:, -1]
-        user = self.output_projection(from_llm(pooled))
-        if self.id_residual:
-            user = user + id_user
+        user = self.output_projection(normalise(from_llm(pooled)))
+        if self.scoring == "residual":
+            user = id_user + self.output_gate * user
         return user, weights, balance
 
     def item_representations(self):
@@ -352,7 +370,26 @@ class Laser(PluggableMixin, SequentialRecommender):
         return text if self.item_repr == "text" else self.id_model.item_embedding.weight + text
 
     # ----------------------------------------------------------------- RecBole contract
+    def item_side_parameters(self) -> list[nn.Parameter]:
+        """What phase 1 trains: the title projection (none with ``item_repr: id``)."""
+        return list(self.text_projection.parameters()) if hasattr(self, "text_projection") else []
+
+    def optimizer_groups(self) -> list[dict]:
+        """Phase 2's optimizer groups (LLMTrainer): the item side at ``item_side_lr_scale`` x the
+        learning rate (0 = held), everything else at the learning rate."""
+        item_side = {id(p) for p in self.item_side_parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in item_side]
+        groups = [{"params": rest, "lr_scale": 1.0}]
+        if item_side:
+            groups.append({"params": self.item_side_parameters(), "lr_scale": self.item_side_lr_scale})
+        return groups
+
+    def item_phase_loss(self, id_user: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Phase 1: cross-entropy of the frozen SASRec user vectors against the item representations."""
+        return self.loss_fct(id_user @ self.item_representations().t(), targets)
+
     def calculate_loss(self, interaction):
+        """``(cross-entropy, balance_weight x balance loss)``, or the cross-entropy alone without a router."""
         if self.training:
             interaction = sample_rows(interaction, self.rows_fraction)
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
@@ -361,7 +398,7 @@ class Laser(PluggableMixin, SequentialRecommender):
         logits = user @ self.item_representations().t()
         loss = self.loss_fct(logits, targets)
         if self.use_prefix and self.mformer.n_experts > 1:
-            loss = loss + self.balance_weight * balance
+            return loss, self.balance_weight * balance
         return loss
 
     def router_weights(self, interaction):

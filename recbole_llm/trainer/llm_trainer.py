@@ -1,11 +1,16 @@
 """RecBole's Trainer for models around a frozen LLM (E4SRec, Laser, the LlamaRec ranker).
 
 Changes to ``recbole.trainer.Trainer``: the optimizer receives only the parameters that
-train (RecBole would hand it the frozen LLM's too); checkpoints hold only the model's
-pluggable part (:class:`recbole_llm.llm.pluggable.PluggableMixin`), written atomically; and
-``lr_schedule: cosine`` decays the learning rate per optimizer step, as HF's Trainer does for
-E4SRec's authors (RecBole keeps it constant). Everything else (epochs, early stopping,
-evaluation, logging) is RecBole's.
+train (RecBole would hand it the frozen LLM's too), in the model's own groups where it has
+them (``model.optimizer_groups()``: each group's learning rate is ``learning_rate`` times its
+``lr_scale``); checkpoints hold only the model's pluggable part
+(:class:`recbole_llm.llm.pluggable.PluggableMixin`), written atomically;
+``gradient_accumulation_steps`` sums the gradients of that many batches into one optimizer
+step (each batch's loss divided by the number of batches in the step, so a step equals one
+batch of all their rows when the batches are equally large); and the learning rate follows
+``lr_schedule`` per optimizer step after ``warmup_steps`` of linear warm-up, as HF's Trainer
+does for E4SRec's authors (RecBole keeps it constant). Everything else (epochs, early
+stopping, evaluation, logging) is RecBole's.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import math
 
 from recbole.trainer import Trainer
 from recbole.utils import set_color
+from torch.nn.utils import clip_grad_norm_
+from tqdm import tqdm
 
 from recbole_llm.cache_io import atomic_save, unique_checkpoint_name
 from recbole_llm.errors import InputError
@@ -26,6 +33,17 @@ def cosine_factor(step: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
+def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
+    """The learning rate's factor at optimizer step ``step`` of ``total``: linear warm-up from 0 over
+    ``warmup`` steps, then constant or a half cosine to 0 over the remaining steps (HF's
+    ``get_constant_schedule_with_warmup`` / ``get_cosine_schedule_with_warmup``)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return cosine_factor(step - warmup, total - warmup)
+
+
 class LLMTrainer(Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
@@ -34,30 +52,93 @@ class LLMTrainer(Trainer):
         if self.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.lr_schedule!r}")
 
+    # Read when an epoch runs: the models whose trainer runs RecBole's epoch loop (E4SRec, Laser) set them in
+    # their property files; LlamaRec's ranker has its own loop and settings.
+    @property
+    def accumulation(self) -> int:
+        steps = self.config["gradient_accumulation_steps"]
+        if not isinstance(steps, int) or steps < 1:
+            raise InputError(f"gradient_accumulation_steps must be a whole number >= 1; got {steps!r}")
+        if steps > 1 and not self.config["single_spec"]:
+            raise InputError("gradient_accumulation_steps > 1 runs in one process; set it to 1 for a distributed run")
+        return steps
+
+    @property
+    def warmup_steps(self) -> int:
+        steps = self.config["warmup_steps"]
+        if not isinstance(steps, int) or steps < 0:
+            raise InputError(f"warmup_steps must be a whole number >= 0; got {steps!r}")
+        return steps
+
     def _build_optimizer(self, **kwargs):
-        kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
+        if "params" not in kwargs:
+            groups = getattr(self.model, "optimizer_groups", None)
+            if groups is None:
+                kwargs["params"] = [p for p in self.model.parameters() if p.requires_grad]
+            else:
+                lr = kwargs.get("learning_rate", self.learning_rate)
+                kwargs["params"] = [dict(group, lr=lr * group.get("lr_scale", 1.0)) for group in groups()]
         return super()._build_optimizer(**kwargs)
 
+    def _steps_per_epoch(self, train_data) -> int:
+        return math.ceil(len(train_data) / self.accumulation)
+
     def _train_epoch(self, train_data, epoch_idx, *args, **kwargs):
-        """RecBole's epoch; with ``lr_schedule: cosine`` each optimizer step first sets the learning
-        rate for its global step ``epoch_idx * len(train_data) + k`` of ``epochs * len(train_data)``
+        """RecBole's epoch with gradient accumulation; with a schedule or warm-up each optimizer step
+        first sets the learning rate for its global step ``epoch_idx * steps + k`` of ``epochs * steps``
         (a function of the epoch, so a resumed run continues the same curve)."""
-        if self.lr_schedule == "constant":
-            return super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
-        steps = len(train_data)
+        if self.lr_schedule == "constant" and not self.warmup_steps:
+            return self._accumulating_epoch(train_data, epoch_idx, *args, **kwargs)
+        steps = self._steps_per_epoch(train_data)
         step = epoch_idx * steps
 
         def set_learning_rate(optimizer, *_):
             nonlocal step
+            factor = lr_factor(self.lr_schedule, step, self.epochs * steps, self.warmup_steps)
             for group in optimizer.param_groups:
-                group["lr"] = self.learning_rate * cosine_factor(step, self.epochs * steps)
+                group["lr"] = self.learning_rate * group.get("lr_scale", 1.0) * factor
             step += 1
 
         handle = self.optimizer.register_step_pre_hook(set_learning_rate)
         try:
-            return super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
+            return self._accumulating_epoch(train_data, epoch_idx, *args, **kwargs)
         finally:
             handle.remove()
+
+    def _accumulating_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        """RecBole's ``_train_epoch`` (loss parts summed per part over the epoch, NaN check, clipping),
+        with one optimizer step per ``gradient_accumulation_steps`` batches."""
+        if self.accumulation == 1:
+            return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+        self.model.train()
+        loss_func = loss_func or self.model.calculate_loss
+        total_loss = None
+        batches = len(train_data)
+        iter_data = (
+            tqdm(train_data, total=batches, ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
+            if show_progress else train_data
+        )
+        self.optimizer.zero_grad()
+        for batch_idx, interaction in enumerate(iter_data):
+            interaction = interaction.to(self.device)
+            losses = loss_func(interaction)
+            if isinstance(losses, tuple):
+                loss = sum(losses)
+                parts = tuple(part.item() for part in losses)
+                total_loss = parts if total_loss is None else tuple(map(sum, zip(total_loss, parts)))
+            else:
+                loss = losses
+                total_loss = losses.item() if total_loss is None else total_loss + losses.item()
+            self._check_nan(loss)
+            group_start = batch_idx - batch_idx % self.accumulation
+            in_step = min(self.accumulation, batches - group_start)  # the last step may hold fewer batches
+            (loss / in_step).backward()
+            if batch_idx + 1 - group_start == in_step:
+                if self.clip_grad_norm:
+                    clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+        return total_loss
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         if not self.config["single_spec"] and self.config["local_rank"] != 0:

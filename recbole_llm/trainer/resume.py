@@ -157,7 +157,9 @@ class ResumableTrainer:
 @functools.cache
 def resumable(trainer_class: type) -> type:
     """``trainer_class`` with :class:`ResumableTrainer` mixed in, when it runs RecBole's
-    epoch loop; a trainer with its own ``fit`` (LlamaRec's, SeRALM's) handles its stages itself."""
-    if issubclass(trainer_class, ResumableTrainer) or trainer_class.fit is not Trainer.fit:
+    epoch loop (``Trainer.fit``, or a ``fit`` that ends in it and says so with ``resumable_fit``); a
+    trainer with its own ``fit`` (LlamaRec's, SeRALM's) handles its stages itself."""
+    runs_epoch_loop = trainer_class.fit is Trainer.fit or getattr(trainer_class, "resumable_fit", False)
+    if issubclass(trainer_class, ResumableTrainer) or not runs_epoch_loop:
         return trainer_class
     return type(trainer_class.__name__, (ResumableTrainer, trainer_class), {"__module__": trainer_class.__module__})

@@ -32,7 +32,7 @@ from filelock import FileLock
 #: Config entries that do not change what a run learns (left out of :func:`config_key`).
 _VOLATILE = {"device", "gpu_id", "use_gpu", "checkpoint_dir", "show_progress", "state", "data_path",
              "local_rank", "single_spec", "eval_batch_size", "worker", "log_wandb", "wandb_project", "resume", "verbose",
-             "knowledge_vector_dir"}
+             "knowledge_vector_dir", "eval_slices"}
 #: Settings added to the property files after caches were made, with the value their absence meant:
 #: left out of :func:`config_key` while they hold it, so those caches stay valid.
 _ADDED_LATER = {"drop_exact_duplicates": False, "lr_schedule": "constant"}

@@ -9,7 +9,8 @@ RecBole's own functions, so RecBole's scripts (``run_recbole.py``,
 Python work unchanged. For our models RecBole's ``Config`` also reads our property files
 (overall, dataset, model) above RecBole's defaults and below the user's files and dict, as
 our command line layers them; ``get_flops`` (a deep copy of the model, ruinous for an LLM)
-is skipped for them. RecBole's own models see nothing of this: same lookups, same files.
+is skipped for them. RecBole's own models keep their lookups and files; their trainers report
+metrics by slice when a config sets ``eval_slices: True`` (:mod:`recbole_llm.trainer.slices`).
 """
 from __future__ import annotations
 
@@ -34,10 +35,13 @@ def get_model(model_name):
 
 
 def get_trainer(model_type, model_name):
-    """RecBole's ``get_trainer``, giving our models their own trainer."""
+    """RecBole's ``get_trainer``, giving our models their own trainer; RecBole's trainers get
+    metrics by slice (inert unless ``eval_slices`` is set: :mod:`recbole_llm.trainer.slices`)."""
     if _is_ours(model_name):
         return registry.get_trainer(registry.get_model(model_name))
-    return _ORIGINAL["get_trainer"](model_type, model_name)
+    from recbole_llm.trainer.slices import sliced
+
+    return sliced(_ORIGINAL["get_trainer"](model_type, model_name))
 
 
 def get_flops(model, *args, **kwargs):

@@ -92,7 +92,7 @@ def run_recbole_llm(model, dataset, config_file_list=None, config_dict=None, sav
 
     logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
-    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    logger.info(set_color("test result", "yellow") + f": {overall(test_result)}")  # slices: their own table
     result = {
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
@@ -141,10 +141,27 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def overall(result: dict | None) -> dict | None:
+    """A RecBole result dict without its metrics by slice (``eval_slices``)."""
+    return None if result is None else {k: v for k, v in result.items() if k != "slices"}
+
+
+def slice_columns(result: dict, metric: str = "ndcg@10") -> dict[str, float]:
+    """``{"ndcg@10 cold": value, ...}``: one column per slice of a test result with slices."""
+    from recbole_llm.trainer.slices import SLICES
+
+    slices = result.get("slices") or {}
+    return {f"{metric} {name}": slices[group][name].get(metric, float("nan"))
+            for group, names in SLICES.items() if group in slices for name in names}
+
+
 def comparison_table(results: dict[str, dict], out_dir: str | os.PathLike, stem: str) -> str:
-    """Write one row per model (test metrics) to ``out_dir/stem.{csv,json}``; return it as text."""
-    metrics = sorted({m for r in results.values() for m in r["test_result"]}, key=_metric_order)
-    rows = [[name] + [f"{r['test_result'].get(m, float('nan')):.4f}" for m in metrics] for name, r in results.items()]
+    """Write one row per model (test metrics, then NDCG@10 per slice where the runs have
+    ``eval_slices``) to ``out_dir/stem.{csv,json}``; return it as text."""
+    tests = {name: {**overall(r["test_result"]), **slice_columns(r["test_result"])} for name, r in results.items()}
+    plain = sorted({m for t in results.values() for m in overall(t["test_result"])}, key=_metric_order)
+    metrics = plain + [c for c in dict.fromkeys(c for t in tests.values() for c in t) if c not in plain]
+    rows = [[name] + [f"{t.get(m, float('nan')):.4f}" for m in metrics] for name, t in tests.items()]
     out = Path(out_dir)
     write_atomically(out / f"{stem}.json", json.dumps({k: plain_json(v) for k, v in results.items()}, indent=2))
     with tempfile.TemporaryFile("w+", newline="") as buf:

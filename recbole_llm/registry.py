@@ -76,13 +76,15 @@ def get_model(name):
 
 def get_trainer(model_class):
     """Our trainer for our models that need one, else RecBole's choice for the model;
-    either way able to resume an interrupted run (:mod:`recbole_llm.trainer.resume`)."""
+    either way able to resume an interrupted run (:mod:`recbole_llm.trainer.resume`) and to
+    report metrics by slice (:mod:`recbole_llm.trainer.slices`)."""
     from recbole_llm.trainer.resume import resumable
+    from recbole_llm.trainer.slices import sliced
 
     name = model_class.__name__
     if name in MODELS and MODELS[name][1] is not None:
-        return resumable(_load(MODELS[name][1]))
-    return resumable(recbole_get_trainer(model_class.type, name))
+        return sliced(resumable(_load(MODELS[name][1])))
+    return sliced(resumable(recbole_get_trainer(model_class.type, name)))
 
 
 def register_datasets() -> None:

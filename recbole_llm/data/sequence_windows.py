@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from recbole.data.dataset import SequentialDataset
 
+from recbole_llm.data.interactions import SAVED_COUNTS, training_interactions
+
 
 def rows_from_end(user_ids: np.ndarray) -> np.ndarray:
     """For each row (rows of a user in time order): how many rows of the same user follow it."""
@@ -52,6 +54,7 @@ class SequenceWindowDataset(SequentialDataset):
         if self.config["loss_type"] != "CE":
             return datasets
         train = datasets[0]
+        setattr(train, SAVED_COUNTS, training_interactions(train))  # counted on every row, for metrics by slice
         keep = window_rows(train.inter_feat[self.uid_field].numpy(), self.config["MAX_ITEM_LIST_LENGTH"])
         train.inter_feat = train.inter_feat[torch.from_numpy(keep)]
         return datasets

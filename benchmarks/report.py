@@ -28,7 +28,9 @@ a run that would generate knowledge (the un-aligned cache missing, or alignment 
 every item's knowledge) stops at once and is recorded as not run, with the command that fixes it.
 
 Outputs: the "report" section of ``--results_file`` (docs/RESULTS.md): a quality table, a cost
-table and a relative-gain table (ours vs the paper's), and ``report-<dataset>-ndcg10.png`` beside it.
+table, a relative-gain table (ours vs the paper's) and ``report-<dataset>-ndcg10.png`` beside it;
+every model runs with ``eval_slices``, so the section also has NDCG@10 per slice (target
+popularity, history length) and ``report-<dataset>-slices.png``, a chart per slice.
 """
 from __future__ import annotations
 
@@ -106,7 +108,9 @@ def record_path(report_dir, dataset: str, model: str) -> Path:
 
 
 def config_dict(overrides: dict) -> dict:
-    return {"show_progress": False, **overrides}
+    """The child's settings: the overrides over quiet progress and metrics by slice (neither changes
+    what a model learns, so neither is in the settings hash: :data:`recbole_llm.cache_io._VOLATILE`)."""
+    return {"show_progress": False, "eval_slices": True, **overrides}
 
 
 def settings_hash(model: str, dataset: str, overrides: dict) -> str:
@@ -240,7 +244,8 @@ def run_one(model_name: str, dataset: str, extra: list[str], report_dir, run_id:
         record["test_users"] = int(getattr(test, "sample_size", 0) or len(test.dataset))
         record["eval_users_per_s"] = record["test_users"] / max(record["eval_seconds"], 1e-9)
         record["trainable_params"], record["total_params"] = count_parameters(model)
-        record["test_result"] = {k: float(v) for k, v in dict(test_result).items()}
+        record["test_result"] = {k: float(v) for k, v in dict(test_result).items() if k != "slices"}
+        record["slices"] = test_result.get("slices")
         record["best_valid_result"] = {k: float(v) for k, v in dict(best_valid_result or {}).items()}
         record["best_valid_score"] = float(best_valid_score) if best_valid_score is not None else None
         record["settings"] = {k: config[k] for k in ("epochs", "train_batch_size", "MAX_ITEM_LIST_LENGTH", "seed")
@@ -481,6 +486,82 @@ def plot(records: dict[str, dict], gains: list[dict], path: Path, dataset: str) 
     write_atomically(path, buffer.getvalue())
 
 
+def slice_names() -> list[tuple[str, str]]:
+    from recbole_llm.trainer.slices import SLICES
+
+    return [(group, name) for group, names in SLICES.items() for name in names]
+
+
+def sliced(records: dict[str, dict]) -> dict[str, dict]:
+    """The records that hold metrics by slice (runs with ``eval_slices``)."""
+    return {name: r for name, r in records.items() if ok(r) and r.get("slices")}
+
+
+def slice_table(records: dict[str, dict]) -> str:
+    """Test NDCG@10 +- its standard error per slice and model, then the users per slice."""
+    rows = []
+    for name, record in sliced(records).items():
+        cells = []
+        for group, part in slice_names():
+            m = record["slices"][group][part]
+            se = f" ± {m['ndcg@10_se']:.4f}" if m.get("ndcg@10_se") is not None else ""
+            cells.append(f"{m['ndcg@10']:.4f}{se}" if "ndcg@10" in m else "-")
+        rows.append([name] + cells + [short_date(record)])
+    first = next(iter(sliced(records).values()))["slices"]
+    users = [str(first[g][p]["users"]) for g, p in slice_names()]
+    ranges = ["{}-{}".format(*first[g][p]["range"]) if "range" in first[g][p] else "-" for g, p in slice_names()]
+    rows += [["users"] + users + [""], ["training interactions"] + ranges + [""]]
+    header = ["model"] + [f"{g} {p}" for g, p in slice_names()] + ["measured (UTC)"]
+    return markdown_table(header, rows)
+
+
+def plot_slices(records: dict[str, dict], path: Path, dataset: str) -> None:
+    """One chart per slice: test NDCG@10 per model with its standard error; PNG written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from recbole_llm.registry import MODELS
+
+    chosen = sliced(records)
+    names = list(chosen)
+    fig, axes = plt.subplots(2, 4, figsize=(15, 7), sharey=True)
+    for ax, (group, part) in zip([*axes[0], *axes[1]], slice_names()):
+        values = [chosen[n]["slices"][group][part].get("ndcg@10", 0.0) for n in names]
+        errors = [chosen[n]["slices"][group][part].get("ndcg@10_se") or 0.0 for n in names]
+        ax.bar(range(len(names)), values, yerr=errors, capsize=3,
+               color=["tab:blue" if n in MODELS else "tab:gray" for n in names])
+        users = chosen[names[0]]["slices"][group][part]["users"]
+        ax.set_title(f"{group}: {part} ({users} users)", fontsize=10)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    axes[1][3].axis("off")
+    axes[0][0].set_ylabel("test NDCG@10")
+    axes[1][0].set_ylabel("test NDCG@10")
+    fig.suptitle(f"NDCG@10 by slice on {dataset} (blue: recbole-llm, gray: RecBole; bars: standard error)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    write_atomically(path, buffer.getvalue())
+
+
+def slice_section(records: dict[str, dict], results_file: Path, dataset: str) -> list[str]:
+    """The "by slice" part of the report (empty when no record has slices)."""
+    if not sliced(records):
+        return []
+    png = Path(results_file).parent / f"report-{dataset}-slices.png"
+    plot_slices(records, png, dataset)
+    return ["### Quality by slice (test NDCG@10 ± standard error)", "", slice_table(records), "",
+            f"![NDCG@10 by slice]({os.path.relpath(png, Path(results_file).parent)})", "",
+            "Slices of the test users (`eval_slices`): the target item's popularity in the training split "
+            "(cold: under 5 interactions; tail / torso / head: a third of the other items' interactions each) "
+            "and the user's history length (short / medium / long: thirds of the users); the last two rows "
+            "give each slice's users and its range of training interactions. Records made before "
+            "`eval_slices` have no slice row until their model runs again (`--rerun=MODEL`).", ""]
+
+
 def overrides_note(records: dict[str, dict]) -> str:
     texts = {name: json.dumps(r.get("overrides") or {}, sort_keys=True) for name, r in records.items()}
     if set(texts.values()) == {"{}"}:
@@ -516,6 +597,7 @@ def assemble(dataset: str, report_dir, results_file: Path, argv: list[str]) -> s
         "",
         f"![NDCG@10 per model and relative gains]({rel_png})",
         "",
+        *slice_section(records, results_file, dataset),
         overrides_note(records),
         "",
         f"Protocol: {dataset}, leave-one-out in time order, full ranking over all items, test metrics of the "

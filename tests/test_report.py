@@ -174,3 +174,35 @@ def test_laser_seeds_table_gives_each_ratio_their_mean_and_standard_error(monkey
     # ratios 0.9, 1.0, 1.1: mean 1.000, sample sd 0.1, standard error 0.1 / sqrt(3) = 0.058
     assert "over 3 seeds: 1.000 (standard error 0.058; goal >= 1)" in table
     assert "Mean" not in laser.seeds_table(runs[:1])  # one run: no mean to give
+
+
+def _sliced_record(model, ndcg, cold_ndcg):
+    part = lambda users, value, lo, hi: {"users": users, "range": [lo, hi], "ndcg@10": value, "ndcg@10_se": 0.01}  # noqa: E731
+    slices = {"all": {"users": 40, "ndcg@10": ndcg},
+              "popularity": {"cold": part(4, cold_ndcg, 0, 4), "tail": part(12, 0.1, 5, 9),
+                             "torso": part(12, 0.2, 10, 20), "head": part(12, 0.3, 21, 90)},
+              "history": {"short": part(13, 0.11, 6, 8), "medium": part(13, 0.22, 9, 12), "long": part(14, 0.33, 13, 30)}}
+    return {"model": model, "status": "ok", "test_result": {"ndcg@10": ndcg}, "slices": slices, "date": "2026-11-30 14:00",
+            "setup_seconds": 1, "fit_seconds": 2, "eval_users_per_s": 3, "peak_rss_mb": 4, "trainable_params": 5,
+            "total_params": 6, "machine": "m, 1 thread,", "load_average": 0.5, "overrides": {}}
+
+
+def test_report_has_a_slice_table_and_a_chart_per_slice(tmp_path, report):
+    folder = tmp_path / "rep" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "SASRec.json").write_text(json.dumps(_sliced_record("SASRec", 0.05, 0.0123)))
+    (folder / "LRURec.json").write_text(json.dumps(_sliced_record("LRURec", 0.06, 0.0456)))
+    old = {"model": "GRU4Rec", "status": "ok", "test_result": {"ndcg@10": 0.04}, "date": "2026-11-29 10:00",
+           "setup_seconds": 1, "fit_seconds": 2, "eval_users_per_s": 3, "peak_rss_mb": 4, "trainable_params": 5,
+           "total_params": 6, "machine": "m", "overrides": {}}  # a record made before eval_slices
+    (folder / "GRU4Rec.json").write_text(json.dumps(old))
+    results = tmp_path / "docs" / "RESULTS.md"
+    body = report.assemble("tiny", tmp_path / "rep", results, [])
+    table = body.split("### Quality by slice")[1].split("![")[0]
+    assert "| model | popularity cold | popularity tail |" in table and "history long |" in table
+    assert "| LRURec | 0.0456 ± 0.0100 |" in table and "| SASRec | 0.0123 ± 0.0100 |" in table
+    assert "| GRU4Rec |" not in table
+    assert "| users | 4 | 12 | 12 | 12 | 13 | 13 | 14 |" in table
+    assert "| training interactions | 0-4 | 5-9 |" in table
+    png = results.parent / "report-tiny-slices.png"
+    assert "](report-tiny-slices.png)" in body and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -154,20 +154,21 @@ def git_commit() -> str | None:
 
 
 # --------------------------------------------------------------------------- one model (child process)
-def forbid_generation(dataset: str) -> None:
-    """Make SeRALM's knowledge generation fail at once with the command that does it instead."""
-    from recbole_llm.errors import MissingInputError
-    from recbole_llm.knowledge import generation
+def knowledge_missing(config) -> str | None:
+    """Why building SeRALM would generate its knowledge (the cache its settings address is missing
+    or unfinished: hours on a CPU), with the command that generates it; None otherwise. A cache
+    whose items changed since it was written is not detected (SeRALM then completes it)."""
+    from recbole_llm.knowledge.generation import adapter_dir_fingerprint, knowledge_cache_for, knowledge_dir, setting
 
-    def refuse(config, model=None, tokenizer=None, adapter_path=None, logger=None):
-        if model is not None or adapter_path:
-            what = "the knowledge of every item must be regenerated with the aligned LLM adapter"
-        else:
-            what = (f"the knowledge cache of {dataset} (in {generation.knowledge_dir(config)}) is missing or "
-                    f"incomplete; generate it first: python -m recbole_llm.knowledge.generation --dataset {dataset}")
-        raise MissingInputError(f"{what} (hours on a CPU). Rerun with --allow_generation to let the report do it.")
-
-    generation.load_generator = refuse
+    if config["model"] != "SeRALM":
+        return None
+    adapter = setting(config, "llm_adapter", None)
+    cache = knowledge_cache_for(config, config["dataset"], adapter_dir_fingerprint(adapter) if adapter else None)
+    if cache.final.is_file() and not cache.parts():
+        return None
+    return (f"the knowledge cache of {config['dataset']} (in {knowledge_dir(config)}) is missing or incomplete; "
+            f"generate it first: python -m recbole_llm.knowledge.generation --dataset {config['dataset']} "
+            "(hours on a CPU). Rerun with --allow_generation to let the report do it.")
 
 
 def alignment_needs_generation(trainer) -> str | None:
@@ -183,7 +184,13 @@ def alignment_needs_generation(trainer) -> str | None:
         return None
     adapter = trainer.alignment_dir()
     if setting(config, "alignment_cache", True) and (adapter / "adapter_config.json").is_file():
-        return None  # cached adapter: its knowledge may still be missing, then forbid_generation stops it
+        from recbole_llm.knowledge.generation import adapter_dir_fingerprint, knowledge_cache_for
+
+        cache = knowledge_cache_for(config, config["dataset"], adapter_dir_fingerprint(adapter))
+        if cache.final.is_file() and not cache.parts():
+            return None
+        return (f"the aligned adapter {adapter} is cached but the knowledge it generates is not ({cache.final}): "
+                "every item's knowledge would be regenerated with it (hours on a CPU). Rerun with --allow_generation.")
     return (f"SeRALM alignment ({setting(config, 'alignment_iterations', 0)} iterations) would then regenerate "
             f"the knowledge of every item with the aligned LLM (hours on a CPU); no aligned adapter is cached at "
             f"{adapter}. Rerun with --allow_generation (once), or give --SeRALM.alignment_iterations=0 "
@@ -221,18 +228,20 @@ def run_one(model_name: str, dataset: str, extra: list[str], report_dir, run_id:
     try:
         if record["settings_hash"] is None:
             record["settings_hash"] = settings_hash(model_name, dataset, overrides)
-        if not allow_generation:
-            forbid_generation(dataset)
-        from recbole_llm.quick_start import build
+        from recbole_llm.errors import MissingInputError
+        from recbole_llm.quick_start import build, load_config
 
+        if not allow_generation:
+            with bare_argv():
+                reason = knowledge_missing(load_config(model_name, dataset, config_dict=config_dict(overrides)))
+            if reason:
+                raise MissingInputError(reason)
         start = time.perf_counter()
         with bare_argv():
             config, model, trainer, (train, valid, test) = build(model_name, dataset, config_dict=config_dict(overrides))
         record["setup_seconds"] = time.perf_counter() - start
         record["base_model"] = base_model_of(model_name, config)
         if not allow_generation and (reason := alignment_needs_generation(trainer)):
-            from recbole_llm.errors import MissingInputError
-
             raise MissingInputError(reason)
         record["resumed"] = resume_pending(config)
         start = time.perf_counter()
@@ -611,12 +620,9 @@ def assemble(dataset: str, report_dir, results_file: Path, argv: list[str]) -> s
         "latest-small, Llama-2-7B; SeRALM: ML-1M, Llama-2-7b-chat); compare directions, not sizes. "
         "Rows measured at different times on shared cores: compare times with the load average in mind.",
     ])
-    with contextlib.ExitStack() as stack:
-        stack.callback(setattr, results_doc, "RESULTS", results_doc.RESULTS)
-        stack.callback(setattr, sys, "argv", sys.argv)
-        results_doc.RESULTS = Path(results_file)
-        sys.argv = [str(Path(__file__))] + list(argv)
-        results_doc.write_section("report", f"All models on {dataset}: quality and cost", body)
+    command_line = "python " + " ".join([os.path.relpath(Path(__file__).resolve(), ROOT)] + list(argv))
+    results_doc.write_section("report", f"All models on {dataset}: quality and cost", body,
+                              results=Path(results_file), command_line=command_line)
     return body
 
 

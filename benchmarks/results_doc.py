@@ -41,18 +41,21 @@ def command() -> str:
     return "python " + " ".join([os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
 
 
-def write_section(name: str, title: str, body: str) -> None:
-    """Replace (or append) the section ``name`` of docs/RESULTS.md."""
+def write_section(name: str, title: str, body: str, results: Path | None = None, command_line: str | None = None) -> None:
+    """Replace (or append) the section ``name`` of ``results`` (docs/RESULTS.md); its command line
+    is ``command_line`` (default: this process's)."""
+    results = Path(results) if results is not None else RESULTS
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     section = (
         f"<!-- BEGIN {name} -->\n## {title}\n\n"
-        f"- command: `{command()}`\n- machine: {machine()}\n- date: {stamp}\n\n{body.strip()}\n<!-- END {name} -->\n"
+        f"- command: `{command_line or command()}`\n- machine: {machine()}\n- date: {stamp}\n\n{body.strip()}\n"
+        f"<!-- END {name} -->\n"
     )
-    with cache_lock(RESULTS):  # benchmarks running side by side each rewrite their own section
-        text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    with cache_lock(results):  # benchmarks running side by side each rewrite their own section
+        text = results.read_text() if results.exists() else HEADER
         pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->\n", re.S)
         text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-        with atomic_target(RESULTS) as tmp:
+        with atomic_target(results) as tmp:
             tmp.write_text(text)
 
 

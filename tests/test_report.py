@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -108,10 +109,37 @@ def test_seralm_alignment_that_would_regenerate_knowledge_is_refused(tmp_path, r
     assert report.alignment_needs_generation(FakeTrainer(alignment_iterations=20, llm_adapter="dir")) is None
     reason = report.alignment_needs_generation(FakeTrainer(alignment_iterations=20))
     assert "--allow_generation" in reason and "alignment_iterations=0" in reason
-    (tmp_path / "aligned-SASRec-x").mkdir()
-    (tmp_path / "aligned-SASRec-x" / "adapter_config.json").write_text("{}")
-    assert report.alignment_needs_generation(FakeTrainer(alignment_iterations=20)) is None
+    adapter = tmp_path / "aligned-SASRec-x"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    from safetensors.torch import save_file
+
+    save_file({"q.lora_A.weight": torch.ones(2, 2), "q.lora_B.weight": torch.ones(2, 2)},
+              str(adapter / "adapter_model.safetensors"))
+    settings = {"alignment_iterations": 20, "data_path": str(tmp_path / "data"), "dataset": "tiny"}
+    reason = report.alignment_needs_generation(FakeTrainer(**settings))  # cached adapter, its knowledge not
+    assert "is cached but the knowledge it generates is not" in reason and "--allow_generation" in reason
+    from recbole_llm.knowledge.generation import adapter_dir_fingerprint, knowledge_cache_for
+
+    final = knowledge_cache_for(settings, "tiny", adapter_dir_fingerprint(adapter)).final
+    final.parent.mkdir(parents=True)
+    final.write_text("{}\n")
+    assert report.alignment_needs_generation(FakeTrainer(**settings)) is None
     assert report.alignment_needs_generation(object()) is None  # not SeRALM's trainer
+
+
+def test_seralm_without_its_knowledge_cache_is_refused_before_it_is_built(tmp_path, report):
+    from recbole_llm.knowledge.generation import knowledge_cache_for
+
+    settings = {"model": "SeRALM", "dataset": "tiny", "data_path": str(tmp_path / "data")}
+    assert "python -m recbole_llm.knowledge.generation --dataset tiny" in report.knowledge_missing(settings)
+    final = knowledge_cache_for(settings, "tiny", None).final
+    final.parent.mkdir(parents=True)
+    final.write_text("{}\n")
+    assert report.knowledge_missing(settings) is None
+    final.with_name(final.stem + ".part-0of1.jsonl").write_text("{}\n")  # an unfinished generation
+    assert report.knowledge_missing(settings) is not None
+    assert report.knowledge_missing({"model": "SASRec"}) is None
 
 
 def test_seralm_section_grows_one_base_model_at_a_time(monkeypatch):
@@ -206,3 +234,4 @@ def test_report_has_a_slice_table_and_a_chart_per_slice(tmp_path, report):
     assert "| training interactions | 0-4 | 5-9 |" in table
     png = results.parent / "report-tiny-slices.png"
     assert "](report-tiny-slices.png)" in body and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+

@@ -7,7 +7,8 @@ each model in turn, prints one comparison table and writes it to
 ``<checkpoint_dir>/comparison-<dataset>-<time>.{csv,json}``; when a later model fails, the
 table of the models that finished is written before the error. Any other ``--key=value``
 is a RecBole config override, exactly as with ``run_recbole.py`` (``--key value``, which
-RecBole would ignore, is refused).
+RecBole would ignore, is refused). ``--settings MODEL`` prints a model's settings with their
+defaults and comments; ``--help`` lists the models and where the property files are.
 """
 from __future__ import annotations
 
@@ -20,9 +21,40 @@ from recbole_llm.errors import InputError
 from recbole_llm.quick_start import comparison_table, load_config, preflight, run
 
 
+def epilog() -> str:
+    """What ``--help`` says after the flags: the models, how settings are given, where the defaults are."""
+    import textwrap
+
+    from recbole_llm import registry
+    from recbole_llm.config import properties_dir
+    from recbole_llm.settings import RECBOLE_PROPERTIES
+
+    def wrapped(names):
+        return textwrap.fill(", ".join(names), width=88, initial_indent="    ", subsequent_indent="    ")
+
+    return "\n".join([
+        "models (--model=NAME, or several: --model=LRURec,SASRec):",
+        "  recbole-llm:", wrapped(registry.our_models()),
+        "  RecBole sequential models (any other RecBole model name works too):",
+        wrapped(registry.recbole_sequential_models()),
+        "",
+        "settings: any other --key=value is a RecBole or model setting, above the property files; e.g.",
+        "    recbole-llm --model=SASRec --epochs=4 --train_batch_size=512     (RecBole settings)",
+        "    recbole-llm --model=LlamaRec --candidate_k=10 --eval_slices=True   (a LlamaRec and a recbole-llm setting)",
+        "  or put them in a YAML file: --config_files=my.yaml",
+        f"  defaults: {properties_dir()}/overall.yaml, dataset/<dataset>.yaml, model/<Model>.yaml",
+        f"  (over RecBole's own in {RECBOLE_PROPERTIES})",
+        "  a model's settings with their defaults and comments: recbole-llm --settings LlamaRec",
+    ])
+
+
 def parse_args(argv=None):
     """Our flags, and the rest (RecBole's ``--key=value`` overrides)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description="Train and evaluate recbole-llm models and RecBole's models, with "
+                                     "the flags of RecBole's run_recbole.py.", allow_abbrev=False, epilog=epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", metavar="MODEL", default=None,
+                        help="print MODEL's settings on --dataset with their defaults and comments, and exit")
     parser.add_argument("--model", "-m", type=str, default="LlamaRec", help="name, or several separated by commas")
     parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="name of the dataset")
     parser.add_argument("--config_files", type=str, default=None, help="config files, separated by spaces")
@@ -45,6 +77,11 @@ def main(argv=None):
 
 def _main(argv=None):
     args, overrides = parse_args(argv)
+    if args.settings:
+        from recbole_llm.settings import describe
+
+        print(describe(args.settings, args.dataset))
+        return None
     checks.check_command_line(overrides)
     config_files = args.config_files.strip().split() if args.config_files else None
     models = [m.strip() for m in args.model.split(",") if m.strip()]

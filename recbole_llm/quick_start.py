@@ -19,7 +19,7 @@ from pathlib import Path
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
-from recbole_llm import checks, compat, distributed, registry
+from recbole_llm import checks, compat, distributed, registry, settings
 from recbole_llm.config import load_config, preflight, properties_dir, property_files  # noqa: F401 - public API
 from recbole_llm.data.datasets import drop_exact_duplicates
 from recbole_llm.errors import InputError
@@ -54,6 +54,9 @@ def build(model, dataset, config_file_list=None, config_dict=None):
     logger = getLogger()
     compat.note_device(config, logger)
     logger.info(sys.argv)
+    changes = settings.changed_settings(config, config_file_list, config_dict, stream=sys.stderr)
+    if changes:  # once per run, before RecBole's full list
+        logger.info("settings changed from their defaults:\n  " + "\n  ".join(changes))
     logger.info(config)
 
     dataset = checks.filtered_dataset(config, create_dataset)

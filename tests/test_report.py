@@ -97,17 +97,29 @@ def test_paper_gains_match_the_papers(report):
     assert "E4SRec" in report.NO_PAPER_GAIN and "Laser" in report.NO_PAPER_GAIN
 
 
-def test_seralm_alignment_that_would_regenerate_knowledge_is_refused(tmp_path, report):
+def _seralm_config(tiny_data, **settings):
+    from recbole_llm.quick_start import load_config
+
+    name, overrides = tiny_data
+    config = load_config("SeRALM", name, config_dict=overrides)
+    for key, value in settings.items():
+        config[key] = value
+    return config
+
+
+def test_seralm_alignment_that_would_regenerate_knowledge_is_refused(tiny_data, tmp_path, report):
     class FakeTrainer:
-        def __init__(self, **config):
+        def __init__(self, config):
             self.config = config
 
         def alignment_dir(self):
             return tmp_path / "aligned-SASRec-x"
 
-    assert report.alignment_needs_generation(FakeTrainer(alignment_iterations=0)) is None
-    assert report.alignment_needs_generation(FakeTrainer(alignment_iterations=20, llm_adapter="dir")) is None
-    reason = report.alignment_needs_generation(FakeTrainer(alignment_iterations=20))
+    assert report.alignment_needs_generation(FakeTrainer(_seralm_config(tiny_data, alignment_iterations=0))) is None
+    config = _seralm_config(tiny_data, alignment_iterations=20, llm_adapter="dir")
+    assert report.alignment_needs_generation(FakeTrainer(config)) is None
+    config = _seralm_config(tiny_data, alignment_iterations=20)
+    reason = report.alignment_needs_generation(FakeTrainer(config))
     assert "--allow_generation" in reason and "alignment_iterations=0" in reason
     adapter = tmp_path / "aligned-SASRec-x"
     adapter.mkdir()
@@ -116,29 +128,28 @@ def test_seralm_alignment_that_would_regenerate_knowledge_is_refused(tmp_path, r
 
     save_file({"q.lora_A.weight": torch.ones(2, 2), "q.lora_B.weight": torch.ones(2, 2)},
               str(adapter / "adapter_model.safetensors"))
-    settings = {"alignment_iterations": 20, "data_path": str(tmp_path / "data"), "dataset": "tiny"}
-    reason = report.alignment_needs_generation(FakeTrainer(**settings))  # cached adapter, its knowledge not
+    reason = report.alignment_needs_generation(FakeTrainer(config))  # cached adapter, its knowledge not
     assert "is cached but the knowledge it generates is not" in reason and "--allow_generation" in reason
     from recbole_llm.knowledge.generation import adapter_dir_fingerprint, knowledge_cache_for
 
-    final = knowledge_cache_for(settings, "tiny", adapter_dir_fingerprint(adapter)).final
-    final.parent.mkdir(parents=True)
+    final = knowledge_cache_for(config, config["dataset"], adapter_dir_fingerprint(adapter)).final
+    final.parent.mkdir(parents=True, exist_ok=True)
     final.write_text("{}\n")
-    assert report.alignment_needs_generation(FakeTrainer(**settings)) is None
+    assert report.alignment_needs_generation(FakeTrainer(config)) is None
     assert report.alignment_needs_generation(object()) is None  # not SeRALM's trainer
 
 
-def test_seralm_without_its_knowledge_cache_is_refused_before_it_is_built(tmp_path, report):
+def test_seralm_without_its_knowledge_cache_is_refused_before_it_is_built(tiny_data, report):
     from recbole_llm.knowledge.generation import knowledge_cache_for
 
-    settings = {"model": "SeRALM", "dataset": "tiny", "data_path": str(tmp_path / "data")}
-    assert "python -m recbole_llm.knowledge.generation --dataset tiny" in report.knowledge_missing(settings)
-    final = knowledge_cache_for(settings, "tiny", None).final
-    final.parent.mkdir(parents=True)
+    config = _seralm_config(tiny_data)
+    assert "python -m recbole_llm.knowledge.generation --dataset tiny" in report.knowledge_missing(config)
+    final = knowledge_cache_for(config, "tiny", None).final
+    final.parent.mkdir(parents=True, exist_ok=True)
     final.write_text("{}\n")
-    assert report.knowledge_missing(settings) is None
+    assert report.knowledge_missing(config) is None
     final.with_name(final.stem + ".part-0of1.jsonl").write_text("{}\n")  # an unfinished generation
-    assert report.knowledge_missing(settings) is not None
+    assert report.knowledge_missing(config) is not None
     assert report.knowledge_missing({"model": "SASRec"}) is None
 
 

@@ -246,3 +246,31 @@ def test_report_has_a_slice_table_and_a_chart_per_slice(tmp_path, report):
     png = results.parent / "report-tiny-slices.png"
     assert "](report-tiny-slices.png)" in body and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+def test_slices_benchmark_compares_a_checkpoint_with_its_base(tiny_data, tmp_path, monkeypatch):
+    """benchmarks/slices.py on checkpoints of a tiny run: LRURec vs SASRec by slice; the pairs
+    without a checkpoint are listed with the command that makes one."""
+    from recbole_llm.quick_start import run_recbole_llm
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import slices
+
+    name, overrides = tiny_data
+    tests = {model: run_recbole_llm(model, name, config_dict={**overrides, "epochs": 1})["test_result"]
+             for model in ("SASRec", "LRURec")}
+    results = tmp_path / "docs" / "RESULTS.md"
+    assert slices.main(["--saved", overrides["checkpoint_dir"], "--dataset", name, "--models", "LRURec",
+                        "--data_path", overrides["data_path"], "--records", str(tmp_path / "records"),
+                        "--results_file", str(results)]) == 0
+    record = json.loads((tmp_path / "records" / "LRURec.json").read_text())
+    assert record["slices"]["LRURec"]["all"]["users"] == record["slices"]["base"]["all"]["users"] == 40
+    assert Path(record["base_checkpoint"]).name.startswith("SASRec-")
+    # the saved checkpoints give the runs' own test metrics, each from its own checkpoint
+    assert record["slices"]["LRURec"]["all"]["ndcg@10"] == tests["LRURec"]["ndcg@10"]
+    assert record["slices"]["base"]["all"]["ndcg@10"] == tests["SASRec"]["ndcg@10"]
+    text = results.read_text().split("<!-- BEGIN slices -->")[1]
+    table = text.split("### LRURec vs SASRec")[1].split("###")[0]
+    for row in ("| all | 40 |", "| popularity cold |", "| history long |"):
+        assert row in table
+    assert f"| {record['slices']['LRURec']['all']['ndcg@10']:.4f} ± " in table
+    assert "Laser vs SASRec (its stage 1): not measured yet" in text and "python benchmarks/laser.py" in text

@@ -7,10 +7,9 @@ generation generates. Scores, losses and heads stay float32 whatever the LLM's d
 tests let bitsandbytes' CPU backend quantise (``four_bit_available`` patched to yes). If bitsandbytes
 is missing, or one of its ops fails on this CPU, the test skips with that exact failure.
 
-Breakages each test was checked against (all caught): 4-bit quantisation dropped from
-``load_causal_lm`` (the LLM has no Linear4bit); ``to_llm`` returning its input unchanged (bf16 E4SRec
-and Laser: dtype error in the LLM); ``from_llm`` returning its input unchanged (scores not float32);
-``load_llm`` not passing ``load_in_4bit`` or ``llm_dtype`` (no Linear4bit / float32 weights).
+Breakages checked by hand (caught): ``to_llm`` returning its input unchanged (bf16 E4SRec and Laser:
+dtype error in the LLM); ``from_llm`` returning its input unchanged (bf16 LlamaRec and Laser: dtype error
+in the float32 heads).
 """
 import contextlib
 import importlib.metadata

@@ -70,6 +70,7 @@ from recbole_llm.llm.batching import forward_shared_prefix, left_align
 from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
 from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import pretrained_id_model
+from recbole_llm.model.scoring import check_chunk, chunked_scores
 from recbole_llm.errors import InputError
 
 
@@ -148,6 +149,7 @@ class E4SRec(PluggableMixin, SequentialRecommender):
             self.score = nn.Linear(self.llm_hidden, self.n_items, bias=False)
         elif self.score_head != "tied":
             raise InputError(f"score_head must be 'linear' (the authors' head) or 'tied'; got {self.score_head!r}")
+        self.score_chunk_items = check_chunk(config["score_chunk_items"])
         self.loss_fct = nn.CrossEntropyLoss()
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
@@ -205,5 +207,7 @@ class E4SRec(PluggableMixin, SequentialRecommender):
         """[B, n_items] from the users' last hidden states: the linear head, or (``tied``) the
         dot product with every item's projected input embedding."""
         if self.score_head == "tied":
-            return user @ self.input_proj(self.item_embedding.weight).t()
-        return self.score(user)
+            rows = lambda start, end: self.input_proj(self.item_embedding.weight[start:end])  # noqa: E731
+        else:
+            rows = lambda start, end: self.score.weight[start:end]  # noqa: E731
+        return chunked_scores(user, rows, self.n_items, self.score_chunk_items)

@@ -95,6 +95,7 @@ from recbole_llm.llm.backbone import from_llm, keep_first_layers, load_llm, set_
 from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
 from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import pretrained_id_model
+from recbole_llm.model.scoring import check_chunk, chunked_scores
 from recbole_llm.errors import InputError
 
 HISTORY_SEPARATOR = ";"
@@ -280,6 +281,7 @@ class Laser(PluggableMixin, SequentialRecommender):
             self.text_projection = nn.Linear(llm_hidden, id_hidden, bias=False)
             if self.item_repr == "both":
                 nn.init.zeros_(self.text_projection.weight)
+        self.score_chunk_items = check_chunk(config["score_chunk_items"])
         self.loss_fct = nn.CrossEntropyLoss()
         self.to(config["device"])
 
@@ -362,12 +364,13 @@ class Laser(PluggableMixin, SequentialRecommender):
             user = id_user + self.output_gate * user
         return user, weights, balance
 
-    def item_representations(self):
-        """[n_items, d]: what user vectors are scored against (see ``item_repr``)."""
+    def item_representations(self, start: int = 0, end: int | None = None):
+        """[n_items, d] (items ``start..end-1``): what user vectors are scored against (see ``item_repr``)."""
+        ids = self.id_model.item_embedding.weight[start:end]
         if self.item_repr == "id":
-            return self.id_model.item_embedding.weight
-        text = self.text_projection(self.item_text_vectors)
-        return text if self.item_repr == "text" else self.id_model.item_embedding.weight + text
+            return ids
+        text = self.text_projection(self.item_text_vectors[start:end])
+        return text if self.item_repr == "text" else ids + text
 
     # ----------------------------------------------------------------- RecBole contract
     def item_side_parameters(self) -> list[nn.Parameter]:
@@ -408,7 +411,7 @@ class Laser(PluggableMixin, SequentialRecommender):
 
     def full_sort_predict(self, interaction):
         user, _, _ = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return user @ self.item_representations().t()
+        return chunked_scores(user, self.item_representations, self.n_items, self.score_chunk_items)
 
     def predict(self, interaction):
         scores = self.full_sort_predict(interaction)

@@ -8,10 +8,12 @@ item, batch by batch, for this rank's share of the items (``internal id % world_
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import torch
 
+from recbole_llm.cache_io import cache_lock
 from recbole_llm.knowledge.identity import item_prompt_hash
 from recbole_llm.knowledge.prompts import KNOWLEDGE_PROMPT, build_prompt, parse_knowledge
 from recbole_llm.knowledge.store import KnowledgeCache
@@ -97,7 +99,7 @@ def generate_knowledge(generator: KnowledgeGenerator, items: Sequence[tuple[int,
     todo = [(i, t, f) for i, t, f in todo if f]
     if done:
         logger.info(f"knowledge cache {cache.final.name}: {len(done & set(prompt_hash))} of {len(items)} items done")
-    fallbacks = 0
+    fallbacks, start = 0, time.perf_counter()
     if empty or todo:
         with cache.open_part(rank, world_size) as handle:
             if empty:
@@ -119,15 +121,26 @@ def generate_knowledge(generator: KnowledgeGenerator, items: Sequence[tuple[int,
                 cache.append(handle, new)
                 records.update({r["token"]: r for r in new})
     if todo:
-        logger.info(f"generated knowledge for {len(todo)} items; {fallbacks} answer(s) were not clean JSON "
-                    "(fallback text used)")
+        seconds = time.perf_counter() - start
+        logger.info(f"generated knowledge for {len(todo)} items in {seconds:.1f} s ({len(todo) / seconds:.2f} items/s, "
+                    f"rank {rank} of {world_size}); {fallbacks} answer(s) were not clean JSON (fallback text used)")
+    if world_size > 1:  # the other ranks' shards as they are now, under a lock: the last rank to finish merges
+        with cache_lock(cache.final, logger):
+            records = {**records, **cache.load()}
+            _finalize_if_complete(cache, records, prompt_hash, logger)
+    else:
+        _finalize_if_complete(cache, records, prompt_hash, logger)
+    return records
+
+
+def _finalize_if_complete(cache: KnowledgeCache, records: dict, prompt_hash: dict, logger) -> None:
+    """Merge into the final file (temp file + rename) once every item has a current record."""
     complete = all(records.get(t, {}).get("prompt_hash") == h for t, h in prompt_hash.items())
     if complete and (cache.parts() or cache.corrupt_lines or not cache.final.is_file()):
         stats = {"fallbacks": sum(bool(r.get("fallback")) for r in records.values()),
                  "empty": sum(bool(r.get("empty")) for r in records.values())}
         cache.finalize(records, stats)
         logger.info(f"knowledge cache written: {cache.final} ({len(records)} items, {stats['fallbacks']} fallbacks)")
-    return records
 
 
 def _progress(iterable, show, desc):

@@ -168,7 +168,7 @@ def tensor_bytes(model) -> int:
 
 def measure(model_name: str, dataset, base: dict, args, workdir: Path) -> dict:
     import torch
-    from recbole.data import data_preparation
+    from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed
 
     from recbole_llm import load_config, registry
@@ -177,7 +177,7 @@ def measure(model_name: str, dataset, base: dict, args, workdir: Path) -> dict:
     with bare_argv():
         config = load_config(model_name, dataset.dataset_name, config_dict=settings)
     init_seed(config["seed"], config["reproducibility"])
-    train, _, test = data_preparation(config, dataset)  # the atomic files are loaded once per cell
+    train, _, test = data_preparation(config, create_dataset(config))  # (a dataset is split only once)
     if model_name in STAGE1:
         name_key, checkpoint_key, overrides_key = STAGE1[model_name]
         overrides = dict(config[overrides_key] or {})
@@ -344,7 +344,7 @@ def main(argv=None) -> list[dict]:
         for n_users in [int(u) for u in args.users.split(",")]:
             for n_items in [int(i) for i in args.items.split(",")]:
                 dataset_name = write_dataset(workdir / "data", n_items, n_users, args.history)
-                dataset = load_dataset(dataset_name, base)
+                dataset = load_dataset(dataset_name, base)  # its name and a check that the files load
                 for model_name in args.models.split(","):
                     start = time.perf_counter()
                     try:

@@ -287,7 +287,7 @@ def test_scoring_paper_uses_the_mapped_suffix_output_alone_and_residual_adds_it_
     """scoring paper: the user embedding is the mapped suffix output alone (the paper's), scored by dot product
     with the item representations; residual: SASRec's user vector + gate x that output.
 
-    Caught: the SASRec user vector added in paper scoring; the gate left out of residual scoring."""
+    Caught: the SASRec user vector added in paper scoring; a zero gate in residual scoring."""
     _, model, _, _, test = _setup(tiny_data, tiny_llama_dir, scoring=scoring, output_gate_init=0.3)
     assert hasattr(model, "output_gate") == (scoring == "residual")
     interaction = first_batch(test)
@@ -311,8 +311,8 @@ def test_two_phases_item_side_on_all_rows_without_the_llm_then_the_rest_with_the
     """Phase 1 trains only the title projection, on every training row, with no LLM pass; its validation result
     becomes the best so far; phase 2 trains the LLM side with the title projection held (item_side_lr_scale 0).
 
-    Caught: phase 1 training the other parameters too; phase 1 calling the LLM; phase 1 on a share of the rows;
-    the item side not held in phase 2; no validation after phase 1."""
+    Caught: phase 1 on a share of the rows; the item side not held in phase 2 (the groups' lr_scale ignored).
+    (Handing phase 1's optimizer every parameter is not a breakage: its loss reaches only the item side.)"""
     from recbole_llm.registry import get_trainer
     from recbole_llm.trainer.laser import LaserTrainer
 

@@ -118,7 +118,8 @@ def train_steps(model, train, steps: int, learning_rate: float, device) -> int:
         for interaction in train:
             interaction = interaction.to(device)
             optimizer.zero_grad(set_to_none=True)
-            model.calculate_loss(interaction).backward()
+            loss = model.calculate_loss(interaction)
+            (sum(loss) if isinstance(loss, tuple) else loss).backward()  # a tuple of losses: RecBole sums them
             optimizer.step()
             rows, done = rows + len(interaction), done + 1
             if done == steps:

@@ -199,7 +199,8 @@ def measure(model_name: str, dataset, base: dict, args, workdir: Path) -> dict:
             interaction = next(batches)
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            model.calculate_loss(interaction).backward()
+            loss = model.calculate_loss(interaction)
+            (sum(loss) if isinstance(loss, tuple) else loss).backward()  # a tuple of losses: RecBole sums them
             optimizer.step()
             if step:
                 seconds += time.perf_counter() - start

@@ -55,6 +55,15 @@ ABLATIONS = {
 }
 
 
+def llm_depth(config) -> int:
+    """Decoder layers of the configured LLM before ``llm_layers`` cut them (from its config.json)."""
+    from transformers import AutoConfig
+
+    from recbole_llm.llm.backbone import resolve_llm_path
+
+    return AutoConfig.from_pretrained(resolve_llm_path(config["llm_path"])).num_hidden_layers
+
+
 def run_laser(dataset_name, overrides, fit_validation=True):
     """Train and test one Laser; returns (test result, stats, model, config, test data)."""
     config = load_config("Laser", dataset_name, config_dict=overrides)
@@ -106,7 +115,8 @@ def run_laser(dataset_name, overrides, fit_validation=True):
 
     llm_params = sum(p.numel() for p in model.llm.parameters())
     per_layer = sum(p.numel() for p in model.llm.layers[0].parameters())
-    full_llm_params = llm_params + (model.llm_full_layers - len(model.llm.layers)) * per_layer
+    full_layers = llm_depth(config)
+    full_llm_params = llm_params + (full_layers - len(model.llm.layers)) * per_layer
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     stats = {
         "build_s": build_seconds,
@@ -123,7 +133,7 @@ def run_laser(dataset_name, overrides, fit_validation=True):
         "trainable": trainable,
         "llm_params_kept": llm_params,
         "llm_params_full": full_llm_params,
-        "llm_layers": f"{len(model.llm.layers)} of {model.llm_full_layers}",
+        "llm_layers": f"{len(model.llm.layers)} of {full_layers}",
         # validation NDCG@10 after phase 1 (when it ran) and each phase-2 epoch; loss parts per batch, per epoch
         "valid": valid_scores,
         "phase_1": bool(config["item_phase_epochs"]) and bool(model.item_side_parameters()) and fit_validation,

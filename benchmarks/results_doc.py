@@ -1,14 +1,12 @@
 """Write one benchmark's section of docs/RESULTS.md (between its own markers), atomically."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -87,16 +85,10 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def write_atomically(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from recbole_llm.cache_io import atomic_target
+
+    with atomic_target(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def load_record(path: Path) -> dict | None:
@@ -110,14 +102,11 @@ def write_record(path: Path, record: dict) -> None:
     write_atomically(path, json.dumps(record, indent=2, default=float) + "\n")
 
 
-@contextlib.contextmanager
 def bare_argv():
     """RecBole's Config reads ``--key=value`` from sys.argv above config_dict: hide ours from it."""
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        yield
-    finally:
-        sys.argv = argv
+    from recbole_llm.compat import recbole_argv
+
+    return recbole_argv()
 
 
 def split_overrides(extra: list[str]) -> tuple[list[str], dict[str, list[str]]]:

@@ -9,7 +9,8 @@
   need the same artefact build it once: the second waits, then reuses the first's;
   :func:`try_lock` the same without waiting (a resume state belongs to one run at a time).
 * :func:`config_key`: the key of what a config trains (its settings and the dataset's files),
-  for stage-1 checkpoints and resume states.
+  for stage-1 checkpoints and resume states; :func:`content_key`: the content hash behind it and
+  every other cache key.
 * :func:`unique_checkpoint_name`: RecBole names checkpoints ``<model>-<time>.pth`` to the
   second; two runs started together would write the same file.
 """
@@ -132,5 +133,20 @@ def config_key(config) -> str:
     for key, value in _ADDED_LATER.items():
         if key in settings and settings[key] in (value, None):
             settings.pop(key)
-    text = json.dumps([config["model"], config["dataset"], files, settings], sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+    return content_key([config["model"], config["dataset"], files, settings], length=16)
+
+
+def content_key(*parts, length: int | None = None) -> str:
+    """The SHA-1 hex digest of ``parts`` in order, the content hash behind every cache key: bytes as
+    they are, a str as UTF-8, a tensor as its values' bytes (on the CPU), anything else as JSON with
+    sorted keys (``default=str``). ``length`` keeps that many leading hex digits."""
+    digest = hashlib.sha1()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            part = part.detach().cpu().contiguous().numpy().tobytes()
+        elif isinstance(part, str):
+            part = part.encode()
+        elif not isinstance(part, bytes):
+            part = json.dumps(part, sort_keys=True, default=str).encode()
+        digest.update(part)
+    return digest.hexdigest()[:length]

@@ -76,6 +76,7 @@ Hyper-parameter search (``recbole.trainer.hyper_tuning.HyperTuning``, used by :m
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -92,6 +93,19 @@ from recbole_llm.distributed import check_distributed_trainer, is_distributed, r
 
 _applied = False
 _device_noted = False
+
+
+@contextlib.contextmanager
+def recbole_argv(args=()):
+    """RecBole's ``Config`` reads ``--key=value`` settings from ``sys.argv``, above any
+    ``config_dict``: for the block, ``sys.argv`` holds the program name and ``args`` only (none:
+    a config built inside a run, e.g. stage 1, sees no setting of the command line)."""
+    argv = sys.argv
+    sys.argv = argv[:1] + list(args)
+    try:
+        yield
+    finally:
+        sys.argv = argv
 
 
 def _recbole_trusting_load(original):

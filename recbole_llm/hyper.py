@@ -35,6 +35,8 @@ from unittest import mock
 from recbole.trainer.hyper_tuning import HyperTuning
 
 from recbole_llm import checks, registry
+from recbole_llm.cache_io import atomic_target
+from recbole_llm.compat import recbole_argv
 from recbole_llm.errors import InputError, MissingInputError
 from recbole_llm.config import kind_problem, load_config, properties_dir
 from recbole_llm.quick_start import run_recbole_llm
@@ -66,11 +68,8 @@ class HyperTuningWithResultsFile(HyperTuning):
         return status
 
     def export_result(self, output_file=None):
-        path = Path(output_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        super().export_result(temp)
-        os.replace(temp, path)
+        with atomic_target(output_file) as tmp:
+            super().export_result(tmp)
 
 
 def find_params_file(params_file, model: str) -> Path:
@@ -184,7 +183,7 @@ def main(argv=None):
         args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         checks.check_command_line(overrides)  # RecBole ignores --key value (with a space)
         config_files = args.config_files.strip().split(" ") if args.config_files else None
-        with mock.patch.object(sys, "argv", sys.argv[:1] + overrides):  # RecBole's Config reads sys.argv
+        with recbole_argv(overrides):
             return run_hyper(args.model, args.dataset, args.params_file, config_files, algo=args.algo,
                              max_evals=args.max_evals, early_stop=args.early_stop, output_file=args.output_file)
     except InputError as error:

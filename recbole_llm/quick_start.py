@@ -20,6 +20,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_llm import checks, compat, distributed, registry, settings
+from recbole_llm.cache_io import atomic_target
 from recbole_llm.config import load_config, preflight, properties_dir, property_files  # noqa: F401 - public API
 from recbole_llm.data.datasets import drop_exact_duplicates
 from recbole_llm.errors import InputError
@@ -136,12 +137,9 @@ def _run_rank(rank, model, dataset, config_file_list, config_dict, saved, queue)
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` through :func:`recbole_llm.cache_io.atomic_target`."""
+    with atomic_target(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def overall(result: dict | None) -> dict | None:

@@ -198,3 +198,21 @@ def test_two_identical_commands_started_together_both_finish(tmp_path):
     results = [out.split("RESULT ", 1)[1] for out, _ in outputs]
     assert results[0] == results[1]
     assert len(list((tmp_path / "saved").glob("LRURec-*.pth"))) == 2
+
+
+def test_content_key_is_the_sha1_every_cache_key_was_made_with():
+    """One helper for every cache key; its bytes are those of the schemes it replaced, so caches
+    written before it stay valid (JSON with sorted keys, UTF-8 text, raw bytes, tensor values)."""
+    import hashlib
+    import json
+
+    from recbole_llm.cache_io import content_key
+
+    settings = {"b": [1, 2.5, None], "a": {"z": "é", "device": torch.device("cpu")}}
+    assert content_key(settings, length=16) == \
+        hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert content_key("prompt é", length=12) == hashlib.sha1("prompt é".encode()).hexdigest()[:12]
+    assert content_key(b"\x00\x01") == hashlib.sha1(b"\x00\x01").hexdigest()
+    tensor = torch.arange(6).view(2, 3).t()  # not contiguous: its values in row-major order
+    assert content_key("k=5", tensor) == hashlib.sha1(b"k=5" + tensor.numpy().tobytes()).hexdigest()
+    assert content_key("a", "b") == content_key("ab") != content_key("ba")

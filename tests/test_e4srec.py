@@ -203,7 +203,7 @@ def test_pluggable_round_trip_and_one_llm_for_many_models(e4srec, tiny_data, tin
 
 def test_llm_layers_keeps_the_first_layers_and_puts_lora_only_there(tiny_data, tiny_llama_dir):
     model, _, test = _build(_config(tiny_data, tiny_llama_dir, llm_layers=1))
-    assert (len(model.llm.layers), model.llm_full_layers) == (1, 2)
+    assert len(model.llm.layers) == 1  # of the tiny LLM's 2
     lora_layers = {n.split(".layers.")[1].split(".")[0] for n, p in model.named_parameters() if "lora_" in n}
     assert lora_layers == {"0"}
     assert model.full_sort_predict(first_batch(test)).shape[1] == model.n_items

@@ -572,3 +572,24 @@ def test_copied_placeholders_fall_back_to_the_items_own_fields():
     real = {"description": "A camp comedy.", "summarization": "Families with kids."}
     assert knowledge_text(real, fields=fields) == "A camp comedy. Families with kids."
     assert knowledge_text(None) == ""
+
+
+def test_generation_command_line_reads_key_value_settings_as_recbole_does(seralm_env, monkeypatch, tmp_path):
+    """``python -m recbole_llm.knowledge.generation``: --key=value reaches the config through RecBole's
+    own command-line reading (the one parser), the flags through argparse; --key value is refused."""
+    import yaml
+
+    from recbole_llm.errors import InputError
+    from recbole_llm.knowledge.cli import main
+
+    root, overrides = seralm_env
+    monkeypatch.chdir(root)
+    files = tmp_path / "tiny.yaml"
+    files.write_text(yaml.safe_dump({k: v for k, v in overrides.items() if k not in ("llm_path", "knowledge_dir")}))
+    out = tmp_path / "from_the_command_line"
+    main(["--dataset", "tiny", "--llm_path", overrides["llm_path"], "--max_new_tokens", "3",
+          "--config_files", str(files), f"--knowledge_dir={out}", "--knowledge_batch_size=64"])
+    meta = json.loads(next(out.glob("knowledge-*.meta.json")).read_text())
+    assert meta["decoding"]["max_new_tokens"] == 3 and meta["items"] > 0
+    with pytest.raises(InputError, match="--knowledge_dir"):
+        main(["--dataset", "tiny", "--config_files", str(files), "--knowledge_dir", str(out)])

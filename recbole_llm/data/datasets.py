@@ -19,13 +19,13 @@ import locale
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
 
 import recbole
 
+from recbole_llm.cache_io import atomic_target
 from recbole_llm.errors import InputError, MissingInputError, warn_once
 
 BUNDLED = {"ml-100k": Path(recbole.__file__).parent / "dataset_example" / "ml-100k"}
@@ -49,10 +49,8 @@ def provision(name: str, root: str | os.PathLike) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for suffix in ("item", "user", "inter"):
         if (source / f"{name}.{suffix}").is_file():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.{suffix}.", dir=target)
-            os.close(fd)
-            shutil.copyfile(source / f"{name}.{suffix}", tmp)
-            os.replace(tmp, target / f"{name}.{suffix}")
+            with atomic_target(target / f"{name}.{suffix}") as tmp:
+                shutil.copyfile(source / f"{name}.{suffix}", tmp)
     return target
 
 

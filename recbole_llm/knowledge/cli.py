@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from recbole_llm import checks
+from recbole_llm.compat import recbole_argv
+from recbole_llm.config import load_config
 from recbole_llm.knowledge.generation import dataset_knowledge
 
 
@@ -20,7 +23,8 @@ def main(argv=None):
     parser.add_argument("--world_size", type=int, default=1)
     parser.add_argument("--config_files", default=None, help="space-separated YAML files")
     args, rest = parser.parse_known_args(argv)
-    overrides = {k.lstrip("-"): _literal(v) for k, v in (a.split("=", 1) for a in rest if "=" in a)}
+    checks.check_command_line(rest)  # --key=value settings, read by RecBole's Config as on our main command line
+    overrides = {}
     for key, name in (("llm_path", "llm_path"), ("llm_adapter", "llm_adapter"), ("num_threads", "num_threads"),
                       ("batch_size", "knowledge_batch_size"), ("max_new_tokens", "knowledge_max_new_tokens")):
         if getattr(args, key) is not None:
@@ -30,10 +34,9 @@ def main(argv=None):
     from recbole.data import create_dataset
     from recbole.utils import init_logger
 
-    from recbole_llm.config import load_config
-
-    config = load_config("SeRALM", args.dataset, args.config_files.split() if args.config_files else None,
-                         {"use_gpu": False, **overrides})
+    with recbole_argv(rest):
+        config = load_config("SeRALM", args.dataset, args.config_files.split() if args.config_files else None,
+                             {"use_gpu": False, **overrides})
     init_logger(config)
     logger = logging.getLogger()
     dataset = create_dataset(config)
@@ -42,11 +45,3 @@ def main(argv=None):
     logger.info(f"{done} of {len(rows) - 1} items have knowledge in {cache.final if cache.final.is_file() else cache.directory}")
     print(cache.final if cache.final.is_file() else cache.part(args.rank, args.world_size))
 
-
-def _literal(value: str):
-    import ast
-
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return value

@@ -23,7 +23,6 @@ and logged.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from recbole_llm.cache_io import atomic_save, guarded_load
+from recbole_llm.cache_io import atomic_save, content_key, guarded_load
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 DEFAULT_ENCODER_ALIASES = (None, "", "default", DEFAULT_ENCODER, f"sentence-transformers/{DEFAULT_ENCODER}")
@@ -65,7 +64,7 @@ def encoder_identity(name=None) -> dict:
     if path.is_dir():
         config = path / "config.json"
         weights = sorted((f.name, f.stat().st_size) for f in path.rglob("*") if f.suffix in (".safetensors", ".bin"))
-        digest = hashlib.sha1(config.read_bytes()).hexdigest() if config.is_file() else None
+        digest = content_key(config.read_bytes()) if config.is_file() else None
         return {"encoder": path.name, "config": digest, "weights": weights}
     return {"encoder": str(name)}
 
@@ -122,7 +121,7 @@ class TextEncoder(nn.Module):
 
 
 def texts_hash(texts: Sequence[str]) -> str:
-    return hashlib.sha1(json.dumps(list(texts), ensure_ascii=False).encode()).hexdigest()
+    return content_key(json.dumps(list(texts), ensure_ascii=False))
 
 
 def cached_vectors(texts: Sequence[str], encoder_name=None, cache_dir: str | os.PathLike = "saved/knowledge",
@@ -134,8 +133,8 @@ def cached_vectors(texts: Sequence[str], encoder_name=None, cache_dir: str | os.
     returning one, called only on a cache miss) is used when given.
     """
     logger = logger or logging.getLogger("recbole_llm")
-    key = hashlib.sha1((texts_hash(texts) + json.dumps(encoder_identity(encoder_name), sort_keys=True)).encode())
-    path = Path(cache_dir) / f"vectors-{key.hexdigest()[:16]}.pt"
+    key = content_key(texts_hash(texts), json.dumps(encoder_identity(encoder_name), sort_keys=True), length=16)
+    path = Path(cache_dir) / f"vectors-{key}.pt"
     vectors = guarded_load(path, lambda p: torch.load(p, map_location="cpu", weights_only=True), "knowledge vectors",
                            logger)
     if vectors is not None and vectors.shape[0] == len(texts):

@@ -9,23 +9,16 @@ field mapping and the decoding settings. Each record also holds a hash of its ow
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
 import torch
 
+from recbole_llm.cache_io import content_key
 from recbole_llm.errors import MissingInputError
 from recbole_llm.knowledge.prompts import KNOWLEDGE_PROMPT, build_prompt
 
 FORMAT_VERSION = 1
-
-
-def _sha1(data) -> str:
-    if not isinstance(data, bytes):
-        data = json.dumps(data, sort_keys=True, default=str).encode()
-    return hashlib.sha1(data).hexdigest()
 
 
 def llm_identity(llm_path) -> dict:
@@ -39,7 +32,7 @@ def llm_identity(llm_path) -> dict:
     if path.is_dir():
         config = path / "config.json"
         weights = sorted((f.name, f.stat().st_size) for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
-        return {"llm": path.name, "config": _sha1(config.read_bytes()) if config.is_file() else None, "weights": weights}
+        return {"llm": path.name, "config": content_key(config.read_bytes()) if config.is_file() else None, "weights": weights}
     return {"llm": str(llm_path)}
 
 
@@ -68,22 +61,18 @@ def _state_fingerprint(state: dict) -> str | None:
     state = {name.replace(".default", ""): tensor for name, tensor in state.items()}
     if not state or all(not t.any() for name, t in state.items() if "lora_B" in name):
         return None
-    digest = hashlib.sha1()
-    for name in sorted(state):
-        digest.update(name.encode())
-        digest.update(state[name].float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return content_key(*(part for name in sorted(state) for part in (name, state[name].float())), length=16)
 
 
 def cache_key(dataset_name: str, llm: dict, adapter: str | None, template: str, field_map: dict,
               use_chat_template: bool, decoding: dict) -> str:
     """The knowledge cache key (see the module docstring)."""
-    return _sha1({
+    return content_key({
         "format": FORMAT_VERSION, "dataset": dataset_name, "llm": llm, "adapter": adapter, "template": template,
         "fields": field_map, "chat": bool(use_chat_template), "decoding": decoding,
-    })[:16]
+    }, length=16)
 
 
 def item_prompt_hash(fields: dict, template: str = KNOWLEDGE_PROMPT) -> str:
     """Hash of one item's prompt (before the chat frame, which the cache key covers)."""
-    return _sha1(build_prompt(fields, template).encode())[:12] if fields else "empty"
+    return content_key(build_prompt(fields, template), length=12) if fields else "empty"

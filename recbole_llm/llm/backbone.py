@@ -132,13 +132,20 @@ def load_causal_lm(
     return model, tokenizer
 
 
-def load_llm(config, logger=None):
-    """:func:`load_causal_lm` for a model's RecBole ``config``: the one place that reads the LLM
-    settings (``llm_path``, ``llm_dtype``, ``load_in_4bit``, ``gradient_checkpointing``,
-    ``num_threads``) and the device, for every model, knowledge generation and alignment."""
+def load_llm(config, logger=None, *, lora=None, adapter=None, trainable=False, n_layers=None):
+    """The config's LLM for training or generation, the one way every model, knowledge generation
+    and alignment gets it: the one place that reads the LLM settings (``llm_path``,
+    ``llm_dtype``, ``load_in_4bit``, ``gradient_checkpointing``, ``num_threads``) and the device.
+
+    Loads the LLM with :func:`load_causal_lm`, keeps its first ``n_layers`` decoder layers
+    (:func:`keep_first_layers`) and freezes every weight; then wraps it in the saved PEFT
+    ``adapter`` folder (its weights train when ``trainable``) or in a fresh LoRA made by
+    :func:`apply_lora` with the keyword arguments ``lora`` (from the caller's ``lora_*``
+    settings). Returns ``(model, tokenizer)``.
+    """
     set_num_threads(config["num_threads"])
     device = str(config["device"]) if "device" in config and config["device"] is not None else "cpu"
-    return load_causal_lm(
+    model, tokenizer = load_causal_lm(
         config["llm_path"],
         dtype=config["llm_dtype"] or "auto",
         device=device,
@@ -146,6 +153,15 @@ def load_llm(config, logger=None):
         gradient_checkpointing=bool(config["gradient_checkpointing"]),
         logger=logger,
     )
+    keep_first_layers(model.get_decoder(), n_layers)
+    model.requires_grad_(False)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    elif lora:
+        model = apply_lora(model, **lora)
+    return model, tokenizer
 
 
 def llm_input_dtype(llm) -> torch.dtype:

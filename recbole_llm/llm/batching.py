@@ -2,7 +2,8 @@
 
 * :func:`left_align`: RecBole's right-padded item sequences moved to the right end (left padding).
 * :func:`left_pad`: token sequences of different lengths, padded on the left with explicit
-  position ids (real tokens at 0, 1, ...), so a padded row scores as it would alone.
+  position ids (real tokens at 0, 1, ...; :func:`position_ids`), so a padded row scores as it
+  would alone.
 * :func:`forward_shared_prefix`: rows that start with the same prefix (an instruction) run it
   once, at batch size 1 and with gradients where the model has them; its keys and values are
   repeated for every row, and each row's own tokens follow at positions counted over its real
@@ -29,7 +30,13 @@ def left_pad(sequences: list[list[int]], pad_id: int, device=None):
     width = max(len(s) for s in sequences)
     input_ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences], device=device)
     attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
-    return input_ids, attention, (attention.cumsum(1) - 1).clamp(min=0)
+    return input_ids, attention, position_ids(attention)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over the real tokens of each row (0, 1, ...; padding gets 0), so a
+    left-padded row is seen at the positions it would have alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def common_prefix_length(sequences: list[list[int]]) -> int:

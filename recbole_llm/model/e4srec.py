@@ -65,7 +65,7 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
-from recbole_llm.llm.backbone import apply_lora, from_llm, keep_first_layers, load_llm, set_num_threads, to_llm
+from recbole_llm.llm.backbone import from_llm, load_llm, to_llm
 from recbole_llm.llm.batching import forward_shared_prefix, left_align
 from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
 from recbole_llm.model.objectives import check_loss_type
@@ -81,22 +81,15 @@ class E4SRec(PluggableMixin, SequentialRecommender):
         super().__init__(config, dataset)
         check_loss_type(config, "E4SRec", ("CE",))  # before stage 1 trains
         logger = getLogger()
-        set_num_threads(config["num_threads"])
         self.rows_fraction = rows_fraction(config["train_rows_per_epoch"], len(dataset))
         gradient_checkpointing = bool(config["gradient_checkpointing"])
         self.share_instruction_prefix = bool(config["share_instruction_prefix"]) and not gradient_checkpointing
 
         # The LLM: frozen body without the LM head, LoRA on the MLP projections (fail fast on bad targets).
-        causal_lm, tokenizer = load_llm(config, logger)
-        self.llm_full_layers = keep_first_layers(causal_lm.get_decoder(), config["llm_layers"])
-        for param in causal_lm.parameters():
-            param.requires_grad_(False)
-        peft_model = apply_lora(
-            causal_lm,
-            r=config["lora_r"],
-            alpha=config["lora_alpha"],
-            dropout=config["lora_dropout"],
-            target_modules=config["lora_target_modules"],
+        peft_model, tokenizer = load_llm(
+            config, logger, n_layers=config["llm_layers"],
+            lora={"r": config["lora_r"], "alpha": config["lora_alpha"], "dropout": config["lora_dropout"],
+                  "target_modules": config["lora_target_modules"]},
         )
         causal_lm = peft_model.get_base_model()
         self.llm = causal_lm.get_decoder()  # the body: LoRA layers are injected in place

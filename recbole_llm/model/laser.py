@@ -91,7 +91,8 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from recbole_llm.data.item_text import item_texts
-from recbole_llm.llm.backbone import from_llm, keep_first_layers, load_llm, set_num_threads, to_llm
+from recbole_llm.llm.backbone import from_llm, load_llm, set_num_threads, to_llm
+from recbole_llm.llm.batching import left_pad, position_ids
 from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
 from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import pretrained_id_model
@@ -237,10 +238,8 @@ class Laser(PluggableMixin, SequentialRecommender):
         id_hidden = self.id_model.item_embedding.embedding_dim
 
         # The frozen LLM (decoder only: its LM head is never used).
-        llm, tokenizer = load_llm(config, logger)
+        llm, tokenizer = load_llm(config, logger, n_layers=config["llm_layers"])
         decoder = llm.get_decoder()
-        self.llm_full_layers = keep_first_layers(decoder, config["llm_layers"])  # depth before the cut
-        decoder.requires_grad_(False)
         decoder.eval()
         self.llm = decoder
         llm_hidden = decoder.config.hidden_size
@@ -294,24 +293,14 @@ class Laser(PluggableMixin, SequentialRecommender):
         titles = self.prompt.titles
         for start in range(0, len(titles), batch_size):
             ids = [titles[i] or [self.pad_token_id] for i in range(start, min(start + batch_size, len(titles)))]
-            input_ids, mask = self._left_pad(ids, device)
-            hidden = self.llm(input_ids=input_ids, attention_mask=mask,
-                              position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False).last_hidden_state
+            input_ids, mask, positions = left_pad(ids, self.pad_token_id, device)
+            hidden = self.llm(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                              use_cache=False).last_hidden_state
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             vectors.append(normalise(from_llm((hidden * weights).sum(1) / weights.sum(1))))
         vectors = torch.cat(vectors)
         vectors[0] = 0.0  # padding item
         return vectors
-
-    def _left_pad(self, sequences, device):
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            if seq:
-                ids[row, width - len(seq):] = torch.tensor(seq)
-                mask[row, width - len(seq):] = 1
-        return ids.to(device), mask.to(device)
 
     def train(self, mode: bool = True):
         """Train the pluggable part; the frozen LLM and ID model stay in eval mode (no dropout)."""
@@ -338,7 +327,7 @@ class Laser(PluggableMixin, SequentialRecommender):
         encodings, padding, id_user = self.id_encodings(item_seq, item_seq_len)
         device = item_seq.device
         histories = [row[:length].tolist() for row, length in zip(item_seq.cpu(), item_seq_len.cpu().tolist())]
-        text_ids, text_mask = self._left_pad([self.prompt.ids(h) for h in histories], device)
+        text_ids, text_mask, _ = left_pad([self.prompt.ids(h) for h in histories], self.pad_token_id, device)
         embed = self.llm.get_input_embeddings()
         parts, masks = [], []
         weights, balance = None, encodings.new_zeros(())
@@ -353,8 +342,8 @@ class Laser(PluggableMixin, SequentialRecommender):
             parts.append(to_llm(self.suffix, self.llm).unsqueeze(0).expand(batch, -1, -1))
             masks.append(text_mask.new_ones(batch, self.n_suffix))
         inputs, mask = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
-        hidden = self.llm(inputs_embeds=inputs, attention_mask=mask,
-                          position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False).last_hidden_state
+        hidden = self.llm(inputs_embeds=inputs, attention_mask=mask, position_ids=position_ids(mask),
+                          use_cache=False).last_hidden_state
         if self.n_suffix and self.suffix_pooling == "mean":
             pooled = hidden[:, -self.n_suffix:].mean(1)
         else:

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from recbole_llm.cache_io import atomic_target
 from recbole_llm.data.item_text import item_texts
-from recbole_llm.llm.backbone import apply_lora, from_llm, load_llm
+from recbole_llm.llm.backbone import from_llm, load_llm
 from recbole_llm.llm.batching import common_prefix_length, forward_shared_prefix, left_pad
 from recbole_llm.llm.pluggable import PluggableMixin
 from recbole_llm.llm.prompts import ALPACA_TEMPLATE, RANKING_INSTRUCTION, RankingPrompt, truncate_texts
@@ -100,16 +100,11 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
             config, dataset, config["retriever"], checkpoint=config["retriever_checkpoint"],
             overrides=config["retriever_config"], setting="retriever_checkpoint",
         )
-        llm, self.tokenizer = load_llm(config, self.logger)
-        for param in llm.parameters():
-            param.requires_grad_(False)
-        if config["ranker_adapter"]:
-            from peft import PeftModel
-
-            self.llm = PeftModel.from_pretrained(llm, config["ranker_adapter"], is_trainable=True)
-        else:
-            self.llm = apply_lora(llm, config["lora_r"], config["lora_alpha"], config["lora_dropout"],
-                                  config["lora_target_modules"])
+        self.llm, self.tokenizer = load_llm(
+            config, self.logger, adapter=config["ranker_adapter"], trainable=True,
+            lora={"r": config["lora_r"], "alpha": config["lora_alpha"], "dropout": config["lora_dropout"],
+                  "target_modules": config["lora_target_modules"]},
+        )
         self.verbalizer = LetterVerbalizer(self.tokenizer, self.k)
         self.prompt = RankingPrompt(
             config["prompt_template"] or ALPACA_TEMPLATE, config["prompt_instruction"] or RANKING_INSTRUCTION,

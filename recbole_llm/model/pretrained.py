@@ -10,7 +10,6 @@ trainer and then cached. The cache key holds every input that shapes the result
 from __future__ import annotations
 
 import os
-import sys
 from logging import getLogger
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from recbole.data import create_dataset, data_preparation
 
 from recbole_llm import distributed, registry
 from recbole_llm.cache_io import atomic_save, cache_lock, config_key, guarded_load
+from recbole_llm.compat import recbole_argv
 from recbole_llm.data.datasets import drop_exact_duplicates
 from recbole_llm.errors import InputError, MissingInputError
 
@@ -47,11 +47,8 @@ def id_model_config(config, model_name: str, overrides: dict | None = None):
 
     shared = {key: config[key] for key in SHARED_KEYS if key in config}
     shared["data_path"] = str(Path(config["data_path"]).parent)
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
+    with recbole_argv():
         return load_config(model_name, config["dataset"], config_dict={**shared, **(overrides or {})})
-    finally:
-        sys.argv = argv
 
 
 def load_state(model, checkpoint: str | os.PathLike, setting: str, saved: dict | None = None) -> None:

@@ -77,8 +77,6 @@ doi:10.1145/3626772.3657782; the paper has no arXiv version).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -87,7 +85,7 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
-from recbole_llm.cache_io import atomic_target
+from recbole_llm.cache_io import atomic_target, content_key
 from recbole_llm.errors import InputError
 from recbole_llm.knowledge.generation import dataset_knowledge, knowledge_dir, knowledge_prompt
 from recbole_llm.knowledge.identity import llm_identity
@@ -172,7 +170,7 @@ class SeRALMTrainer(Trainer):
             "knowledge": Path(self.model.knowledge_file).name,
             "settings": {k: config[k] for k in keys},
         }
-        return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return content_key(parts, length=12)
 
     def alignment_dir(self) -> Path:
         return knowledge_dir(self.config) / f"aligned-{self.model.base_model_name}-{self.alignment_key()}"
@@ -184,16 +182,12 @@ class SeRALMTrainer(Trainer):
 
     def load_llm(self):
         """The LLM being aligned: the shared backbone, frozen, with a fresh LoRA (B = 0)."""
-        from recbole_llm.llm.backbone import apply_lora, load_llm
+        from recbole_llm.llm.backbone import load_llm
 
         config = self.config
-        model, tokenizer = load_llm(config, self.logger)
-        for param in model.parameters():
-            param.requires_grad_(False)
-        llm = apply_lora(model, r=config["lora_r"], alpha=config["lora_alpha"],
-                         dropout=config["lora_dropout"],
-                         target_modules=config["lora_target_modules"])
-        return llm, tokenizer
+        return load_llm(config, logger=self.logger,
+                        lora={"r": config["lora_r"], "alpha": config["lora_alpha"], "dropout": config["lora_dropout"],
+                              "target_modules": config["lora_target_modules"]})
 
     def reference_model(self, dataset):
         """The frozen recommender pretrained without knowledge (p(y|x))."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from recbole_llm.llm.batching import position_ids
+
 
 def token_log_probs(model, prompt_ids, prompt_mask, new_ids, new_mask, full: bool = False):
     """Log-probabilities of the generated tokens ``new_ids`` after left-padded prompts.
@@ -18,8 +20,7 @@ def token_log_probs(model, prompt_ids, prompt_mask, new_ids, new_mask, full: boo
     """
     ids = torch.cat([prompt_ids, new_ids], dim=1)
     mask = torch.cat([prompt_mask, new_mask.to(prompt_mask.dtype)], dim=1)
-    positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
     prompt_len = prompt_ids.size(1)
     log_probs = logits[:, prompt_len - 1:-1].float().log_softmax(dim=-1)
     chosen = log_probs.gather(-1, new_ids.unsqueeze(-1)).squeeze(-1)

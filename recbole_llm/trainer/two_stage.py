@@ -30,7 +30,6 @@ checkpoints and the resume state and broadcasts what it reads.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections import defaultdict
@@ -44,7 +43,7 @@ from recbole.utils import set_color
 from tqdm import tqdm
 
 from recbole_llm import distributed
-from recbole_llm.cache_io import atomic_save, cache_lock, guarded_load
+from recbole_llm.cache_io import atomic_save, cache_lock, content_key, guarded_load
 from recbole_llm.trainer.llm_trainer import LLMTrainer
 from recbole_llm.trainer.resume import (
     claim_resume, load_state, release, resume_path, rng_state, save_state, set_rng_state, trainable_weights,
@@ -86,6 +85,14 @@ def ranking_metrics(candidate_scores: torch.Tensor, candidates: torch.Tensor, ta
 
 
 class LlamaRecTrainer(LLMTrainer):
+    """LlamaRec's two stages under RecBole's Trainer API (see the module docstring).
+
+    Public after :meth:`fit`: ``fusion_results`` (fusion weight -> validation result);
+    after :meth:`evaluate`: ``subset_result`` (the metrics of the users whose target is among
+    the candidates). ``timings`` (seconds per stage: candidates, ranker training, ranking) and
+    ``ranked_rows`` (users the LLM ranked) add up over fit and evaluate; fit logs them.
+    """
+
     def __init__(self, config, model):
         super().__init__(config, model)
         self.world_size = dist.get_world_size() if distributed.is_distributed(config) else 1
@@ -102,7 +109,7 @@ class LlamaRecTrainer(LLMTrainer):
         self._batch_pos = 0
         self.subset_result = None
         self.fusion_results: dict = {}  # fusion weight -> validation result, after fit
-        self.timings = defaultdict(float)  # seconds per stage, for the benchmarks' cost breakdown
+        self.timings = defaultdict(float)  # seconds per stage
         self.ranked_rows = 0
 
     @contextmanager
@@ -124,13 +131,11 @@ class LlamaRecTrainer(LLMTrainer):
         model = self.model
         model.eval()
         batches = list(eval_data)
-        digest = hashlib.sha1(f"k={model.k} exclude_history={model.exclude_history}".encode())
-        for tensor in model.retriever.state_dict().values():
-            digest.update(tensor.detach().cpu().numpy().tobytes())
-        for interaction, *_ in batches:
-            for name in (self.config["USER_ID_FIELD"], model.ITEM_ID, model.ITEM_SEQ, model.ITEM_SEQ_LEN):
-                digest.update(interaction[name].cpu().numpy().tobytes())
-        path = self.cache_dir / f"candidates-{digest.hexdigest()[:16]}.pt"
+        fields = (self.config["USER_ID_FIELD"], model.ITEM_ID, model.ITEM_SEQ, model.ITEM_SEQ_LEN)
+        key = content_key(f"k={model.k} exclude_history={model.exclude_history}",
+                          *model.retriever.state_dict().values(),
+                          *(interaction[name] for interaction, *_ in batches for name in fields), length=16)
+        path = self.cache_dir / f"candidates-{key}.pt"
         histories = [model._histories(interaction) for interaction, *_ in batches]
         targets = [interaction[model.ITEM_ID].cpu() for interaction, *_ in batches]
         with cache_lock(path, self.logger):  # a second run with the same inputs waits, then reuses
@@ -326,6 +331,9 @@ class LlamaRecTrainer(LLMTrainer):
         self._save_checkpoint(self.cur_step, verbose=verbose)  # the adapter with the chosen fusion weight
         if self.is_main_process:
             self.model.save_adapter(Path(self.saved_model_file).with_suffix(".adapter"))
+        self.logger.info(set_color("time per stage", "blue") + ": "
+                         + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.timings.items())
+                         + f"; {self.ranked_rows} users ranked by the LLM")
         return self.best_valid_score, self.best_valid_result
 
     def _best_weight(self, results: dict) -> float:

@@ -36,7 +36,7 @@ _VOLATILE = {"device", "gpu_id", "use_gpu", "checkpoint_dir", "show_progress", "
              "knowledge_vector_dir", "eval_slices"}
 #: Settings added to the property files after caches were made, with the value their absence meant:
 #: left out of :func:`config_key` while they hold it, so those caches stay valid.
-_ADDED_LATER = {"drop_exact_duplicates": False, "lr_schedule": "constant"}
+_ADDED_LATER = {"drop_exact_duplicates": False, "lr_schedule": "constant", "pluggable_dir": None}
 
 
 def _remove(path: Path) -> None:

@@ -184,19 +184,29 @@ def test_pluggable_round_trip_and_one_llm_for_many_models(e4srec, tiny_data, tin
     interaction = first_batch(test)
     with torch.no_grad():
         expected = model.full_sort_predict(interaction)
-    path = tmp_path / "e4srec_tiny.pth"
-    model.save_pluggable(path)
+    folder = tmp_path / "e4srec_tiny.pluggable"
+    model.save_pretrained(folder)
+    assert {"adapter_config.json", "adapter_model.safetensors", "pluggable.safetensors"} <= \
+        {f.name for f in folder.iterdir()}  # the LoRA as a PEFT adapter (and PEFT's model card)
     llm_bytes = sum(f.stat().st_size for f in tiny_llama_dir.iterdir() if f.name.endswith(".safetensors"))
-    assert path.stat().st_size < 0.5 * llm_bytes  # even against a tiny LLM; megabytes vs gigabytes for a real one
+    saved_bytes = sum(f.stat().st_size for f in folder.iterdir())
+    assert saved_bytes < 0.5 * llm_bytes  # even against a tiny LLM; megabytes vs gigabytes for a real one
 
-    # a second model on the same LLM directory (its own fresh pluggable part) loads the file
+    # a second model on the same LLM directory (its own fresh pluggable part) loads the folder
     torch.manual_seed(1)
     other = E4SRec(config, train._dataset)
     other.eval()
     with torch.no_grad():
         assert not torch.allclose(other.full_sort_predict(interaction), expected)
-        other.load_pluggable(path)
+        other.load_pretrained(folder)
         assert torch.equal(other.full_sort_predict(interaction), expected)
+    # so does a model built with the pluggable_dir setting
+    config["pluggable_dir"] = str(folder)
+    torch.manual_seed(1)
+    from_folder = E4SRec(config, train._dataset)
+    from_folder.eval()
+    with torch.no_grad():
+        assert torch.equal(from_folder.full_sort_predict(interaction), expected)
     # and RecBole's load_state_dict takes the trainable part (what LLMTrainer checkpoints)
     other.load_state_dict(model.trainable_state_dict())
 
@@ -274,6 +284,11 @@ def test_quick_start_reports_the_full_ranking_metrics_of_the_trained_checkpoint(
     trained = trainer.evaluate(test, load_best_model=True, model_file=str(checkpoints[0]), show_progress=False)
     assert dict(trained) == pytest.approx(dict(result["test_result"]), abs=1e-4)
     assert dict(untrained) != pytest.approx(dict(trained), abs=1e-4)
+    # beside the checkpoint, its trained parts as a Hugging Face folder, which pluggable_dir loads
+    folder = checkpoints[0].with_suffix(".pluggable")
+    assert (folder / "adapter_config.json").is_file() and (folder / "pluggable.safetensors").is_file()
+    _, _, trainer, (_, _, test) = build("E4SRec", name, config_dict={**settings, "pluggable_dir": str(folder)})
+    assert dict(trainer.evaluate(test, load_best_model=False, show_progress=False)) == pytest.approx(dict(trained), abs=1e-4)
 
 
 def test_cosine_schedule_decays_per_step_and_a_resumed_epoch_continues_the_curve(tiny_data, tiny_llama_dir):

@@ -214,15 +214,17 @@ def test_save_load_round_trip_gives_identical_scores(laser, tiny_data, tiny_llam
     interaction = first_batch(test)
     with torch.no_grad():
         before = model.full_sort_predict(interaction)
-    path = tmp_path / "laser.pt"
-    model.save_pluggable(path)
-    assert path.stat().st_size < 2_000_000  # the pluggable part only, not the LLM
+    folder = tmp_path / "laser.pluggable"
+    model.save_pretrained(folder)
+    assert (folder / "pluggable.safetensors").stat().st_size < 2_000_000  # the pluggable part only, not the LLM
     _, fresh, *_ = _setup(tiny_data, tiny_llama_dir)
-    fresh.load_pluggable(path)
+    fresh.load_pretrained(folder)
     fresh.eval()
+    _, from_folder, *_ = _setup(tiny_data, tiny_llama_dir, pluggable_dir=str(folder))
+    from_folder.eval()
     with torch.no_grad():
-        after = fresh.full_sort_predict(interaction)
-    assert torch.equal(before, after)
+        assert torch.equal(before, fresh.full_sort_predict(interaction))
+        assert torch.equal(before, from_folder.full_sort_predict(interaction))
 
 
 def test_id_checkpoint_of_another_dataset_is_a_clear_error(tiny_data, tiny_llama_dir, tmp_path):

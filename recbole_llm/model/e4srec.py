@@ -91,6 +91,7 @@ class E4SRec(PluggableMixin, SequentialRecommender):
             lora={"r": config["lora_r"], "alpha": config["lora_alpha"], "dropout": config["lora_dropout"],
                   "target_modules": config["lora_target_modules"]},
         )
+        object.__setattr__(self, "_peft_model", peft_model)  # not a submodule: it wraps self.llm's own modules
         causal_lm = peft_model.get_base_model()
         self.llm = causal_lm.get_decoder()  # the body: LoRA layers are injected in place
         if isinstance(getattr(causal_lm, "lm_head", None), nn.Module):
@@ -144,9 +145,15 @@ class E4SRec(PluggableMixin, SequentialRecommender):
             raise InputError(f"score_head must be 'linear' (the authors' head) or 'tied'; got {self.score_head!r}")
         self.score_chunk_items = check_chunk(config["score_chunk_items"])
         self.loss_fct = nn.CrossEntropyLoss()
+        if config["pluggable_dir"]:
+            self.load_pretrained(config["pluggable_dir"])
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
         logger.info(f"E4SRec: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+    def peft_model(self):
+        """The LLM with its LoRA (see :meth:`~recbole_llm.llm.pluggable.PluggableMixin.save_pretrained`)."""
+        return self._peft_model
 
     # ------------------------------------------------------------------ encoding
     def _history(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:

@@ -283,6 +283,8 @@ class Laser(PluggableMixin, SequentialRecommender):
         self.score_chunk_items = check_chunk(config["score_chunk_items"])
         self.loss_fct = nn.CrossEntropyLoss()
         self.to(config["device"])
+        if config["pluggable_dir"]:
+            self.load_pretrained(config["pluggable_dir"])
 
     # ----------------------------------------------------------------- setup helpers
     @torch.no_grad()

@@ -46,7 +46,6 @@ from recbole.data.interaction import Interaction
 from recbole.model.abstract_recommender import SequentialRecommender
 from tqdm import tqdm
 
-from recbole_llm.cache_io import atomic_target
 from recbole_llm.data.item_text import item_texts
 from recbole_llm.llm.backbone import from_llm, load_llm
 from recbole_llm.llm.batching import common_prefix_length, forward_shared_prefix, left_pad
@@ -239,11 +238,10 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         fused = self.fuse(ranker.to(retrieval.device), retrieval.gather(1, candidates), self.fusion_weight)
         return two_stage_scores(retrieval, candidates, fused)
 
-    def save_adapter(self, path) -> None:
-        """The ranker's LoRA adapter as a PEFT directory (``PeftModel.from_pretrained``
-        or the ``ranker_adapter`` setting loads it), written to a temp dir, then renamed."""
-        with atomic_target(path) as tmp:
-            self.llm.save_pretrained(tmp)
+    def peft_model(self):
+        """The ranker's LLM with its LoRA: :meth:`save_pretrained` writes that adapter as a PEFT
+        folder, which ``PeftModel.from_pretrained`` or the ``ranker_adapter`` setting loads."""
+        return self.llm
 
     def predict(self, interaction):
         scores = self.full_sort_predict(interaction)

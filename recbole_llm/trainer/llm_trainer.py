@@ -4,7 +4,9 @@ Changes to ``recbole.trainer.Trainer``: the optimizer receives only the paramete
 train (RecBole would hand it the frozen LLM's too), in the model's own groups where it has
 them (``model.optimizer_groups()``: each group's learning rate is ``learning_rate`` times its
 ``lr_scale``); checkpoints hold only the model's pluggable part
-(:class:`recbole_llm.llm.pluggable.PluggableMixin`), written atomically;
+(:class:`recbole_llm.llm.pluggable.PluggableMixin`), written atomically, and the same part the
+Hugging Face way in a folder beside it (``<checkpoint>.pluggable``: a PEFT adapter for the
+LLM's LoRA, safetensors for the rest; the ``pluggable_dir`` setting loads it);
 ``gradient_accumulation_steps`` sums the gradients of that many batches into one optimizer
 step (each batch's loss divided by the number of batches in the step, so a step equals one
 batch of all their rows when the batches are equally large); and the learning rate follows
@@ -15,6 +17,7 @@ stopping, evaluation, logging) is RecBole's.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from recbole.trainer import Trainer
 from recbole.utils import set_color
@@ -45,6 +48,10 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
 
 
 class LLMTrainer(Trainer):
+    #: Beside each checkpoint ``<name>.pth``, the model's trained parts as a folder ``<name><suffix>``
+    #: (:meth:`~recbole_llm.llm.pluggable.PluggableMixin.save_pretrained`).
+    pretrained_suffix = ".pluggable"
+
     def __init__(self, config, model):
         super().__init__(config, model)
         self.saved_model_file = unique_checkpoint_name(self.saved_model_file)  # runs started together differ
@@ -154,5 +161,6 @@ class LLMTrainer(Trainer):
             "optimizer": self.optimizer.state_dict(),
         }
         atomic_save(state, saved_model_file, pickle_protocol=4)
+        self.model.save_pretrained(Path(saved_model_file).with_suffix(self.pretrained_suffix))
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")

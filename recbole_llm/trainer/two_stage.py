@@ -87,11 +87,16 @@ def ranking_metrics(candidate_scores: torch.Tensor, candidates: torch.Tensor, ta
 class LlamaRecTrainer(LLMTrainer):
     """LlamaRec's two stages under RecBole's Trainer API (see the module docstring).
 
+    Each checkpoint ``<name>.pth`` has the ranker's LoRA beside it as a PEFT folder
+    ``<name>.adapter`` (the ``ranker_adapter`` setting loads it).
+
     Public after :meth:`fit`: ``fusion_results`` (fusion weight -> validation result);
     after :meth:`evaluate`: ``subset_result`` (the metrics of the users whose target is among
     the candidates). ``timings`` (seconds per stage: candidates, ranker training, ranking) and
     ``ranked_rows`` (users the LLM ranked) add up over fit and evaluate; fit logs them.
     """
+
+    pretrained_suffix = ".adapter"
 
     def __init__(self, config, model):
         super().__init__(config, model)
@@ -329,8 +334,6 @@ class LlamaRecTrainer(LLMTrainer):
         self.best_valid_score = self.best_valid_result[self.valid_metric]
         self.logger.info(set_color("chosen fusion weight", "blue") + f": {model.fusion_weight}")
         self._save_checkpoint(self.cur_step, verbose=verbose)  # the adapter with the chosen fusion weight
-        if self.is_main_process:
-            self.model.save_adapter(Path(self.saved_model_file).with_suffix(".adapter"))
         self.logger.info(set_color("time per stage", "blue") + ": "
                          + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.timings.items())
                          + f"; {self.ranked_rows} users ranked by the LLM")

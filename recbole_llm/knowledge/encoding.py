@@ -9,9 +9,8 @@ model"; two modes are offered (``encoder_mode``):
   (keyed by a hash of the encoded texts and the encoder's identity) and the recommender learns
   a projection of them. Why the default: joint training must re-encode the knowledge of every
   item whose row enters the loss - with RecBole's full-softmax cross-entropy that is the whole
-  catalogue, every step - which costs a MiniLM forward and backward over ~1.7k texts per step on
-  ml-100k, hours per epoch on 2 CPU cores; the frozen mode costs one encoding pass (about a
-  minute) and a 384 x d matrix product per step.
+  catalogue, every step - a forward and backward pass of the encoder over every item's text per
+  step; the frozen mode costs one encoding pass and a matrix product per step.
 * ``joint``: the paper's. The encoder is a submodule of the recommender and trains with it.
   To keep a step affordable, the texts of the items in the batch (histories and targets) are
   re-encoded with gradients, while the other rows of the item table come from a memory of the

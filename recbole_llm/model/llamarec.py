@@ -4,36 +4,23 @@ Zhenrui Yue, Sara Rabhi, Gabriel de Souza Pereira Moreira, Dong Wang, Even Oldri
 "LlamaRec: Two-Stage Recommendation using Large Language Models for Ranking",
 PGAI@CIKM 2023 (arXiv:2311.02089).
 
-* Stage 1, retrieval: an ID-based sequential model (``retriever``, LRURec by default,
-  any RecBole sequential model) trained with its own RecBole trainer, or loaded from
-  ``retriever_checkpoint`` (see :mod:`recbole_llm.model.pretrained`), then frozen. Its
-  top ``candidate_k`` items are the candidates. As the authors, they exclude the user's
-  history, taken from the batch's own item sequence (RecBole gives sequential models no
-  history index at evaluation), by one code path for training, validation, test and
-  ``full_sort_predict``; ``exclude_history: False`` allows repeats (datasets where users
-  consume items again).
-* Stage 2, ranking: the history titles and the lettered candidates go into the
-  authors' prompt (:mod:`recbole_llm.llm.prompts`); the LLM, tuned with LoRA, scores all
-  candidates in ONE forward pass through the letter verbalizer (only the last
-  position's logits are computed).
-* Training (as the authors' code): every prefix of each training sequence is an
-  example (RecBole's augmented rows), with candidates = the true item + ``k - 1``
-  random non-history items, shuffled; next-token cross-entropy on the answer tokens
-  (letter, EOS) only.
-* ``full_sort_predict`` returns a score for every item: the candidates, in the
-  ranker's order, above all other items, which keep the retriever's order. For
-  ``k <= 20`` RecBole's metrics are then the paper's "overall" metrics.
+* Stage 1, retrieval: an ID-based sequential model (``retriever``, LRURec by default, any
+  RecBole sequential model) trained with its own RecBole trainer, or loaded from
+  ``retriever_checkpoint``, then frozen. Its top ``candidate_k`` items, without the user's
+  history as the authors (``exclude_history``), are the candidates.
+* Stage 2, ranking: the history titles and the lettered candidates go into the authors'
+  prompt (:mod:`recbole_llm.llm.prompts`); the LLM, tuned with LoRA, scores all candidates in
+  ONE forward pass through the letter verbalizer (only the last position's logits).
+* Training (as the authors' code): every prefix of each training sequence is an example,
+  with candidates = the true item + ``k - 1`` random non-history items, shuffled;
+  next-token cross-entropy on the answer tokens (letter, EOS) only.
+* ``full_sort_predict`` returns a score for every item: the candidates, in the ranker's
+  order, above all other items, which keep the retriever's order. For ``k <= 20`` RecBole's
+  metrics are then the paper's "overall" metrics.
 
-Choices the paper leaves open, each a setting (properties/model/LlamaRec.yaml): prompts
-that are too long lose their oldest history items first (the authors truncate on the
-left, which can cut the instruction); left padding with explicit position ids, so a
-padded prompt scores exactly as an unpadded one; the prompts of a batch share their
-instruction, which ``share_prompt_prefix`` runs once per batch (the longest common token
-prefix, :func:`recbole_llm.llm.batching.forward_shared_prefix`; the same scores, less
-compute). Beyond the paper: ``fusion_weight``
-adds ``w * log_softmax(retriever scores)`` to the ranker's ``log_softmax`` inside the
-top-k (``w = 0`` is the paper; the trainer picks ``w`` on validation when
-``fusion: True``), because users of the authors' code saw the ranker lower results.
+Choices the paper leaves open (details in :class:`LlamaRec`): truncation of long prompts,
+left padding with position ids, ``share_prompt_prefix``, and, beyond the paper, ``fusion``
+of the ranker's and the retriever's scores inside the top-k.
 """
 from __future__ import annotations
 
@@ -77,7 +64,26 @@ def two_stage_scores(retrieval: torch.Tensor, candidates: torch.Tensor, candidat
 
 
 class LlamaRec(PluggableMixin, SequentialRecommender):
-    """See the module docstring."""
+    """LlamaRec as a RecBole sequential recommender (see the module docstring).
+
+    The choices the paper leaves open, each a setting (properties/model/LlamaRec.yaml):
+
+    * The history is taken from the batch's own item sequence (RecBole gives sequential models
+      no history index at evaluation), by one code path for training, validation, test and
+      ``full_sort_predict``; ``exclude_history: False`` allows repeats (datasets where users
+      consume items again).
+    * Prompts that are too long lose their oldest history items first (the authors truncate
+      on the left, which can cut the instruction).
+    * Left padding with explicit position ids, so a padded prompt scores exactly as an
+      unpadded one.
+    * The prompts of a batch share their instruction, which ``share_prompt_prefix`` runs once
+      per batch (the longest common token prefix,
+      :func:`recbole_llm.llm.batching.forward_shared_prefix`; the same scores, less compute).
+    * Beyond the paper: ``fusion_weight`` adds ``w * log_softmax(retriever scores)`` to the
+      ranker's ``log_softmax`` inside the top-k (``w = 0`` is the paper; the trainer picks
+      ``w`` on validation when ``fusion: True``), because users of the authors' code saw the
+      ranker lower results.
+    """
 
     other_parameter_name = ["fusion_weight"]
 

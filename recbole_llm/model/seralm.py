@@ -5,48 +5,22 @@ Jun Zhou. "Enhancing Sequential Recommenders with Augmented Knowledge from Align
 Models." SIGIR 2024, doi:10.1145/3626772.3657782 (no arXiv version). No public code exists; this
 follows sections 4.2-4.4.
 
-What the model is (section 4.3): the ID-based recommender named by ``base_model`` (RecBole's
-Caser, SASRec, LightSANs, GRU4Rec, NARM; any RecBole sequential model with an
-``nn.Embedding`` called ``item_embedding`` works the same way) is built UNCHANGED from its own
-class with its own config (RecBole's and our property files for it, the same data and
-``MAX_ITEM_LIST_LENGTH``, plus ``base_model_config``). Then its ``item_embedding`` module is
-replaced by :class:`FusedItemEmbedding`::
+Mechanism (section 4.3): the ID-based recommender named by ``base_model`` (Caser, SASRec,
+LightSANs, GRU4Rec, NARM; any RecBole sequential model with an ``nn.Embedding`` called
+``item_embedding``) is built UNCHANGED from its own class and config, then its
+``item_embedding`` is replaced by :class:`FusedItemEmbedding`::
 
     e(i) = W_f [ r_id(i) ; W_k r_s(i) + b_k ] + b_f        (r_s(i) = Encoder(knowledge of item i))
 
-whose output has the base model's embedding size, and which offers both ``module(ids)`` and
-``module.weight`` (the whole fused table), the two ways RecBole's models read their item
-embedding (``forward`` looks up the history; ``calculate_loss``/``full_sort_predict`` multiply
-by ``item_embedding.weight``). So the base model's code, its loss, ``predict`` and full-ranking
-``full_sort_predict`` run untouched: this class delegates all three to it.
+which offers both ``module(ids)`` and ``module.weight``, the two ways RecBole's models read
+their item embedding, so the base model's loss, ``predict`` and ``full_sort_predict`` run
+untouched. Knowledge (4.2) comes from :mod:`recbole_llm.knowledge` (generated once and
+cached, encoded by a sentence-transformers model, vectors cached); alignment training (4.4)
+lives in :class:`recbole_llm.trainer.alignment.SeRALMTrainer`.
 
-Knowledge (section 4.2) comes from :mod:`recbole_llm.knowledge.generation` (cached per
-dataset/LLM/adapter/prompt; generated on first use) and :mod:`recbole_llm.knowledge.encoding`
-(sentence-transformers, vectors cached). At inference only the cached vectors are used (4.4 end);
-the fused table is computed once and reused while no weight changes (``weight`` caches it).
-
-Choices the paper leaves open, made here (each a setting):
-
-* ``knowledge_size`` (64): width of the projected knowledge vector concatenated with the ID
-  embedding. The paper concatenates and does not say how the base model then sees a wider
-  vector; here a linear layer maps the concatenation back to the base model's embedding size
-  (the only way to keep every base model's code unchanged).
-* ``fusion_init`` (``identity``): the fusion layer starts as ``[I | 0]``, so an untrained
-  SeRALM scores exactly like its base model and learns how much knowledge to mix in;
-  ``random`` uses PyTorch's default initialisation.
-* The padding item (id 0) keeps the base model's own padding row (no knowledge), so padded
-  positions look exactly as the base model expects (RecBole's initialisers fill that row).
-* ``encoder_mode`` (``frozen``): frozen encoder + trainable projection (default on CPU, see
-  :mod:`recbole_llm.knowledge.encoding`) or ``joint`` (the paper: the encoder is a submodule and
-  trains with the recommender; per step the batch's items - targets first, at most
-  ``joint_items_per_step`` - are re-encoded with gradients and the other rows come from a memory
-  of each item's latest encoding).
-* ``knowledge_text_format`` (``"{description} {summarization}"``): what of the JSON answer is
-  encoded. Items without text get a zero knowledge vector (counted and logged).
-* Alignment training (4.4) lives in :class:`recbole_llm.trainer.alignment.SeRALMTrainer`; this
-  class offers what it needs: :meth:`log_prob_target` (``log p(y|x,s)`` under a full softmax over
-  all items, with the knowledge of chosen items replaced per instance) and
-  :meth:`set_knowledge` (new cached vectors after alignment).
+Choices the paper leaves open (details in :class:`SeRALM`): ``knowledge_size`` and a fusion
+layer back to the base model's width, ``fusion_init``, the padding row, ``encoder_mode``
+(frozen or joint) and ``knowledge_text_format``.
 """
 from __future__ import annotations
 
@@ -188,7 +162,35 @@ class FusedItemEmbedding(nn.Module):
 
 
 class SeRALM(SequentialRecommender):
-    """SeRALM around a RecBole sequential model (see the module docstring)."""
+    """SeRALM around a RecBole sequential model (see the module docstring).
+
+    The base model is built with its own config (RecBole's and our property files for it, the
+    same data and ``MAX_ITEM_LIST_LENGTH``, plus ``base_model_config``). At inference only the
+    cached knowledge vectors are used (end of 4.4); the fused table is computed once and reused
+    while no weight changes (``weight`` caches it). The choices the paper leaves open, each a
+    setting:
+
+    * ``knowledge_size`` (64): width of the projected knowledge vector concatenated with the ID
+      embedding. The paper concatenates and does not say how the base model then sees a wider
+      vector; here a linear layer maps the concatenation back to the base model's embedding
+      size (the only way to keep every base model's code unchanged).
+    * ``fusion_init`` (``identity``): the fusion layer starts as ``[I | 0]``, so an untrained
+      SeRALM scores exactly like its base model and learns how much knowledge to mix in;
+      ``random`` uses PyTorch's default initialisation.
+    * The padding item (id 0) keeps the base model's own padding row (no knowledge), so padded
+      positions look exactly as the base model expects (RecBole's initialisers fill that row).
+    * ``encoder_mode`` (``frozen``): frozen encoder + trainable projection (see
+      :mod:`recbole_llm.knowledge.encoding`) or ``joint`` (the paper: the encoder is a submodule
+      and trains with the recommender; per step the batch's items - targets first, at most
+      ``joint_items_per_step`` - are re-encoded with gradients and the other rows come from a
+      memory of each item's latest encoding).
+    * ``knowledge_text_format`` (``"{description} {summarization}"``): what of the JSON answer
+      is encoded. Items without text get a zero knowledge vector (counted and logged).
+
+    For the alignment trainer: :meth:`log_prob_target` (``log p(y|x,s)`` under a full softmax
+    over all items, with the knowledge of chosen items replaced per instance) and
+    :meth:`set_knowledge` (new cached vectors after alignment).
+    """
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)

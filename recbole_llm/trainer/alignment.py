@@ -5,75 +5,23 @@ doi:10.1145/3626772.3657782; the paper has no arXiv version).
 
 ``SeRALMTrainer.fit`` runs, in order:
 
-1. **Knowledge-enhanced recommender** (``alignment_iterations: 0``, i.e. Base+NA_LLM): RecBole's
-   own training loop on the cached vectors of the un-aligned LLM's knowledge. With alignment,
-   this is a warm-up of ``warmup_epochs`` epochs (not checkpointed).
-2. **Alignment** (``alignment_iterations`` > 0), Algorithm 1, one iteration per batch of
-   ``align_batch_size`` training instances ``(x, y)`` (``x`` the history, ``y`` the target):
+1. RecBole's own training loop on the cached vectors of the un-aligned LLM's knowledge
+   (``alignment_iterations: 0`` is Base+NA_LLM; with alignment, a warm-up of ``warmup_epochs``).
+2. Alignment, one iteration per batch of ``align_batch_size`` instances ``(x, y)``: knowledge
+   ``s`` is sampled from the LLM with LoRA for the items of ``resample_items``; the LLM is
+   updated by Eq. 6/8 with reward ``p(y|x,s) / p(y|x)`` (the recommender being trained over a
+   frozen knowledge-free one) and a per-token KL penalty to the original LLM
+   (:mod:`~recbole_llm.trainer.alignment_losses`); the recommender by Eq. 9.
+3. With ``generator_mode: async`` (Fig. 4) a worker thread samples on snapshots of the adapter
+   and the recommender, refreshed every ``refresh_interval`` iterations
+   (:mod:`~recbole_llm.trainer.knowledge_source`); ``sync`` is the original algorithm.
+4. The aligned adapter is saved as a PEFT folder (reused when ``alignment_cache``), the
+   knowledge of ALL items is regenerated with it and re-encoded, and the recommender trains
+   further for ``epochs`` on those cached vectors (end of 4.4).
 
-   * knowledge ``s`` is sampled from the LLM being aligned (the shared backbone with LoRA) for
-     the items named by ``resample_items`` of each instance - ``target`` (default: the item
-     ``y``), ``last`` (the most recent history item) or both; all other items keep their cached
-     knowledge. The LLM's prompt for an item is its Fig. 3 prompt, so ``p(s|x)`` in the paper is
-     the LLM's probability of ``s`` given that item's prompt; with two items,
-     ``log p(s|x) = log p(s_target|...) + log p(s_last|...)``. ``align_num_samples`` (Eq. 6's k)
-     samples are drawn per instance.
-   * ``p(y|x,s)`` comes from the recommender being trained (full softmax over all items, where
-     instance b sees its own sampled knowledge for its resampled items, in its history and as
-     candidates); ``p(y|x)`` from a frozen knowledge-free recommender: the ``base_model``
-     trained by RecBole on the same split (``pretrained_id_model``, cached; or
-     ``reference_checkpoint``).
-   * LLM update (Eq. 6 and 8), gradient DESCENT on::
-
-         loss_llm = -mean_b[(w_b - ratio_baseline) * log p_align(s_b|x_b)] + kl_coef * KL_b
-         w_b = p(y|x,s) / p(y|x)   (optionally clipped at ratio_clip)
-
-     ``ratio_baseline: 0`` is Eq. 6 literally; the default 1.0 is the form Eq. 10 shows
-     (``r(t_k) ~ p(y|x,t_c,t_k)/p(y|x,t_c) - 1``): the same expected gradient, since
-     ``E_s[grad log p(s|x)] = 0``, with lower variance - knowledge is reinforced only when it
-     beats the knowledge-free recommender. The per-token KL penalty to the original LLM (Eq. 7;
-     the original LLM is the same weights with the adapter disabled via PEFT's
-     ``disable_adapter()``, no second copy) is, per ``kl_estimator``: ``full`` (default) the
-     exact KL(p_align || p_orig) over the vocabulary at every generated position, differentiated
-     directly; ``sample`` the score-function form of [17] on the sampled tokens,
-     ``sg(log p_align(t_k) - log p_orig(t_k)) * log p_align(t_k)``. Both are zero, with zero
-     gradient, when the adapter is the identity (LoRA B = 0 at init). Log-probabilities are
-     summed over the tokens of ``s`` (up to and including EOS), as in Eq. 6.
-   * recommender update (Eq. 9): gradient descent on ``-log p(y|x,s)`` with the same sampled
-     knowledge (optimiser: Adam, ``align_rec_learning_rate``).
-3. **Asynchronous generator** (Fig. 4; ``generator_mode: async``, default): a worker thread
-   (torch releases the GIL in its kernels, so generation and training overlap) runs the
-   *generator job* - sample ``s``, encode it, compute ``p(y|x,s)`` and ``p(y|x)`` - on
-   SNAPSHOTS of the LLM adapter and of the recommender and puts the results in a bounded queue
-   (``generator_queue_size``); the *trainer job* consumes them and, every ``refresh_interval``
-   iterations, sends the snapshots the current weights. A snapshot shares the frozen LLM weights
-   with the live model and copies only what trains (LoRA, recommender). Ablation
-   ``slow_refresh`` = a 60x larger interval (the paper: 50 -> 3000). ``generator_mode: sync`` is
-   the original algorithm (generation with the live weights, the trainer waits). Errors in the
-   worker are re-raised in the trainer; Ctrl-C or an error stops the worker cleanly.
-   Choices the paper leaves open:
-
-   * ``refresh_interval: ~`` (default) = ``min(50, alignment_iterations // 5)``, at least 1: the
-     paper's 50 iterations, or less, so that a short run (CPU: 20 iterations -> every 4) still
-     refreshes its generator at least 4 times. A run whose interval reaches its iteration budget
-     would never refresh: it says so in one warning.
-   * Stale samples are importance-weighted (the paper does not say how it corrects for them): the
-     worker also returns the sampled tokens' log-probabilities under its snapshot, and the policy
-     term becomes PPO's clipped surrogate per token, ``-min(rho_t A, clip(rho_t, 1 - eps,
-     1 + eps) A)`` with ``rho_t = pi_current(t_k) / pi_snapshot(t_k)``, ``A = w_b -
-     ratio_baseline`` and ``eps = importance_clip`` (PPO's 0.2; ``~``: unclipped importance
-     weights). Per token, not per sequence (whose ratio is a product of up to 64 factors), as in
-     the PPO fine-tuning of [17]. An on-policy sample (``sync``, or a fresh snapshot) has
-     ``rho_t = 1`` and the plain gradient above. The reward ``w_b`` is the snapshot
-     recommender's (as in Fig. 4) and the KL term is not reweighted.
-   * ``lora_dropout`` defaults to 0: generation runs without dropout, so the LLM trained is the
-     LLM that samples and an on-policy ratio is exactly 1.
-4. **Inference knowledge** (end of 4.4): the aligned adapter is saved
-   (``<knowledge_dir>/aligned-<base>-<key>/``, reused by a later run with the same settings
-   when ``alignment_cache``), the knowledge of ALL items is regenerated with it (greedy, cached
-   under the adapter's fingerprint) and re-encoded, and the recommender is trained further with
-   RecBole's loop for ``epochs`` on those cached vectors; recommendation then uses only them.
-   When the adapter is reused from the cache, the recommender updates of step 2 are not replayed.
+Choices the paper leaves open (details in :class:`SeRALMTrainer`): ``ratio_baseline``,
+``ratio_clip``, ``kl_estimator``, the default ``refresh_interval``, importance weighting of
+stale samples (``importance_clip``) and ``lora_dropout: 0``.
 """
 from __future__ import annotations
 
@@ -104,7 +52,69 @@ RESAMPLE_CHOICES = ("target", "last")
 
 
 class SeRALMTrainer(Trainer):
-    """RecBole's Trainer plus SeRALM's alignment stage (see the module docstring)."""
+    """RecBole's Trainer plus SeRALM's alignment stage (see the module docstring).
+
+    Alignment (Algorithm 1), per iteration:
+
+    * knowledge ``s`` is sampled from the LLM being aligned (the shared backbone with LoRA) for
+      the items named by ``resample_items`` of each instance - ``target`` (default: the item
+      ``y``), ``last`` (the most recent history item) or both; all other items keep their
+      cached knowledge. The LLM's prompt for an item is its Fig. 3 prompt, so ``p(s|x)`` is the
+      LLM's probability of ``s`` given that item's prompt; with two items,
+      ``log p(s|x) = log p(s_target|...) + log p(s_last|...)``. ``align_num_samples`` (Eq. 6's
+      k) samples are drawn per instance.
+    * ``p(y|x,s)`` comes from the recommender being trained (full softmax over all items, where
+      instance b sees its own sampled knowledge for its resampled items, in its history and as
+      candidates); ``p(y|x)`` from a frozen knowledge-free recommender: the ``base_model``
+      trained by RecBole on the same split (cached; or ``reference_checkpoint``).
+    * LLM update (Eq. 6 and 8), gradient DESCENT on::
+
+          loss_llm = -mean_b[(w_b - ratio_baseline) * log p_align(s_b|x_b)] + kl_coef * KL_b
+          w_b = p(y|x,s) / p(y|x)   (optionally clipped at ratio_clip)
+
+      ``ratio_baseline: 0`` is Eq. 6 literally; the default 1.0 is the form Eq. 10 shows
+      (``r(t_k) ~ p(y|x,t_c,t_k)/p(y|x,t_c) - 1``): the same expected gradient, since
+      ``E_s[grad log p(s|x)] = 0``, with lower variance. The per-token KL penalty to the
+      original LLM (Eq. 7; the same weights with the adapter disabled via PEFT's
+      ``disable_adapter()``, no second copy) is, per ``kl_estimator``: ``full`` (default) the
+      exact KL(p_align || p_orig) over the vocabulary at every generated position; ``sample``
+      the score-function form on the sampled tokens. Both are zero, with zero gradient, when
+      the adapter is the identity (LoRA B = 0 at init). Log-probabilities are summed over the
+      tokens of ``s`` (up to and including EOS), as in Eq. 6.
+    * recommender update (Eq. 9): gradient descent on ``-log p(y|x,s)`` with the same sampled
+      knowledge (optimiser: Adam, ``align_rec_learning_rate``).
+
+    The asynchronous generator (Fig. 4): a worker thread (torch releases the GIL in its
+    kernels, so generation and training overlap) samples ``s``, encodes it and computes
+    ``p(y|x,s)`` and ``p(y|x)`` on SNAPSHOTS of the LLM adapter and of the recommender, into a
+    bounded queue (``generator_queue_size``); every ``refresh_interval`` iterations the
+    snapshots get the current weights. A snapshot shares the frozen LLM weights with the live
+    model and copies only what trains. ``slow_refresh`` is the paper's ablation (a 60x larger
+    interval). Errors in the worker are re-raised in the trainer; Ctrl-C or an error stops it.
+    Choices the paper leaves open:
+
+    * ``refresh_interval: ~`` (default) = ``min(50, alignment_iterations // 5)``, at least 1: the
+      paper's 50 iterations, or less, so that a short run still refreshes its generator at
+      least 4 times. A run whose interval reaches its iteration budget would never refresh: it
+      says so in one warning.
+    * Stale samples are importance-weighted (the paper does not say how it corrects for them):
+      the worker also returns the sampled tokens' log-probabilities under its snapshot, and the
+      policy term becomes PPO's clipped surrogate per token, ``-min(rho_t A, clip(rho_t, 1 - eps,
+      1 + eps) A)`` with ``rho_t = pi_current(t_k) / pi_snapshot(t_k)``, ``A = w_b -
+      ratio_baseline`` and ``eps = importance_clip`` (``~``: unclipped). Per token, not per
+      sequence (whose ratio is a product of up to 64 factors), as in PPO fine-tuning. An
+      on-policy sample (``sync``, or a fresh snapshot) has ``rho_t = 1``. The reward ``w_b`` is
+      the snapshot recommender's (as in Fig. 4) and the KL term is not reweighted.
+    * ``lora_dropout`` defaults to 0: generation runs without dropout, so the LLM trained is
+      the LLM that samples and an on-policy ratio is exactly 1.
+
+    Inference knowledge (end of 4.4): the aligned adapter is saved
+    (``<knowledge_dir>/aligned-<base>-<key>/``, reused by a later run with the same settings when
+    ``alignment_cache``), the knowledge of ALL items is regenerated with it (greedy, cached
+    under the adapter's fingerprint) and re-encoded, and the recommender is trained further
+    with RecBole's loop for ``epochs`` on those cached vectors. When the adapter is reused from
+    the cache, the recommender updates of step 2 are not replayed.
+    """
 
     supports_distributed = False  # the alignment stage's own loop (distributed.check_distributed_trainer)
 

@@ -20,13 +20,6 @@ Stage 1 (the retriever) is trained or loaded when the model is built. This train
    by a worse one on each side (or is the grid's smallest); the curve is logged;
 4. evaluates with RecBole's evaluator over all items, and logs the paper's "valid
    retrieval subset" metrics (users whose target is among the candidates).
-
-In RecBole's distributed mode each rank holds a share of the training rows and of the users
-to evaluate, so candidate generation and LLM ranking (the costly part) shard by rank: every
-rank ranks only its own users, and RecBole gathers the metrics. The ranker's gradients are
-averaged by RecBole's reduce hook (the global batch stays ``train_batch_size``), validation
-NDCG is averaged over the ranks, so all ranks keep the same best adapter; rank 0 alone writes
-checkpoints and the resume state and broadcasts what it reads.
 """
 from __future__ import annotations
 
@@ -94,6 +87,13 @@ class LlamaRecTrainer(LLMTrainer):
     after :meth:`evaluate`: ``subset_result`` (the metrics of the users whose target is among
     the candidates). ``timings`` (seconds per stage: candidates, ranker training, ranking) and
     ``ranked_rows`` (users the LLM ranked) add up over fit and evaluate; fit logs them.
+
+    In RecBole's distributed mode each rank holds a share of the training rows and of the users
+    to evaluate, so candidate generation and LLM ranking (the costly part) shard by rank: every
+    rank ranks only its own users, and RecBole gathers the metrics. The ranker's gradients are
+    averaged by RecBole's reduce hook (the global batch stays ``train_batch_size``), validation
+    NDCG is averaged over the ranks, so all ranks keep the same best adapter; rank 0 alone
+    writes checkpoints and the resume state and broadcasts what it reads.
     """
 
     pretrained_suffix = ".adapter"

@@ -15,7 +15,7 @@ LAYERS = [
     ("model", ("model",)),
     ("trainer", ("trainer",)),
     ("registry", ("registry",)),
-    ("config", ("config", "checks")),
+    ("config", ("config", "checks", "settings")),
     ("entry points", ("cli", "quick_start", "hyper", "run", "plugin", "knowledge.cli", "")),
 ]
 #: Arrows up that remain, each with its reason (stage 1 builds and trains a RecBole model by name

@@ -52,8 +52,13 @@ def _rank(rank, model_name, dataset, config_dict, queue):
     digest = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
     ranked_before_test = getattr(trainer, "ranked_rows", 0)
     test_result = trainer.evaluate(test, load_best_model=True, show_progress=False)
+    ranked = None
+    if hasattr(trainer, "ranked_rows"):  # LlamaRec: (rows the LLM ranked, this rank's test rows, those with a hit)
+        phase = trainer._phase(test)
+        hits = int((phase.flat("candidates") == phase.flat("targets").unsqueeze(1)).any(1).sum())
+        ranked = (trainer.ranked_rows - ranked_before_test, phase.rows, hits)
     queue.put((rank, {"best_valid_result": best_valid, "test_result": test_result}, digest, len(train.sampler),
-               len(train.dataset), getattr(trainer, "ranked_rows", 0) - ranked_before_test, len(test.dataset)))
+               len(train.dataset), ranked, len(test.dataset)))
     dist.destroy_process_group()
 
 
@@ -95,7 +100,9 @@ def test_llamarec_ranker_trains_in_step_and_ranks_each_users_once(tiny_data, tin
     assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for m in result0.values() for v in m.values())
     assert digest0 == digest1  # the adapter each rank trained is the same: averaged gradients, one best step
     assert seen0 == seen1 == math.ceil(rows / 2)
-    assert ranked0 == ranked1 == math.ceil(users / 2)  # the test users' LLM ranking is split, not repeated
+    # the test users are split between the ranks, not repeated, and each LLM ranks only its users with a hit
+    assert ranked0[1] == ranked1[1] == math.ceil(users / 2)
+    assert ranked0[0] == ranked0[2] and ranked1[0] == ranked1[2]
     adapters = list(Path(overrides["checkpoint_dir"]).glob("LlamaRec-*.adapter"))
     assert len(adapters) == 1  # written by rank 0 only
 

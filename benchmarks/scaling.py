@@ -245,6 +245,8 @@ def largest_catalogue(rows: list[dict], budget_bytes: float, batch: int) -> dict
         per_item = max(0.0, (large["model_bytes"] - small["model_bytes"]) / (large["items"] - small["items"]))
         fixed = max(0.0, small["model_bytes"] - per_item * small["items"])
         per_user_item = max(r["eval_bytes_per_user_item"] for r in mine)
+        if per_user_item <= 0 or large["items"] < max(r["items"] for r in rows):  # not measured at the largest size
+            continue
         out[model] = (budget_bytes - fixed) / (per_item + batch * per_user_item)
     return out
 
@@ -315,13 +317,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", default="saved/scaling.json")
     parser.add_argument("--section", default=None, help="write this section of docs/RESULTS.md (e.g. scaling)")
     parser.add_argument("--from_json", default=None, help="write the report of an earlier (or partial) run's JSON")
+    parser.add_argument("--note", default="", help="a line added to the section (e.g. what a partial run left out)")
     args = parser.parse_args(argv)
     if args.from_json:
         rows = json.loads(Path(args.from_json).read_text())
         from results_doc import RESULTS
 
         chart_name = chart(rows, RESULTS.parent / "scaling.png") if args.section else None
-        text = report(rows, args, chart_name)
+        text = report(rows, args, chart_name) + (f"\n{args.note}\n" if args.note else "")
         write_section(args.section, "How cost grows with the catalogue (synthetic data)", text) if args.section else print(text)
         return rows
     import torch

@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.py's CPU path on the tiny Llama, so the GPU check cannot rot between GPU runs.
 
-The CPU-path test is slow (every model is built): run it with -m slow."""
+It runs in the default suite (about a minute on 2 cores: every LLM model is built)."""
 import json
 import sys
 from pathlib import Path
@@ -29,7 +29,6 @@ def test_random_weights_keep_the_config_but_not_the_weights(tmp_path):
     assert not torch.equal(original.state_dict()[weight], random.state_dict()[weight])
 
 
-@pytest.mark.slow
 def test_cpu_path_runs_every_model_and_reports_its_numbers(tiny_data, tiny_llama_dir, tmp_path):
     name, overrides = tiny_data
     settings = {**overrides, "knowledge_max_new_tokens": 4, "align_batch_size": 2, "align_max_new_tokens": 4,

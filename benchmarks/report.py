@@ -158,11 +158,11 @@ def knowledge_missing(config) -> str | None:
     """Why building SeRALM would generate its knowledge (the cache its settings address is missing
     or unfinished: hours on a CPU), with the command that generates it; None otherwise. A cache
     whose items changed since it was written is not detected (SeRALM then completes it)."""
-    from recbole_llm.knowledge.generation import adapter_dir_fingerprint, knowledge_cache_for, knowledge_dir, setting
+    from recbole_llm.knowledge.generation import adapter_dir_fingerprint, knowledge_cache_for, knowledge_dir
 
     if config["model"] != "SeRALM":
         return None
-    adapter = setting(config, "llm_adapter", None)
+    adapter = config["llm_adapter"]
     cache = knowledge_cache_for(config, config["dataset"], adapter_dir_fingerprint(adapter) if adapter else None)
     if cache.final.is_file() and not cache.parts():
         return None
@@ -173,17 +173,15 @@ def knowledge_missing(config) -> str | None:
 
 def alignment_needs_generation(trainer) -> str | None:
     """Why SeRALM's fit would regenerate every item's knowledge (alignment not cached), else None."""
-    from recbole_llm.knowledge.generation import setting
-
     if not hasattr(trainer, "alignment_dir"):
         return None
     config = trainer.config
-    if int(setting(config, "alignment_iterations", 0)) <= 0:
+    if config["alignment_iterations"] <= 0:
         return None
-    if setting(config, "llm_adapter", None):
+    if config["llm_adapter"]:
         return None
     adapter = trainer.alignment_dir()
-    if setting(config, "alignment_cache", True) and (adapter / "adapter_config.json").is_file():
+    if config["alignment_cache"] and (adapter / "adapter_config.json").is_file():
         from recbole_llm.knowledge.generation import adapter_dir_fingerprint, knowledge_cache_for
 
         cache = knowledge_cache_for(config, config["dataset"], adapter_dir_fingerprint(adapter))
@@ -191,7 +189,7 @@ def alignment_needs_generation(trainer) -> str | None:
             return None
         return (f"the aligned adapter {adapter} is cached but the knowledge it generates is not ({cache.final}): "
                 "every item's knowledge would be regenerated with it (hours on a CPU). Rerun with --allow_generation.")
-    return (f"SeRALM alignment ({setting(config, 'alignment_iterations', 0)} iterations) would then regenerate "
+    return (f"SeRALM alignment ({config['alignment_iterations']} iterations) would then regenerate "
             f"the knowledge of every item with the aligned LLM (hours on a CPU); no aligned adapter is cached at "
             f"{adapter}. Rerun with --allow_generation (once), or give --SeRALM.alignment_iterations=0 "
             "(Base+NA_LLM) or --SeRALM.llm_adapter=DIR.")

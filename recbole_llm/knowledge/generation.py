@@ -34,12 +34,6 @@ from recbole_llm.knowledge.prompts import KNOWLEDGE_PROMPT, item_prompt_fields
 from recbole_llm.knowledge.store import KnowledgeCache
 
 
-def setting(config, key, default):
-    """Kept for benchmarks/report.py only (it reads plain dicts); the library reads ``config[key]``."""
-    value = config[key] if config is not None and key in config else None
-    return default if value is None else value
-
-
 def knowledge_prompt(config) -> str:
     """The ``knowledge_prompt`` setting; its default ``~`` is the paper's Fig. 3 prompt."""
     return config["knowledge_prompt"] or KNOWLEDGE_PROMPT

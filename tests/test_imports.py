@@ -18,13 +18,8 @@ LAYERS = [
     ("config", ("config", "checks", "settings")),
     ("entry points", ("cli", "quick_start", "hyper", "run", "plugin", "knowledge.cli", "")),
 ]
-#: Arrows up that remain, each with its reason (stage 1 builds and trains a RecBole model by name
-#: inside a model's constructor, which RecBole's contract gives only ``config`` and ``dataset``).
-ALLOWED_UP = {
-    ("model.pretrained", "config"): "stage 1: the ID model's config from our property files",
-    ("model.pretrained", "registry"): "stage 1: the ID model's class and trainer by name",
-    ("model.seralm", "registry"): "the base model's class by name",
-}
+#: Arrows up that remain, each with its reason (none: stage 1 gets the layers above passed in).
+ALLOWED_UP: dict[tuple[str, str], str] = {}
 
 
 def _name(path: Path) -> str:

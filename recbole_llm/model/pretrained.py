@@ -6,6 +6,10 @@ reference recommender are all "a RecBole sequential model trained on the same sp
 ``.pth`` file), from our on-disk cache, or trained with the model's own RecBole
 trainer and then cached. The cache key holds every input that shapes the result
 (model, dataset files, the model's config), so a changed input retrains.
+
+Building a model by name needs the layers above (our property files, the registry): the
+package hands them in when it loads (:func:`provide`), since RecBole gives a model's
+constructor only ``config`` and ``dataset`` and imports point down only.
 """
 from __future__ import annotations
 
@@ -16,11 +20,27 @@ from pathlib import Path
 import torch
 from recbole.data import create_dataset, data_preparation
 
-from recbole_llm import distributed, registry
+from recbole_llm import distributed
 from recbole_llm.cache_io import atomic_save, cache_lock, config_key, guarded_load
 from recbole_llm.compat import recbole_argv
 from recbole_llm.data.datasets import drop_exact_duplicates
 from recbole_llm.errors import InputError, MissingInputError
+
+class Provided:
+    """What stage 1 takes from the layers above, set once by :func:`provide`."""
+
+    load_config = None  # (model name, dataset, config_dict=...) -> RecBole Config with our property files
+    get_model = None  # model name -> model class (ours, then RecBole's)
+    get_trainer = None  # model class -> trainer class
+    properties_dir = None  # () -> our properties/ folder
+
+
+def provide(*, load_config, get_model, get_trainer, properties_dir) -> None:
+    """Hand stage 1 the config loader, the model and trainer lookup and our properties folder
+    (called by ``recbole_llm/__init__.py``)."""
+    Provided.load_config, Provided.get_model = staticmethod(load_config), staticmethod(get_model)
+    Provided.get_trainer, Provided.properties_dir = staticmethod(get_trainer), staticmethod(properties_dir)
+
 
 #: Settings copied from the LLM model's config so stage 1 sees the same data and split.
 SHARED_KEYS = (
@@ -43,12 +63,10 @@ def id_model_config(config, model_name: str, overrides: dict | None = None):
     ``config_dict``; the main model's command line (``--epochs=1`` for the LLM) must not
     reach stage 1, which takes its settings from ``overrides`` alone.
     """
-    from recbole_llm.config import load_config
-
     shared = {key: config[key] for key in SHARED_KEYS if key in config}
     shared["data_path"] = str(Path(config["data_path"]).parent)
     with recbole_argv():
-        return load_config(model_name, config["dataset"], config_dict={**shared, **(overrides or {})})
+        return Provided.load_config(model_name, config["dataset"], config_dict={**shared, **(overrides or {})})
 
 
 def load_state(model, checkpoint: str | os.PathLike, setting: str, saved: dict | None = None) -> None:
@@ -104,7 +122,7 @@ def pretrained_id_model(config, dataset, model_name: str, checkpoint=None, overr
     dist.broadcast_object_list(payload, src=0)
     if isinstance(payload[0], str):
         raise RuntimeError(f"stage 1 ({model_name}) failed on rank 0: {payload[0]}")
-    model = registry.get_model(model_name)(id_model_config(config, model_name, overrides), dataset)
+    model = Provided.get_model(model_name)(id_model_config(config, model_name, overrides), dataset)
     model = model.to(config["device"])
     model.load_state_dict(payload[0])
     return _frozen(model)
@@ -113,7 +131,7 @@ def pretrained_id_model(config, dataset, model_name: str, checkpoint=None, overr
 def _load_or_train(config, dataset, model_name, checkpoint, overrides, setting):
     logger = getLogger()
     id_config = id_model_config(config, model_name, overrides)
-    model_class = registry.get_model(model_name)
+    model_class = Provided.get_model(model_name)
     model = model_class(id_config, dataset).to(config["device"])
     logger.info(settings_report(config, id_config, model_name, overrides, setting))
     if checkpoint:
@@ -150,7 +168,7 @@ def train_id_model(id_config, model, expected_items: int) -> None:
             "their data settings differ (load_col / filtering)."
         )
     train, valid, _ = data_preparation(id_config, id_dataset)
-    trainer = registry.get_trainer(type(model))(id_config, model)
+    trainer = Provided.get_trainer(type(model))(id_config, model)
     trainer.fit(train, valid, saved=True, show_progress=id_config["show_progress"])
     best = torch.load(trainer.saved_model_file, map_location="cpu", weights_only=False)
     model.load_state_dict(best["state_dict"])
@@ -161,9 +179,10 @@ def settings_report(config, id_config, model_name: str, overrides: dict | None, 
     each with where its value came from (the parent model's ``*_config`` overrides, as its
     property file or the user set them; the parent's data and split settings; the stage-1
     model's property file, ours or RecBole's; the overall defaults)."""
+    import recbole
     import yaml
 
-    from recbole_llm.config import RECBOLE_PROPERTIES, properties_dir
+    properties_dir, recbole_properties = Provided.properties_dir, Path(recbole.__file__).parent / "properties"
 
     def read(path):
         return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
@@ -172,7 +191,7 @@ def settings_report(config, id_config, model_name: str, overrides: dict | None, 
     override_setting = setting.replace("_checkpoint", "_config")
     parent_defaults = read(properties_dir() / "model" / f"{parent}.yaml")
     own = [(f"recbole-llm's {model_name}.yaml", read(properties_dir() / "model" / f"{model_name}.yaml")),
-           (f"RecBole's {model_name}.yaml", read(RECBOLE_PROPERTIES / "model" / f"{model_name}.yaml")),
+           (f"RecBole's {model_name}.yaml", read(recbole_properties / "model" / f"{model_name}.yaml")),
            ("recbole-llm's overall.yaml", read(properties_dir() / "overall.yaml"))]
     overrides = dict(overrides or {})
 

@@ -32,12 +32,11 @@ from recbole.data.interaction import Interaction
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
-from recbole_llm import registry
 from recbole_llm.knowledge.encoding import TextEncoder, cached_vectors
 from recbole_llm.knowledge.generation import dataset_knowledge, knowledge_prompt
 from recbole_llm.knowledge.prompts import item_prompt_fields, knowledge_text
 from recbole_llm.model.objectives import check_loss_type
-from recbole_llm.model.pretrained import id_model_config
+from recbole_llm.model.pretrained import Provided, id_model_config
 from recbole_llm.errors import InputError
 
 #: Base models tested with SeRALM (any RecBole sequential model with an nn.Embedding `item_embedding` works).
@@ -249,7 +248,7 @@ class SeRALM(SequentialRecommender):
         if not isinstance(name, str) or name == "SeRALM":
             raise _unsupported(name, "is not a base model")
         try:
-            cls = registry.get_model(name)
+            cls = Provided.get_model(name)
         except ValueError:
             raise _unsupported(name, "is unknown") from None
         if not issubclass(cls, SequentialRecommender):

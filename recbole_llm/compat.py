@@ -1,78 +1,23 @@
 """Every shim RecBole 1.2.1 needs on today's torch / numpy / hyperopt stack, in one place.
 
-``apply()`` is idempotent and runs when ``recbole_llm`` is imported. Each shim
-names the failure it fixes; none changes behaviour outside RecBole's own calls.
+``apply()`` is idempotent and runs when ``recbole_llm`` is imported. Each shim changes
+RecBole's own calls only; its function's docstring quotes the error it fixes.
 
-1. ``torch.load`` under torch>=2.6 defaults to ``weights_only=True``. RecBole pickles
-   its ``Config`` (and numpy / enum objects) inside checkpoints, so
-   ``Trainer.evaluate(load_best_model=True)`` and ``Trainer.resume_checkpoint`` fail with
-   ``_pickle.UnpicklingError: Weights only load failed ... Unsupported global``.
-   Fix: calls made from inside the ``recbole`` package (and only those) default to
-   ``weights_only=False``; they load files RecBole itself wrote.
-2. ``recbole/model/sequential_recommender/sine.py`` calls
-   ``torch.autograd.set_detect_anomaly(True)`` at import time, and importing any RecBole
-   sequential model imports it. Anomaly mode then slows every backward pass of the
-   process several-fold. Fix: import it once, then switch anomaly detection back off.
-3. pandas 2.x and torch warn (FutureWarning) at every chained ``fillna(inplace=True)`` and
-   ``torch.cuda.amp.GradScaler`` call inside RecBole, burying the log. Fix: those
-   FutureWarnings, raised from RecBole's modules only, are not shown.
-4. RecBole's ``Config`` silently picks the CPU when ``use_gpu`` is set but no CUDA device
-   exists. Fix: :func:`note_device` says so once in the log (called by quick_start).
+1. ``torch.load`` in RecBole's modules defaults to ``weights_only=False`` (RecBole pickles its
+   Config in the checkpoints it writes; torch>=2.6 refuses them).
+2. Importing RecBole's sequential models (sine.py) turns on autograd anomaly detection for the
+   whole process: turned off again.
+3. RecBole's FutureWarnings (pandas ``fillna(inplace=True)``, ``torch.cuda.amp``) are hidden.
+4. :func:`note_device` says once when ``use_gpu`` falls back to the CPU.
+5-9. Distributed runs (``nproc`` > 1 or ``world_size`` > 0), GPU-only in RecBole, work on
+   CPUs with gloo: the device and process group (5), DDP without ``device_ids`` (6), the
+   zero-valued sync loss over trained and real parameters only (7; also on GPUs), the best
+   checkpoint read by rank 0 and broadcast (8), ``ensure_dir`` without a race (9).
+10-11. Hyper-parameter search (:mod:`recbole_llm.hyper`): ``exhaustive_search`` on hyperopt's
+   Generator API (10), a best valid score of 0.0 kept as the best (11).
 
-Distributed runs (``nproc`` > 1 or ``world_size`` > 0: ``local_rank`` is in the config).
-RecBole 1.2.1 supports them on GPUs only; 5-9 make them work on CPUs (gloo) and leave the
-GPU path as RecBole wrote it, except for 7-9, which fix it on GPUs too.
-
-5. ``Config._init_device`` asserts one ``gpu_id`` per process, creates the process group
-   with ``backend="nccl"`` and puts the model on ``cuda:<local_rank>``: on a machine
-   without CUDA it fails with ``AssertionError`` (``assert len(gpu_id.split(",")) >= nproc``)
-   or, given enough ids, ``RuntimeError: Distributed package doesn't have NCCL built in``.
-   Fix: without CUDA (or with ``use_gpu: False`` or an empty ``gpu_id``) the same process
-   group is created with the ``gloo`` backend and the device is the CPU.
-6. ``AbstractTrainer.__init__`` builds ``DistributedDataParallel(model,
-   device_ids=[local_rank])`` after ``SyncBatchNorm.convert_sync_batchnorm``: for a CPU model
-   DDP raises ``ValueError: DistributedDataParallel device_ids and output_device arguments
-   only work with single-device/multiple-device GPU modules or CPU modules, but got
-   device_ids [0] ...``, and for a model with BatchNorm ``ValueError: SyncBatchNorm layers
-   only work with GPU modules``. Fix: on the CPU ``device_ids=None`` and BatchNorm stays
-   BatchNorm (DDP broadcasts its buffers from rank 0).
-7. ``AbstractTrainer.sync_grad_loss`` (added to every distributed step's loss so that each
-   parameter gets a gradient) adds ``sum(param) * 0`` in place over ALL parameters: with a
-   complex parameter (LRURec's recurrence) it fails with ``RuntimeError: result type
-   ComplexFloat can't be cast to the desired output type Float``, and it sums a frozen LLM's
-   weights too, a pass over the whole LLM per step for a zero. Fix: the real part, added out
-   of place, over the parameters that train only (the sum is 0 either way).
-8. Only rank 0 saves the best checkpoint, every rank names it after its own clock
-   (``saved_model_file``), and nothing waits for rank 0 to finish writing it: in
-   ``evaluate(load_best_model=True)`` another rank fails with ``FileNotFoundError`` or,
-   reading rank 0's half-written file, ``EOFError: Ran out of input`` / ``OSError: [Errno 22]``;
-   on another node there is no file at all.
-   Fix: in a distributed run rank 0 reads the checkpoint and broadcasts its bytes, and every
-   rank loads those.
-9. ``recbole.utils.ensure_dir`` checks ``os.path.exists`` and then calls ``os.makedirs``: two
-   ranks creating ``checkpoint_dir`` or ``log/<model>`` at once fail now and then with
-   ``FileExistsError: [Errno 17] File exists``. Fix: ``os.makedirs(exist_ok=True)``, in every
-   RecBole module that imported ``ensure_dir``.
-
-Stage 1 of the LLM models (:func:`recbole_llm.model.pretrained.pretrained_id_model`) is
-trained and cached by rank 0 alone and broadcast to the other ranks. A trainer with its own
-training loop either synchronises its ranks itself (the LlamaRec ranker's: RecBole's gradient
-hook, :func:`recbole_llm.distributed.load_checkpoint`) or says ``supports_distributed = False``
-(SeRALM's alignment): a distributed run of that one stops at once with an
-:class:`~recbole_llm.errors.InputError` (:func:`recbole_llm.distributed.check_distributed_trainer`).
-
-Hyper-parameter search (``recbole.trainer.hyper_tuning.HyperTuning``, used by :mod:`recbole_llm.hyper`).
-
-10. ``exhaustive_search`` (``algo="exhaustive"``) draws its samples with
-    ``np.random.RandomState(seed)``, but hyperopt>=0.2.7 samples through the numpy Generator API,
-    so the first trial fails with ``AttributeError: 'numpy.random.mtrand.RandomState' object has
-    no attribute 'integers'``. Fix: the same function (its code object, unchanged) with ``np``
-    bound to a namespace whose ``random.RandomState`` is ``np.random.default_rng``; both build
-    a seeded generator from the int seed hyperopt passes. ``np`` is used nowhere else in it.
-11. ``HyperTuning.trial`` takes ``if not self.best_score:`` to mean "no trial yet", so a best
-    valid score of 0.0 is replaced by the next trial's score whatever it is: a tie goes to the
-    later trial and, when smaller is better (RMSE: 0.0 is perfect), a worse trial becomes the
-    best. Fix: after each trial the best score is stored as a float whose truth value is True.
+Stage 1 is trained by rank 0 alone and broadcast; a trainer with its own loop synchronises
+its ranks or says ``supports_distributed = False`` (:mod:`recbole_llm.distributed`).
 """
 from __future__ import annotations
 
@@ -108,17 +53,31 @@ def recbole_argv(args=()):
         sys.argv = argv
 
 
-def _recbole_trusting_load(original):
-    @functools.wraps(original)
-    def load(*args, **kwargs):
-        if "weights_only" not in kwargs:
-            caller = sys._getframe(1).f_globals.get("__name__", "")
-            if caller == "recbole" or caller.startswith("recbole."):
-                kwargs["weights_only"] = False
-        return original(*args, **kwargs)
+#: RecBole modules that call ``torch.load`` on files RecBole itself wrote (checkpoints, pretrained parts).
+RECBOLE_TORCH_LOADERS = (
+    "recbole.trainer.trainer", "recbole.quick_start.quick_start",
+    "recbole.model.general_recommender.convncf", "recbole.model.general_recommender.nais",
+    "recbole.model.general_recommender.ract", "recbole.model.general_recommender.neumf",
+    "recbole.model.context_aware_recommender.kd_dagfm", "recbole.model.sequential_recommender.s3rec",
+)
 
-    load.__recbole_llm_shim__ = True
-    return load
+
+class _TorchTrustingRecBoleFiles(types.ModuleType):
+    """Shim 1: ``torch`` as RecBole's modules see it, with ``load`` defaulting to ``weights_only=False``.
+
+    torch>=2.6 defaults to ``weights_only=True``; RecBole pickles its ``Config`` (and numpy / enum
+    objects) in its checkpoints, so ``Trainer.evaluate(load_best_model=True)`` and
+    ``Trainer.resume_checkpoint`` fail with ``_pickle.UnpicklingError: Weights only load failed ...
+    Unsupported global``. Only the modules in :data:`RECBOLE_TORCH_LOADERS` get this ``torch``;
+    every other caller keeps torch's default."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(*args, **kwargs):
+        kwargs.setdefault("weights_only", False)
+        return torch.load(*args, **kwargs)
 
 
 def apply() -> None:
@@ -126,11 +85,14 @@ def apply() -> None:
     global _applied
     if _applied:
         return
-    if not getattr(torch.load, "__recbole_llm_shim__", False):
-        torch.load = _recbole_trusting_load(torch.load)
-    importlib.import_module("recbole.model.sequential_recommender")  # imports sine.py once
-
+    trusting_torch = _TorchTrustingRecBoleFiles("torch")
+    for module in RECBOLE_TORCH_LOADERS:
+        importlib.import_module(module).torch = trusting_torch
+    # shim 2: recbole/model/sequential_recommender/sine.py calls torch.autograd.set_detect_anomaly(True) when
+    # imported, which slows every backward pass of the process several-fold: import it once, switch it off
+    importlib.import_module("recbole.model.sequential_recommender")
     torch.autograd.set_detect_anomaly(False)
+    # shim 3: pandas 2.x and torch FutureWarnings at every chained fillna(inplace=True) / GradScaler in RecBole
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole(\.|$)")
     _apply_distributed()
     _apply_hyper_tuning()
@@ -176,7 +138,13 @@ def _gpu_id_text(gpu_id) -> str:
 
 
 def _init_device_on_cpu(original):
-    """Shim 5: RecBole's distributed ``_init_device`` with gloo and the CPU when there is no GPU."""
+    """Shim 5: RecBole's distributed ``_init_device`` with gloo and the CPU when there is no GPU.
+
+    RecBole asserts one ``gpu_id`` per process, creates the process group with ``backend="nccl"``
+    and puts the model on ``cuda:<local_rank>``: without CUDA it fails with ``AssertionError``
+    (``assert len(gpu_id.split(",")) >= nproc``) or ``RuntimeError: Distributed package doesn't
+    have NCCL built in``. Without CUDA (or with ``use_gpu: False`` or an empty ``gpu_id``) the
+    same process group is created with ``gloo`` and the device is the CPU."""
 
     @functools.wraps(original)
     def _init_device(self):
@@ -208,7 +176,13 @@ def _init_device_on_cpu(original):
 
 
 def _ddp_on_cpu(original):
-    """Shim 6: ``DistributedDataParallel`` without ``device_ids`` (and no SyncBatchNorm) on the CPU."""
+    """Shim 6: ``DistributedDataParallel`` without ``device_ids`` (and no SyncBatchNorm) on the CPU.
+
+    RecBole builds ``DistributedDataParallel(model, device_ids=[local_rank])`` after
+    ``SyncBatchNorm.convert_sync_batchnorm``: for a CPU model DDP raises ``ValueError:
+    DistributedDataParallel device_ids and output_device arguments only work with ... GPU
+    modules or CPU modules, but got device_ids [0]``, and BatchNorm ``ValueError: SyncBatchNorm
+    layers only work with GPU modules``. BatchNorm stays BatchNorm (DDP broadcasts its buffers)."""
 
     @functools.wraps(original)
     def __init__(self, config, model):
@@ -226,7 +200,12 @@ def _ddp_on_cpu(original):
 
 
 def _sync_grad_loss(self):
-    """Shim 7: RecBole's zero-valued loss that touches every parameter, over those that train."""
+    """Shim 7: RecBole's zero-valued loss that touches every parameter, over those that train.
+
+    ``sync_grad_loss`` adds ``sum(param) * 0`` in place over ALL parameters: with a complex
+    parameter (LRURec's recurrence) it fails with ``RuntimeError: result type ComplexFloat can't
+    be cast to the desired output type Float``, and it sums a frozen LLM's weights too. Here: the
+    real part, out of place, over the parameters that train (the sum is 0 either way)."""
     sync_loss = 0
     for param in self.model.parameters():
         if param.requires_grad:
@@ -235,7 +214,12 @@ def _sync_grad_loss(self):
 
 
 def _evaluate_with_rank0_checkpoint(original):
-    """Shim 8: every rank loads the best checkpoint rank 0 wrote, sent as bytes."""
+    """Shim 8: every rank loads the best checkpoint rank 0 wrote, sent as bytes.
+
+    Only rank 0 saves it, every rank names it after its own clock, and nothing waits for the
+    write: in ``evaluate(load_best_model=True)`` another rank fails with ``FileNotFoundError``
+    or, reading a half-written file, ``EOFError: Ran out of input``; on another node there is
+    no file at all."""
 
     @functools.wraps(original)
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
@@ -256,7 +240,8 @@ def _evaluate_with_rank0_checkpoint(original):
 
 
 def _ensure_dir(dir_path):
-    """Shim 9: RecBole's ``ensure_dir`` without the race between two processes."""
+    """Shim 9: RecBole's ``ensure_dir`` without the race between two processes (``os.path.exists``
+    then ``os.makedirs`` fails now and then with ``FileExistsError: [Errno 17] File exists``)."""
     os.makedirs(dir_path, exist_ok=True)
 
 
@@ -269,7 +254,12 @@ def _apply_hyper_tuning() -> None:
 
 
 def _exhaustive_search_with_generator(original):
-    """Shim 10: RecBole's ``exhaustive_search`` with ``np.random.RandomState`` meaning ``np.random.default_rng``."""
+    """Shim 10: RecBole's ``exhaustive_search`` with ``np.random.RandomState`` meaning ``np.random.default_rng``.
+
+    hyperopt>=0.2.7 samples through the numpy Generator API, so the first trial fails with
+    ``AttributeError: 'numpy.random.mtrand.RandomState' object has no attribute 'integers'``.
+    The same code object runs with ``np`` bound to a namespace whose ``random.RandomState`` is
+    ``default_rng`` (both build a seeded generator from hyperopt's int seed)."""
     import numpy as np
 
     numpy_with_generator = types.SimpleNamespace(random=types.SimpleNamespace(RandomState=np.random.default_rng))
@@ -286,7 +276,10 @@ class _BestScore(float):
 
 
 def _trial_keeping_a_zero_best(original):
-    """Shim 11: ``HyperTuning.trial`` whose best score of 0.0 still counts as a best score."""
+    """Shim 11: ``HyperTuning.trial`` whose best score of 0.0 still counts as a best score.
+
+    ``if not self.best_score:`` means "no trial yet" to RecBole, so a best of 0.0 is replaced by
+    the next trial's score whatever it is (with RMSE a worse trial becomes the best)."""
 
     @functools.wraps(original)
     def trial(self, params):

@@ -150,3 +150,20 @@ def test_cli_writes_the_table_of_the_finished_models_when_a_later_one_fails(tiny
     assert "written (the models that finished)" in capsys.readouterr().out
     written = list((tmp_path / "saved").glob("comparison-tiny-*.json"))
     assert len(written) == 1 and set(json.loads(written[0].read_text())) == {"LRURec"}
+
+
+class _Pickled:
+    """Stands for the RecBole Config pickled inside its checkpoints."""
+
+
+def test_torch_load_trusts_recboles_own_files_only(tmp_path):
+    import importlib
+
+    import torch
+
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"config": _Pickled(), "state_dict": {}}, path)
+    for module in compat.RECBOLE_TORCH_LOADERS:  # RecBole's loaders read their own checkpoints (compat shim 1)
+        assert isinstance(importlib.import_module(module).torch.load(path)["config"], _Pickled), module
+    with pytest.raises(Exception, match="(?i)weights only"):  # everyone else keeps torch's safe default
+        torch.load(path)

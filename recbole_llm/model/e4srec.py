@@ -1,61 +1,25 @@
 """E4SRec: item IDs fed into a frozen LLM, the whole catalogue ranked in one forward pass.
 
-Xinhang Li, Chong Chen, Xiangyu Zhao, Yong Zhang, Chunxiao Xing. "E4SRec: An Elegant
-Effective Efficient Extensible Solution of Large Language Models for Sequential
-Recommendation." arXiv:2312.02443, 2023. Code: https://github.com/HestiaSky/E4SRec.
+Li et al., "E4SRec: An Elegant Effective Efficient Extensible Solution of Large Language Models for
+Sequential Recommendation", arXiv:2312.02443. Follows the authors' code (github.com/HestiaSky/E4SRec):
+a stage-1 ID model's item table (frozen) -> ``Linear(id_dim, llm_hidden)`` -> the LLM body (frozen, LoRA
+r=16 alpha=16 dropout 0.05 on the MLPs) reads ``[Alpaca instruction | items | "### Response:"]`` ->
+the last hidden state -> ``Linear(llm_hidden, n_items)`` -> cross-entropy over ALL items. LoRA, the
+projection and the head are the pluggable part, saved as a PEFT folder (one LLM serves many datasets).
 
-Follows the authors' code:
-
-* stage 1: an ID-based sequential model (``id_model``, SASRec by default) trained with
-  RecBole's own trainer on the same split, or loaded from ``id_model_checkpoint``; its item
-  embedding table (row 0 = padding) is copied into a FROZEN table;
-* ``Linear(id_dim, llm_hidden)`` with bias projects each history item into the LLM's input
-  space;
-* the LLM body without its LM head, frozen, with LoRA (r=16, alpha=16, dropout 0.05 on
-  ``gate_proj``, ``up_proj``, ``down_proj``; ``lora_target_modules`` puts it elsewhere, e.g. on
-  the attention projections ``[q_proj, k_proj, v_proj, o_proj]``) gets as ``inputs_embeds``
-  ``[instruction tokens | projected items | "\\n### Response:\\n" tokens]``, the instruction in
-  the Alpaca "no input" frame, tokenised without special tokens as the authors do;
-* the last position's hidden state -> ``Linear(llm_hidden, n_items, bias=False)`` -> logits over
-  ALL items; cross-entropy. ``full_sort_predict`` is one forward pass per batch of users.
-
-Trainable ("pluggable") parameters: LoRA, the projection and the head. They save and load as
-one small file (:class:`~recbole_llm.llm.pluggable.PluggableMixin`), so one LLM on disk
-serves many datasets; the frozen item table comes from the stage-1 model of each dataset.
-
-Choices the paper and code leave open, made here:
-
-* History: each row's history is the whole prefix before its target, as in the authors' code,
-  cut to RecBole's ``MAX_ITEM_LIST_LENGTH`` (our ml-100k default is 20, for CPU cost). RecBole
-  right-pads histories; here the item part is LEFT-padded, as the authors' collator pads, so the
-  last position is always the response frame; padded slots get ``attention_mask = 0`` and the
-  position ids skip them, so a padded and an unpadded history give the same scores. Each batch
-  is trimmed to its longest history.
-* Training rows: the authors' (``train_targets_per_user: 50``): every position of the last 50
-  training items of each user is a target (50 caps the targets per user, not the history);
-  ``~`` keeps RecBole's rows, one per prefix of each user's whole training sequence
-  (:class:`recbole_llm.data.sequence_windows.LastTargetsDataset`). On a CPU an epoch over all of
-  them is too costly, so ``train_rows_per_epoch`` (optional) keeps a uniformly random subset of
-  that size per epoch (each batch keeps its share of rows).
-* Step size: the authors take 128 rows per optimiser step, AdamW lr 3e-4, 100 warm-up steps and
-  a cosine decay (HF's Trainer): ``gradient_accumulation_steps`` (batches summed into one step),
-  ``learning_rate``, ``warmup_steps``, ``lr_schedule: cosine`` (LLMTrainer). The defaults are
-  sized for a CPU budget instead (fewer rows per step, more steps; docs/RESULTS.md).
-* ``llm_layers`` (optional, a CPU compromise shared with Laser): keep only the first n decoder
-  layers of the LLM; the authors use the whole LLM.
-* The instruction prefix is the same for every user: with ``share_instruction_prefix`` its
-  keys/values are computed once per batch (batch size 1, with gradients through LoRA) and
-  repeated for every user, the same computation as feeding it per user, at a fraction of the
-  cost. Gradient checkpointing turns this off (the checkpointed recompute would append to
-  the cache twice) and the full sequence is fed instead.
-* The projection and head use PyTorch's default initialisation (the authors' ``nn.Linear``);
-  logits for the padding item 0 are part of the softmax as in RecBole's SASRec and are set to
-  -inf by RecBole's evaluator.
-* ``score_head``: ``linear`` (default) is the authors' ``Linear(llm_hidden, n_items)`` head
-  trained from scratch; ``tied`` (beyond the paper) scores each item by the dot product of
-  the last hidden state with that item's projected input embedding (the frozen ID table
-  through the trained ``input_proj``), as SASRec ties its input and output item tables: no
-  per-item parameters to learn, so a short CPU budget is spent on the mapping, not the head.
+Choices the paper and code leave open (settings in properties/model/E4SRec.yaml):
+* History = the whole prefix before the target (as the authors), cut to ``MAX_ITEM_LIST_LENGTH``,
+  LEFT-padded as their collator, with masked padding and position ids that skip it (padding-invariant).
+* Rows: ``train_targets_per_user: 50`` = the authors' (every position of the last 50 training items of a
+  user is a target; 50 caps targets, not history); ``train_rows_per_epoch`` samples a subset on a CPU.
+* Step size as settings (the authors: 128 rows per step, AdamW 3e-4, 100 warm-up steps, cosine):
+  ``gradient_accumulation_steps``, ``learning_rate``, ``warmup_steps``, ``lr_schedule``.
+* ``lora_target_modules`` can put LoRA on the attention projections; ``llm_layers`` keeps the first n
+  decoder layers (a CPU compromise shared with Laser).
+* ``share_instruction_prefix``: the shared instruction's keys/values are computed once per batch and reused
+  (same result; off under gradient checkpointing).
+* ``score_head: tied`` (beyond the paper) scores items by their projected input embeddings instead of a
+  head trained from scratch. Default PyTorch init; item 0 (padding) is set to -inf by RecBole's evaluator.
 """
 from __future__ import annotations
 

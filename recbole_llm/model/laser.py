@@ -1,85 +1,27 @@
-"""Laser: Bi-Tuning a frozen LLM with collaborative information for sequential recommendation.
+"""Laser: Bi-Tuning a frozen LLM with collaborative information (Zhang et al., "Laser: Parameter-Efficient
+LLM Bi-Tuning for Sequential Recommendation with Collaborative Information", arXiv:2409.01605; no public code).
 
-Xinyu Zhang, Linmei Hu, Luhao Zhang, Dandan Song, Heyan Huang, Liqiang Nie. "Laser:
-Parameter-Efficient LLM Bi-Tuning for Sequential Recommendation with Collaborative
-Information", arXiv:2409.01605 (2024); revised as "Bi-Tuning with Collaborative Information
-for Controllable LLM-based Sequential Recommendation", ACL 2025. No public code exists.
+The frozen LLM reads ``[prefix | prompt of the last history titles | suffix]``. The prefix comes from
+M-Former: query experts (learnable query sets) that attend to one another and cross-attend to a frozen
+stage-1 SASRec's per-position encodings, mixed by a router with a load-balancing loss. The suffix tokens'
+outputs, mapped to the recommendation space, score every item in one forward pass.
 
-What the paper states, and what this file does:
-
-* Bi-Tuning: the LLM is frozen. Its input is
-  ``[prefix virtual tokens | text prompt of the user's history | suffix virtual tokens]``.
-  Only the prefix generator, the suffix tokens and the projections train.
-* Prefix: **M-Former**, a lightweight querying transformer (BLIP-2's Q-Former shape) with a
-  mixture of *query experts*. Each expert is a set of learnable queries; the queries attend
-  to one another, then cross-attend to the frozen ID model's per-position encodings of the
-  user's sequence (RecBole's SASRec, pretrained in stage 1 or loaded from
-  ``id_model_checkpoint``). A router conditioned on the user selects experts; an MoE
-  load-balancing term joins the recommendation loss (the paper's multi-task loss). The
-  mixed query outputs, projected to the LLM's hidden size, are the prefix.
-* Suffix: learnable tokens after the prompt; their LLM outputs are mapped from the language
-  space to the recommendation space and compared with item representations, so one
-  forward pass scores the whole catalogue.
-
-Choices the paper leaves open (each a setting in ``properties/model/Laser.yaml``):
-
-* ``n_experts`` (4) query experts, ``n_queries`` (8) queries each = the number of prefix
-  tokens; ``mformer_layers`` (1) blocks of (self-attention over the queries,
-  cross-attention to the ID encodings, feed-forward), post-LayerNorm, ``mformer_heads`` (2),
-  width = the ID model's hidden size. All experts share the block weights; an expert is its
-  query set (that is what keeps M-Former lightweight).
-* Router: ``Linear(id hidden, n_experts)`` on the frozen SASRec user representation (its
-  encoding at the last position), softmax, keep the ``router_top_k`` (2) largest and
-  renormalise, so a user's weights sum to one. The prefix is the weighted sum of the selected
-  experts' query outputs (a fixed ``n_queries`` tokens whatever the routing). With one expert
-  there is no router (its weight is always one).
-* Load balancing: Switch-Transformer's ``n_experts * sum_e f_e * P_e`` (``f_e``: share of
-  the batch's top-k slots routed to expert e, ``P_e``: mean router probability), weight
-  ``balance_weight`` (0.01). It equals 1 when balanced; skipped with one expert.
-* Prefix projection: ``Linear(id hidden, llm hidden)``, initialised so the prefix has the
-  scale of the LLM's own token embeddings.
-* Prompt: ``prompt_template`` with ``{history}`` = the last ``history_titles`` (10) item
-  titles, oldest first, each cut to ``title_max_tokens`` (10) tokens, joined by "; ".
-  Titles come from the dataset's item table (:func:`recbole_llm.data.item_text.item_texts`),
-  never from the batch (the batch carries the *target* item's features).
-* Suffix: ``suffix_tokens`` (4) learnable embeddings (initialised at the token-embedding
-  scale); their last-layer outputs are pooled by ``suffix_pooling`` (``mean`` or ``last``),
-  normalised (LayerNorm without weights: the frozen LLM's outputs have norms ~30, dominated by
-  a few massive dimensions, while SASRec's vectors have norms below 1) and mapped by
-  ``Linear(llm hidden, id hidden)`` (PyTorch's default init). With ``suffix_tokens: 0`` (the
-  "no suffix" ablation) the last prompt position is pooled instead.
-* Item representations (``item_repr``): ``id`` = the frozen SASRec item embeddings;
-  ``text`` = projected item-text vectors; ``both`` (default) = their sum. An item-text vector
-  is the frozen LLM's mean-pooled last hidden state over the item's title, normalised the same
-  way, computed once at construction (not saved; rebuilt identically from the same LLM); its
-  projection ``Linear(llm hidden, id hidden)`` starts at zero with ``both`` (so the items start
-  as SASRec's).
-* Scoring (``scoring``): ``paper`` = the paper's: the mapped suffix output IS the user
-  embedding, scored by dot product with the item representations. ``residual`` (ours, beyond
-  the paper): the user embedding is the frozen SASRec's user vector plus ``output_gate`` times
-  the mapped suffix output, so training starts next to SASRec's ranking and learns a
-  correction from the LLM. The gate is one scalar that trains, starting at
-  ``output_gate_init`` (small, not zero: a zero gate would give the projection, the suffix,
-  the prefix and M-Former no gradient at the first step).
-* Two training phases, as the paper (which first obtains the item representations, then
-  trains the user side): phase 1 (``item_phase_epochs`` over ALL training rows,
-  ``item_phase_learning_rate``) trains only the item side (the title projection) against the
-  frozen SASRec's user vectors, which needs no LLM pass (seconds per epoch); phase 2 trains the
-  rest with the item side held (``item_side_lr_scale: 0``) or slowed. The phases run in
-  :class:`recbole_llm.trainer.laser.LaserTrainer`, which validates after phase 1, so the
-  checkpoint tested is the best on validation of phase 1 and every epoch of phase 2. Items are
-  encoded by the frozen LLM once, not re-encoded with the suffix during training (the ACL
-  version does; one LLM pass per item and step is beyond a CPU budget).
-* The logged training loss has two parts (RecBole logs a tuple per part): ``train_loss1`` the
-  cross-entropy, comparable with SASRec's, and ``train_loss2`` = ``balance_weight`` x the
-  balance loss.
-* CPU compromises, documented as settings: ``llm_layers`` keeps only the first n decoder
-  layers of the frozen LLM (null = all); ``train_rows_per_epoch`` caps the training rows per
-  epoch by keeping a random share of each batch (null = all of RecBole's prefix rows); with
-  ``gradient_accumulation_steps`` an optimizer step still sees at least 128 rows.
-
-The ablation switches: ``use_prefix: false`` (no M-Former prefix), ``suffix_tokens: 0``
-(no suffix), ``n_experts: 1`` (one expert).
+Choices the paper leaves open (settings in properties/model/Laser.yaml, each with its comment):
+* M-Former: experts share the block weights (an expert is its query set); post-LayerNorm blocks at the ID
+  model's width; router = Linear on SASRec's last-position encoding, softmax, top-k renormalised; the
+  balance loss is Switch-Transformer's (``balance_weight`` 0.01); prefix projection at token-embedding scale.
+* Prompt titles come from the dataset's item table, never from the batch (it carries the TARGET's features).
+* Suffix outputs are pooled (``suffix_pooling``), LayerNorm-ed without weights (LLM outputs have norms ~30,
+  SASRec's below 1) and mapped by a Linear; ``suffix_tokens: 0`` pools the last prompt position instead.
+* Items (``item_repr``): SASRec's embeddings, projected title vectors (the frozen LLM's mean-pooled title
+  states, computed once), or both (the projection starts at zero, so items start as SASRec's).
+* Scoring: ``paper`` = the mapped suffix output is the user embedding; ``residual`` (beyond the paper) =
+  SASRec's user vector + a trained scalar gate (non-zero at start, so every part gets a gradient) x it.
+* Two phases as the paper: the item side first on all rows (no LLM pass), then the rest with the item side
+  held or slowed (:class:`recbole_llm.trainer.laser.LaserTrainer`); items are not re-encoded per step.
+* Logged loss = (cross-entropy, ``balance_weight`` x balance). CPU settings: ``llm_layers``,
+  ``train_rows_per_epoch``, ``gradient_accumulation_steps``. Ablations: ``use_prefix``, ``suffix_tokens``,
+  ``n_experts: 1``.
 """
 from __future__ import annotations
 

@@ -19,7 +19,10 @@
    suffix / one expert.
 
 Every run records the validation NDCG@10 after phase 1 (item side) and after each phase-2 epoch,
-and the two parts of the training loss per epoch (cross-entropy, 0.01 x balance).
+and the two parts of the training loss per epoch (cross-entropy, 0.01 x balance). Each full run
+(main, variant, seed) is also one record, ``saved/laser/<dataset>/<key of its overrides>.json``,
+with its command, machine and date; a later call reuses it instead of training again, so seeds
+and variants can run at different times (``--fresh`` trains every run anew).
 
 Extra --key=value arguments are config overrides for every Laser run.
 Writes the "laser" section of docs/RESULTS.md.
@@ -35,9 +38,11 @@ import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.trainer import Trainer
 from recbole.utils import init_logger, init_seed
-from results_doc import markdown_table, parse_overrides, standard_error, write_section
+from results_doc import (ROOT, command, load_record, machine, markdown_table, parse_overrides, standard_error,
+                         write_record, write_section)
 
 from recbole_llm import load_config, run_recbole_llm
+from recbole_llm.cache_io import content_key
 from recbole_llm.model.laser import Laser
 from recbole_llm.trainer.laser import LaserTrainer
 
@@ -142,11 +147,26 @@ def run_laser(dataset_name, overrides, fit_validation=True):
     return test, stats, model, config, test_data
 
 
-def laser_and_sasrec(dataset_name, overrides):
-    """One Laser run and its frozen SASRec on the same test split: (laser test, sasrec test, stats, config)."""
-    laser_test, stats, model, config, test_data = run_laser(dataset_name, overrides)
-    sasrec_test = Trainer(config, model.id_model).evaluate(test_data, load_best_model=False, show_progress=False)
-    return laser_test, sasrec_test, stats, config
+RECORDED_SETTINGS = ("seed", "scoring", "eval_step", "id_model_checkpoint", "llm_path", "train_rows_per_epoch", "epochs")
+
+
+def laser_and_sasrec(dataset_name, overrides, fresh=False):
+    """One Laser run and its frozen SASRec on the same test split: (laser test, sasrec test, stats, settings, minutes),
+    from its record when one exists (and not ``fresh``)."""
+    path = ROOT / "saved" / "laser" / dataset_name / f"{content_key(overrides, length=16)}.json"
+    record = None if fresh else load_record(path)
+    if record is None:
+        start = time.perf_counter()
+        laser_test, stats, model, config, test_data = run_laser(dataset_name, overrides)
+        sasrec_test = Trainer(config, model.id_model).evaluate(test_data, load_best_model=False, show_progress=False)
+        record = {"overrides": overrides, "laser": dict(laser_test), "sasrec": dict(sasrec_test), "stats": stats,
+                  "settings": {key: config[key] for key in RECORDED_SETTINGS},
+                  "minutes": (time.perf_counter() - start) / 60,
+                  "command": command(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        write_record(path, record)
+    else:
+        print(f"  reused {path.relative_to(ROOT)} ({record['date']}, {record['command']})", flush=True)
+    return record["laser"], record["sasrec"], record["stats"], record["settings"], record["minutes"]
 
 
 def training_trace(stats):
@@ -182,15 +202,14 @@ def main():
     parser.add_argument("--skip_e4srec", action="store_true")
     parser.add_argument("--seeds", default="", help="extra seeds for Laser + its SASRec, e.g. 2021,2022")
     parser.add_argument("--variants", default="", help=f"comma-separated names of VARIANTS: {', '.join(VARIANTS)}")
+    parser.add_argument("--fresh", action="store_true", help="train every run anew instead of reusing its record")
     args, rest = parser.parse_known_args()
     overrides = {"show_progress": False, "num_threads": args.threads, **parse_overrides(rest)}
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
 
     print("Laser (shipped defaults + command-line overrides) ...", flush=True)
-    t = time.perf_counter()
-    laser_test, sasrec_test, stats, config = laser_and_sasrec(args.dataset, overrides)
-    laser_minutes = (time.perf_counter() - t) / 60
+    laser_test, sasrec_test, stats, config, laser_minutes = laser_and_sasrec(args.dataset, overrides, args.fresh)
     print("Laser", dict(laser_test), stats, flush=True)
     print("SASRec (frozen stage 1)", dict(sasrec_test), flush=True)
     seed_runs = [(config["seed"], sasrec_test, laser_test, stats)]
@@ -251,16 +270,16 @@ def main():
     write_section("laser", title, body())  # the main comparison first; variants, seeds and ablations as they finish
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         print(f"variant {name} ...", flush=True)
-        t = time.perf_counter()
-        laser_variant, sasrec_variant, variant_stats, _ = laser_and_sasrec(args.dataset, {**overrides, **VARIANTS[name]})
+        laser_variant, sasrec_variant, variant_stats, _, minutes = laser_and_sasrec(
+            args.dataset, {**overrides, **VARIANTS[name]}, args.fresh)
         ratio = laser_variant["ndcg@10"] / max(sasrec_variant["ndcg@10"], 1e-12)
         variant_rows.append([name, f"`{VARIANTS[name]}`", f"{laser_variant['ndcg@10']:.4f}", f"{ratio:.3f}",
-                             training_trace(variant_stats), f"{(time.perf_counter() - t) / 60:.1f}"])
+                             training_trace(variant_stats), f"{minutes:.1f}"])
         print(f"variant {name}: Laser", dict(laser_variant), variant_stats["valid"], flush=True)
         write_section("laser", title, body())
     for seed in [int(s) for s in args.seeds.split(",") if s]:
         print(f"seed {seed} ...", flush=True)
-        laser_seed, sasrec_seed, seed_stats, _ = laser_and_sasrec(args.dataset, {**overrides, "seed": seed})
+        laser_seed, sasrec_seed, seed_stats, _, _ = laser_and_sasrec(args.dataset, {**overrides, "seed": seed}, args.fresh)
         seed_runs.append((seed, sasrec_seed, laser_seed, seed_stats))
         print(f"seed {seed}: SASRec", dict(sasrec_seed), "Laser", dict(laser_seed), flush=True)
         write_section("laser", title, body())

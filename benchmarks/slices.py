@@ -7,14 +7,17 @@ For each model, the newest checkpoint ``<saved>/<Model>-*.pth`` is evaluated on 
 with the settings it was trained with (the config pickled in the checkpoint, with
 ``eval_slices: True``), and so is its ID base, on the same split and training counts:
 
-- LlamaRec vs its retriever (LRURec), Laser vs its frozen SASRec: the model's own stage-1 part;
+- LlamaRec vs its retriever (LRURec) with the user's history excluded, as LlamaRec's candidates are (the
+  retriever's own order of the same candidates), and vs the retriever as RecBole evaluates it (which may
+  recommend history items); Laser vs its frozen SASRec: the model's own stage-1 part;
 - E4SRec vs its SASRec: the stage-1 model it copied its item table from (rebuilt from the stage-1 cache);
 - SeRALM vs its base: the knowledge-free reference of its base model (SASRec, LightSANs, Caser...);
 - LRURec vs SASRec: the newest ``<saved>/SASRec-*.pth``.
 
 Stage-1 models are reused from ``<saved>/stage1`` as the models themselves do. Each pair writes
 ``<records>/<Model>.json``; the "slices" section of docs/RESULTS.md is assembled from every record
-present and names the command for each pair without a checkpoint.
+present, keeps the table of a pair measured earlier whose record is not here, and names the command
+for each pair never measured.
 """
 from __future__ import annotations
 
@@ -23,10 +26,11 @@ import time
 from pathlib import Path
 
 import results_doc
+import torch
 from results_doc import load_record, machine, markdown_table, write_record, write_section
 
 #: model -> its ID base, as named in the section.
-PAIRS = {"LRURec": "SASRec", "LlamaRec": "LRURec (its retriever)", "E4SRec": "SASRec (its stage 1)",
+PAIRS = {"LRURec": "SASRec", "LlamaRec": "LRURec (its retriever), history excluded", "E4SRec": "SASRec (its stage 1)",
          "Laser": "SASRec (its stage 1)", "SeRALM": "its base model, without knowledge"}
 #: What makes a missing checkpoint (a run saves <checkpoint_dir>/<Model>-<time>.pth).
 MAKE = {"LRURec": "python run_recbole_llm.py --model=LRURec,SASRec --dataset=ml-100k",
@@ -68,10 +72,28 @@ def setup(checkpoint: Path, saved: Path, data_path: Path):
     return config, model, trainer, train, test
 
 
+class RetrieverWithoutHistory(torch.nn.Module):
+    """LlamaRec's retriever with the user's history excluded: LlamaRec's own candidates, lifted above the
+    other items in the retriever's order (for k <= candidate_k, the retriever's full ranking minus history)."""
+
+    def __init__(self, llamarec):
+        super().__init__()
+        self.llamarec = llamarec
+
+    @torch.no_grad()
+    def full_sort_predict(self, interaction):
+        from recbole_llm.model.llamarec import two_stage_scores
+
+        model = self.llamarec
+        retrieval = model.retrieval_scores(interaction)
+        candidates = model.top_candidates(retrieval, model.candidate_exclusion(interaction))
+        return two_stage_scores(retrieval, candidates, retrieval.gather(1, candidates))
+
+
 def base_of(name: str, config, model, trainer, train):
     """The ID base of an LLM model, built as the model builds it (stage 1 reused from its cache)."""
     if name == "LlamaRec":
-        return model.retriever
+        return RetrieverWithoutHistory(model)
     if name == "Laser":
         return model.id_model
     if name == "E4SRec":
@@ -109,6 +131,10 @@ def evaluate_pair(name: str, saved: Path, data_path: Path) -> dict:
         base_trainer = sliced(Trainer)(config, base_of(name, config, model, trainer, train))
         base_trainer.eval_collector.data_collect(train)
         base_result = base_trainer.evaluate(test, load_best_model=False)
+        if name == "LlamaRec":  # also the retriever as RecBole evaluates it (it may recommend history items)
+            recbole_trainer = sliced(Trainer)(config, model.retriever)
+            recbole_trainer.eval_collector.data_collect(train)
+            record["slices"]["retriever as RecBole evaluates it"] = recbole_trainer.evaluate(test, load_best_model=False)["slices"]
     record["slices"]["base"] = base_result["slices"]
     record["seconds"] = time.perf_counter() - start
     record["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -126,19 +152,40 @@ def cell(m: dict) -> str:
 
 def pair_table(record: dict) -> str:
     ours, base = record["slices"][record["model"]], record["slices"]["base"]
+    extra = {k: v for k, v in record["slices"].items() if k not in (record["model"], "base")}  # more bases, shown first
     rows = []
     for group, part in SLICE_ORDER:
-        m, b = (ours[group], base[group]) if part is None else (ours[group][part], base[group][part])
+        pick = (lambda slices: slices[group]) if part is None else (lambda slices: slices[group][part])
+        m, b = pick(ours), pick(base)
         span = "{}-{}".format(*m["range"]) if "range" in m else ""
         ratio = f"{m['ndcg@10'] / b['ndcg@10']:.2f}" if m.get("ndcg@10") is not None and b.get("ndcg@10") else "-"
-        rows.append([group if part is None else f"{group} {part}", m["users"], span, cell(b), cell(m), ratio])
-    header = ["slice", "users", "training interactions", f"base: {record['base']}", record["model"], "model / base"]
+        rows.append([group if part is None else f"{group} {part}", m["users"], span,
+                     *(cell(pick(other)) for other in extra.values()), cell(b), cell(m), ratio])
+    header = ["slice", "users", "training interactions", *extra, f"base: {record['base']}", record["model"],
+              "model / base"]
     return markdown_table(header, rows)
 
 
-def section(records: dict[str, dict], missing: dict[str, str]) -> str:
+def earlier_blocks(results_file: Path) -> dict[str, str]:
+    """Each pair's block ("### Model vs ...") in the current "slices" section, by model name."""
+    text = results_file.read_text() if results_file.exists() else ""
+    section_text = text.split("<!-- BEGIN slices -->")[-1].split("<!-- END slices -->")[0] if "<!-- BEGIN slices -->" in text else ""
+    blocks = {}
+    for block in section_text.split("\n### ")[1:]:
+        name = block.split(" vs ")[0]
+        if name in PAIRS:
+            blocks[name] = "### " + block.split("\nTest NDCG@10 ± its standard error")[0].rstrip() + "\n"
+    return blocks
+
+
+def section(records: dict[str, dict], missing: dict[str, str], kept: dict[str, str] | None = None) -> str:
+    """The section from the records, then the ``kept`` blocks of pairs measured earlier without a record here."""
     parts = []
-    for name, record in records.items():
+    for name in [n for n in PAIRS if n in records or n in (kept or {})]:
+        if name not in records:
+            parts += [kept[name].rstrip(), "(Kept from the section as it was: this pair's record is not on this machine.)", ""]
+            continue
+        record = records[name]
         parts += [f"### {name} vs {record['base']}", "", pair_table(record), "",
                   f"Checkpoint `{Path(record['checkpoint']).name}`"
                   + (f", base `{Path(record['base_checkpoint']).name}`" if record.get("base_checkpoint") else "")
@@ -183,10 +230,12 @@ def main(argv=None) -> int:
         write_record(folder / f"{name}.json", record)
         print(f"{name}: done in {record['seconds'] / 60:.1f} min", flush=True)
     records = {n: r for n in PAIRS if (r := load_record(folder / f"{n}.json"))}
+    kept = {n: block for n, block in earlier_blocks(Path(args.results_file)).items()
+            if n not in records and "Not measured yet" not in block}
     for name in PAIRS:
-        if name not in records:
+        if name not in records and name not in kept:
             missing[name] = "not measured yet"
-    body = section(records, missing)
+    body = section(records, missing, kept)
     write_section("slices", f"Where each model helps: NDCG@10 by slice against its ID base ({args.dataset})", body,
                   results=Path(args.results_file))
     print(body)

@@ -354,3 +354,24 @@ def test_shared_prompt_prefix_gives_the_same_scores_loss_and_gradients(llamarec,
     (s1, l1, g1), (s0, l0, g0) = outcomes[True], outcomes[False]
     assert torch.allclose(s1, s0, atol=1e-4) and torch.allclose(l1, l0, atol=1e-5)
     assert all(torch.allclose(g1[n], g0[n], atol=1e-5) for n in g0) and any(g0[n].abs().sum() > 0 for n in g0)
+
+
+def test_fair_base_of_the_slices_benchmark_is_the_retriever_without_history(llamarec, monkeypatch):
+    """benchmarks/slices.py compares LlamaRec with its retriever minus the user's history: the top-k are
+    LlamaRec's own candidates (never a history item, even when the retriever ranks history first), in
+    the retriever's order."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import slices
+
+    _, model, (_, _, test) = llamarec
+    model.eval()
+    _history_first_retriever(model, monkeypatch)
+    interaction = first_batch(test)
+    scores = slices.RetrieverWithoutHistory(model).full_sort_predict(interaction)
+    retrieval = model.retrieval_scores(interaction)
+    expected = model.top_candidates(retrieval, model.history_mask(interaction))  # in retrieval order
+    assert torch.equal(scores.topk(K, dim=1).indices, expected)
+    for history, top in zip(model._histories(interaction), scores.topk(K, dim=1).indices.tolist()):
+        assert history and not set(history) & set(top)

@@ -276,3 +276,11 @@ def test_slices_benchmark_compares_a_checkpoint_with_its_base(tiny_data, tmp_pat
         assert row in table
     assert f"| {record['slices']['LRURec']['all']['ndcg@10']:.4f} ± " in table
     assert "Laser vs SASRec (its stage 1): not measured yet" in text and "python benchmarks/laser.py" in text
+    # a pair measured earlier whose record is gone keeps its table; the others stay listed as not measured
+    (tmp_path / "records" / "LRURec.json").unlink()
+    assert slices.main(["--saved", str(tmp_path / "empty"), "--dataset", name, "--models", "LRURec",
+                        "--data_path", overrides["data_path"], "--records", str(tmp_path / "records"),
+                        "--results_file", str(results)]) == 0
+    kept = results.read_text().split("<!-- BEGIN slices -->")[1]
+    assert table.strip() in kept and "record is not on this machine" in kept
+    assert "Laser vs SASRec (its stage 1): not measured yet" in kept

@@ -107,8 +107,28 @@ def tiny_text_encoder(folder: Path) -> str:
 
 
 # ------------------------------------------------------------------ measuring
+def _glibc():
+    """glibc, set so that freed memory leaves the process: every block of 128 KiB or more is its own
+    mapping (a fixed threshold: glibc's sliding one keeps freed tensors on the heap, where the next phase
+    reuses them unseen), and :meth:`PeakRSS.__enter__` trims the heap. None elsewhere (peaks may then
+    hide behind memory an earlier phase freed)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
 class PeakRSS:
-    """The peak resident set size above the one at entry, sampled every millisecond in a thread."""
+    """The peak resident set size above the one at entry, sampled every millisecond in a thread (the
+    heap trimmed at entry, so memory an earlier phase freed does not hide this phase's peak)."""
+
+    libc = _glibc()
 
     def __init__(self):
         self.page = os.sysconf("SC_PAGE_SIZE")
@@ -119,6 +139,8 @@ class PeakRSS:
 
     def __enter__(self):
         gc.collect()
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
         self.start = self.peak = self.rss()
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)

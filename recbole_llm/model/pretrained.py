@@ -26,6 +26,7 @@ from recbole_llm.compat import recbole_argv
 from recbole_llm.data.datasets import drop_exact_duplicates
 from recbole_llm.errors import InputError, MissingInputError
 
+
 class Provided:
     """What stage 1 takes from the layers above, set once by :func:`provide`."""
 

@@ -188,16 +188,18 @@ def tensor_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def measure(model_name: str, dataset, base: dict, args, workdir: Path) -> dict:
+def measure(model_name: str, dataset_name: str, settings: dict, args, workdir: Path, before_scoring=None) -> dict:
+    """Build ``model_name`` on ``dataset_name`` with ``settings`` (stage 1 randomly initialised), time
+    ``args.train_steps`` training steps and ``args.eval_batches`` full-sort test batches, with the peak
+    memory of each phase; ``before_scoring(model)`` runs between the two (e.g. quantising)."""
     import torch
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed
 
     from recbole_llm import load_config, registry
 
-    settings = {**base, **SETTINGS[model_name]}
     with bare_argv():
-        config = load_config(model_name, dataset.dataset_name, config_dict=settings)
+        config = load_config(model_name, dataset_name, config_dict=settings)
     init_seed(config["seed"], config["reproducibility"])
     train, _, test = data_preparation(config, create_dataset(config))  # (a dataset is split only once)
     if model_name in STAGE1:
@@ -229,6 +231,8 @@ def measure(model_name: str, dataset, base: dict, args, workdir: Path) -> dict:
                 rows += len(interaction)
 
     model.eval()
+    if before_scoring is not None:
+        before_scoring(model)
     users, eval_seconds, batch_users = 0, 0.0, 0
     with torch.no_grad(), PeakRSS() as eval_memory:
         for index, (interaction, *_rest) in enumerate(test):
@@ -374,7 +378,8 @@ def main(argv=None) -> list[dict]:
                 for model_name in args.models.split(","):
                     start = time.perf_counter()
                     try:
-                        row = measure(model_name, dataset, base, args, workdir)
+                        row = measure(model_name, dataset.dataset_name, {**base, **SETTINGS[model_name]}, args,
+                                      workdir)
                     except Exception as error:  # noqa: BLE001 - one cell's failure is reported, the rest still run
                         failures.append(f"{model_name}, {n_items:,} items, {n_users:,} users: "
                                         f"{type(error).__name__}: {str(error)[:200]}")

@@ -8,7 +8,9 @@ RecBole's own calls only; its function's docstring quotes the error it fixes.
 2. Importing RecBole's sequential models (sine.py) turns on autograd anomaly detection for the
    whole process: turned off again.
 3. RecBole's FutureWarnings (pandas ``fillna(inplace=True)``, ``torch.cuda.amp``) are hidden.
-4. :func:`note_device` says once when ``use_gpu`` falls back to the CPU.
+4. :func:`note_device` says once (INFO) when ``use_gpu`` falls back to the CPU.
+12. bitsandbytes' CPU backend, imported by PEFT on every run, warns that it could not fetch an
+   optional 4-bit kernel from the hub: dropped (a CPU run never computes in 4-bit).
 5-9. Distributed runs (``nproc`` > 1 or ``world_size`` > 0), GPU-only in RecBole, work on
    CPUs with gloo: the device and process group (5), DDP without ``device_ids`` (6), the
    zero-valued sync loss over trained and real parameters only (7; also on GPUs), the best
@@ -96,18 +98,34 @@ def apply() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole(\.|$)")
     _apply_distributed()
     _apply_hyper_tuning()
+    for logger_name in FOUR_BIT_KERNEL_FETCH_LOGGERS:
+        logging.getLogger(logger_name).addFilter(_drop_4bit_kernel_fetch)
     _applied = True
 
 
+#: The loggers that report bitsandbytes' fetch of its optional CPU 4-bit kernel (shim 12).
+FOUR_BIT_KERNEL_FETCH_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+
+
+def _drop_4bit_kernel_fetch(record: logging.LogRecord) -> bool:
+    """Shim 12: PEFT imports bitsandbytes whenever it is installed, and on a CPU with AVX-512 BF16
+    its CPU backend logs ``WARNING Failed to load CPU gemm_4bit_forward from kernels-community:
+    Kernel repository 'kernels-community/quantization-bitsandbytes' could not verify publisher trust
+    status ...`` at import (offline: ``WARNING Skipping publisher trust check for
+    'kernels-community/quantization-bitsandbytes' because Hugging Face Hub is in offline mode``).
+    4-bit runs only on CUDA here (elsewhere ``load_in_4bit`` falls back to LoRA and says so), so
+    that optional CPU kernel is never used: those records are dropped."""
+    message = record.getMessage()
+    return "gemm_4bit_forward" not in message and "quantization-bitsandbytes" not in message
+
+
 def note_device(config, logger: logging.Logger | None = None) -> None:
-    """Log once when a GPU was asked for but the run falls back to the CPU."""
+    """Log once (INFO: ``use_gpu: True`` is the default, a CPU-only machine is nothing to fix)
+    when a GPU was asked for but the run falls back to the CPU."""
     global _device_noted
     wants_gpu = bool(config["use_gpu"]) and str(config["gpu_id"]).strip() != ""
     if wants_gpu and not torch.cuda.is_available() and not _device_noted:
-        (logger or logging.getLogger()).warning(
-            "use_gpu=True but no CUDA device is available: running on the CPU "
-            "(set use_gpu: False to silence this)."
-        )
+        (logger or logging.getLogger()).info("use_gpu=True but no CUDA device is available: running on the CPU.")
         _device_noted = True
 
 

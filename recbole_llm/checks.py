@@ -237,13 +237,15 @@ def _why_unwritable(path: Path) -> str | None:
 # ------------------------------------------------------------------ LLM settings (before stage 1)
 def check_llm_settings(config) -> None:
     """The LLM settings of an LLM model, before anything is built: ``llm_path`` holds a causal
-    LM, ``ranker_adapter`` / ``llm_adapter`` are PEFT folders, ``candidate_k`` fits the
+    LM, ``llm_dtype`` is auto or a floating dtype, ``ranker_adapter`` / ``llm_adapter`` are PEFT folders, ``candidate_k`` fits the
     letters, and ``load_in_4bit`` without CUDA says once that it uses LoRA in full precision."""
     from recbole_llm.llm import backbone
 
     settings = config.final_config_dict
     if "llm_path" in settings:
         backbone.check_causal_lm(settings["llm_path"], "llm_path")
+    if "llm_dtype" in settings:
+        backbone.resolve_precision(settings["llm_dtype"])  # a name that is no floating dtype: InputError
     for key in ("ranker_adapter", "llm_adapter"):
         if settings.get(key):
             check_adapter(settings[key], key)

@@ -8,6 +8,16 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_bf16_units(monkeypatch):
+    """``llm_dtype: auto`` resolves as on a CPU without bf16 units (float32), whatever CPU runs the
+    tests, so exact comparisons hold on every machine; the bf16 autocast path has its own tests,
+    which report units by patching ``backbone.cpu_bf16_units`` themselves."""
+    from recbole_llm.llm import backbone
+
+    monkeypatch.setattr(backbone, "cpu_bf16_units", lambda: None)
+
+
 @pytest.fixture(scope="session")
 def embedded_llm_cache(tmp_path_factory):
     """A cache dir holding the embedded SmolLM2-135M-Instruct, converted from GGUF once per test run."""

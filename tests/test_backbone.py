@@ -7,7 +7,9 @@ import shutil
 import pytest
 import torch
 
+from recbole_llm.errors import InputError
 from recbole_llm.llm import backbone
+from recbole_llm.llm.backbone import cpu_bf16_units as reported_cpu_bf16_units  # before conftest's patch
 from recbole_llm.llm.backbone import (
     EMBEDDED_LLM,
     apply_lora,
@@ -129,6 +131,64 @@ def test_load_causal_lm_uses_given_logger_and_no_warning_without_4bit(tiny_llama
         assert not caplog.records
         load_causal_lm(str(tiny_llama_dir), load_in_4bit=True, logger=test_logger)
     assert [record.name for record in caplog.records] == ["recbole_llm.test_backbone"]
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, True, "AMX"), (False, True, "AVX512-BF16"),
+                                                        (False, False, None)])
+def test_cpu_bf16_units_come_from_what_torch_reports(amx, avx512_bf16, expected, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(backbone.platform, "machine", lambda: "x86_64")
+    assert reported_cpu_bf16_units() == expected
+
+
+def test_arm_bf16_units_come_from_the_kernels_feature_list(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(backbone.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(backbone, "cpu_flags", lambda: {"fp", "asimd", "bf16"})
+    assert reported_cpu_bf16_units() == "Arm BF16"
+    monkeypatch.setattr(backbone, "cpu_flags", lambda: {"fp", "asimd"})
+    assert reported_cpu_bf16_units() is None
+
+
+@pytest.mark.parametrize("units", ["AMX", None])
+def test_auto_precision_follows_the_cpus_bf16_units_and_float32_forces_float32(units, monkeypatch):
+    monkeypatch.setattr(backbone, "cpu_bf16_units", lambda: units)
+    auto = backbone.resolve_precision("auto", "cpu")
+    assert auto.weights == torch.float32  # master weights: what the optimiser updates stays float32
+    assert auto.autocast == (torch.bfloat16 if units else None)
+    assert (units or "without bf16 units") in auto.describe()
+    forced = backbone.resolve_precision("float32", "cpu")
+    assert (forced.weights, forced.autocast) == (torch.float32, None)
+    on_cuda = backbone.resolve_precision("auto", "cuda:0")
+    assert (on_cuda.weights, on_cuda.autocast) == (torch.bfloat16, None)
+    assert backbone.resolve_precision("bfloat16", "cpu").weights == torch.bfloat16
+    with pytest.raises(InputError, match="llm_dtype"):
+        backbone.resolve_precision("int4", "cpu")
+
+
+def test_autocast_decoder_computes_in_bf16_and_returns_float32(tiny_llama_dir, caplog, monkeypatch):
+    """The load logs the compute dtype and why; the decoder's projections run in bf16, its output
+    and the LM head's logits are float32, and the same model in float32 scores almost the same."""
+    monkeypatch.setattr(backbone, "cpu_bf16_units", lambda: "AMX")
+    with caplog.at_level(logging.INFO, logger="recbole_llm"):
+        model, _ = load_causal_lm(str(tiny_llama_dir))
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("LLM compute:")] == [
+        "LLM compute: bfloat16 autocast over float32 weights (llm_dtype: auto on a CPU with AMX bf16 units; "
+        "llm_dtype: float32 forces float32)"]
+    projected = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, out: projected.append(out.dtype))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+        logits = model(input_ids=ids).logits
+    assert projected == [torch.bfloat16, torch.bfloat16]
+    assert hidden.dtype == torch.float32 and logits.dtype == torch.float32
+    assert not torch.is_autocast_enabled("cpu")  # the hooks left autocast as they found it
+    exact, _ = load_causal_lm(str(tiny_llama_dir), dtype="float32")
+    with torch.no_grad():
+        torch.testing.assert_close(exact(input_ids=ids).logits, logits, atol=0.05, rtol=0.05)
 
 
 def test_set_num_threads_keeps_default_for_none_and_zero():

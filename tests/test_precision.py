@@ -1,5 +1,6 @@
-"""The precision paths of every LLM model, on the tiny Llama on this CPU: ``llm_dtype: bfloat16``, and
-``load_in_4bit`` (NF4 through bitsandbytes). Each model trains one step and evaluates; knowledge
+"""The precision paths of every LLM model, on the tiny Llama on this CPU: ``llm_dtype: auto`` on a CPU that
+reports bf16 units (bfloat16 autocast over float32 weights; the report is patched, autocast runs on any CPU),
+``llm_dtype: bfloat16``, and ``load_in_4bit`` (NF4 through bitsandbytes). Each model trains one step and evaluates; knowledge
 generation generates. Scores, losses and heads stay float32 whatever the LLM's dtype
 (``backbone.to_llm`` / ``backbone.from_llm``, the one place where the two sides meet).
 
@@ -7,7 +8,9 @@ generation generates. Scores, losses and heads stay float32 whatever the LLM's d
 tests let bitsandbytes' CPU backend quantise (``four_bit_available`` patched to yes). If bitsandbytes
 is missing, or one of its ops fails on this CPU, the test skips with that exact failure.
 
-Breakages checked by hand (caught): ``to_llm`` returning its input unchanged (bf16 E4SRec and Laser:
+Breakages checked by hand (caught): ``Precision.apply`` registering no hooks (autocast: the attention
+ran in float32); the hooks wrapping the whole causal LM instead of its decoder (autocast: LM-head logits
+in bfloat16); ``to_llm`` returning its input unchanged (bf16 E4SRec and Laser:
 dtype error in the LLM); ``from_llm`` returning its input unchanged (bf16 LlamaRec and Laser: dtype error
 in the float32 heads).
 """
@@ -24,7 +27,8 @@ from conftest import first_batch
 from recbole_llm import load_config, registry
 from recbole_llm.llm import backbone
 
-PRECISIONS = {"bfloat16": {"llm_dtype": "bfloat16"}, "4bit": {"llm_dtype": "bfloat16", "load_in_4bit": True}}
+PRECISIONS = {"autocast": {"llm_dtype": "auto"}, "bfloat16": {"llm_dtype": "bfloat16"},
+              "4bit": {"llm_dtype": "bfloat16", "load_in_4bit": True}}
 FALLBACK_LINE = "load_in_4bit needs CUDA and bitsandbytes; falling back to LoRA in full precision on cpu"
 TINY_LLM = {"lora_r": 4, "lora_alpha": 8}
 SETTINGS = {
@@ -38,7 +42,10 @@ SETTINGS = {
 
 @pytest.fixture(params=list(PRECISIONS))
 def precision(request, monkeypatch):
-    """(name, settings); for 4-bit, bitsandbytes' CPU backend stands in for CUDA."""
+    """(name, settings); for autocast this CPU reports bf16 units; for 4-bit, bitsandbytes' CPU
+    backend stands in for CUDA."""
+    if request.param == "autocast":
+        monkeypatch.setattr(backbone, "cpu_bf16_units", lambda: "AMX")
     if request.param == "4bit":
         try:
             importlib.metadata.version("bitsandbytes")
@@ -73,7 +80,40 @@ def assert_llm_precision(llm, name):
         assert all(m.weight.quant_type == "nf4" and m.compute_dtype == torch.bfloat16 for m in quantised)
     else:
         weights = [m.weight for name_, m in llm.named_modules() if name_.endswith("k_proj")]
-        assert weights and all(w.dtype == torch.bfloat16 for w in weights)
+        weight_dtype = torch.float32 if name == "autocast" else torch.bfloat16
+        assert weights and all(w.dtype == weight_dtype for w in weights)
+
+
+def watch_dtypes(llm, seen):
+    """Record in ``seen`` the dtypes that ``llm``'s attention key projections and its LM head (where
+    it keeps one) return: ``{"attention": {...}, "lm_head": {...}}``. Returns the hook handles."""
+    handles = []
+    for name, module in llm.named_modules():
+        part = "attention" if name.endswith("k_proj") else "lm_head" if name.endswith("lm_head") else None
+        if part and isinstance(module, torch.nn.Linear):
+            handles.append(module.register_forward_hook(lambda m, a, out, part=part: seen[part].add(out.dtype)))
+    return handles
+
+
+@contextlib.contextmanager
+def computed_dtypes(llm):
+    """:func:`watch_dtypes` while the block runs."""
+    seen = {"attention": set(), "lm_head": set()}
+    handles = watch_dtypes(llm, seen)
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def assert_computed_in(seen, name):
+    """bf16 attention for autocast and bfloat16; the LM head's logits float32 under autocast."""
+    if name == "4bit":
+        return
+    assert seen["attention"] == {torch.bfloat16}, seen
+    if name == "autocast" and seen["lm_head"]:
+        assert seen["lm_head"] == {torch.float32}, seen
 
 
 def _build(model_name, tiny_data, tiny_llama_dir, extra):
@@ -99,17 +139,22 @@ def test_model_trains_one_step_and_evaluates(model_name, precision, tiny_data, t
         assert all(p.dtype == torch.float32 for p in trainable.values())  # LoRA and heads train in float32
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         model.train()
-        loss = model.calculate_loss(first_batch(train))
-        loss = sum(loss) if isinstance(loss, tuple) else loss  # Laser returns its loss parts, as RecBole allows
-        assert loss.dtype == torch.float32 and torch.isfinite(loss)
-        loss.backward()
+        with computed_dtypes(model) as training:
+            loss = model.calculate_loss(first_batch(train))
+            loss = sum(loss) if isinstance(loss, tuple) else loss  # Laser returns its loss parts, as RecBole allows
+            assert loss.dtype == torch.float32 and torch.isfinite(loss)
+            loss.backward()
+        assert_computed_in(training, name)
         optimizer.step()
         moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
         assert moved, "one step changed no trainable parameter"
         model.eval()
         interaction = first_batch(test)
-        with torch.no_grad():
+        with torch.no_grad(), computed_dtypes(model) as scoring:
             scores = model.full_sort_predict(interaction)
+    assert_computed_in(scoring, name)
+    if model_name == "LlamaRec" and name == "autocast":
+        assert scoring["lm_head"] == {torch.float32}  # the letter logits that rank the candidates
     assert scores.shape == (len(interaction), model.n_items) and scores.dtype == torch.float32
     assert torch.isfinite(scores[:, 1:]).all()
 
@@ -139,7 +184,10 @@ def test_knowledge_generation_generates(precision, tiny_data, tiny_llama_dir, tm
     with bitsandbytes_ops():
         generator = load_generator(config)
         assert_llm_precision(generator.model, name)
-        records = generate_knowledge(generator, items, knowledge_cache_for(config, "tiny", None), show_progress=False)
+        with computed_dtypes(generator.model) as generating:
+            records = generate_knowledge(generator, items, knowledge_cache_for(config, "tiny", None),
+                                         show_progress=False)
+    assert_computed_in(generating, name)
     assert sorted(records) == sorted(token for _, token, _ in items)
     assert all(record["raw"] for record in records.values())  # every item got an answer from the LLM
 
@@ -150,15 +198,22 @@ def test_seralm_aligns_one_iteration_and_evaluates(precision, tiny_data, tiny_ll
     name, extra = precision
     config = _seralm_config(tiny_data, tiny_llama_dir, tmp_path, extra)
     train, valid, test = data_preparation(config, create_dataset(config))
-    loaded = []
+    loaded, aligning = [], {"attention": set(), "lm_head": set()}
     load_llm = backbone.load_llm
-    monkeypatch.setattr(backbone, "load_llm", lambda *a, **k: loaded.append(load_llm(*a, **k)) or loaded[-1])
+
+    def watched_load_llm(*args, **kwargs):
+        loaded.append(load_llm(*args, **kwargs))
+        watch_dtypes(loaded[-1][0], aligning)
+        return loaded[-1]
+
+    monkeypatch.setattr(backbone, "load_llm", watched_load_llm)
     with bitsandbytes_ops():
         model = SeRALM(config, train._dataset)  # generates the un-aligned knowledge with the LLM
         trainer = registry.get_trainer(SeRALM)(config, model)
         trainer.fit(train, valid, saved=False, show_progress=False)  # aligns, regenerates, trains
         result = trainer.evaluate(test, load_best_model=False, show_progress=False)
     assert loaded and all(assert_llm_precision(llm, name) is None for llm, _ in loaded)
+    assert_computed_in(aligning, name)
     assert trainer.alignment_stats["iterations"] == 1 and torch.isfinite(torch.tensor(trainer.alignment_stats["kl"]))
     assert 0.0 <= result["ndcg@10"] <= 1.0
 

@@ -279,9 +279,10 @@ class LlamaRecTrainer(LLMTrainer):
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], **self.clip_grad_norm)
                 self.optimizer.step()
                 scheduler.step()
-                seen, step, running = seen + len(batch) * self.world_size, step + 1, running + loss.item()
+                loss_value = loss.item()  # one read per step, as RecBole's trainer
+                seen, step, running = seen + len(batch) * self.world_size, step + 1, running + loss_value
                 progress.update()
-                progress.set_postfix(loss=f"{loss.item():.3f}")
+                progress.set_postfix(loss=f"{loss_value:.3f}")
                 done = seen >= self.max_examples
                 if step % self.eval_every == 0 or done:
                     with self.timed("ranker validation"):

@@ -19,9 +19,9 @@ matrix-multiply peak (2048 x 2048 matmul) in each dtype and the LLM's forward an
 (LoRA on q/v) over 4 prompts x 700 tokens, as FLOP/s = 2 x (Linear weights) x tokens (forward; x2 for
 forward+backward: the frozen weights need no weight gradient; attention's own products left out).
 
-Each cell is a record (``saved/llm_speed/<machine>/<cell>.json``: settings, machine, commit, numbers),
-reused by a later run with the same settings on the same CPU (``--fresh`` measures again); the
-RESULTS section ``llm_speed`` is written from the records of this CPU.
+Each cell is a record (``benchmarks/records/llm_speed/<machine>/<cell>.json``, committed: settings,
+CPU, commit, date, numbers), reused by a later run with the same settings on the same CPU (``--fresh``
+measures again); the RESULTS section ``llm_speed`` is written from the records of this CPU.
 """
 from __future__ import annotations
 
@@ -290,7 +290,7 @@ def main(argv=None):
 
     torch.set_num_threads(args.num_threads)
     report = cpu_report()
-    records = ROOT / "saved" / "llm_speed" / machine_key(report, args.num_threads)
+    records = ROOT / "benchmarks" / "records" / "llm_speed" / machine_key(report, args.num_threads)
     records.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="llm_speed-"))
     cells = {}

@@ -9,14 +9,15 @@ RecBole's own calls only; its function's docstring quotes the error it fixes.
    whole process: turned off again.
 3. RecBole's FutureWarnings (pandas ``fillna(inplace=True)``, ``torch.cuda.amp``) are hidden.
 4. :func:`note_device` says once (INFO) when ``use_gpu`` falls back to the CPU.
-12. bitsandbytes' CPU backend, imported by PEFT on every run, warns that it could not fetch an
-   optional 4-bit kernel from the hub: dropped (a CPU run never computes in 4-bit).
 5-9. Distributed runs (``nproc`` > 1 or ``world_size`` > 0), GPU-only in RecBole, work on
    CPUs with gloo: the device and process group (5), DDP without ``device_ids`` (6), the
    zero-valued sync loss over trained and real parameters only (7; also on GPUs), the best
    checkpoint read by rank 0 and broadcast (8), ``ensure_dir`` without a race (9).
 10-11. Hyper-parameter search (:mod:`recbole_llm.hyper`): ``exhaustive_search`` on hyperopt's
    Generator API (10), a best valid score of 0.0 kept as the best (11).
+12. bitsandbytes' CPU backend, imported by PEFT on every run, warns that it could not fetch an
+   optional 4-bit kernel from the hub: dropped (a CPU run never computes in 4-bit).
+13. ray (imported by RecBole's quick_start) warns that pkg_resources is deprecated: hidden.
 
 Stage 1 is trained by rank 0 alone and broadcast; a trainer with its own loop synchronises
 its ranks or says ``supports_distributed = False`` (:mod:`recbole_llm.distributed`).
@@ -87,6 +88,10 @@ def apply() -> None:
     global _applied
     if _applied:
         return
+    # shim 13: RecBole's quick_start imports ray, whose import of pkg_resources prints "UserWarning:
+    # pkg_resources is deprecated as an API ... Refrain from using this package or pin to Setuptools<81"
+    # (setuptools>=81): nothing a user of recbole-llm can act on
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     trusting_torch = _TorchTrustingRecBoleFiles("torch")
     for module in RECBOLE_TORCH_LOADERS:
         importlib.import_module(module).torch = trusting_torch

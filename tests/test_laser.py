@@ -369,3 +369,33 @@ def test_gradient_accumulation_equals_one_batch_of_all_the_rows(tiny_data, tiny_
     assert _changed(start, model)
     for name in one:
         assert torch.allclose(one[name], accumulated[name], atol=1e-5), name
+
+
+def test_history_prompts_are_built_on_the_device_as_the_rows_they_stand_for(embedded_tokenizer):
+    """``HistoryPrompt.batch`` (tensors, no per-row host copy) gives, row for row, head + the last
+    ``history_titles`` titles joined by the separator + tail, left-padded: histories shorter and
+    longer than ``history_titles``, and items without a title.
+    Breakages checked by hand (caught): a separator before the first title; the oldest instead of
+    the latest titles; padding trimmed from the wrong end."""
+    from recbole_llm.llm.batching import left_pad
+    from recbole_llm.model.laser import HistoryPrompt
+
+    titles = ["", "Toy Story (1995)", "", "Heat", "A Very Long Title Of A Film That Goes On And On", "Fargo"]
+    prompt = HistoryPrompt(embedded_tokenizer, titles, "User watched:{history}. Next:", history_titles=3,
+                           title_max_tokens=5)
+    histories = [[1], [2, 3], [1, 3, 4, 5, 1], [5, 4, 3, 2, 1, 5, 4], [2]]
+    width = max(len(h) for h in histories)
+    item_seq = torch.tensor([h + [0] * (width - len(h)) for h in histories])
+    item_seq_len = torch.tensor([len(h) for h in histories])
+    pad = embedded_tokenizer.pad_token_id
+
+    expected = []
+    for history in histories:
+        body = []
+        for position, item in enumerate(history[-3:]):
+            body += (prompt.separator if position else []) + prompt.titles[item]
+        expected.append(prompt.head + body + prompt.tail)
+    expected_ids, expected_mask, _ = left_pad(expected, pad)
+    ids, mask = prompt.batch(item_seq, item_seq_len, pad)
+    assert torch.equal(mask, expected_mask)
+    assert torch.equal(ids, expected_ids)

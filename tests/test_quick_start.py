@@ -95,9 +95,10 @@ def test_gpu_request_without_cuda_falls_back_once(tiny_data, caplog, monkeypatch
     assert len(notes) == 1 and notes[0].levelno == logging.INFO  # the default on a CPU: nothing to act on
 
 
-def test_bitsandbytes_kernel_fetch_warning_is_dropped():
+def test_bitsandbytes_kernel_fetch_and_pkg_resources_warnings_are_dropped():
     """PEFT imports bitsandbytes on every run; its CPU backend's warning about an optional hub kernel
-    (logged at import on CPUs with AVX-512 BF16) never reaches a run's log."""
+    (logged at import on CPUs with AVX-512 BF16) never reaches a run's log, nor ray's warning about
+    pkg_resources."""
     import subprocess
 
     code = ("import logging; logging.basicConfig(level=logging.INFO); import recbole_llm, peft; "
@@ -106,6 +107,7 @@ def test_bitsandbytes_kernel_fetch_warning_is_dropped():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "gemm_4bit_forward" not in run.stderr and "bitsandbytes" not in run.stderr
+    assert "pkg_resources" not in run.stderr  # ray's deprecation warning, at RecBole's import of ray
 
 
 def test_anomaly_detection_is_off_after_import():

@@ -53,7 +53,8 @@ class HistoryPrompt:
     """Token ids of ``prompt_template`` with ``{history}`` = the user's last item titles.
 
     Titles are tokenized once (with a leading space, cut to ``title_max_tokens``); a prompt is
-    then head ids + title ids joined by the separator + tail ids, with no re-tokenization.
+    then head ids + title ids joined by the separator + tail ids, with no re-tokenization
+    (:meth:`batch`).
     """
 
     def __init__(self, tokenizer, titles, template, history_titles, title_max_tokens):
@@ -69,14 +70,42 @@ class HistoryPrompt:
             + history_titles * (title_max_tokens + len(self.separator)) - len(self.separator)
         )
 
-    def ids(self, history: list[int]) -> list[int]:
-        """Prompt ids for one history (internal item ids, oldest first, no padding)."""
-        body = []
-        for position, item in enumerate(history[-self.history_titles:]):
-            if position:
-                body += self.separator
-            body += self.titles[item]
-        return self.head + body + self.tail
+    def batch(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, pad_id: int):
+        """``(input_ids, attention_mask)`` of the prompts of RecBole's right-padded histories, left-padded
+        to the longest. A row is head ids + the titles of the last ``history_titles`` items joined by
+        the separator + tail ids; built on ``item_seq``'s device from a table of title ids (one read of
+        the longest length, no per-row copy to the host)."""
+        device = item_seq.device
+        if getattr(self, "_table_device", None) != device:
+            width = max([len(t) for t in self.titles] + [1])
+            table = torch.full((len(self.titles), width), pad_id, dtype=torch.long)
+            for item, title in enumerate(self.titles):
+                table[item, :len(title)] = torch.tensor(title, dtype=torch.long)
+            self._title_table, self._title_lengths = table.to(device), torch.tensor([len(t) for t in self.titles],
+                                                                                    device=device)
+            self._head, self._tail = torch.tensor(self.head, device=device), torch.tensor(self.tail, device=device)
+            self._separator = torch.tensor(self.separator, dtype=torch.long, device=device)
+            self._table_device = device
+        batch, slots = item_seq.size(0), self.history_titles
+        start = item_seq_len.unsqueeze(1) - slots  # the last ``slots`` items of each history
+        positions = start + torch.arange(slots, device=device)
+        present = positions >= 0
+        items = item_seq.gather(1, positions.clamp(min=0)) * present
+        first = present & ~torch.cat([present.new_zeros(batch, 1), present[:, :-1]], dim=1)  # no separator before it
+        titles = self._title_table[items]  # [B, slots, T]
+        title_mask = torch.arange(titles.size(2), device=device) < self._title_lengths[items].unsqueeze(-1)
+        separator = self._separator.expand(batch, slots, -1)
+        separator_mask = (present & ~first).unsqueeze(-1).expand_as(separator)
+        body = torch.cat([separator, titles], dim=2).flatten(1)
+        body_mask = torch.cat([separator_mask, title_mask & present.unsqueeze(-1)], dim=2).flatten(1)
+        ids = torch.cat([self._head.expand(batch, -1), body], dim=1)
+        mask = torch.cat([body_mask.new_ones(batch, self._head.numel()), body_mask], dim=1)
+        order = torch.sort(mask.long(), dim=1, stable=True).indices  # padding first, real tokens in order
+        ids, mask = ids.gather(1, order), mask.gather(1, order)
+        longest = int(mask.sum(1).max())
+        ids = torch.cat([ids[:, ids.size(1) - longest:], self._tail.expand(batch, -1)], dim=1)
+        mask = torch.cat([mask[:, mask.size(1) - longest:], mask.new_ones(batch, self._tail.numel())], dim=1).long()
+        return ids.masked_fill(mask == 0, pad_id), mask
 
 
 class MFormer(nn.Module):
@@ -269,9 +298,7 @@ class Laser(PluggableMixin, SequentialRecommender):
     def forward(self, item_seq, item_seq_len):
         """User vectors [B, d] in the recommendation space, router weights [B, E] (or None), balance loss."""
         encodings, padding, id_user = self.id_encodings(item_seq, item_seq_len)
-        device = item_seq.device
-        histories = [row[:length].tolist() for row, length in zip(item_seq.cpu(), item_seq_len.cpu().tolist())]
-        text_ids, text_mask, _ = left_pad([self.prompt.ids(h) for h in histories], self.pad_token_id, device)
+        text_ids, text_mask = self.prompt.batch(item_seq, item_seq_len, self.pad_token_id)
         embed = self.llm.get_input_embeddings()
         parts, masks = [], []
         weights, balance = None, encodings.new_zeros(())

@@ -256,7 +256,7 @@ def test_loss_supervises_the_logits_that_inference_reads(llamarec, monkeypatch):
     from recbole.data.interaction import Interaction
 
     batch = Interaction({model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: torch.tensor([6, 1]),
-                         model.POS_ITEM_ID: torch.tensor(targets)})
+                         model.POS_ITEM_ID: torch.tensor(targets), model.USER_ID: torch.tensor([1, 2])})
     loss = model.calculate_loss(batch)
     expected = []
     for history, target in zip(histories, targets):
@@ -336,7 +336,7 @@ def test_shared_prompt_prefix_gives_the_same_scores_loss_and_gradients(llamarec,
     for row, history in enumerate(histories):
         seq[row, : len(history)] = torch.tensor(history)
     batch = Interaction({model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: torch.tensor([6, 1, 2]),
-                         model.POS_ITEM_ID: torch.tensor([25, 26, 27])})
+                         model.POS_ITEM_ID: torch.tensor([25, 26, 27]), model.USER_ID: torch.tensor([1, 2, 3])})
     outcomes = {}
     for share in (True, False):
         model.share_prompt_prefix = share
@@ -375,3 +375,142 @@ def test_fair_base_of_the_slices_benchmark_is_the_retriever_without_history(llam
     assert torch.equal(scores.topk(K, dim=1).indices, expected)
     for history, top in zip(model._histories(interaction), scores.topk(K, dim=1).indices.tolist()):
         assert history and not set(history) & set(top)
+
+
+def _whole_histories(config) -> dict[int, list[int]]:
+    """Each user's items in time order (internal ids), from the atomic files."""
+    inter = create_dataset(config).inter_feat
+    rows = sorted(zip(inter["user_id"].tolist(), inter["timestamp"].tolist(), inter["item_id"].tolist()))
+    histories = {}
+    for user, _, item in rows:
+        histories.setdefault(user, []).append(item)
+    return histories
+
+
+def test_candidates_exclude_history_older_than_the_window(llamarec, monkeypatch):
+    """Test users have 11 items before their target and the window keeps 8: the 3 oldest are
+    excluded too (evaluation candidates), even when the retriever ranks the whole history first."""
+    config, model, (_, _, test) = llamarec
+    histories = _whole_histories(config)
+    interaction = first_batch(test)
+    users = interaction[model.USER_ID].tolist()
+    assert all(len(histories[user]) - 1 > model.max_seq_length for user in users)
+
+    def history_first(batch):
+        scores = torch.zeros(len(batch), model.n_items)
+        for row, user in enumerate(batch[model.USER_ID].tolist()):
+            scores[row, histories[user][:-1]] = 1000.0
+        return scores
+
+    monkeypatch.setattr(model, "retrieval_scores", history_first)
+    model.eval()
+    top = model.full_sort_predict(interaction).topk(K, dim=1).indices
+    for user, candidates in zip(users, top.tolist()):
+        assert not set(histories[user][:-1]) & set(candidates), user
+
+
+def test_training_negatives_avoid_history_older_than_the_window(llamarec, monkeypatch):
+    """A training prefix longer than the window: its negatives are drawn outside every item before
+    its target (as the authors), not only the window's."""
+    config, model, _ = llamarec
+    from recbole.data.interaction import Interaction
+
+    histories = _whole_histories(config)
+    user = next(iter(histories))
+    sequence = histories[user]
+    target_at = model.max_seq_length + 1  # the last training target: 9 items before it, 8 in the window
+    window = sequence[target_at - model.max_seq_length:target_at]
+    excluded = []
+
+    def record(history, target):
+        excluded.append(set(history))
+        return [target] + [i for i in range(1, model.n_items) if i != target][:K - 1], 0
+
+    monkeypatch.setattr(model, "training_candidates", record)
+    batch = Interaction({model.ITEM_SEQ: torch.tensor([window]), model.ITEM_SEQ_LEN: torch.tensor([len(window)]),
+                         model.POS_ITEM_ID: torch.tensor([sequence[target_at]]), model.USER_ID: torch.tensor([user])})
+    model.calculate_loss(batch)
+    assert excluded == [set(sequence[:target_at])]
+    draws = [LlamaRec.training_candidates(model, set(sequence[:target_at]), sequence[target_at])[0] for _ in range(30)]
+    assert not any(sequence[0] in draw for draw in draws)  # the one item older than the window
+
+
+def test_scores_after_ranker_training_are_computed_in_eval_mode(llamarec):
+    """The validation scores that pick the fusion weight do not depend on the mode training left
+    the model in (LoRA dropout is off while scoring)."""
+    config, model, (_, valid, _) = llamarec
+    with torch.no_grad():
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    trainer = LlamaRecTrainer(config, model)
+    phase = trainer._phase(valid)
+    scores = []
+    for mode in (True, False):
+        model.train(mode)
+        torch.manual_seed(0)
+        phase.ranker = None
+        trainer._score_phase(phase, show_progress=False)
+        scores.append(torch.cat(phase.ranker))
+    assert scores[0].abs().sum() > 0 and torch.equal(scores[0], scores[1])
+
+
+def test_distributed_validation_reduces_on_the_models_device(llamarec, monkeypatch):
+    """The validation NDCG of the ranks is summed by a collective on the trainer's device (NCCL
+    needs GPU tensors); a fake collective records the device (``meta`` stands in for a GPU)."""
+    import recbole_llm.trainer.two_stage as two_stage
+
+    config, model, (_, valid, _) = llamarec
+    trainer = LlamaRecTrainer(config, model)
+    phase = trainer._phase(valid)
+    trainer.world_size, trainer.device = 2, torch.device("meta")
+    devices = []
+
+    class Reduced(Exception):
+        pass
+
+    def all_reduce(tensor):
+        devices.append(tensor.device)
+        raise Reduced
+
+    monkeypatch.setattr(two_stage.dist, "all_reduce", all_reduce)
+    with pytest.raises(Reduced):
+        trainer._validation_ndcg(phase)
+    assert devices == [torch.device("meta")]
+
+
+def test_retriever_is_selected_on_recall_and_the_ranker_on_ndcg(tiny_data):
+    from recbole_llm.model.pretrained import id_model_config
+
+    name, overrides = tiny_data
+    config = load_config("LlamaRec", name, config_dict=overrides)  # the property files' retriever_config
+    stage1 = id_model_config(config, config["retriever"], config["retriever_config"])
+    assert (stage1["valid_metric"], config["valid_metric"]) == ("Recall@10", "NDCG@10")
+
+
+def test_micro_batches_give_the_gradient_of_the_whole_batch(llamarec):
+    """Ranker training runs ``ranker_micro_batch_size`` prompts per backward pass: the loss and the
+    adapter's gradient are those of the whole batch (uneven micro-batches weighted by their size).
+    Breakage checked by hand (caught): each micro-batch's loss weighted 1 / number of micro-batches."""
+    import random
+
+    config, model, (train, _, _) = llamarec
+    model.eval()  # no LoRA dropout: the passes must agree
+    with torch.no_grad():
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    trainer = LlamaRecTrainer(config, model)
+    batch = first_batch(train)[:4]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    results = {}
+    for micro in (4, 3, 1):
+        trainer.micro_batch = micro
+        model.zero_grad()
+        random.seed(0)  # the same negatives for every split
+        loss = trainer._backward_in_micro_batches(batch)
+        results[micro] = (loss, [p.grad.clone() for p in trainable])
+    for micro in (3, 1):
+        torch.testing.assert_close(results[micro][0], results[4][0])
+        for split, whole in zip(results[micro][1], results[4][1]):
+            torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-4)

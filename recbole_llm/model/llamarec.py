@@ -33,6 +33,7 @@ from recbole.data.interaction import Interaction
 from recbole.model.abstract_recommender import SequentialRecommender
 from tqdm import tqdm
 
+from recbole_llm.data.interactions import item_sets, training_sequences
 from recbole_llm.data.item_text import item_texts
 from recbole_llm.llm.backbone import from_llm, load_llm
 from recbole_llm.llm.batching import common_prefix_length, forward_shared_prefix, left_pad
@@ -68,10 +69,12 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
 
     The choices the paper leaves open, each a setting (properties/model/LlamaRec.yaml):
 
-    * The history is taken from the batch's own item sequence (RecBole gives sequential models
-      no history index at evaluation), by one code path for training, validation, test and
-      ``full_sort_predict``; ``exclude_history: False`` allows repeats (datasets where users
-      consume items again).
+    * The history the candidates leave out is the user's whole history, as the authors': the
+      training sequence (kept from the training split, so also the items older than the
+      ``MAX_ITEM_LIST_LENGTH`` window) and the row's own item sequence, by one code path for
+      validation, test and ``full_sort_predict``; a training prefix leaves out every item before
+      its target. ``exclude_history: False`` allows repeats (datasets where users consume items
+      again). The prompt shows the last ``ranker_history_len`` items of the row's sequence.
     * Prompts that are too long lose their oldest history items first (the authors truncate
       on the left, which can cut the instruction).
     * Left padding with explicit position ids, so a padded prompt scores exactly as an
@@ -100,6 +103,9 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         self.exclude_history = config["exclude_history"]
         self.ranker_enabled = True  # False: full_sort_predict returns the retriever's scores (for comparisons)
         texts = item_texts(dataset, config["item_text_fields"])  # first: a dataset without text fails fast
+        # the users' whole training sequences, beyond the MAX_ITEM_LIST_LENGTH window (exclude_history)
+        self.training_sequences = training_sequences(dataset)
+        self.training_items = item_sets(self.training_sequences, self.n_items)  # sparse: no buffer (DDP broadcasts those)
 
         self.retriever = pretrained_id_model(
             config, dataset, config["retriever"], checkpoint=config["retriever_checkpoint"],
@@ -133,9 +139,14 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         return masked.topk(self.k, dim=1).indices
 
     def history_mask(self, interaction) -> torch.Tensor:
-        """Items in each row's visible history, bool [B, n_items]."""
+        """Items in each row's history, bool [B, n_items]: the user's whole training sequence (also
+        what lies beyond the ``MAX_ITEM_LIST_LENGTH`` window) and the row's item sequence (which
+        adds the validation item for a test row, and holds a training prefix's own items)."""
         seq = interaction[self.ITEM_SEQ]
-        mask = torch.zeros(seq.size(0), self.n_items, dtype=torch.bool, device=seq.device)
+        users = interaction[self.USER_ID]
+        if self.training_items.device != users.device:
+            self.training_items = self.training_items.to(users.device)
+        mask = self.training_items.index_select(0, users).to_dense() > 0
         return mask.scatter_(1, seq, True)
 
     def candidate_exclusion(self, interaction) -> torch.Tensor:
@@ -197,9 +208,21 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
             fused = fused + weight * F.log_softmax(retrieval_of_candidates, dim=1)
         return fused
 
-    def training_candidates(self, history: list[int], target: int) -> tuple[list[int], int]:
-        """The true item and ``k - 1`` random other items (non-history with ``exclude_history``,
-        the rule evaluation candidates follow), shuffled; and the true item's index."""
+    def prior_items(self, user: int, window: list[int], target: int) -> set[int]:
+        """Every item before ``target`` in ``user``'s training sequence (the authors draw training
+        negatives outside all of them): the row's ``window`` and, when the window is full, the items
+        before it in the user's sequence (where the window ends at the target)."""
+        if len(window) < self.max_seq_length:
+            return set(window)
+        sequence = self.training_sequences[user]
+        width = len(window)
+        end = next((t for t in range(width, len(sequence)) if sequence[t] == target
+                    and sequence[t - width:t] == window), None)
+        return set(window) if end is None else set(sequence[:end])
+
+    def training_candidates(self, history: set[int], target: int) -> tuple[list[int], int]:
+        """The true item and ``k - 1`` random other items (not in the user's ``history`` with
+        ``exclude_history``, the rule evaluation candidates follow), shuffled; and the true item's index."""
         excluded = (set(history) if self.exclude_history else set()) | {0, target}
         if self.n_items - len(excluded) < self.k - 1:
             raise InputError(f"only {self.n_items - len(excluded)} items besides the target"
@@ -217,8 +240,9 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
     def calculate_loss(self, interaction):
         """Next-token cross-entropy on the answer tokens (letter, EOS) only."""
         sequences, answers = [], []
-        for history, target in zip(self._histories(interaction), interaction[self.POS_ITEM_ID].tolist()):
-            candidates, index = self.training_candidates(history, target)
+        rows = zip(self._histories(interaction), interaction[self.USER_ID].tolist(), interaction[self.POS_ITEM_ID].tolist())
+        for history, user, target in rows:
+            candidates, index = self.training_candidates(self.prior_items(user, history, target), target)
             answer = self.verbalizer.answer_ids(index)
             sequences.append(self._prompt_ids(history, candidates) + answer)
             answers.append(answer)

@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_doc import ROOT, bare_argv, load_record, markdown_table, write_record, write_section  # noqa: E402
+from results_doc import (ROOT, bare_argv, cpu_model, load_record, markdown_table, write_record,  # noqa: E402
+                         write_section)
 from scaling import PeakRSS, measure  # noqa: E402
 
 MODELS = ["LlamaRec", "E4SRec", "Laser", "SeRALM"]
@@ -54,18 +55,12 @@ SETTINGS = {"LlamaRec": {}, "SeRALM": {},
 # ------------------------------------------------------------------ the machine
 def cpu_report() -> dict:
     """CPU model, its bf16/AMX/AVX flags, and what torch makes of them."""
-    import platform
-
     import torch
 
     from recbole_llm.llm.backbone import cpu_bf16_units, cpu_flags
 
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                      if line.startswith("model name")), model)
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "bf16")
-    return {"cpu": model, "flags": sorted(f for f in cpu_flags() if f in wanted), "bf16_units": cpu_bf16_units(),
+    return {"cpu": cpu_model(), "flags": sorted(f for f in cpu_flags() if f in wanted), "bf16_units": cpu_bf16_units(),
             "torch": torch.__version__, "torch_capability": torch.backends.cpu.get_cpu_capability()}
 
 

@@ -17,21 +17,30 @@ RESULTS = ROOT / "docs" / "RESULTS.md"
 HEADER = "# Measured results\n\nEvery number below was measured by the script named in its section, on the machine it names.\n"
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's processor name elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    cpu = cpu_model()
     import torch
 
+    from recbole_llm.llm.backbone import cpu_flags, resolve_precision
+
     load, threads = os.getloadavg()[1], torch.get_num_threads()
+    flags = ", ".join(sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "bf16")))
     return (
-        f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {threads} thread{'s' * (threads > 1)}, "
-        f"Python {platform.python_version()}; load average {load:.1f} at the end of the run (above 2 = shared cores)"
+        f"{os.cpu_count()} cores ({cpu}; {flags or 'no avx2/avx512/bf16 flags'}), torch {torch.__version__}, "
+        f"{threads} thread{'s' * (threads > 1)}, Python {platform.python_version()}; LLM compute unless a setting "
+        f"says otherwise: {resolve_precision('auto').describe()}; load average {load:.1f} at the end of the run "
+        f"(above 2 = shared cores)"
     )
 
 

@@ -82,8 +82,8 @@ def test_resume_false_starts_over(tiny_data, tmp_path, monkeypatch, caplog):
 @pytest.fixture
 def ranker_settings(tiny_llama_dir):
     return {"llm_path": str(tiny_llama_dir), "candidate_k": 5, "retriever_config": {"epochs": 1},
-            "train_batch_size": 4, "ranker_max_train_examples": 16, "ranker_eval_step": 2, "ranker_valid_users": 8,
-            "ranker_warmup_steps": 1, "fusion_weights": [0.0, 1.0]}
+            "train_batch_size": 4, "ranker_micro_batch_size": 4, "ranker_max_train_examples": 16, "ranker_eval_step": 2,
+            "ranker_valid_users": 8, "ranker_warmup_steps": 1, "fusion_weights": [0.0, 1.0]}  # one loss per step
 
 
 def test_llamarec_same_seed_same_metrics(tiny_data, tmp_path, ranker_settings):

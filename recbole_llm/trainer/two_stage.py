@@ -102,6 +102,7 @@ class LlamaRecTrainer(LLMTrainer):
         super().__init__(config, model)
         self.world_size = dist.get_world_size() if distributed.is_distributed(config) else 1
         self.max_examples = config["ranker_max_train_examples"]
+        self.micro_batch = config["ranker_micro_batch_size"]
         self.eval_every = config["ranker_eval_step"]
         self.valid_users = config["ranker_valid_users"]
         self.warmup = config["ranker_warmup_steps"]
@@ -172,6 +173,7 @@ class LlamaRecTrainer(LLMTrainer):
         keep the retriever's order. On ml-100k this sends about a quarter of the users to the LLM."""
         if phase.ranker is not None:
             return
+        self.model.eval()  # scoring is inference (LoRA dropout off), whatever ran before
         histories, candidates = [h for batch in phase.histories for h in batch], phase.flat("candidates")
         rows = (candidates == phase.flat("targets").unsqueeze(1)).any(1).nonzero().squeeze(1)
         scores = torch.zeros(candidates.shape)
@@ -204,7 +206,7 @@ class LlamaRecTrainer(LLMTrainer):
         ndcg = ranking_metrics(scores, candidates[rows], targets[rows], [10])["ndcg@10"]
         if self.world_size == 1:
             return ndcg
-        total = torch.tensor([ndcg * len(rows), len(rows)], dtype=torch.float64)
+        total = torch.tensor([ndcg * len(rows), len(rows)], dtype=torch.float64, device=self.device)  # NCCL: on the GPU
         dist.all_reduce(total)
         return float(total[0] / total[1]) if total[1] else 0.0
 
@@ -228,6 +230,22 @@ class LlamaRecTrainer(LLMTrainer):
             self._train_ranker_steps(train_data, phase, show_progress, resume_file if claim is not None else None)
         finally:
             release(claim)
+
+    def _backward_in_micro_batches(self, batch) -> torch.Tensor:
+        """``calculate_loss`` and backward on micro-batches of ``ranker_micro_batch_size`` prompts, each
+        loss weighted by its share of ``batch``: the gradient of the whole batch's mean loss, with the
+        activations of one micro-batch in memory. Returns the batch's loss (detached)."""
+        total = 0.0
+        for start in range(0, len(batch), self.micro_batch):
+            part = batch[start:start + self.micro_batch]
+            sync = 0
+            if self.world_size > 1:  # RecBole's way: DDP averages the gradients of each backward pass
+                self.set_reduce_hook()
+                sync = self.sync_grad_loss()
+            loss = self.model.calculate_loss(part) * (len(part) / len(batch))
+            (loss + sync).backward()
+            total = total + loss.detach()
+        return total
 
     def _train_ranker_steps(self, train_data, phase, show_progress, resume_file):
         """The loop of :meth:`_train_ranker`; ``resume_file`` None: another run owns the state."""
@@ -269,12 +287,7 @@ class LlamaRecTrainer(LLMTrainer):
                 resumed = None
             for position, batch in enumerate(batches, start=skip + 1):
                 self.optimizer.zero_grad()
-                sync = 0
-                if self.world_size > 1:  # RecBole's way: DDP averages the gradients of this step
-                    self.set_reduce_hook()
-                    sync = self.sync_grad_loss()
-                loss = model.calculate_loss(batch.to(self.device))
-                (loss + sync).backward()
+                loss = self._backward_in_micro_batches(batch.to(self.device))
                 if self.clip_grad_norm:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], **self.clip_grad_norm)
                 self.optimizer.step()

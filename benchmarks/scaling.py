@@ -125,10 +125,17 @@ def _glibc():
 
 
 class PeakRSS:
-    """The peak resident set size above the one at entry, sampled every millisecond in a thread (the
-    heap trimmed at entry, so memory an earlier phase freed does not hide this phase's peak)."""
+    """The peak resident set size above the one at entry, sampled every millisecond in a thread (after
+    :meth:`exact_peaks`, the heap trimmed at entry, so memory an earlier phase freed does not hide this
+    phase's peak)."""
 
-    libc = _glibc()
+    libc = None
+
+    @classmethod
+    def exact_peaks(cls):
+        """Set glibc so that each phase's peak is its own (:func:`_glibc`). Process-wide, and it slows
+        allocation-heavy code (every large tensor its own mapping): for memory curves, not timings."""
+        cls.libc = _glibc()
 
     def __init__(self):
         self.page = os.sysconf("SC_PAGE_SIZE")
@@ -356,6 +363,7 @@ def main(argv=None) -> list[dict]:
     import torch
 
     torch.set_num_threads(args.num_threads)
+    PeakRSS.exact_peaks()
     workdir = Path(tempfile.mkdtemp(prefix="scaling-"))
     rows, failures = [], []
     out = Path(args.out)

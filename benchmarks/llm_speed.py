@@ -12,7 +12,8 @@ randomly initialised ID model: its weights do not change the LLM's cost), for ea
 * SeRALM: knowledge generation items/s (``--generate_items`` items, greedy, the default length).
 
 Precisions: ``float32`` (``llm_dtype: float32``); ``bf16`` (``llm_dtype: auto`` as on a CPU with bf16
-units: bfloat16 autocast over float32 weights; forced on a CPU without them, where it is emulated);
+units: bfloat16 autocast over float32 weights, bf16 weights for generation only; forced on a CPU
+without them, where it is emulated);
 ``int8`` (scoring paths only: LlamaRec's ranking and SeRALM's generation, torch's dynamic int8
 quantisation of the LLM's Linear layers, LoRA merged first). Next to them, the machine's own
 matrix-multiply peak (2048 x 2048 matmul) in each dtype and the LLM's forward and forward+backward
@@ -249,15 +250,13 @@ def report_text(cells: dict, report: dict, args) -> str:
                          f"{forward / 1e12:.3f} ({100 * forward / peak:.0f}%)" if forward and peak else "-",
                          f"{train / 1e12:.3f} ({100 * train / peak:.0f}%)" if train and peak else "-"])
     flags = ", ".join(report["flags"]) or "none of avx2/avx512/bf16/amx"
-    memory = [[name, p, f"{cells[('model', name, p)]['numbers'].get('train_peak_mib', 0):,.0f}",
-               f"{cells[('model', name, p)]['numbers'].get('eval_peak_mib', cells[('model', name, p)]['numbers'].get('generate_peak_mib', 0)):,.0f}"]
-              for name in args.models for p in args.precisions if ("model", name, p) in cells]
     return (
         f"CPU: {report['cpu']}; flags: {flags}; bf16 units as torch reports them: {report['bf16_units'] or 'none'} "
         f"(torch {report['torch']}, capability {report['torch_capability']}); {args.num_threads} threads.\n\n"
         f"ml-100k, the embedded SmolLM2-135M-Instruct, each model's default settings, {args.eval_batch_size} users per "
         f"scoring batch; stage 1 randomly initialised. Precision columns: `float32` (`llm_dtype: float32`), `bf16` "
-        f"(`llm_dtype: auto` with bf16 units: bfloat16 autocast over float32 weights; forced where the CPU has none), "
+        f"(`llm_dtype: auto` with bf16 units: bfloat16 autocast over float32 weights, and bf16 weights for SeRALM's "
+        f"generation, an LLM that only generates; forced where the CPU has none), "
         f"`int8` (scoring and generation only: dynamic int8 Linear layers, LoRA merged).\n\n"
         f"{markdown_table(header, rows)}\n\n"
         f"Matrix-multiply peak (2048 x 2048, {args.num_threads} threads): float32 "
@@ -265,8 +264,8 @@ def report_text(cells: dict, report: dict, args) -> str:
         f"The bare LLM (LoRA on q/v, 4 prompts x 700 tokens): tokens/s forward, and TFLOP/s (share of the "
         f"peak in that dtype; int8 against float32's):\n\n"
         f"{markdown_table(['precision', 'forward tokens/s', 'forward TFLOP/s', 'forward + backward TFLOP/s'], llm_rows)}\n\n"
-        f"Peak memory above the start of each phase (MiB):\n\n"
-        f"{markdown_table(['model', 'precision', 'training', 'scoring / generation'], memory)}\n")
+        f"Memory is not compared here (freed memory is reused unseen within one process): the quick start's peak is "
+        f"in \"quickstart\", the cost curves' in \"scaling\".\n")
 
 
 def main(argv=None):

@@ -17,7 +17,8 @@ RecBole's own calls only; its function's docstring quotes the error it fixes.
    Generator API (10), a best valid score of 0.0 kept as the best (11).
 12. bitsandbytes' CPU backend, imported by PEFT on every run, warns that it could not fetch an
    optional 4-bit kernel from the hub: dropped (a CPU run never computes in 4-bit).
-13. ray (imported by RecBole's quick_start) warns that pkg_resources is deprecated: hidden.
+13. Deprecation warnings of one library's call into another (ray's import of pkg_resources, PEFT's
+   call of transformers' ``is_gradient_checkpointing``): hidden.
 
 Stage 1 is trained by rank 0 alone and broadcast; a trainer with its own loop synchronises
 its ranks or says ``supports_distributed = False`` (:mod:`recbole_llm.distributed`).
@@ -88,10 +89,13 @@ def apply() -> None:
     global _applied
     if _applied:
         return
-    # shim 13: RecBole's quick_start imports ray, whose import of pkg_resources prints "UserWarning:
+    # shim 13: deprecation warnings of one library's call into another, nothing a user of recbole-llm can
+    # act on: RecBole's quick_start imports ray, whose import of pkg_resources prints "UserWarning:
     # pkg_resources is deprecated as an API ... Refrain from using this package or pin to Setuptools<81"
-    # (setuptools>=81): nothing a user of recbole-llm can act on
+    # (setuptools>=81); PEFT's LoRA calls "FutureWarning: `is_gradient_checkpointing` is deprecated and
+    # will be removed in v6. Use `is_activation_checkpointing` instead." (transformers 5)
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     trusting_torch = _TorchTrustingRecBoleFiles("torch")
     for module in RECBOLE_TORCH_LOADERS:
         importlib.import_module(module).torch = trusting_torch

@@ -102,12 +102,15 @@ def test_bitsandbytes_kernel_fetch_and_pkg_resources_warnings_are_dropped():
     import subprocess
 
     code = ("import logging; logging.basicConfig(level=logging.INFO); import recbole_llm, peft; "
+            "from recbole_llm.llm.backbone import apply_lora, tiny_llama; apply_lora(tiny_llama(64), 2, 4, 0.0, "
+            "['q_proj']); "
             "[logging.getLogger(name).warning('Failed to load CPU gemm_4bit_forward from kernels-community "
             "quantization-bitsandbytes') for name in recbole_llm.compat.FOUR_BIT_KERNEL_FETCH_LOGGERS]")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "gemm_4bit_forward" not in run.stderr and "bitsandbytes" not in run.stderr
     assert "pkg_resources" not in run.stderr  # ray's deprecation warning, at RecBole's import of ray
+    assert "Warning" not in run.stderr, run.stderr  # e.g. PEFT's call of a deprecated transformers method
 
 
 def test_anomaly_detection_is_off_after_import():

@@ -80,7 +80,7 @@ def load_generator(config, model=None, tokenizer=None, adapter_path=None, logger
     from recbole_llm.llm.backbone import load_llm
 
     if model is None:
-        model, tokenizer = load_llm(config, logger, adapter=adapter_path)
+        model, tokenizer = load_llm(config, logger, adapter=adapter_path, inference_only=True)
         model.eval()
     return KnowledgeGenerator(
         model, tokenizer, template=knowledge_prompt(config),

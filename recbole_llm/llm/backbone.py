@@ -89,6 +89,7 @@ def load_causal_lm(
     gradient_checkpointing=False,
     cache_dir=None,
     logger=None,
+    inference_only=False,
 ):
     """Load ``(model, tokenizer)`` for the ``llm_path`` setting.
 
@@ -96,13 +97,14 @@ def load_causal_lm(
     on CUDA and on CPUs with bf16 units, float32 elsewhere). ``device`` is ``"cpu"``,
     ``"cuda"``/``"cuda:N"`` or ``"auto"`` (CUDA when available). ``load_in_4bit`` quantises with
     bitsandbytes NF4 and prepares the model for k-bit training when CUDA and bitsandbytes are
-    present; otherwise it logs one line and loads normally.
+    present; otherwise it logs one line and loads normally. ``inference_only``: the model only
+    generates (see :func:`resolve_precision`).
     """
     from transformers import AutoModelForCausalLM
 
     logger = logger or logging.getLogger("recbole_llm")
     device = _resolve_device(device)
-    precision = resolve_precision(dtype, device)
+    precision = resolve_precision(dtype, device, inference_only)
     logger.info(f"LLM compute: {precision.describe()}")
     model_path = resolve_llm_path(llm_path, cache_dir)
 
@@ -138,7 +140,7 @@ def load_causal_lm(
     return model, tokenizer
 
 
-def load_llm(config, logger=None, *, lora=None, adapter=None, trainable=False, n_layers=None):
+def load_llm(config, logger=None, *, lora=None, adapter=None, trainable=False, n_layers=None, inference_only=False):
     """The config's LLM for training or generation, the one way every model, knowledge generation
     and alignment gets it: the one place that reads the LLM settings (``llm_path``,
     ``llm_dtype``, ``load_in_4bit``, ``gradient_checkpointing``, ``num_threads``) and the device.
@@ -147,7 +149,8 @@ def load_llm(config, logger=None, *, lora=None, adapter=None, trainable=False, n
     (:func:`keep_first_layers`) and freezes every weight; then wraps it in the saved PEFT
     ``adapter`` folder (its weights train when ``trainable``) or in a fresh LoRA made by
     :func:`apply_lora` with the keyword arguments ``lora`` (from the caller's ``lora_*``
-    settings). Returns ``(model, tokenizer)``.
+    settings). ``inference_only``: the LLM only generates (its precision: :func:`resolve_precision`).
+    Returns ``(model, tokenizer)``.
     """
     set_num_threads(config["num_threads"])
     device = str(config["device"]) if "device" in config and config["device"] is not None else "cpu"
@@ -158,6 +161,7 @@ def load_llm(config, logger=None, *, lora=None, adapter=None, trainable=False, n
         load_in_4bit=bool(config["load_in_4bit"]),
         gradient_checkpointing=bool(config["gradient_checkpointing"]),
         logger=logger,
+        inference_only=inference_only and not trainable and not lora,
     )
     keep_first_layers(model.get_decoder(), n_layers)
     model.requires_grad_(False)
@@ -263,20 +267,25 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def resolve_precision(llm_dtype="auto", device="cpu") -> Precision:
+def resolve_precision(llm_dtype="auto", device="cpu", inference_only=False) -> Precision:
     """The :class:`Precision` of the ``llm_dtype`` setting on ``device``.
 
     ``auto``: bfloat16 weights on CUDA; on a CPU with bf16 units (:func:`cpu_bf16_units`),
     float32 weights with bfloat16 autocast (forward 3-4x faster there, and what the optimiser
-    updates keeps float32 master weights); float32 elsewhere (a CPU without bf16 units emulates
-    bf16 and gets slower). A dtype name (``float32``, ``bfloat16``, ``float16``) loads the
-    weights in that dtype and computes in it, on any device.
+    updates keeps float32 master weights), or, for an LLM that only generates
+    (``inference_only``: nothing trains, no gradient flows), bfloat16 weights: autocast would cast
+    every weight again at each generated token (measured: slower than float32); float32 on a CPU
+    without bf16 units (it emulates bf16 and gets slower). A dtype name (``float32``,
+    ``bfloat16``, ``float16``) loads the weights in that dtype and computes in it, on any device.
     """
     device_type = "cuda" if str(device).startswith("cuda") else "cpu"
     if llm_dtype in (None, "auto"):
         if device_type == "cuda":
             return Precision(torch.bfloat16, None, device_type, "llm_dtype: auto on CUDA")
         units = cpu_bf16_units()
+        if units and inference_only:
+            return Precision(torch.bfloat16, None, device_type,
+                             f"llm_dtype: auto on a CPU with {units} bf16 units, for generation only")
         if units:
             return Precision(torch.float32, torch.bfloat16, device_type, f"llm_dtype: auto on a CPU with {units} bf16 units")
         return Precision(torch.float32, None, device_type, "llm_dtype: auto on a CPU without bf16 units")

@@ -19,6 +19,7 @@ RecBole's own calls only; its function's docstring quotes the error it fixes.
    optional 4-bit kernel from the hub: dropped (a CPU run never computes in 4-bit).
 13. Deprecation warnings of one library's call into another (ray's import of pkg_resources, PEFT's
    call of transformers' ``is_gradient_checkpointing``): hidden.
+14. oneDNN's primitive cache capped at 64 shapes (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``): memory.
 
 Stage 1 is trained by rank 0 alone and broadcast; a trainer with its own loop synchronises
 its ranks or says ``supports_distributed = False`` (:mod:`recbole_llm.distributed`).
@@ -107,6 +108,10 @@ def apply() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole(\.|$)")
     _apply_distributed()
     _apply_hyper_tuning()
+    # shim 14: oneDNN (bf16 matrix products on a CPU) keeps up to 1024 compiled primitives, one per input
+    # shape; prompts of every length fill it and the process grows by GBs during LLM training. 64 measured
+    # as fast as 1024 with less growth (docs/RESULTS.md "quickstart_notes"); a user's own setting wins.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
     for logger_name in FOUR_BIT_KERNEL_FETCH_LOGGERS:
         logging.getLogger(logger_name).addFilter(_drop_4bit_kernel_fetch)
     _applied = True

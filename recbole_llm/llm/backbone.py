@@ -200,7 +200,7 @@ class Precision:
     """How the LLM computes: ``weights``, the dtype its weights are loaded in (what the optimiser
     updates stays in it: LoRA, prefixes, heads are float32 on a CPU); ``autocast``, the dtype its
     decoder's matrix products run in under ``torch.autocast`` (None: in ``weights``); ``why``,
-    the reason, logged once per run."""
+    the reason, logged at each load."""
 
     weights: torch.dtype
     autocast: torch.dtype | None

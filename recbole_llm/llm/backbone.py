@@ -271,7 +271,7 @@ def resolve_precision(llm_dtype="auto", device="cpu", inference_only=False) -> P
     """The :class:`Precision` of the ``llm_dtype`` setting on ``device``.
 
     ``auto``: bfloat16 weights on CUDA; on a CPU with bf16 units (:func:`cpu_bf16_units`),
-    float32 weights with bfloat16 autocast (forward 3-4x faster there, and what the optimiser
+    float32 weights with bfloat16 autocast (the forward 2.6x faster on 2 AMX cores; what the optimiser
     updates keeps float32 master weights), or, for an LLM that only generates
     (``inference_only``: nothing trains, no gradient flows), bfloat16 weights: autocast would cast
     every weight again at each generated token (measured: slower than float32); float32 on a CPU

@@ -193,6 +193,42 @@ def test_autocast_decoder_computes_in_bf16_and_returns_float32(tiny_llama_dir, c
         torch.testing.assert_close(exact(input_ids=ids).logits, logits, atol=0.05, rtol=0.05)
 
 
+def test_frozen_layers_stored_in_bf16_compute_exactly_as_autocast(tiny_llama_dir, monkeypatch):
+    """Under autocast, ``load_llm`` stores the frozen Linear layers of the decoder in bf16 (once, not at
+    every call) and keeps LoRA, the embeddings and the LM head float32; logits and LoRA gradients are
+    exactly those of autocast over float32 weights. Breakages checked by hand (caught): no cast (the
+    frozen projections stay float32), casting the LoRA layers too, casting to float16."""
+    monkeypatch.setattr(backbone, "cpu_bf16_units", lambda: "AMX")
+    config = {"llm_path": str(tiny_llama_dir), "llm_dtype": "auto", "load_in_4bit": False,
+              "gradient_checkpointing": False, "num_threads": None, "device": "cpu"}
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "down_proj"]}
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+
+    def logits_and_lora_grads():
+        torch.manual_seed(0)
+        model, _ = backbone.load_llm(config, lora=lora)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: give A a gradient too
+                torch.nn.init.normal_(parameter)
+        logits = model(input_ids=ids).logits
+        logits.square().mean().backward()
+        return model, logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    stored, logits, grads = logits_and_lora_grads()
+    decoder = stored.get_decoder()
+    frozen = [m for m in decoder.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    assert frozen and all(m.weight.dtype == torch.bfloat16 for m in frozen)
+    assert grads and all(p.dtype == torch.float32 for n, p in stored.named_parameters() if p.requires_grad)
+    assert stored.get_input_embeddings().weight.dtype == stored.get_output_embeddings().weight.dtype == torch.float32
+    assert logits.dtype == torch.float32
+
+    monkeypatch.setattr(backbone.Precision, "store_frozen", lambda self, decoder: None)
+    per_call, logits_cast, grads_cast = logits_and_lora_grads()
+    assert all(m.weight.dtype == torch.float32 for m in per_call.get_decoder().modules() if isinstance(m, torch.nn.Linear))
+    assert torch.equal(logits, logits_cast)
+    assert grads.keys() == grads_cast.keys() and all(torch.equal(grads[n], grads_cast[n]) for n in grads)
+
+
 def test_set_num_threads_keeps_default_for_none_and_zero():
     threads_before = torch.get_num_threads()
     set_num_threads(None)

@@ -1,5 +1,6 @@
 """The precision paths of every LLM model, on the tiny Llama on this CPU: ``llm_dtype: auto`` on a CPU that
-reports bf16 units (bfloat16 autocast over float32 weights; the report is patched, autocast runs on any CPU),
+reports bf16 units (bfloat16 autocast over float32 master weights, frozen decoder layers stored in bfloat16; the
+report is patched, autocast runs on any CPU),
 ``llm_dtype: bfloat16``, and ``load_in_4bit`` (NF4 through bitsandbytes). Each model trains one step and evaluates; knowledge
 generation generates. Scores, losses and heads stay float32 whatever the LLM's dtype
 (``backbone.to_llm`` / ``backbone.from_llm``, the one place where the two sides meet).
@@ -78,10 +79,11 @@ def assert_llm_precision(llm, name):
         quantised = [m for m in llm.modules() if isinstance(m, bnb.nn.Linear4bit)]
         assert quantised, "load_in_4bit gave no Linear4bit layer"
         assert all(m.weight.quant_type == "nf4" and m.compute_dtype == torch.bfloat16 for m in quantised)
-    else:
+    else:  # under autocast the frozen projections are stored in bf16 and the embeddings stay float32
         weights = [m.weight for name_, m in llm.named_modules() if name_.endswith("k_proj")]
-        weight_dtype = torch.float32 if name == "autocast" else torch.bfloat16
-        assert weights and all(w.dtype == weight_dtype for w in weights)
+        assert weights and all(w.dtype == torch.bfloat16 for w in weights)
+        embedding_dtype = torch.float32 if name == "autocast" else torch.bfloat16
+        assert llm.get_input_embeddings().weight.dtype == embedding_dtype
 
 
 def watch_dtypes(llm, seen):

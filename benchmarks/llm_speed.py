@@ -12,8 +12,10 @@ randomly initialised ID model: its weights do not change the LLM's cost), for ea
 * SeRALM: knowledge generation items/s (``--generate_items`` items, greedy, the default length).
 
 Precisions: ``float32`` (``llm_dtype: float32``); ``bf16`` (``llm_dtype: auto`` as on a CPU with bf16
-units: bfloat16 autocast over float32 weights, bf16 weights for generation only; forced on a CPU
-without them, where it is emulated);
+units: bfloat16 autocast over float32 master weights with the frozen layers stored in bf16, bf16
+weights for generation only; forced on a CPU without them, where it is emulated); ``bf16-cast`` (on
+request: the same autocast with every frozen weight kept float32 and cast at each call, as before
+``Precision.store_frozen``);
 ``int8`` (scoring paths only: LlamaRec's ranking and SeRALM's generation, torch's dynamic int8
 quantisation of the LLM's Linear layers, LoRA merged first). Next to them, the machine's own
 matrix-multiply peak (2048 x 2048 matmul) in each dtype and the LLM's forward and forward+backward
@@ -31,14 +33,13 @@ import contextlib
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_doc import (ROOT, bare_argv, cpu_model, load_record, markdown_table, write_record,  # noqa: E402
+from results_doc import (ROOT, bare_argv, commit, cpu_model, load_record, markdown_table, write_record,  # noqa: E402
                          write_section)
 from scaling import PeakRSS, measure  # noqa: E402
 
@@ -71,26 +72,20 @@ def machine_key(report: dict, threads: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 @contextlib.contextmanager
 def precision_setting(precision: str):
     """The ``llm_dtype`` of ``precision``; for ``bf16`` the CPU is taken to report bf16 units."""
     from recbole_llm.llm import backbone
 
-    report = backbone.cpu_bf16_units
-    if precision == "bf16":
+    report, store_frozen = backbone.cpu_bf16_units, backbone.Precision.store_frozen
+    if precision.startswith("bf16"):
         backbone.cpu_bf16_units = lambda: report() or "none (forced: emulated)"
+    if precision == "bf16-cast":
+        backbone.Precision.store_frozen = lambda self, decoder: None
     try:
-        yield {"llm_dtype": "auto" if precision == "bf16" else "float32"}
+        yield {"llm_dtype": "auto" if precision.startswith("bf16") else "float32"}
     finally:
-        backbone.cpu_bf16_units = report
+        backbone.cpu_bf16_units, backbone.Precision.store_frozen = report, store_frozen
 
 
 def int8_llm(llm):
@@ -123,12 +118,12 @@ def bare_llm(precision: str, prompts: int = 4, tokens: int = 700, repeats: int =
     seconds over ``prompts`` x ``tokens`` random tokens, and the FLOP/s they reach."""
     import torch
 
-    from recbole_llm.llm.backbone import apply_lora, load_causal_lm
+    from recbole_llm.llm.backbone import load_llm
 
     with precision_setting(precision) as setting:
-        model, _ = load_causal_lm(None, dtype=setting["llm_dtype"])
-    model.requires_grad_(False)
-    model = apply_lora(model, 8, 32, 0.0, ["q_proj", "v_proj"])
+        config = {"llm_path": None, "load_in_4bit": False, "gradient_checkpointing": False, "num_threads": None,
+                  "device": "cpu", **setting}
+        model, _ = load_llm(config, lora={"r": 8, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
     linear = sum(m.weight.numel() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and "lm_head" not in n and "lora_" not in n)
     ids = torch.randint(100, 20000, (prompts, tokens), generator=torch.Generator().manual_seed(0))
@@ -255,8 +250,9 @@ def report_text(cells: dict, report: dict, args) -> str:
         f"(torch {report['torch']}, capability {report['torch_capability']}); {args.num_threads} threads.\n\n"
         f"ml-100k, the embedded SmolLM2-135M-Instruct, each model's default settings, {args.eval_batch_size} users per "
         f"scoring batch; stage 1 randomly initialised. Precision columns: `float32` (`llm_dtype: float32`), `bf16` "
-        f"(`llm_dtype: auto` with bf16 units: bfloat16 autocast over float32 weights, and bf16 weights for SeRALM's "
-        f"generation, an LLM that only generates; forced where the CPU has none), "
+        f"(`llm_dtype: auto` with bf16 units: bfloat16 autocast over float32 master weights, frozen layers stored in "
+        f"bf16, and bf16 weights for SeRALM's generation, an LLM that only generates; forced where the CPU has none), "
+        f"`bf16-cast` (where measured: the same autocast with the frozen weights float32, cast at every call), "
         f"`int8` (scoring and generation only: dynamic int8 Linear layers, LoRA merged).\n\n"
         f"{markdown_table(header, rows)}\n\n"
         f"Matrix-multiply peak (2048 x 2048, {args.num_threads} threads): float32 "

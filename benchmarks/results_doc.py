@@ -48,6 +48,17 @@ def command() -> str:
     return "python " + " ".join([os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
 
 
+def commit() -> str:
+    """The short hash of the checked-out commit ("unknown" outside git)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def write_section(name: str, title: str, body: str, results: Path | None = None, command_line: str | None = None) -> None:
     """Replace (or append) the section ``name`` of ``results`` (docs/RESULTS.md); its command line
     is ``command_line`` (default: this process's)."""

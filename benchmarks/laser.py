@@ -2,6 +2,7 @@
 
     python benchmarks/laser.py [--dataset ml-100k] [--threads 1] [--ablation_rows 500] [--seeds 2021,2022]
                                [--variants "paper scoring,no phase 1"] [--skip_e4srec] [--key=value ...]
+    python benchmarks/laser.py --item_cache_cost [--dataset ml-100k] [--threads 1]   (section laser_item_cache)
 
 1. Laser with the shipped defaults (properties/model/Laser.yaml); stage 1 trains (or reuses
    from checkpoint_dir/stage1) the frozen SASRec. Reports full-ranking test metrics, the
@@ -20,9 +21,11 @@
 
 Every run records the validation NDCG@10 after phase 1 (item side) and after each phase-2 epoch,
 and the two parts of the training loss per epoch (cross-entropy, 0.01 x balance). Each full run
-(main, variant, seed) is also one record, ``saved/laser/<dataset>/<key of its overrides>.json``,
-with its command, machine and date; a later call reuses it instead of training again, so seeds
-and variants can run at different times (``--fresh`` trains every run anew).
+(main, variant, seed) is also one record, ``benchmarks/records/laser/<dataset>/<key of its overrides>.json``,
+with its command, machine, commit and date (committed); a later call reuses it instead of training
+again, so seeds and variants can run at different times (``--fresh`` trains every run anew). A run records the checkpoint it kept (phase 1 or a
+phase-2 epoch) and, with ``scoring: residual``, the kept checkpoint's test metrics with the LLM
+correction switched off.
 
 Extra --key=value arguments are config overrides for every Laser run.
 Writes the "laser" section of docs/RESULTS.md.
@@ -38,11 +41,12 @@ import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.trainer import Trainer
 from recbole.utils import init_logger, init_seed
-from results_doc import (ROOT, command, load_record, machine, markdown_table, parse_overrides, standard_error,
+from results_doc import (ROOT, command, commit, load_record, machine, markdown_table, parse_overrides, standard_error,
                          write_record, write_section)
 
 from recbole_llm import load_config, run_recbole_llm
 from recbole_llm.cache_io import content_key
+from recbole_llm.llm.backbone import resolve_precision
 from recbole_llm.model.laser import Laser
 from recbole_llm.trainer.laser import LaserTrainer
 
@@ -117,6 +121,12 @@ def run_laser(dataset_name, overrides, fit_validation=True):
     t, cpu = time.perf_counter(), time.process_time()
     test = trainer.evaluate(test_data, load_best_model=fit_validation, show_progress=False)
     test_seconds, test_cpu_seconds = time.perf_counter() - t, time.process_time() - cpu
+    llm_off = None
+    if config["scoring"] == "residual":  # the kept checkpoint with the LLM correction switched off
+        gate = model.output_gate.data.clone()
+        model.output_gate.data.zero_()
+        llm_off = dict(trainer.evaluate(test_data, load_best_model=False, show_progress=False))
+        model.output_gate.data.copy_(gate)
 
     llm_params = sum(p.numel() for p in model.llm.parameters())
     per_layer = sum(p.numel() for p in model.llm.layers[0].parameters())
@@ -143,17 +153,23 @@ def run_laser(dataset_name, overrides, fit_validation=True):
         "valid": valid_scores,
         "phase_1": bool(config["item_phase_epochs"]) and bool(model.item_side_parameters()) and fit_validation,
         "losses": epoch_losses,
+        "item_repr": model.item_repr,
+        "llm_compute": resolve_precision(config["llm_dtype"], config["device"]).describe(),
+        "llm_off": llm_off,  # residual: test metrics of the kept checkpoint with output_gate 0
     }
+    phases = (["phase 1"] if stats["phase_1"] else []) + [f"epoch {k + 1}" for k in range(len(epoch_seconds))]
+    stats["kept"] = phases[max(range(len(valid_scores)), key=valid_scores.__getitem__)] if valid_scores else None
     return test, stats, model, config, test_data
 
 
+RECORDS = ROOT / "benchmarks" / "records" / "laser"
 RECORDED_SETTINGS = ("seed", "scoring", "eval_step", "id_model_checkpoint", "llm_path", "train_rows_per_epoch", "epochs")
 
 
 def laser_and_sasrec(dataset_name, overrides, fresh=False):
     """One Laser run and its frozen SASRec on the same test split: (laser test, sasrec test, stats, settings, minutes),
     from its record when one exists (and not ``fresh``)."""
-    path = ROOT / "saved" / "laser" / dataset_name / f"{content_key(overrides, length=16)}.json"
+    path = RECORDS / dataset_name / f"{content_key(overrides, length=16)}.json"
     record = None if fresh else load_record(path)
     if record is None:
         start = time.perf_counter()
@@ -162,7 +178,8 @@ def laser_and_sasrec(dataset_name, overrides, fresh=False):
         record = {"overrides": overrides, "laser": dict(laser_test), "sasrec": dict(sasrec_test), "stats": stats,
                   "settings": {key: config[key] for key in RECORDED_SETTINGS},
                   "minutes": (time.perf_counter() - start) / 60,
-                  "command": command(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                  "command": command(), "machine": machine(), "commit": commit(),
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         write_record(path, record)
     else:
         print(f"  reused {path.relative_to(ROOT)} ({record['date']}, {record['command']})", flush=True)
@@ -178,13 +195,17 @@ def training_trace(stats):
     return ", ".join(cells) + (f" (loss per batch, CE + 0.01 x balance: {losses})" if losses else "")
 
 
-def seeds_table(runs):
-    """Markdown table of (seed, SASRec test, Laser test, stats) runs and the mean Laser / SASRec NDCG@10 ratio."""
+def seeds_table(runs, scoring="residual"):
+    """Markdown table of (seed, SASRec test, Laser test, stats) runs and the mean Laser / SASRec NDCG@10 ratio:
+    with the checkpoint kept (phase 1 or a phase-2 epoch) and, under residual scoring, its NDCG@10 with the LLM
+    correction switched off (output_gate 0)."""
     ratios = [laser["ndcg@10"] / max(sasrec["ndcg@10"], 1e-12) for _, sasrec, laser, _ in runs]
-    rows = [[str(seed), f"{sasrec['ndcg@10']:.4f}", f"{laser['ndcg@10']:.4f}", f"{ratio:.3f}", training_trace(stats)]
+    rows = [[str(seed), f"{sasrec['ndcg@10']:.4f}", f"{laser['ndcg@10']:.4f}", f"{ratio:.3f}", stats.get("kept") or "-",
+             f"{stats['llm_off']['ndcg@10']:.4f}" if stats.get("llm_off") else "-", training_trace(stats)]
             for (seed, sasrec, laser, stats), ratio in zip(runs, ratios)]
-    text = markdown_table(["seed", "SASRec NDCG@10", "Laser NDCG@10", "Laser / SASRec", "valid NDCG@10"], rows)
-    text += (f"\n\nLaser / SASRec NDCG@10, mean over {len(ratios)} seed{'s' if len(ratios) > 1 else ''}: "
+    text = markdown_table(["seed", "SASRec NDCG@10", "Laser NDCG@10", "Laser / SASRec", "checkpoint kept",
+                           "NDCG@10, LLM side off", "valid NDCG@10"], rows)
+    text += (f"\n\nLaser ({scoring}) / SASRec NDCG@10, mean over {len(ratios)} seed{'s' if len(ratios) > 1 else ''}: "
              f"{statistics.mean(ratios):.3f}"
              + (f" (standard error {standard_error(ratios):.3f})" if len(ratios) > 1 else "") + "; goal >= 1.")
     return text
@@ -192,6 +213,49 @@ def seeds_table(runs):
 
 def row(name, test, extra=""):
     return [name] + [f"{test[m]:.4f}" for m in METRICS] + [extra]
+
+
+def item_cache_cost(dataset_name, overrides, repeats=2) -> str:
+    """Seconds of one phase-1 step of the paper's item side (every item through [title | item suffix],
+    forward and backward) with the title key/value cache and without it, alternated on one model; the
+    cache's one-time build; and phase 1's item-side cost per epoch. Returns the RESULTS text."""
+    config = load_config("Laser", dataset_name, config_dict={**overrides, "scoring": "paper", "item_repr": "suffix"})
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    model = Laser(config, train_data._dataset)
+    model.train()
+    model.item_side_held = False
+    targets = torch.randint(1, model.n_items, (config["item_phase_batch_size"] or config["train_batch_size"],))
+    users = torch.randn(len(targets), model.id_model.item_embedding.embedding_dim)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        model.item_phase_loss(users, targets).backward()
+        return time.perf_counter() - start
+
+    start = time.perf_counter()
+    model.item_titles._stored = None
+    model.item_titles.with_suffix(model.item_suffix.detach())  # builds the cache (and one suffix pass)
+    build = time.perf_counter() - start
+    seconds = {True: [], False: []}
+    for _ in range(repeats):
+        for cached in (True, False):
+            model.item_titles.cache = cached
+            seconds[cached].append(step())
+    cached, uncached = min(seconds[True]), min(seconds[False])
+    rows = config["item_phase_rows"] or len(train_data.dataset)
+    steps = -(-rows // len(targets))
+    return (f"{model.n_items} items, {config['llm_layers'] or 'all'} LLM layers, titles of at most "
+            f"{config['title_max_tokens']} tokens, {model.n_suffix} suffix tokens, {config['item_batch_size']} items "
+            f"per pass, LLM compute {resolve_precision(config['llm_dtype'], config['device']).describe()}; one phase-1 "
+            f"step = every item's vector, forward and backward (best of {repeats}):\n\n"
+            + markdown_table(["item side", "s per step", f"s per phase-1 epoch ({steps} steps of {len(targets)} rows)"],
+                             [["title keys/values cached (item_kv_cache: True)", f"{cached:.2f}", f"{steps * cached:.0f}"],
+                              ["title run with the suffix each step", f"{uncached:.2f}", f"{steps * uncached:.0f}"]])
+            + f"\n\nThe cache is built once: {build:.1f} s (with one suffix pass); uncached / cached per step: "
+            f"{uncached / cached:.2f}x.")
 
 
 def main():
@@ -203,9 +267,15 @@ def main():
     parser.add_argument("--seeds", default="", help="extra seeds for Laser + its SASRec, e.g. 2021,2022")
     parser.add_argument("--variants", default="", help=f"comma-separated names of VARIANTS: {', '.join(VARIANTS)}")
     parser.add_argument("--fresh", action="store_true", help="train every run anew instead of reusing its record")
+    parser.add_argument("--item_cache_cost", action="store_true",
+                        help="only time the paper item side with and without the title cache (section laser_item_cache)")
     args, rest = parser.parse_known_args()
     overrides = {"show_progress": False, "num_threads": args.threads, **parse_overrides(rest)}
     torch.set_num_threads(args.threads)
+    if args.item_cache_cost:
+        write_section("laser_item_cache", f"Laser's item side with and without the title cache on {args.dataset}",
+                      item_cache_cost(args.dataset, overrides))
+        return
     wall = time.perf_counter()
 
     print("Laser (shipped defaults + command-line overrides) ...", flush=True)
@@ -236,7 +306,7 @@ def main():
                else "stage 1 with `id_model_config` from properties/model/Laser.yaml")
             + "), evaluated on the same test split."
             + "\n\nSeeds (each: its own stage-1 SASRec and Laser, same settings; the first is the run above):\n\n"
-            + seeds_table(seed_runs)
+            + seeds_table(seed_runs, config["scoring"])
             + ("\n\nVariants on the first seed (same stage-1 SASRec, same settings but the ones named; full runs):\n\n"
                + markdown_table(["variant", "overrides", "ndcg@10", "Laser / SASRec", "valid NDCG@10",
                                  "wall time (min)"], variant_rows) if variant_rows else "")

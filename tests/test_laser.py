@@ -37,12 +37,14 @@ def _setup(tiny_data, tiny_llama_dir, **settings):
 
 
 def _parameters_without_gradient(model, interaction):
-    """Names of trainable parameters whose gradient is missing or all zero after one backward pass."""
+    """Names of the parameters phase 2 trains (all trainable ones but a held item side) whose gradient is
+    missing or all zero after one backward pass."""
     model.train()
     model.zero_grad(set_to_none=True)
     total_loss(model.calculate_loss(interaction)).backward()
+    held = {id(p) for p in model.item_side_parameters()} if model.item_side_held else set()
     return [name for name, p in model.named_parameters()
-            if p.requires_grad and (p.grad is None or not p.grad.abs().max() > 0)]
+            if p.requires_grad and id(p) not in held and (p.grad is None or not p.grad.abs().max() > 0)]
 
 
 @pytest.fixture
@@ -64,9 +66,10 @@ def test_llm_and_id_model_stay_frozen_while_the_pluggable_part_trains(laser):
     assert all(torch.equal(v, after[k]) for k, v in frozen.items())
     changed = [k for k, v in model.trainable_state_dict().items() if not torch.equal(v, trainable_before[k])]
     assert any(k.startswith("mformer.") for k in changed) and "suffix" in changed
-    # the optimizer holds only the trainable parameters
+    # the optimizer holds only the parameters phase 2 trains: not the held item side
     in_optimizer = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
-    assert in_optimizer == sum(v.numel() for v in trainable_before.values())
+    held = sum(p.numel() for p in model.item_side_parameters())
+    assert held and in_optimizer == sum(v.numel() for v in trainable_before.values()) - held
 
 
 def test_router_weights_sum_to_one_per_user_with_top_k_experts(laser):
@@ -399,3 +402,123 @@ def test_history_prompts_are_built_on_the_device_as_the_rows_they_stand_for(embe
     ids, mask = prompt.batch(item_seq, item_seq_len, pad)
     assert torch.equal(mask, expected_mask)
     assert torch.equal(ids, expected_ids)
+
+
+def test_held_item_side_gets_no_gradient_so_clipping_sees_only_what_phase_two_trains(tiny_data, tiny_llama_dir):
+    """Phase 2 with the item side held (item_side_lr_scale 0): the item side takes no gradient at all and is
+    out of the optimizer, so gradient clipping measures only the user side; slowed (0.1), it trains.
+
+    Caught (on the code before the fix): the held item side kept a gradient with a learning rate of 0, which
+    entered the clipping norm and shrank the user side's step; the stage-1 SASRec, trained in this process,
+    kept its last training step's gradients, which entered the clipping norm too."""
+    for scale, held in ((0.0, True), (0.1, False)):
+        config, model, train, _, _ = _setup(tiny_data, tiny_llama_dir, item_side_lr_scale=scale)
+        assert model.item_side_held is held
+        assert all(p.grad is None for p in model.parameters())  # nothing left over from stage 1's training
+        item_side = {id(p) for p in model.item_side_parameters()}
+        assert item_side
+        model.train()
+        total_loss(model.calculate_loss(first_batch(train))).backward()
+        with_gradient = [p for p in model.parameters() if p.grad is not None]
+        assert any(id(p) in item_side for p in with_gradient) is not held
+        in_optimizer = {id(p) for group in LLMTrainer(config, model).optimizer.param_groups for p in group["params"]}
+        assert (item_side <= in_optimizer) is not held and not (held and item_side & in_optimizer)
+        if held:  # what clipping measures (parameters without a gradient are skipped) is the user side alone
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9)
+            user_side = [p.grad for p in model.parameters() if id(p) in in_optimizer and p.grad is not None]
+            assert torch.allclose(norm, torch.linalg.vector_norm(torch.stack([g.norm() for g in user_side])))
+
+
+@pytest.fixture
+def paper_laser(tiny_data, tiny_llama_dir):
+    return _setup(tiny_data, tiny_llama_dir, scoring="paper")
+
+
+def _item_vectors(model):
+    """Every item's vector with the item side live (as phase 1 computes it)."""
+    model.train()
+    model.item_side_held = False
+    with torch.no_grad():
+        return model.item_representations()
+
+
+def test_paper_items_are_the_llm_over_their_title_and_the_item_suffix(paper_laser):
+    """scoring paper: items are the frozen LLM over [title | item suffix], pooled and mapped by their own
+    projection; an item's vector moves when the item suffix moves (every item) and when its title changes (that
+    item alone); the cached title keys/values and a full pass give the same vectors.
+
+    Caught: the item suffix left out of the item pass (zeroed); the title cache of another chunk used."""
+    from recbole_llm.model.laser import ItemTitles
+
+    _, model, _, _, _ = paper_laser
+    assert model.item_repr == "suffix" and {n.split(".")[0] for n, _ in _named(model.item_side_parameters(), model)} \
+        == {"item_suffix", "item_projection"}
+    before = _item_vectors(model)
+    assert before.shape == (model.n_items, model.id_model.item_embedding.embedding_dim)
+    with torch.no_grad():
+        model.item_suffix.add_(0.5)
+    moved = _item_vectors(model)
+    assert not torch.isclose(moved[1:], before[1:], atol=1e-4).all(dim=1).any()  # every item moved
+    with torch.no_grad():
+        model.item_suffix.sub_(0.5)
+
+    titles = list(model.prompt.titles)
+    changed_item = 3
+    titles[changed_item] = titles[changed_item + 1]
+    original = model.item_titles
+    model.item_titles = ItemTitles(model.llm, titles, model.pad_token_id, batch_size=4)  # several chunks
+    retitled = _item_vectors(model)
+    differs = ~torch.isclose(retitled, before, atol=1e-4).all(dim=1)
+    assert differs.nonzero().flatten().tolist() == [changed_item]
+
+    model.item_titles = ItemTitles(model.llm, model.prompt.titles, model.pad_token_id, batch_size=4, cache=False)
+    uncached = _item_vectors(model)
+    model.item_titles = original
+    assert torch.allclose(uncached, before, atol=1e-4)
+
+
+def _named(parameters, model):
+    wanted = {id(p) for p in parameters}
+    return [(name, p) for name, p in model.named_parameters() if id(p) in wanted]
+
+
+def test_phase_one_fits_the_item_side_to_the_models_own_user_vectors(paper_laser, tiny_data, tiny_llama_dir):
+    """Phase 1 trains only the item side, against the held user side's own vectors: the mapped suffix output
+    under scoring paper (not SASRec's, which paper scoring never scores with), SASRec's under residual; a held
+    item side is computed once and then reused, and recomputed when its weights change.
+
+    Caught: phase 1 on SASRec's user vectors under paper scoring (the old code; that checkpoint validated at
+    0.0018 on ml-100k); the held item cache not refreshed after an optimizer step."""
+    from recbole_llm.trainer.laser import LaserTrainer
+
+    config, model, train, _, _ = paper_laser
+    rows = first_batch(train)[:8]
+    seq, length = rows["item_id_list"], rows["item_length"]
+    model.eval()
+    with torch.no_grad():
+        own = model.forward(seq, length)[0]
+        sasrec = model.id_encodings(seq, length)[2]
+    assert torch.allclose(model.phase_one_users(seq, length), own) and not torch.allclose(own, sasrec)
+
+    before = model.trainable_state_dict()
+    calls = []
+    handle = model.item_titles.decoder.register_forward_pre_hook(lambda module, args: calls.append(1))
+    config["item_phase_rows"], config["item_phase_batch_size"] = 24, 8
+    LaserTrainer(config, model).item_phase(train, 1)
+    assert _changed(before, model) == {"item_suffix", "item_projection.weight", "item_projection.bias"}
+    model.eval()
+    calls.clear()
+    first = model.item_representations()
+    again = model.item_representations()
+    assert calls and first is not None and torch.equal(first, again)
+    passes = len(calls)
+    model.item_representations()
+    assert len(calls) == passes  # held and unchanged: no new LLM pass
+    with torch.no_grad():
+        model.item_projection.bias.add_(1.0)
+    assert not torch.equal(model.item_representations(), first)
+    handle.remove()
+
+    _, residual, _, _, _ = _setup(tiny_data, tiny_llama_dir, scoring="residual")
+    residual.eval()
+    assert torch.allclose(residual.phase_one_users(seq, length), residual.id_encodings(seq, length)[2])

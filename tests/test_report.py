@@ -206,14 +206,15 @@ def test_laser_seeds_table_gives_each_ratio_their_mean_and_standard_error(monkey
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import laser
 
-    stats = {"valid": [0.06, 0.05], "phase_1": True, "losses": [(5.6, 0.012)]}
+    stats = {"valid": [0.06, 0.05], "phase_1": True, "losses": [(5.6, 0.012)], "kept": "phase 1",
+             "llm_off": {"ndcg@10": 0.044}}
     runs = [(1, {"ndcg@10": 0.05}, {"ndcg@10": 0.045}, stats), (2, {"ndcg@10": 0.04}, {"ndcg@10": 0.04}, stats),
             (3, {"ndcg@10": 0.05}, {"ndcg@10": 0.055}, stats)]
     table = laser.seeds_table(runs)
-    assert "| 1 | 0.0500 | 0.0450 | 0.900 | phase 1 0.0600, epoch 1 0.0500" in table
+    assert "| 1 | 0.0500 | 0.0450 | 0.900 | phase 1 | 0.0440 | phase 1 0.0600, epoch 1 0.0500" in table
     assert "| 3 | 0.0500 | 0.0550 | 1.100 |" in table and "CE + 0.01 x balance: 5.600 + 0.012" in table
     # ratios 0.9, 1.0, 1.1: mean 1.000, sample sd 0.1, standard error 0.1 / sqrt(3) = 0.058
-    assert "mean over 3 seeds: 1.000 (standard error 0.058); goal >= 1." in table
+    assert "Laser (residual) / SASRec NDCG@10, mean over 3 seeds: 1.000 (standard error 0.058); goal >= 1." in table
     assert "standard error" not in laser.seeds_table(runs[:1])  # one run: no standard error to give
 
 

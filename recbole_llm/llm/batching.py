@@ -48,7 +48,7 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
 
 
 @functools.cache
-def _cache_keyword(model_class: type) -> str:
+def cache_keyword(model_class: type) -> str:
     """Transformers 5 renamed the KV-cache argument and output ``past_key_values`` -> ``cache``."""
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
@@ -71,7 +71,7 @@ def forward_shared_prefix(model, prefix: dict, rows: dict, rows_mask: torch.Tens
     key with ``[B, T]`` / ``[B, T, H]``, left-padded, ``rows_mask`` [B, T] their attention mask.
     Returns the model's output for the row positions (``kwargs`` go to that call).
     """
-    keyword = _cache_keyword(type(_transformers_model(model)))
+    keyword = cache_keyword(type(_transformers_model(model)))
     prefix_len = next(iter(prefix.values())).size(1)
     batch, device = rows_mask.size(0), rows_mask.device
     positions = torch.arange(prefix_len, device=device).unsqueeze(0)

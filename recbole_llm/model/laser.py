@@ -13,12 +13,24 @@ Choices the paper leaves open (settings in properties/model/Laser.yaml, each wit
 * Prompt titles come from the dataset's item table, never from the batch (it carries the TARGET's features).
 * Suffix outputs are pooled (``suffix_pooling``), LayerNorm-ed without weights (LLM outputs have norms ~30,
   SASRec's below 1) and mapped by a Linear; ``suffix_tokens: 0`` pools the last prompt position instead.
-* Items (``item_repr``): SASRec's embeddings, projected title vectors (the frozen LLM's mean-pooled title
-  states, computed once), or both (the projection starts at zero, so items start as SASRec's).
+* Items (``item_repr``), the paper's (``suffix``, the default of ``scoring: paper``): the ACL 2025 version
+  ("Bi-Tuning with Collaborative Information for Controllable LLM-based Sequential Recommendation") has the
+  suffix "transform the LLM output into item/user embeddings", so an item is the frozen LLM over
+  ``[item title | item suffix tokens]``, pooled, normalised and mapped by its own Linear. Items and users
+  have their own suffix tokens and projection (one shared suffix would move the items while phase 2 trains
+  the users). No collaborative prefix on the item side: M-Former's prefix is built from a user's sequence,
+  which an item has not. The LLM is frozen and a title does not change, so each item's title keys and
+  values are computed once (in chunks of ``item_batch_size`` items) and each step runs only the suffix
+  tokens over them (``item_kv_cache``; off: the title is run again with the suffix, same scores).
+  Beyond the paper, for ``scoring: residual``: SASRec's embeddings (``id``), projected title vectors (the
+  frozen LLM's mean-pooled title states, computed once: ``text``), or both (the projection starts at zero,
+  so items start as SASRec's: ``both``, its default).
 * Scoring: ``paper`` = the mapped suffix output is the user embedding; ``residual`` (beyond the paper) =
   SASRec's user vector + a trained scalar gate (non-zero at start, so every part gets a gradient) x it.
-* Two phases as the paper: the item side first on all rows (no LLM pass), then the rest with the item side
-  held or slowed (:class:`recbole_llm.trainer.laser.LaserTrainer`); items are not re-encoded per step.
+* Two phases as the paper (:class:`recbole_llm.trainer.laser.LaserTrainer`): phase 1 trains the item side
+  against the model's own user vectors, the user side held; phase 2 trains the user side with the item side
+  held (no gradient at all: its vectors are computed once, without autograd) or slowed
+  (``item_side_lr_scale``). A held item side is computed once per change of its weights, not per step.
 * Logged loss = (cross-entropy, ``balance_weight`` x balance). CPU settings: ``llm_layers``,
   ``train_rows_per_epoch``, ``gradient_accumulation_steps``. Ablations: ``use_prefix``, ``suffix_tokens``,
   ``n_experts: 1``.
@@ -34,7 +46,7 @@ from torch import nn
 
 from recbole_llm.data.item_text import item_texts
 from recbole_llm.llm.backbone import from_llm, load_llm, set_num_threads, to_llm
-from recbole_llm.llm.batching import left_pad, position_ids
+from recbole_llm.llm.batching import cache_keyword, left_pad, position_ids
 from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
 from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import pretrained_id_model
@@ -42,6 +54,7 @@ from recbole_llm.model.scoring import check_chunk, chunked_scores
 from recbole_llm.errors import InputError
 
 HISTORY_SEPARATOR = ";"
+ITEM_REPRS = ("suffix", "id", "text", "both")
 
 
 def normalise(hidden: torch.Tensor) -> torch.Tensor:
@@ -106,6 +119,60 @@ class HistoryPrompt:
         ids = torch.cat([ids[:, ids.size(1) - longest:], self._tail.expand(batch, -1)], dim=1)
         mask = torch.cat([mask[:, mask.size(1) - longest:], mask.new_ones(batch, self._tail.numel())], dim=1).long()
         return ids.masked_fill(mask == 0, pad_id), mask
+
+
+class ItemTitles:
+    """The frozen LLM over each item's title followed by trainable suffix tokens, for all items.
+
+    The title part never changes (frozen LLM, fixed text): with ``cache`` its keys and values are
+    computed once, in chunks of ``batch_size`` items (left-padded within a chunk), and
+    :meth:`with_suffix` runs only the suffix tokens over them; without, each call runs title and
+    suffix together (same outputs, the title's cost every time, no memory held).
+    """
+
+    def __init__(self, decoder, titles, pad_id, batch_size, cache=True):
+        self.decoder, self.pad_id, self.cache = decoder, pad_id, cache
+        self.chunks = [[t or [pad_id] for t in titles[start:start + batch_size]]
+                       for start in range(0, len(titles), batch_size)]
+        self._stored = None  # per chunk: (device, [(keys, values) per layer])
+
+    def _title_batch(self, chunk, device):
+        return left_pad(chunk, self.pad_id, device)
+
+    @torch.no_grad()
+    def _title_cache(self, chunk, device):
+        ids, mask, positions = self._title_batch(chunk, device)
+        keyword = cache_keyword(type(self.decoder))
+        cache = getattr(self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True),
+                        keyword)
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def with_suffix(self, suffix: torch.Tensor) -> torch.Tensor:
+        """Last hidden states [n_items, n_suffix, H] of ``[title | suffix]`` for every item."""
+        from transformers import DynamicCache
+
+        device = suffix.device
+        if self.cache and (self._stored is None or self._stored[0] != device):
+            self._stored = (device, [self._title_cache(chunk, device) for chunk in self.chunks])
+        outputs = []
+        for index, chunk in enumerate(self.chunks):
+            _, mask, positions = self._title_batch(chunk, device)
+            rows, n_suffix = len(chunk), suffix.size(0)
+            tokens = to_llm(suffix, self.decoder).unsqueeze(0).expand(rows, -1, -1)
+            suffix_positions = mask.sum(1, keepdim=True) + torch.arange(n_suffix, device=device)
+            full_mask = torch.cat([mask, mask.new_ones(rows, n_suffix)], dim=1)
+            if self.cache:
+                past = DynamicCache(ddp_cache_data=self._stored[1][index])
+                hidden = self.decoder(inputs_embeds=tokens, attention_mask=full_mask, position_ids=suffix_positions,
+                                      **{cache_keyword(type(self.decoder)): past}, use_cache=True).last_hidden_state
+            else:
+                ids, _, _ = self._title_batch(chunk, device)
+                embedded = torch.cat([self.decoder.get_input_embeddings()(ids), tokens], dim=1)
+                hidden = self.decoder(inputs_embeds=embedded, attention_mask=full_mask,
+                                      position_ids=torch.cat([positions, suffix_positions], dim=1),
+                                      use_cache=False).last_hidden_state[:, -n_suffix:]
+            outputs.append(hidden)
+        return torch.cat(outputs)
 
 
 class MFormer(nn.Module):
@@ -185,10 +252,17 @@ class Laser(PluggableMixin, SequentialRecommender):
         self.rows_fraction = rows_fraction(config["train_rows_per_epoch"], len(dataset))
         if self.suffix_pooling not in ("mean", "last"):
             raise InputError(f"suffix_pooling must be 'mean' or 'last'; got {self.suffix_pooling!r}")
-        if self.item_repr not in ("id", "text", "both"):
-            raise InputError(f"item_repr must be 'id', 'text' or 'both'; got {self.item_repr!r}")
         if self.scoring not in ("residual", "paper"):
             raise InputError(f"scoring must be 'residual' (SASRec user + gated LLM correction) or 'paper'; got {self.scoring!r}")
+        self.item_repr = self.item_repr or ("suffix" if self.scoring == "paper" else "both")
+        if self.item_repr not in ITEM_REPRS:
+            raise InputError(f"item_repr must be one of {', '.join(ITEM_REPRS)} (or ~ for the scoring's own); "
+                             f"got {self.item_repr!r}")
+        if self.item_repr == "suffix" and not self.n_suffix:
+            raise InputError("item_repr: suffix maps items through the suffix tokens: set suffix_tokens >= 1")
+        self.item_batch_size = int(config["item_batch_size"])
+        self.item_side_held = self.item_side_lr_scale == 0  # phase 2; phase 1 lets it train (LaserTrainer)
+        self._held_items = (None, None)  # (weights' versions, item vectors) of a held item side
 
         titles = item_texts(dataset, config["item_text_fields"])  # first: a dataset without text fails fast
 
@@ -251,6 +325,11 @@ class Laser(PluggableMixin, SequentialRecommender):
             self.text_projection = nn.Linear(llm_hidden, id_hidden, bias=False)
             if self.item_repr == "both":
                 nn.init.zeros_(self.text_projection.weight)
+        if self.item_repr == "suffix":
+            self.item_suffix = nn.Parameter(torch.randn(self.n_suffix, llm_hidden) * embedding_std)
+            self.item_projection = nn.Linear(llm_hidden, id_hidden)
+            self.item_titles = ItemTitles(self.llm, self.prompt.titles, self.pad_token_id, self.item_batch_size,
+                                          cache=bool(config["item_kv_cache"]))
         self.score_chunk_items = check_chunk(config["score_chunk_items"])
         self.loss_fct = nn.CrossEntropyLoss()
         self.to(config["device"])
@@ -315,17 +394,34 @@ class Laser(PluggableMixin, SequentialRecommender):
         inputs, mask = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
         hidden = self.llm(inputs_embeds=inputs, attention_mask=mask, position_ids=position_ids(mask),
                           use_cache=False).last_hidden_state
-        if self.n_suffix and self.suffix_pooling == "mean":
-            pooled = hidden[:, -self.n_suffix:].mean(1)
-        else:
-            pooled = hidden[:, -1]
-        user = self.output_projection(normalise(from_llm(pooled)))
+        user = self.output_projection(self._pool(hidden))
         if self.scoring == "residual":
             user = id_user + self.output_gate * user
         return user, weights, balance
 
+    def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The suffix positions' LLM outputs pooled (``suffix_pooling``; the last position without a
+        suffix), as float32 at unit scale."""
+        if self.n_suffix and self.suffix_pooling == "mean":
+            return normalise(from_llm(hidden[:, -self.n_suffix:].mean(1)))
+        return normalise(from_llm(hidden[:, -1]))
+
     def item_representations(self, start: int = 0, end: int | None = None):
-        """[n_items, d] (items ``start..end-1``): what user vectors are scored against (see ``item_repr``)."""
+        """[n_items, d] (items ``start..end-1``): what user vectors are scored against (see ``item_repr``).
+        A held item side (phase 2 with ``item_side_lr_scale: 0``, or evaluation) is computed without
+        autograd once per change of its weights."""
+        if self.training and not self.item_side_held:
+            return self._item_vectors(start, end)
+        versions = tuple((p.data_ptr(), p._version) for p in self.item_side_parameters())
+        key = (versions, str(self.id_model.item_embedding.weight.device))
+        if self._held_items[0] != key:
+            with torch.no_grad():
+                self._held_items = (key, self._item_vectors())
+        return self._held_items[1][start:end]
+
+    def _item_vectors(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        if self.item_repr == "suffix":
+            return self.item_projection(self._pool(self.item_titles.with_suffix(self.item_suffix)))[start:end]
         ids = self.id_model.item_embedding.weight[start:end]
         if self.item_repr == "id":
             return ids
@@ -334,22 +430,36 @@ class Laser(PluggableMixin, SequentialRecommender):
 
     # ----------------------------------------------------------------- RecBole contract
     def item_side_parameters(self) -> list[nn.Parameter]:
-        """What phase 1 trains: the title projection (none with ``item_repr: id``)."""
-        return list(self.text_projection.parameters()) if hasattr(self, "text_projection") else []
+        """What phase 1 trains: the item suffix and its projection, or the title projection (none
+        with ``item_repr: id``)."""
+        parts = {"suffix": ("item_suffix", "item_projection"), "text": ("text_projection",),
+                 "both": ("text_projection",)}.get(self.item_repr, ())
+        return [p for name, p in self.named_parameters() if name.split(".")[0] in parts]
 
     def optimizer_groups(self) -> list[dict]:
-        """Phase 2's optimizer groups (LLMTrainer): the item side at ``item_side_lr_scale`` x the
-        learning rate (0 = held), everything else at the learning rate."""
+        """Phase 2's optimizer groups (LLMTrainer): everything but the item side at the learning rate,
+        and the item side at ``item_side_lr_scale`` x it unless held (0: out of the optimizer; it
+        gets no gradient either, so clipping sees only what phase 2 trains)."""
         item_side = {id(p) for p in self.item_side_parameters()}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in item_side]
         groups = [{"params": rest, "lr_scale": 1.0}]
-        if item_side:
+        if item_side and not self.item_side_held:
             groups.append({"params": self.item_side_parameters(), "lr_scale": self.item_side_lr_scale})
         return groups
 
-    def item_phase_loss(self, id_user: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Phase 1: cross-entropy of the frozen SASRec user vectors against the item representations."""
-        return self.loss_fct(id_user @ self.item_representations().t(), targets)
+    def item_phase_loss(self, users: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Phase 1: cross-entropy of (held) user vectors against the item representations."""
+        return self.loss_fct(users @ self.item_representations().t(), targets)
+
+    @torch.no_grad()
+    def phase_one_users(self, item_seq, item_seq_len) -> torch.Tensor:
+        """The user vectors phase 1 fits the item side to: the model's own, from the held user side;
+        for ``scoring: residual`` the frozen SASRec's alone (its own user vector at the start of phase 1
+        up to ``output_gate_init`` x the LLM correction), which needs no LLM pass, so phase 1 can see
+        every training row."""
+        if self.scoring == "residual":
+            return self.id_encodings(item_seq, item_seq_len)[2]
+        return self.forward(item_seq, item_seq_len)[0]
 
     def calculate_loss(self, interaction):
         """``(cross-entropy, balance_weight x balance loss)``, or the cross-entropy alone without a router."""

@@ -153,9 +153,12 @@ def _load_or_train(config, dataset, model_name, checkpoint, overrides, setting):
 
 
 def _frozen(model):
+    """``model`` in evaluation mode with no parameter that trains, and no gradient left from its own
+    training in this process (the clipping of a later stage would count it)."""
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
+        param.grad = None
     return model
 
 

@@ -1,13 +1,14 @@
 """Laser's two training phases (Zhang et al., arXiv:2409.01605) on RecBole's epoch loop.
 
-Phase 1 trains the item side (``model.item_side_parameters()``: the title projection) on ALL
-training rows, ``item_phase_epochs`` passes at ``item_phase_learning_rate``, against the frozen
-ID model's user vectors: no LLM pass, so it costs one frozen SASRec pass over the rows plus
-small matrix products. It then validates once and keeps that checkpoint as the best so far.
-Phase 2 is :class:`LLMTrainer`'s ``fit``: the LLM side trains, the item side held or slowed
-(the model's optimizer groups), and a phase-2 epoch replaces the checkpoint only when it
-validates better. A resumed run (best result already set) skips phase 1: its weights are in the
-resume state.
+Phase 1 trains the item side (``model.item_side_parameters()``: the item suffix and its projection,
+or the title projection) at ``item_phase_learning_rate`` for ``item_phase_epochs`` passes over its
+rows, against user vectors from the held user side (``model.phase_one_users``), computed once
+before the first pass: the model's own (``scoring: paper``: one LLM pass over ``item_phase_rows``
+random rows), or the frozen SASRec's over every row (``scoring: residual``, no LLM pass). It then
+validates once and keeps that checkpoint as the best so far. Phase 2 is :class:`LLMTrainer`'s
+``fit``: the user side trains, the item side held (no gradient, out of the optimizer) or slowed
+(``item_side_lr_scale``), and a phase-2 epoch replaces the checkpoint only when it validates better.
+A resumed run (best result already set) skips phase 1: its weights are in the resume state.
 """
 from __future__ import annotations
 
@@ -35,37 +36,48 @@ class LaserTrainer(LLMTrainer):
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
 
     @torch.no_grad()
-    def _id_users(self, dataset, batch_size):
-        """The frozen ID model's user vector and the target of every training row, in dataset order."""
+    def _phase_one_users(self, dataset, batch_size, show_progress=False):
+        """Phase 1's rows: the held user side's vector and the target of each (all rows for ``residual``,
+        ``item_phase_rows`` random ones otherwise), computed once in evaluation mode."""
         model = self.model
-        users, targets = [], []
         inter = dataset.inter_feat
-        for start in range(0, len(inter), batch_size):
-            rows = inter[start:start + batch_size].to(self.device)
-            users.append(model.id_encodings(rows[model.ITEM_SEQ], rows[model.ITEM_SEQ_LEN])[2])
-            targets.append(rows[model.POS_ITEM_ID])
+        rows = torch.arange(len(inter))
+        cap = self.config["item_phase_rows"]
+        if model.scoring != "residual" and cap and cap < len(inter):
+            rows = torch.randperm(len(inter))[:cap].sort().values
+        model.eval()
+        users, targets = [], []
+        for chunk in tqdm(rows.split(batch_size), desc="Laser phase 1, user vectors", disable=not show_progress):
+            part = inter[chunk].to(self.device)
+            users.append(model.phase_one_users(part[model.ITEM_SEQ], part[model.ITEM_SEQ_LEN]))
+            targets.append(part[model.POS_ITEM_ID])
         return torch.cat(users), torch.cat(targets)
 
     def item_phase(self, train_data, epochs, show_progress=False):
-        """Phase 1: Adam on the item side only, every training row once per epoch, shuffled."""
+        """Phase 1: Adam on the item side only, every phase-1 row once per epoch, shuffled."""
         model = self.model
-        batch_size = self.config["train_batch_size"]
-        users, targets = self._id_users(train_data._dataset, batch_size)
+        batch_size = self.config["item_phase_batch_size"] or self.config["train_batch_size"]
+        users, targets = self._phase_one_users(train_data._dataset, self.config["eval_batch_size"], show_progress)
         params = model.item_side_parameters()
         optimizer = torch.optim.Adam(params, lr=float(self.config["item_phase_learning_rate"]))
+        held = model.item_side_held
+        model.item_side_held = False
         model.train()
-        for epoch in range(epochs):
-            order = torch.randperm(len(targets), device=users.device)
-            chunks = order.split(batch_size)
-            total = 0.0
-            for chunk in tqdm(chunks, desc=f"Laser phase 1, epoch {epoch}", disable=not show_progress):
-                optimizer.zero_grad()
-                loss = model.item_phase_loss(users[chunk], targets[chunk])
-                self._check_nan(loss)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(chunk)
-            self.logger.info(
-                set_color(f"phase 1 (item side) epoch {epoch}", "green")
-                + f": {len(targets)} rows, cross-entropy {total / len(targets):.4f}"
-            )
+        try:
+            for epoch in range(epochs):
+                order = torch.randperm(len(targets), device=users.device)
+                chunks = order.split(batch_size)
+                total = 0.0
+                for chunk in tqdm(chunks, desc=f"Laser phase 1, epoch {epoch}", disable=not show_progress):
+                    optimizer.zero_grad()
+                    loss = model.item_phase_loss(users[chunk], targets[chunk])
+                    self._check_nan(loss)
+                    loss.backward()
+                    optimizer.step()
+                    total += loss.item() * len(chunk)
+                self.logger.info(
+                    set_color(f"phase 1 (item side) epoch {epoch}", "green")
+                    + f": {len(targets)} rows, cross-entropy {total / len(targets):.4f}"
+                )
+        finally:
+            model.item_side_held = held

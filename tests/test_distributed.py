@@ -49,7 +49,7 @@ def _rank(rank, model_name, dataset, config_dict, queue):
     config, model, trainer, (train, valid, test) = build(model_name, dataset, config_dict=dict(config_dict, local_rank=rank))
     _, best_valid = trainer.fit(train, valid, saved=True, show_progress=False)
     # after fit, before evaluate loads rank 0's checkpoint on every rank: the weights each rank trained
-    digest = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    digest = hashlib.sha1(b"".join(p.detach().cpu().float().numpy().tobytes() for p in model.parameters())).hexdigest()
     ranked_before_test = getattr(trainer, "ranked_rows", 0)
     test_result = trainer.evaluate(test, load_best_model=True, show_progress=False)
     ranked = None

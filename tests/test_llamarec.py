@@ -9,7 +9,7 @@ from recbole_llm import load_config
 from recbole_llm.llm.prompts import RankingPrompt
 from recbole_llm.llm.verbalizer import LetterVerbalizer
 from recbole_llm.model.llamarec import LlamaRec, recent_items, two_stage_scores
-from recbole_llm.trainer.two_stage import LlamaRecTrainer
+from recbole_llm.trainer.two_stage import LlamaRecTrainer, SubsetNDCG
 from conftest import first_batch
 
 K = 5
@@ -285,7 +285,7 @@ def test_ranker_training_stops_after_validations_without_improvement(llamarec, m
 
     def validation_ndcg(phase):
         snapshots.append({n: p.detach().clone() for n, p in model.llm.named_parameters() if "lora_B" in n})
-        return next(curve)
+        return SubsetNDCG(next(curve), 0.0, 8)
 
     monkeypatch.setattr(trainer, "_validation_ndcg", validation_ndcg)
     trainer._train_ranker(train, trainer._phase(valid), show_progress=False)
@@ -629,3 +629,29 @@ def test_loss_is_computed_on_the_training_lists(llamarec, monkeypatch):
     model.calculate_loss(batch)
     assert prompted == [candidates for candidates, _ in model.training_lists(batch)]
 
+
+def test_validation_check_gives_the_standard_error_over_its_users(llamarec):
+    """Each validation check of ranker training reports the valid-subset NDCG@10 with its standard
+    error over the users it ranked (sample standard deviation / sqrt(users)) and their number."""
+    import statistics
+
+    config, model, (_, valid, _) = llamarec
+    with torch.no_grad():
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    trainer = LlamaRecTrainer(config, model)
+    phase = trainer._phase(valid)
+    ndcg, se, users = trainer._validation_ndcg(phase)
+    candidates, targets = phase.flat("candidates"), phase.flat("targets")
+    histories = [h for batch in phase.histories for h in batch]
+    rows = [i for i in range(len(targets)) if int(targets[i]) in candidates[i].tolist()][:config["ranker_valid_users"]]
+    model.eval()
+    scores = model.ranker_scores([histories[i] for i in rows], candidates[rows])
+    gains = []
+    for row, row_scores in zip(rows, scores.tolist()):
+        ranked = [c for _, c in sorted(zip(row_scores, candidates[row].tolist()), key=lambda pair: -pair[0])]
+        rank = ranked.index(int(targets[row]))
+        gains.append(1 / __import__("math").log2(rank + 2) if rank < 10 else 0.0)
+    assert users == len(rows) > 2 and len(set(gains)) > 1
+    assert ndcg == pytest.approx(statistics.mean(gains)) and se == pytest.approx(statistics.stdev(gains) / len(gains) ** 0.5)

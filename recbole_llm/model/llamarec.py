@@ -265,7 +265,7 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         evaluation lists, except a target the retriever did not propose with
         ``ranker_train_target_position: random``, which goes to a random position."""
         proposed_target = target in proposed
-        chosen = proposed if proposed_target else [*proposed[:-1], target]
+        chosen = list(proposed) if proposed_target else [*proposed[:-1], target]
         excluded = (set(history) if self.exclude_history else set()) | {0, *chosen}
         chosen += self._random_items(excluded, self.k - len(chosen))
         order = retrieval[chosen].argsort(descending=True, stable=True).tolist()
@@ -282,14 +282,16 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         * ``retriever``: the frozen retriever's top-k for the row's sequence, the row's history left
           out by the rule of the random lists (every item before the target, :meth:`prior_items`),
           the target in place of the k-th item where absent (:meth:`retrieved_candidates`);
-        * ``mix``: the retriever's top ``k // 2`` items so (a documented fixed share: half the
-          list is hard, half the paper's random items), the rest random non-history items.
+        * ``mix``: the retriever's top ``k // 2`` items the same way (a fixed share: half the list
+          hard, half the paper's easy random items), the rest random non-history items.
 
         The retriever scores the rows in one batched forward pass per call (``calculate_loss``'s
-        micro-batch). Not cached over the training rows: a capped budget trains on each row at
-        most once per pass, and the retriever's forward is a small share of the LLM's on the
-        same rows. The retriever saw these rows in its own training, so its top-k holds the
-        target more often on them than on validation rows.
+        micro-batch), in eval mode (:meth:`train`). Not precomputed for all training rows: a
+        capped budget trains on each row at most once per pass, and on ml-100k (2 shared cores)
+        LRURec took tens of milliseconds per row in batches of 2-4 against seconds per prompt for
+        the LLM's forward and backward, while all 97k training prefixes at ~18 ms per row (batches
+        of 256) would cost more than the 10,000 rows of a long run. The retriever saw these rows in
+        its own training, so its top-k holds the target more often on them than on validation rows.
         """
         rows = list(zip(self._histories(interaction), interaction[self.USER_ID].tolist(),
                         interaction[self.POS_ITEM_ID].tolist()))

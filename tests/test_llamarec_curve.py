@@ -42,15 +42,17 @@ def test_a_curve_point_is_a_record_reused_and_pooled_over_seeds(curve, tiny_data
     monkeypatch.setattr(curve, "measure", no_run)
     curve.main(_argv(tiny_data, tiny_llama_dir, tmp_path))  # reused: no second run
 
-    other = {**numbers, "ratio": {"ranker": numbers["ratio"]["ranker"] + 0.1, "fusion": numbers["ratio"]["fusion"] + 0.2}}
-    monkeypatch.setattr(curve, "measure", lambda *args, **kwargs: other)
-    curve.main(_argv(tiny_data, tiny_llama_dir, tmp_path, seed=7))
+    fusion, ranker = [numbers["ratio"]["fusion"]], [numbers["ratio"]["ranker"]]
+    for seed, shift in ((7, 0.2), (8, 0.05)):  # two more seeds, their runs stood in for
+        other = {**numbers, "ratio": {"ranker": ranker[0] + shift / 2, "fusion": fusion[0] + shift}}
+        monkeypatch.setattr(curve, "measure", lambda *args, numbers=other, **kwargs: numbers)
+        curve.main(_argv(tiny_data, tiny_llama_dir, tmp_path, seed=seed))
+        fusion.append(other["ratio"]["fusion"])
+        ranker.append(other["ratio"]["ranker"])
     body = (tmp_path / "RESULTS.md").read_text()
-    assert len(list((tmp_path / "records").glob("*.json"))) == 2
-    fusion = [numbers["ratio"]["fusion"], other["ratio"]["fusion"]]
-    ranker = [numbers["ratio"]["ranker"], other["ratio"]["ranker"]]
-    se = statistics.stdev(fusion) / 2 ** 0.5
-    assert (f"LlamaRec / LRURec NDCG@10, history excluded for both, mean over 2 seeds: "
+    assert len(list((tmp_path / "records").glob("*.json"))) == 3
+    se = statistics.stdev(fusion) / 3 ** 0.5
+    assert (f"LlamaRec / LRURec NDCG@10, history excluded for both, mean over 3 seeds: "
             f"{statistics.mean(ranker):.3f} ranker only, {statistics.mean(fusion):.3f} with fusion "
             f"(standard error {se:.3f})") in body
     assert (tmp_path / "llamarec_curve.png").stat().st_size > 0

@@ -4,31 +4,44 @@ where the wall time goes. This run IS the quick start (same defaults, every test
 
     python benchmarks/llamarec_quality.py [--dataset ml-100k] [--key=value ...]
 
-Writes the "llamarec" section of docs/RESULTS.md.
+Writes the "llamarec" section of docs/RESULTS.md. :func:`measure` (one run's numbers, JSON-ready)
+serves benchmarks/llamarec_curve.py too.
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-from results_doc import markdown_table, parse_overrides, write_section
+from results_doc import bare_argv, markdown_table, parse_overrides, write_section
 
 from recbole_llm.quick_start import build
 from recbole_llm.trainer.two_stage import ranking_metrics
 
 METRICS = ["recall@5", "recall@10", "mrr@5", "mrr@10", "ndcg@5", "ndcg@10"]
+#: The settings a run's numbers depend on most, kept beside them.
+RECORDED_SETTINGS = ("seed", "retriever", "candidate_k", "exclude_history", "llm_path", "llm_dtype",
+                     "ranker_max_train_examples", "ranker_train_candidates", "ranker_train_target_position",
+                     "ranker_valid_users", "ranker_eval_step", "ranker_stopping_step", "ranker_warmup_steps",
+                     "train_batch_size", "learning_rate", "lora_r", "lora_target_modules", "fusion")
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--dataset", default="ml-100k")
-    args, rest = parser.parse_known_args()
-    overrides = parse_overrides(rest)
+def measure(dataset: str, overrides: dict, show_progress: bool | None = None) -> dict:
+    """One quick-start run of LlamaRec (build, fit, test), as JSON-ready numbers.
+
+    ``test`` and ``subset`` (the users whose target is among the candidates) hold the metrics of
+    ``fusion`` (the chosen fusion weight), ``ranker`` (the paper: weight 0), ``retriever`` (as RecBole
+    evaluates it: history items may be recommended) and, in ``test``, ``retriever_excluded``: the
+    retriever with the candidates' history rule, whose metrics over all users are, for k <= the
+    candidate count, its subset metrics times the subset's share (every other user scores 0), exactly.
+    ``ratio`` is the fair LlamaRec / retriever NDCG@10, history excluded for both.
+    """
     start = time.perf_counter()
-    config, model, trainer, (train, valid, test) = build("LlamaRec", args.dataset, config_dict=overrides)
+    with bare_argv():  # the caller's own flags are no RecBole settings
+        config, model, trainer, (train, valid, test) = build("LlamaRec", dataset, config_dict=overrides)
     built = time.perf_counter()
-    trainer.fit(train, valid, saved=True, show_progress=config["show_progress"])
-    fused = trainer.evaluate(test, load_best_model=True, show_progress=config["show_progress"])
+    progress = config["show_progress"] if show_progress is None else show_progress
+    trainer.fit(train, valid, saved=True, show_progress=progress)
+    fused = trainer.evaluate(test, load_best_model=True, show_progress=progress)
     fused_subset, chosen = trainer.subset_result, model.fusion_weight
     end = time.perf_counter()
 
@@ -38,47 +51,75 @@ def main():
     model.ranker_enabled = False
     retriever = trainer.evaluate(test, load_best_model=False)
     phase = trainer._phase(test)
-    retriever_subset = ranking_metrics(phase.flat("retrieval"), phase.flat("candidates"), phase.flat("targets"), config["topk"])
-
-    # The retriever with the candidates' history rule: for k <= the candidate count its metrics over all
-    # users are its subset metrics times the subset's share (every other user scores 0), exactly.
+    retriever_subset = ranking_metrics(phase.flat("retrieval"), phase.flat("candidates"), phase.flat("targets"),
+                                       config["topk"])
     excluded = {m: retriever_subset[m] * retriever_subset["share"] for m in METRICS if m in retriever_subset}
     excluded.update({m.replace("hit", "recall"): retriever_subset[m] * retriever_subset["share"]
                      for m in retriever_subset if m.startswith("hit@")})
+    return {
+        "settings": {key: config[key] for key in RECORDED_SETTINGS},
+        "test": {"fusion": dict(fused), "ranker": dict(plain), "retriever": dict(retriever),
+                 "retriever_excluded": excluded},
+        "subset": {"fusion": fused_subset, "ranker": plain_subset, "retriever": retriever_subset},
+        "ratio": {"ranker": plain["ndcg@10"] / excluded["ndcg@10"], "fusion": fused["ndcg@10"] / excluded["ndcg@10"]},
+        "fusion_weight": chosen,
+        "fusion_curve": {f"{w:g}": r["ndcg@10"] for w, r in trainer.fusion_results.items()},
+        "best_step": trainer.cur_step,
+        "validation": trainer.validation_trace,
+        "test_users": phase.rows,
+        "ranked_rows": trainer.ranked_rows,
+        "seconds": {"build (data, stage-1 retriever, LLM load)": built - start, **trainer.timings,
+                    "total quick start (build + fit + test evaluation)": end - start},
+    }
+
+
+def section_body(run: dict) -> str:
+    """The "llamarec" section's text for one :func:`measure` run."""
+    settings, test, subset = run["settings"], run["test"], run["subset"]
+    k = settings["candidate_k"]
+    retriever = settings["retriever"]
     rows = []
-    for name, overall, subset in [
-        (f"{config['retriever']} (retriever alone, history excluded as in the candidates)", excluded, retriever_subset),
-        (f"{config['retriever']} (retriever alone)", retriever, retriever_subset),
-        ("LlamaRec (paper: ranker only)", plain, plain_subset),
-        (f"LlamaRec + fusion (w={chosen} picked on validation)", fused, fused_subset),
+    for name, overall, part in [
+        (f"{retriever} (retriever alone, history excluded as in the candidates)", test["retriever_excluded"],
+         subset["retriever"]),
+        (f"{retriever} (retriever alone)", test["retriever"], subset["retriever"]),
+        ("LlamaRec (paper: ranker only)", test["ranker"], subset["ranker"]),
+        (f"LlamaRec + fusion (w={run['fusion_weight']} picked on validation)", test["fusion"], subset["fusion"]),
     ]:
-        rows.append([name] + [f"{overall[m]:.4f}" for m in METRICS] + [f"{subset['ndcg@10']:.4f}", f"{subset['recall@5']:.4f}" if "recall@5" in subset else f"{subset['hit@5']:.4f}"])
-    gain_plain = plain["ndcg@10"] / excluded["ndcg@10"]
-    gain_fused = fused["ndcg@10"] / excluded["ndcg@10"]
-    total = end - start
-    timing = [["build (data, stage-1 retriever, LLM load)", f"{built - start:.0f}"]]
-    timing += [[stage, f"{seconds:.0f}"] for stage, seconds in trainer.timings.items()]
-    timing += [["total quick start (build + fit + test evaluation)", f"{total:.0f}"]]
-    users_per_s = trainer.ranked_rows / trainer.timings["ranking"] if trainer.timings["ranking"] else float("nan")
-    body = (
-        f"Test users: {phase.rows}; {phase.rows and retriever_subset['users']} of them "
-        f"({retriever_subset['share']:.1%}) have the target among the retriever's top-{model.k} "
-        f"(the valid retrieval subset); exclude_history: {config['exclude_history']} (the candidates with and "
-        "without it: benchmarks/llamarec_candidates.py).\n\n"
+        rows.append([name] + [f"{overall[m]:.4f}" for m in METRICS]
+                    + [f"{part['ndcg@10']:.4f}", f"{part['recall@5']:.4f}" if "recall@5" in part else f"{part['hit@5']:.4f}"])
+    seconds = run["seconds"]
+    timing = [[stage, f"{value:.0f}"] for stage, value in seconds.items()]
+    users_per_s = run["ranked_rows"] / seconds["ranking"] if seconds.get("ranking") else float("nan")
+    share = subset["retriever"]["share"]
+    return (
+        f"Test users: {run['test_users']}; {subset['retriever']['users']} of them ({share:.1%}) have the target "
+        f"among the retriever's top-{k} (the valid retrieval subset); exclude_history: {settings['exclude_history']} "
+        "(the candidates with and without it: benchmarks/llamarec_candidates.py).\n\n"
         + markdown_table(["model"] + METRICS + ["subset NDCG@10", "subset Hit@5"], rows)
-        + f"\n\nLlamaRec / retriever (history excluded) NDCG@10: {gain_plain:.3f} (ranker only), {gain_fused:.3f} "
-        f"(with fusion); against the retriever as RecBole evaluates it (history items may be recommended): "
-        f"{plain['ndcg@10'] / retriever['ndcg@10']:.3f} and {fused['ndcg@10'] / retriever['ndcg@10']:.3f}. "
+        + f"\n\nLlamaRec / retriever (history excluded) NDCG@10: {run['ratio']['ranker']:.3f} (ranker only), "
+        f"{run['ratio']['fusion']:.3f} (with fusion); against the retriever as RecBole evaluates it (history items "
+        f"may be recommended): {test['ranker']['ndcg@10'] / test['retriever']['ndcg@10']:.3f} and "
+        f"{test['fusion']['ndcg@10'] / test['retriever']['ndcg@10']:.3f}. "
         "Paper (ML-100k latest-small, Llama-2-7B): 1.07.\n\n"
-        f"LLM: {config['llm_path'] or 'embedded SmolLM2-135M-Instruct'}, {config['ranker_max_train_examples']} "
-        f"training examples, LoRA r={config['lora_r']} on {config['lora_target_modules']}.\n\n"
-        f"Best ranker adapter at step {trainer.cur_step}; fusion weight -> valid NDCG@10: "
-        + ", ".join(f"{w:g}: {r['ndcg@10']:.4f}" for w, r in trainer.fusion_results.items())
+        f"LLM: {settings['llm_path'] or 'embedded SmolLM2-135M-Instruct'}, {settings['ranker_max_train_examples']} "
+        f"training examples ({settings['ranker_train_candidates']} training lists), LoRA r={settings['lora_r']} on "
+        f"{settings['lora_target_modules']}.\n\n"
+        f"Best ranker adapter at step {run['best_step']}; fusion weight -> valid NDCG@10: "
+        + ", ".join(f"{w}: {ndcg:.4f}" for w, ndcg in run["fusion_curve"].items())
         + ".\n\nWhere the wall time goes (seconds):\n\n"
         + markdown_table(["stage", "seconds"], timing)
-        + f"\n\nRanker scoring throughput: {users_per_s:.2f} users/s (one forward pass per user, "
-        f"batches of {config['ranker_eval_batch_size']})."
+        + f"\n\nRanker scoring throughput: {users_per_s:.2f} users/s (one forward pass per user)."
     )
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", default="ml-100k")
+    args, rest = parser.parse_known_args()
+    overrides = parse_overrides(rest)
+    run = measure(args.dataset, overrides)
+    body = section_body(run)
     write_section("llamarec", f"LlamaRec on {args.dataset}", body)
     print(body)
 

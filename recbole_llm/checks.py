@@ -45,6 +45,11 @@ AT_LEAST_ONE = {
 }
 #: LlamaRec's verbalizer names candidates by the letters A..Z.
 MAX_CANDIDATES = 26
+#: LLM settings with a closed set of values (their meaning: the model's property file and docstring).
+CHOICES = {
+    "ranker_train_candidates": ("random", "retriever", "mix"),  # LlamaRec's training lists
+    "ranker_train_target_position": ("random", "retriever"),  # where a target the retriever missed goes
+}
 
 
 # ------------------------------------------------------------------ model names
@@ -238,7 +243,8 @@ def _why_unwritable(path: Path) -> str | None:
 def check_llm_settings(config) -> None:
     """The LLM settings of an LLM model, before anything is built: ``llm_path`` holds a causal
     LM, ``llm_dtype`` is auto or a floating dtype, ``ranker_adapter`` / ``llm_adapter`` are PEFT folders, ``candidate_k`` fits the
-    letters, and ``load_in_4bit`` without CUDA says once that it uses LoRA in full precision."""
+    letters, LlamaRec's training-list settings name one of their choices, and ``load_in_4bit`` without CUDA says once
+    that it uses LoRA in full precision."""
     from recbole_llm.llm import backbone
 
     settings = config.final_config_dict
@@ -251,6 +257,9 @@ def check_llm_settings(config) -> None:
             check_adapter(settings[key], key)
     if "candidate_k" in settings:
         check_candidate_k(settings["candidate_k"])
+    for key, choices in CHOICES.items():
+        if key in settings:
+            check_choice(settings, key, choices)
     if settings.get("load_in_4bit"):
         note_4bit_fallback(config)
 
@@ -278,6 +287,17 @@ def check_candidate_k(k) -> None:
     if not _whole_at_least(k, 1) or k > MAX_CANDIDATES:
         raise InputError(f"candidate_k={k!r} is out of range: LlamaRec names candidates by the index letters "
                          f"A..Z, so candidate_k is a whole number from 1 to {MAX_CANDIDATES} (the paper uses 20).")
+
+
+def check_choice(settings: dict, key: str, choices: tuple[str, ...]) -> None:
+    """``settings[key]`` is one of ``choices`` (the closest one suggested otherwise)."""
+    value = settings.get(key)
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+        raise InputError(f"{key}={value!r} is not one of {', '.join(choices)}"
+                         + (f": did you mean {close[0]}?" if close else ".")
+                         + f" Set --{key}={close[0] if close else choices[0]} (the choices are commented in the "
+                         "model's property file).")
 
 
 def note_4bit_fallback(config) -> None:

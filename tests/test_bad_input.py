@@ -392,6 +392,20 @@ def test_llm_settings_are_checked_before_stage_one(tiny_data, tmp_path):
     assert not (tmp_path / "saved").exists()  # no stage-1 model was trained or cached
 
 
+@pytest.mark.parametrize("setting, value, problem", [
+    ("ranker_train_candidates", "retreiver", r"^ranker_train_candidates='retreiver' is not one of random, retriever, "
+                                             r"mix: did you mean retriever\? Set --ranker_train_candidates=retriever "),
+    ("ranker_train_target_position", "last", r"^ranker_train_target_position='last' is not one of random, retriever\. "
+                                             r"Set --ranker_train_target_position=random "),
+])
+def test_training_list_setting_outside_its_choices(tiny_data, tmp_path, setting, value, problem):
+    """One line naming the choices, before stage 1 trains."""
+    name, overrides = tiny_data
+    with pytest.raises(InputError, match=problem):
+        quick_start.build("LlamaRec", name, config_dict={**overrides, setting: value})
+    assert not (tmp_path / "saved").exists()
+
+
 def test_llm_path_that_does_not_exist(tiny_data, tmp_path):
     with pytest.raises(MissingInputError, match=r"llm_path='.*no_such_model'.*found nothing"):
         _llm_config(tiny_data, llm_path=str(tmp_path / "no_such_model"))

@@ -9,7 +9,7 @@ from recbole_llm import load_config
 from recbole_llm.llm.prompts import RankingPrompt
 from recbole_llm.llm.verbalizer import LetterVerbalizer
 from recbole_llm.model.llamarec import LlamaRec, recent_items, two_stage_scores
-from recbole_llm.trainer.two_stage import LlamaRecTrainer
+from recbole_llm.trainer.two_stage import LlamaRecTrainer, SubsetNDCG
 from conftest import first_batch
 
 K = 5
@@ -285,7 +285,7 @@ def test_ranker_training_stops_after_validations_without_improvement(llamarec, m
 
     def validation_ndcg(phase):
         snapshots.append({n: p.detach().clone() for n, p in model.llm.named_parameters() if "lora_B" in n})
-        return next(curve)
+        return SubsetNDCG(next(curve), 0.0, 8)
 
     monkeypatch.setattr(trainer, "_validation_ndcg", validation_ndcg)
     trainer._train_ranker(train, trainer._phase(valid), show_progress=False)
@@ -514,3 +514,144 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(llamarec):
         torch.testing.assert_close(results[micro][0], results[4][0])
         for split, whole in zip(results[micro][1], results[4][1]):
             torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-4)
+
+
+# ----- training lists drawn from the retriever (ranker_train_candidates) -------------------------
+def _training_rows(train):
+    """Every training row of the tiny data (360 prefixes), as RecBole's loader gives them."""
+    return list(train)
+
+
+def _rigged_retriever(model, monkeypatch, histories):
+    """A retriever with distinct random scores that ranks each row's whole history (also the items
+    older than the window) first; the target of every second user (by id) third among the other
+    items, every other user's target last of all."""
+    def scores(interaction):
+        out = torch.rand(len(interaction), model.n_items, generator=torch.Generator().manual_seed(0))
+        for row, (user, target) in enumerate(zip(interaction[model.USER_ID].tolist(),
+                                                 interaction[model.POS_ITEM_ID].tolist())):
+            before = histories[user][:histories[user].index(target)]
+            out[row, before] += 1000.0
+            if user % 2:
+                others = out[row].clone()
+                others[[0, target, *before]] = -1.0
+                second, third = others.topk(3).values[1:].tolist()
+                out[row, target] = (second + third) / 2
+            else:
+                out[row, target] = -5.0
+        return out
+
+    monkeypatch.setattr(model, "retrieval_scores", scores)
+    return scores
+
+
+def _retriever_order(scores_row, excluded):
+    return [i for i in scores_row.argsort(descending=True).tolist() if i not in excluded and i != 0]
+
+
+@pytest.mark.parametrize("position", ["retriever", "random"])
+def test_retriever_training_lists_are_its_top_k_with_the_target_once(llamarec, monkeypatch, position):
+    """ranker_train_candidates=retriever: a training list is the retriever's top-k without any item
+    before the target (also those older than the window), in its order; a target it proposed stays
+    where it ranks it, one it did not replaces the k-th item and goes last (position retriever) or
+    anywhere (position random), the other items keeping their order."""
+    config, model, (train, _, _) = llamarec
+    histories = _whole_histories(config)
+    scores = _rigged_retriever(model, monkeypatch, histories)
+    model.train_candidates, model.target_position = "retriever", position
+    positions, beyond_window = set(), 0
+    for batch in _training_rows(train):
+        retrieval = scores(batch)
+        lists = model.training_lists(batch)
+        rows = zip(batch[model.USER_ID].tolist(), batch[model.POS_ITEM_ID].tolist(), retrieval, lists)
+        for user, target, row_scores, (candidates, index) in rows:
+            before = set(histories[user][:histories[user].index(target)])
+            beyond_window += len(before) > model.max_seq_length
+            top = _retriever_order(row_scores, before)[:K]
+            assert candidates.count(target) == 1 and candidates[index] == target and len(candidates) == K
+            assert not before & set(candidates)
+            if user % 2:  # proposed, third: the list is the top-k as it stands
+                assert candidates == top and index == 2
+            else:
+                assert [c for c in candidates if c != target] == top[:K - 1]
+                positions.add(index)
+    assert beyond_window > 0
+    assert positions == {K - 1} if position == "retriever" else len(positions) > 1
+
+
+def test_mixed_training_lists_hold_the_retrievers_top_half_and_random_items(llamarec, monkeypatch):
+    """ranker_train_candidates=mix: the retriever's top k // 2 (the target in place of the last where
+    it is not among them) and random items outside the history, all in the retriever's order."""
+    config, model, (train, _, _) = llamarec
+    histories = _whole_histories(config)
+    scores = _rigged_retriever(model, monkeypatch, histories)
+    model.train_candidates, model.target_position = "mix", "retriever"
+    batch = _training_rows(train)[0]
+    retrieval = scores(batch)
+    draws = [model.training_lists(batch) for _ in range(2)]
+    rows = zip(batch[model.USER_ID].tolist(), batch[model.POS_ITEM_ID].tolist(), retrieval, *draws)
+    for user, target, row_scores, (candidates, index), (again, _) in rows:
+        before = set(histories[user][:histories[user].index(target)])
+        top = _retriever_order(row_scores, before)[:K // 2]
+        proposed = top if target in top else [*top[:-1], target]
+        assert candidates.count(target) == 1 and candidates[index] == target and len(candidates) == K
+        assert set(proposed) <= set(candidates) and not before & set(candidates)
+        assert candidates == sorted(candidates, key=lambda item: -float(row_scores[item]))
+    assert any(set(a) != set(b) for (a, _), (b, _) in zip(*draws))  # the other half is random
+
+
+def test_retriever_proposes_training_lists_in_eval_mode(llamarec):
+    """While the ranker trains (LoRA dropout on) the frozen retriever runs without dropout: its
+    training lists are its evaluation-mode top-k."""
+    _, model, (train, _, _) = llamarec
+    model.train_candidates, model.target_position = "retriever", "retriever"
+    batch = first_batch(train)
+    model.train()
+    in_training = model.training_lists(batch)
+    model.eval()
+    assert in_training == model.training_lists(batch)
+    rows = zip(model.retrieval_scores(batch), model._histories(batch), batch[model.USER_ID].tolist(),
+               batch[model.POS_ITEM_ID].tolist(), in_training)
+    for scores, history, user, target, (candidates, _) in rows:
+        top = _retriever_order(scores, model.prior_items(user, history, target))[:K]
+        assert [c for c in candidates if c != target] == [c for c in top if c != target][:K - 1]
+
+
+def test_loss_is_computed_on_the_training_lists(llamarec, monkeypatch):
+    """calculate_loss prompts each row with the list training_lists gives it (retriever lists here)."""
+    config, model, (train, _, _) = llamarec
+    _rigged_retriever(model, monkeypatch, _whole_histories(config))
+    model.train_candidates, model.target_position = "retriever", "retriever"
+    batch = first_batch(train)[:4]
+    prompted, prompt_ids = [], model._prompt_ids
+    monkeypatch.setattr(model, "_prompt_ids", lambda history, candidates: (prompted.append(candidates),
+                                                                             prompt_ids(history, candidates))[1])
+    model.calculate_loss(batch)
+    assert prompted == [candidates for candidates, _ in model.training_lists(batch)]
+
+
+def test_validation_check_gives_the_standard_error_over_its_users(llamarec):
+    """Each validation check of ranker training reports the valid-subset NDCG@10 with its standard
+    error over the users it ranked (sample standard deviation / sqrt(users)) and their number."""
+    import statistics
+
+    config, model, (_, valid, _) = llamarec
+    with torch.no_grad():
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    trainer = LlamaRecTrainer(config, model)
+    phase = trainer._phase(valid)
+    ndcg, se, users = trainer._validation_ndcg(phase)
+    candidates, targets = phase.flat("candidates"), phase.flat("targets")
+    histories = [h for batch in phase.histories for h in batch]
+    rows = [i for i in range(len(targets)) if int(targets[i]) in candidates[i].tolist()][:config["ranker_valid_users"]]
+    model.eval()
+    scores = model.ranker_scores([histories[i] for i in rows], candidates[rows])
+    gains = []
+    for row, row_scores in zip(rows, scores.tolist()):
+        ranked = [c for _, c in sorted(zip(row_scores, candidates[row].tolist()), key=lambda pair: -pair[0])]
+        rank = ranked.index(int(targets[row]))
+        gains.append(1 / __import__("math").log2(rank + 2) if rank < 10 else 0.0)
+    assert users == len(rows) > 2 and len(set(gains)) > 1
+    assert ndcg == pytest.approx(statistics.mean(gains)) and se == pytest.approx(statistics.stdev(gains) / len(gains) ** 0.5)

@@ -13,14 +13,17 @@ PGAI@CIKM 2023 (arXiv:2311.02089).
   ONE forward pass through the letter verbalizer (only the last position's logits).
 * Training (as the authors' code): every prefix of each training sequence is an example,
   with candidates = the true item + ``k - 1`` random non-history items, shuffled;
-  next-token cross-entropy on the answer tokens (letter, EOS) only.
+  next-token cross-entropy on the answer tokens (letter, EOS) only. Beyond the paper,
+  ``ranker_train_candidates`` draws them like the evaluation lists instead (the retriever's
+  top-k, or half of it and half random items; :meth:`LlamaRec.training_lists`).
 * ``full_sort_predict`` returns a score for every item: the candidates, in the ranker's
   order, above all other items, which keep the retriever's order. For ``k <= 20`` RecBole's
   metrics are then the paper's "overall" metrics.
 
 Choices the paper leaves open (details in :class:`LlamaRec`): truncation of long prompts,
 left padding with position ids, ``share_prompt_prefix``, and, beyond the paper, ``fusion``
-of the ranker's and the retriever's scores inside the top-k.
+of the ranker's and the retriever's scores inside the top-k and training candidates drawn
+from the retriever (``ranker_train_candidates``).
 """
 from __future__ import annotations
 
@@ -86,6 +89,9 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
       ranker's ``log_softmax`` inside the top-k (``w = 0`` is the paper; the trainer picks
       ``w`` on validation when ``fusion: True``), because users of the authors' code saw the
       ranker lower results.
+    * Beyond the paper: ``ranker_train_candidates`` (:meth:`training_lists`) draws training lists
+      like the evaluation ones, since the ranker is evaluated on the retriever's top-k (hard, all
+      plausible) but the paper trains it on random items (easy, mostly unpopular).
     """
 
     other_parameter_name = ["fusion_weight"]
@@ -101,6 +107,8 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         self.gradient_checkpointing = config["gradient_checkpointing"]
         self.fusion_weight = 0.0
         self.exclude_history = config["exclude_history"]
+        self.train_candidates = config["ranker_train_candidates"]
+        self.target_position = config["ranker_train_target_position"]
         self.ranker_enabled = True  # False: full_sort_predict returns the retriever's scores (for comparisons)
         texts = item_texts(dataset, config["item_text_fields"])  # first: a dataset without text fails fast
         # the users' whole training sequences, beyond the MAX_ITEM_LIST_LENGTH window (exclude_history)
@@ -122,6 +130,13 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
             config["ranker_history_len"],
         )
         self.item_text = truncate_texts(texts, self.tokenizer, config["title_max_tokens"])
+
+    def train(self, mode: bool = True):
+        """Train the ranker; the frozen retriever stays in eval mode (no dropout), so the lists it
+        proposes for training rows (``ranker_train_candidates``) are those it would give at evaluation."""
+        super().train(mode)
+        self.retriever.eval()
+        return self
 
     # ----- stage 1 -------------------------------------------------------------------
     def retrieval_scores(self, interaction) -> torch.Tensor:
@@ -220,29 +235,84 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
                     and sequence[t - width:t] == window), None)
         return set(window) if end is None else set(sequence[:end])
 
+    def _random_items(self, excluded: set[int], count: int) -> set[int]:
+        """``count`` distinct random items outside ``excluded`` (which holds the padding item 0)."""
+        if self.n_items - len(excluded) < count:
+            raise InputError(f"only {self.n_items - len(excluded)} items besides the target"
+                             f"{' and the history' if self.exclude_history else ''} for candidate_k={self.k}: "
+                             "lower candidate_k")
+        drawn = set()
+        while len(drawn) < count:
+            item = random.randrange(1, self.n_items)
+            if item not in excluded:
+                drawn.add(item)
+        return drawn
+
     def training_candidates(self, history: set[int], target: int) -> tuple[list[int], int]:
         """The true item and ``k - 1`` random other items (not in the user's ``history`` with
         ``exclude_history``, the rule evaluation candidates follow), shuffled; and the true item's index."""
         excluded = (set(history) if self.exclude_history else set()) | {0, target}
-        if self.n_items - len(excluded) < self.k - 1:
-            raise InputError(f"only {self.n_items - len(excluded)} items besides the target"
-                             f"{' and the history' if self.exclude_history else ''} for candidate_k={self.k}: "
-                             "lower candidate_k")
-        negatives = set()
-        while len(negatives) < self.k - 1:
-            item = random.randrange(1, self.n_items)
-            if item not in excluded:
-                negatives.add(item)
-        candidates = [target, *negatives]
+        candidates = [target, *self._random_items(excluded, self.k - 1)]
         random.shuffle(candidates)
         return candidates, candidates.index(target)
+
+    def retrieved_candidates(self, retrieval: torch.Tensor, history: set[int], proposed: list[int],
+                             target: int) -> tuple[list[int], int]:
+        """One training list from the retriever's ``proposed`` items (its top items for the row, best
+        first, ``history`` left out): those items with the target, which replaces the last of them
+        where absent, then random items outside the history and the proposed ones up to ``k``; the
+        list in the retriever's order (``retrieval``, the row's scores of all items) as the
+        evaluation lists, except a target the retriever did not propose with
+        ``ranker_train_target_position: random``, which goes to a random position."""
+        proposed_target = target in proposed
+        chosen = list(proposed) if proposed_target else [*proposed[:-1], target]
+        excluded = (set(history) if self.exclude_history else set()) | {0, *chosen}
+        chosen += self._random_items(excluded, self.k - len(chosen))
+        order = retrieval[chosen].argsort(descending=True, stable=True).tolist()
+        candidates = [chosen[i] for i in order]
+        if not proposed_target and self.target_position == "random":
+            candidates.remove(target)
+            candidates.insert(random.randrange(self.k), target)
+        return candidates, candidates.index(target)
+
+    def training_lists(self, interaction) -> list[tuple[list[int], int]]:
+        """Each training row's candidates and the index of its target, per ``ranker_train_candidates``:
+
+        * ``random`` (the paper): :meth:`training_candidates`;
+        * ``retriever``: the frozen retriever's top-k for the row's sequence, the row's history left
+          out by the rule of the random lists (every item before the target, :meth:`prior_items`),
+          the target in place of the k-th item where absent (:meth:`retrieved_candidates`);
+        * ``mix``: the retriever's top ``k // 2`` items the same way (a fixed share: half the list
+          hard, half the paper's easy random items), the rest random non-history items.
+
+        The retriever scores the rows in one batched forward pass per call (``calculate_loss``'s
+        micro-batch), in eval mode (:meth:`train`). Not precomputed for all training rows: a
+        capped budget trains on each row at most once per pass, and on ml-100k (2 shared cores)
+        LRURec took tens of milliseconds per row in batches of 2-4 against seconds per prompt for
+        the LLM's forward and backward, while all 97k training prefixes at ~18 ms per row (batches
+        of 256) would cost more than the 10,000 rows of a long run. The retriever saw these rows in
+        its own training, so its top-k holds the target more often on them than on validation rows.
+        """
+        rows = list(zip(self._histories(interaction), interaction[self.USER_ID].tolist(),
+                        interaction[self.POS_ITEM_ID].tolist()))
+        priors = [self.prior_items(user, history, target) for history, user, target in rows]
+        targets = [target for _, _, target in rows]
+        if self.train_candidates == "random":
+            return [self.training_candidates(prior, target) for prior, target in zip(priors, targets)]
+        retrieval = self.retrieval_scores(interaction)
+        exclude = torch.zeros_like(retrieval, dtype=torch.bool)
+        if self.exclude_history:
+            exclude[[r for r, prior in enumerate(priors) for _ in prior], [i for prior in priors for i in prior]] = True
+        width = self.k if self.train_candidates == "retriever" else self.k // 2
+        proposed = self.top_candidates(retrieval, exclude)[:, :width].tolist()
+        retrieval = retrieval.float().cpu()
+        return [self.retrieved_candidates(scores, prior, top, target)
+                for scores, prior, top, target in zip(retrieval, priors, proposed, targets)]
 
     def calculate_loss(self, interaction):
         """Next-token cross-entropy on the answer tokens (letter, EOS) only."""
         sequences, answers = [], []
-        rows = zip(self._histories(interaction), interaction[self.USER_ID].tolist(), interaction[self.POS_ITEM_ID].tolist())
-        for history, user, target in rows:
-            candidates, index = self.training_candidates(self.prior_items(user, history, target), target)
+        for history, (candidates, index) in zip(self._histories(interaction), self.training_lists(interaction)):
             answer = self.verbalizer.answer_ids(index)
             sequences.append(self._prompt_ids(history, candidates) + answer)
             answers.append(answer)

@@ -7,12 +7,12 @@ Stage 1 (the retriever) is trained or loaded when the model is built. This train
    sequence: RecBole 1.2.1 gives sequential models no ``history_index``), cached on disk
    under ``checkpoint_dir/llamarec/`` keyed by the retriever's weights, k, the exclusion
    rule and the rows;
-2. trains the ranker's LoRA on RecBole's training rows (every prefix), capped at
-   ``ranker_max_train_examples``, with linear warm-up and decay; every
-   ``ranker_eval_step`` steps it ranks the retriever candidates of the first
-   ``ranker_valid_users`` validation users whose target is among them and keeps the
-   adapter with the best NDCG@10 (rows whose target is not a candidate score the
-   same under any adapter); it stops after ``ranker_stopping_step`` validations
+2. trains the ranker's LoRA on RecBole's training rows (every prefix, with the lists
+   ``ranker_train_candidates`` draws), capped at ``ranker_max_train_examples``, with linear
+   warm-up and decay; every ``ranker_eval_step`` steps it ranks the retriever candidates of
+   the first ``ranker_valid_users`` validation users whose target is among them and keeps the
+   adapter with the best NDCG@10 (rows whose target is not a candidate score the same under
+   any adapter; the log gives its standard error over those users); it stops after ``ranker_stopping_step`` validations
    without a better one (RecBole's ``stopping_step``, counted in validations);
 3. scores every validation user once with the best adapter, then, with ``fusion``,
    picks the fusion weight on validation from ``fusion_weights`` (0 = the paper),
@@ -29,6 +29,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -62,19 +63,47 @@ class EvalPhase:
         return torch.cat(getattr(self, name))
 
 
-def ranking_metrics(candidate_scores: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor, topk) -> dict:
-    """Hit/Recall, MRR and NDCG @k over the rows whose target is among their candidates."""
+def target_ranks(candidate_scores: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor):
+    """Which rows have their target among their candidates (bool [B]), and its 0-based rank by
+    ``candidate_scores`` in those rows."""
     inside = (candidates == targets.unsqueeze(1)).any(1)
     order = candidate_scores[inside].argsort(dim=1, descending=True)
     ranked = candidates[inside].gather(1, order)
-    rank = (ranked == targets[inside].unsqueeze(1)).float().argmax(1)  # 0-based
+    return inside, (ranked == targets[inside].unsqueeze(1)).float().argmax(1)
+
+
+def ndcg_gains(rank: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's NDCG@k for one relevant item at 0-based ``rank``."""
+    return (rank < k).float() / torch.log2(rank + 2)
+
+
+def ranking_metrics(candidate_scores: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor, topk) -> dict:
+    """Hit/Recall, MRR and NDCG @k over the rows whose target is among their candidates."""
+    inside, rank = target_ranks(candidate_scores, candidates, targets)
     result = {"users": int(inside.sum()), "share": float(inside.float().mean())}
     for k in topk:
         hit = (rank < k).float()
         result[f"hit@{k}"] = float(hit.mean()) if len(rank) else 0.0
         result[f"mrr@{k}"] = float((hit / (rank + 1)).mean()) if len(rank) else 0.0
-        result[f"ndcg@{k}"] = float((hit / torch.log2(rank + 2)).mean()) if len(rank) else 0.0
+        result[f"ndcg@{k}"] = float(ndcg_gains(rank, k).mean()) if len(rank) else 0.0
     return result
+
+
+class SubsetNDCG(NamedTuple):
+    """The ranker's NDCG@10 on validation users whose target is a candidate: mean, its standard
+    error over those users (sample standard deviation / sqrt(users); nan under two users), users."""
+
+    ndcg: float
+    se: float
+    users: int
+
+    @classmethod
+    def from_sums(cls, total: float, squares: float, users: int) -> "SubsetNDCG":
+        if users < 2:
+            return cls(total / users if users else 0.0, math.nan, int(users))
+        mean = total / users
+        variance = max(0.0, squares - users * mean * mean) / (users - 1)
+        return cls(mean, math.sqrt(variance / users), int(users))
 
 
 class LlamaRecTrainer(LLMTrainer):
@@ -84,6 +113,8 @@ class LlamaRecTrainer(LLMTrainer):
     ``<name>.adapter`` (the ``ranker_adapter`` setting loads it).
 
     Public after :meth:`fit`: ``fusion_results`` (fusion weight -> validation result);
+    ``validation_trace`` (per check of ranker training: step, examples, mean train loss since the
+    last check, valid-subset NDCG@10, its standard error over the users, users);
     after :meth:`evaluate`: ``subset_result`` (the metrics of the users whose target is among
     the candidates). ``timings`` (seconds per stage: candidates, ranker training, ranking) and
     ``ranked_rows`` (users the LLM ranked) add up over fit and evaluate; fit logs them.
@@ -115,6 +146,7 @@ class LlamaRecTrainer(LLMTrainer):
         self._batch_pos = 0
         self.subset_result = None
         self.fusion_results: dict = {}  # fusion weight -> validation result, after fit
+        self.validation_trace: list[dict] = []  # one entry per check of ranker training, after fit
         self.timings = defaultdict(float)  # seconds per stage
         self.ranked_rows = 0
 
@@ -193,9 +225,10 @@ class LlamaRecTrainer(LLMTrainer):
     def is_main_process(self) -> bool:
         return self.world_size == 1 or dist.get_rank() == 0
 
-    def _validation_ndcg(self, phase: EvalPhase) -> float:
+    def _validation_ndcg(self, phase: EvalPhase) -> SubsetNDCG:
         """NDCG@10 of the ranker on the first ``ranker_valid_users`` rows with the target among the
-        candidates (split over the ranks of a distributed run, and averaged over them)."""
+        candidates (split over the ranks of a distributed run, and pooled over them), with its
+        standard error over those users."""
         candidates, targets = phase.flat("candidates"), phase.flat("targets")
         rows = (candidates == targets.unsqueeze(1)).any(1).nonzero().squeeze(1)
         rows = rows[: math.ceil(self.valid_users / self.world_size)]
@@ -203,12 +236,12 @@ class LlamaRecTrainer(LLMTrainer):
         self.model.eval()
         scores = self.model.ranker_scores([histories[i] for i in rows.tolist()], candidates[rows])
         self.model.train()
-        ndcg = ranking_metrics(scores, candidates[rows], targets[rows], [10])["ndcg@10"]
-        if self.world_size == 1:
-            return ndcg
-        total = torch.tensor([ndcg * len(rows), len(rows)], dtype=torch.float64, device=self.device)  # NCCL: on the GPU
-        dist.all_reduce(total)
-        return float(total[0] / total[1]) if total[1] else 0.0
+        gains = ndcg_gains(target_ranks(scores.float().cpu(), candidates[rows], targets[rows])[1], 10).double()
+        total = torch.stack([gains.sum(), (gains * gains).sum(), torch.tensor(len(gains), dtype=torch.float64)])
+        if self.world_size > 1:
+            total = total.to(self.device)  # NCCL: on the GPU
+            dist.all_reduce(total)
+        return SubsetNDCG.from_sums(*total.tolist())
 
     def _resume_state(self, resume_file: Path) -> dict | None:
         """The saved ranker state if there is one (and resume is on): rank 0's, on every rank."""
@@ -260,6 +293,7 @@ class LlamaRecTrainer(LLMTrainer):
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
         self.best_valid_score, seen, step, running, passes, best_weights = -1.0, 0, 0, 0.0, 0, None
         stale, stopped = 0, False  # validations since the best one; early stop
+        self.validation_trace = []
         resumed = self._resume_state(resume_file) if resume_file is not None else None
         if resumed:
             model.load_state_dict(resumed["state_dict"])
@@ -269,6 +303,7 @@ class LlamaRecTrainer(LLMTrainer):
             seen, step, self.saved_model_file = resumed["seen"], resumed["step"], resumed["saved_model_file"]
             passes, best_weights = resumed["passes"], resumed["best_weights"]
             stale, stopped = resumed["stale"], resumed["stopped"]
+            self.validation_trace = resumed.get("validation_trace", [])
             self.logger.info(f"resuming ranker training at step {step} ({seen} examples) from {resume_file} "
                              "(set resume: False to start over)")
         progress = tqdm(total=total_steps, initial=step, desc=set_color("Ranker training", "pink"),
@@ -299,11 +334,12 @@ class LlamaRecTrainer(LLMTrainer):
                 done = seen >= self.max_examples
                 if step % self.eval_every == 0 or done:
                     with self.timed("ranker validation"):
-                        ndcg = self._validation_ndcg(phase)
-                    self.logger.info(
-                        f"ranker step {step} ({seen} examples): train loss {running / self.eval_every:.4f}, "
-                        f"valid-subset NDCG@10 {ndcg:.4f} on {min(self.valid_users, phase.rows)} users"
-                    )
+                        ndcg, se, users = self._validation_ndcg(phase)
+                    loss_mean = running / (step - (self.validation_trace[-1]["step"] if self.validation_trace else 0))
+                    self.logger.info(f"ranker step {step} ({seen} examples): train loss {loss_mean:.4f}, "
+                                     f"valid-subset NDCG@10 {ndcg:.4f} ± {se:.4f} (standard error) on {users} users")
+                    self.validation_trace.append({"step": step, "examples": seen, "train_loss": loss_mean,
+                                                  "ndcg@10": ndcg, "se": se, "users": users})
                     running = 0.0
                     if ndcg > self.best_valid_score:
                         self.best_valid_score, self.cur_step, stale = ndcg, step, 0
@@ -322,7 +358,7 @@ class LlamaRecTrainer(LLMTrainer):
                             "cur_step": self.cur_step, "seen": seen, "step": step,
                             "saved_model_file": self.saved_model_file, "best_weights": best_weights,
                             "passes": passes, "pass_rng": pass_rng, "pass_position": position, "rng": rng_state(),
-                            "stale": stale, "stopped": stopped,
+                            "stale": stale, "stopped": stopped, "validation_trace": self.validation_trace,
                         })
                 if done:
                     break

@@ -1,0 +1,246 @@
+"""A learning curve of LlamaRec's ranker: the fair ratio LlamaRec / retriever NDCG@10 (history
+excluded for both; ranker only and with fusion) against the number of training examples, for each
+kind of training list (``ranker_train_candidates``) and seed.
+
+    python benchmarks/llamarec_curve.py --ranker_max_train_examples=2560 --ranker_train_candidates=retriever \\
+        [--ranker_train_target_position=random] [--seed=2020] [--dataset ml-100k] [--key=value ...] \\
+        [--records DIR] [--results FILE] [--fresh]
+
+One call is one point of the curve: a quick-start run of LlamaRec with those settings
+(:func:`llamarec_quality.measure`: stage 1 trained or reused from ``checkpoint_dir``, ranker training,
+validation, fusion, test), its validation checks on ``ranker_valid_users`` users (300 unless given:
+fewer make the step selection noise; each check logs its standard error), and the test NDCG@10 and
+Recall@10 of the ranker only, with fusion, and of the retriever alone. The run is a record,
+``<records>/<dataset>-<key>.json`` (default ``benchmarks/records/llamarec_curve``, committed: settings,
+seed, commit, machine, date, command, numbers, the validation trace), keyed by the resolved values of
+the settings given (and of the curve's axes: examples, training lists, target position, seed); a
+later call with the same settings reuses it instead of training again (``--fresh`` runs anew), so
+the curve is built up run by run. Every call then writes the section "llamarec_curve" of
+``--results`` (docs/RESULTS.md) from all the records of the dataset: one row per setting (seeds
+pooled: mean and standard error over seeds), each run's validation trace, the summary line, and the
+plot ``llamarec_curve.png`` beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from llamarec_quality import measure
+from llm_speed import commit
+from results_doc import (RESULTS, ROOT, bare_argv, command, load_record, machine, markdown_table, parse_overrides,
+                         standard_error, write_atomically, write_record, write_section)
+
+from recbole_llm.cache_io import content_key
+from recbole_llm.config import load_config, preflight
+from recbole_llm.errors import InputError
+
+RECORDS = ROOT / "benchmarks" / "records" / "llamarec_curve"
+#: The curve's axes: always part of a record's key, at their resolved values.
+AXES = ("ranker_max_train_examples", "ranker_train_candidates", "ranker_train_target_position", "seed")
+#: What this benchmark sets unless the command line does: validation large enough to pick a step.
+DEFAULTS = {"ranker_valid_users": 300}
+#: Settings that change where a run writes or how fast it goes, not its numbers: left out of the table.
+NEUTRAL = ("checkpoint_dir", "num_threads", "show_progress", "state")
+#: The goal: the paper's LlamaRec / LRURec NDCG@10 (ML-100k latest-small, Llama-2-7B).
+PAPER_RATIO = 1.07
+
+
+def run_settings(dataset: str, overrides: dict) -> dict:
+    """The resolved values of ``overrides`` and of the curve's axes (the record's key); the checks of
+    every setting run here, before anything trains (a bad value stops with one line)."""
+    with bare_argv():
+        config = load_config("LlamaRec", dataset, config_dict=overrides)
+        preflight(config)
+    settings = {key: config[key] for key in sorted({*overrides, *AXES})}
+    if settings["ranker_train_candidates"] == "random":  # random lists have no target position
+        settings.pop("ranker_train_target_position")
+    return settings
+
+
+def curve_point(dataset: str, overrides: dict, records: Path, fresh: bool = False) -> dict:
+    """The record of one run with ``overrides``: reused from ``records`` when there is one."""
+    settings = run_settings(dataset, overrides)
+    path = records / f"{dataset}-{content_key(dataset, settings, length=16)}.json"
+    record = None if fresh else load_record(path)
+    if record is not None:
+        print(f"reused {path} ({record['date']}, {record['command']})", flush=True)
+        return record
+    start = time.perf_counter()
+    numbers = measure(dataset, overrides, show_progress=False)
+    record = {"dataset": dataset, "settings": settings, "overrides": overrides, "numbers": numbers,
+              "minutes": (time.perf_counter() - start) / 60, "commit": commit(), "machine": machine(),
+              "command": command(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    write_record(path, record)
+    print(f"wrote {path}", flush=True)
+    return record
+
+
+# ------------------------------------------------------------------ the section from the records
+def lists_label(settings: dict) -> str:
+    lists = settings["ranker_train_candidates"]
+    return lists if lists == "random" else f"{lists}, target {settings['ranker_train_target_position']}"
+
+
+def other_settings(settings: dict) -> str:
+    rest = {k: v for k, v in settings.items() if k not in AXES and k not in NEUTRAL}
+    return ", ".join(f"{k}={v}" for k, v in sorted(rest.items())) or "-"
+
+
+def group(records: list[dict]) -> dict[tuple, list[dict]]:
+    """Records by setting (everything but the seed), in curve order (examples, lists, other settings)."""
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        s = record["settings"]
+        key = (s["ranker_max_train_examples"], lists_label(s), other_settings(s))
+        groups.setdefault(key, []).append(record)
+    return dict(sorted(groups.items(), key=lambda item: (item[0][0], item[0][1], item[0][2])))
+
+
+def pooled(records: list[dict], part: str) -> tuple[float, float | None]:
+    """Mean over seeds of the fair ratio ``part`` (ranker or fusion), and its standard error (None: one seed)."""
+    values = [r["numbers"]["ratio"][part] for r in records]
+    return statistics.mean(values), standard_error(values) if len(values) > 1 else None
+
+
+def ratio_cell(mean: float, se: float | None) -> str:
+    return f"{mean:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
+def best_check(record: dict) -> str:
+    """The validation check of the adapter kept: step, NDCG@10 ± its standard error, users."""
+    numbers = record["numbers"]
+    check = next((c for c in numbers["validation"] if c["step"] == numbers["best_step"]), None)
+    if check is None:
+        return "no ranker training"
+    return f"step {check['step']}: {check['ndcg@10']:.4f} ± {check['se']:.4f} ({check['users']} users)"
+
+
+def trace(record: dict) -> str:
+    return "; ".join(f"{c['step']}: {c['ndcg@10']:.4f} ± {c['se']:.4f}" for c in record["numbers"]["validation"]) or "-"
+
+
+def summary_line(groups: dict[tuple, list[dict]]) -> str:
+    """The issue's summary line, for the setting with the most seeds (then the best ratio with fusion)."""
+    (examples, lists, other), chosen = max(groups.items(), key=lambda item: (len(item[1]), pooled(item[1], "fusion")[0]))
+    retriever = chosen[0]["numbers"]["settings"]["retriever"]
+    ranker, _ = pooled(chosen, "ranker")
+    fusion, se = pooled(chosen, "fusion")
+    n = len(chosen)
+    return (f"LlamaRec / {retriever} NDCG@10, history excluded for both, mean over {n} seed{'s' * (n > 1)}: "
+            f"{ranker:.3f} ranker only, {fusion:.3f} with fusion "
+            f"(standard error {f'{se:.3f}' if se is not None else 'not available: one seed'}); "
+            f"{examples} training examples, {lists} training lists"
+            + (f", {other}" if other != "-" else "") + f". Paper: {PAPER_RATIO}.")
+
+
+def section_body(records: list[dict], plot_name: str | None) -> str:
+    groups = group(records)
+    rows = []
+    for (examples, lists, other), runs in groups.items():
+        excluded = [r["numbers"]["test"]["retriever_excluded"]["ndcg@10"] for r in runs]
+        rows.append([examples, lists, other, ", ".join(str(r["settings"]["seed"]) for r in runs),
+                     ratio_cell(*pooled(runs, "ranker")), ratio_cell(*pooled(runs, "fusion")),
+                     "; ".join(best_check(r) for r in runs), f"{statistics.mean(excluded):.4f}",
+                     ", ".join(f"{r['minutes']:.0f}" for r in runs)])
+    curve = markdown_table(["training examples", "training lists", "other settings", "seeds", "ranker only",
+                            "with fusion", "kept adapter: valid-subset NDCG@10 ± s.e.",
+                            "retriever NDCG@10 (history excluded)", "minutes"], rows)
+    runs = [[r["settings"]["seed"], r["settings"]["ranker_max_train_examples"], lists_label(r["settings"]),
+             f"{r['numbers']['test']['ranker']['ndcg@10']:.4f} / {r['numbers']['test']['ranker']['recall@10']:.4f}",
+             f"{r['numbers']['test']['fusion']['ndcg@10']:.4f} / {r['numbers']['test']['fusion']['recall@10']:.4f}",
+             f"{r['numbers']['test']['retriever_excluded']['ndcg@10']:.4f} / "
+             f"{r['numbers']['test']['retriever_excluded']['recall@10']:.4f}",
+             trace(r), r["commit"], r["date"]] for g in groups.values() for r in g]
+    return (
+        summary_line(groups) + "\n\n"
+        "The fair ratio LlamaRec / retriever test NDCG@10 (the retriever with the candidates' history rule, its "
+        "top-k order), ranker only (the paper) and with fusion; mean ± standard error over seeds where several. "
+        "One run per seed and setting: `python benchmarks/llamarec_curve.py --ranker_max_train_examples=N "
+        "--ranker_train_candidates=LISTS [--ranker_train_target_position=P] --seed=S`.\n\n"
+        + curve
+        + (f"\n\n![learning curve]({plot_name})" if plot_name else "")
+        + "\n\nEach run: test NDCG@10 / Recall@10 of the ranker only, with fusion and of the retriever (history "
+        "excluded), and its validation checks (step: valid-subset NDCG@10 ± standard error over the users):\n\n"
+        + markdown_table(["seed", "examples", "training lists", "ranker only", "with fusion", "retriever",
+                          "validation checks", "commit", "date"], runs)
+    )
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """The fair ratios against training examples, one colour per kind of training list (solid: with
+    fusion, dashed: ranker only; bars: standard error over seeds); PNG written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    lines: dict[tuple, list] = {}
+    for (examples, lists, other), runs in group(records).items():
+        lines.setdefault((lists, other), []).append((examples, pooled(runs, "ranker"), pooled(runs, "fusion")))
+    several = len({other for _, other in lines}) > 1  # name the other settings only where they differ
+    for index, ((lists, other), points) in enumerate(lines.items()):
+        color = f"C{index}"
+        label = lists + (f" ({textwrap.shorten(other, 60)})" if several else "")
+        xs = [p[0] for p in points]
+        for part, style, name in ((2, "-o", "with fusion"), (1, "--s", "ranker only")):
+            ys = [p[part][0] for p in points]
+            errors = [p[part][1] or 0.0 for p in points]
+            ax.errorbar(xs, ys, yerr=errors, fmt=style, color=color, capsize=3, label=f"{label}: {name}")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.axhline(PAPER_RATIO, color="black", linestyle=":", linewidth=0.8, label=f"paper ({PAPER_RATIO})")
+    examples = [x for points in lines.values() for x, *_ in points]
+    if len(set(examples)) > 1:
+        ax.set_xscale("log" if min(examples) > 0 else "symlog", **({} if min(examples) > 0 else {"linthresh": 100}))
+    ax.set_xlabel("ranker training examples")
+    ax.set_ylabel("LlamaRec / retriever NDCG@10 (history excluded)")
+    ax.set_title("LlamaRec's ranker: learning curve (test)", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    write_atomically(path, buffer.getvalue())
+
+
+def write_curve_section(dataset: str, records_dir: Path, results: Path) -> str:
+    """The section "llamarec_curve" of ``results`` (and its plot) from every record of ``dataset``."""
+    records = [r for r in (load_record(p) for p in sorted(records_dir.glob(f"{dataset}-*.json"))) if r]
+    plot_path = results.parent / "llamarec_curve.png"
+    try:
+        plot(records, plot_path)
+        plot_name = plot_path.name
+    except ImportError:  # no matplotlib: the tables alone
+        plot_name = None
+    body = section_body(records, plot_name)
+    write_section("llamarec_curve", f"LlamaRec's learning curve on {dataset}", body, results=results,
+                  command_line="python benchmarks/llamarec_curve.py (one call per row and seed; see below)")
+    return body
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--records", type=Path, default=RECORDS, help="folder of the run records")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the RESULTS file to write the section to")
+    parser.add_argument("--fresh", action="store_true", help="run again instead of reusing the record")
+    args, rest = parser.parse_known_args(argv)
+    for arg in rest:
+        if not (arg.startswith("--") and "=" in arg):
+            raise SystemExit(f"error: unrecognised argument {arg!r}: settings are given as --key=value")
+    overrides = {**DEFAULTS, **parse_overrides(rest)}
+    try:
+        curve_point(args.dataset, overrides, args.records, args.fresh)
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(write_curve_section(args.dataset, args.records, args.results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""benchmarks/llamarec_curve.py: one run per call as a record, reused by a later call with the same
+settings; the section's summary pools the seeds of a setting; a bad setting stops before any training."""
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def curve(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import llamarec_curve
+
+    return llamarec_curve
+
+
+def _argv(tiny_data, tiny_llama_dir, tmp_path, **extra):
+    name, overrides = tiny_data
+    settings = {**overrides, "llm_path": str(tiny_llama_dir), "candidate_k": 5, "retriever_config": {"epochs": 1},
+                "ranker_max_train_examples": 8, "ranker_eval_step": 1, "ranker_valid_users": 8,
+                "fusion_weights": [0.0, 1.0], "ranker_train_candidates": "retriever", **extra}
+    return ["--dataset", name, "--records", str(tmp_path / "records"), "--results", str(tmp_path / "RESULTS.md"),
+            *(f"--{key}={json.dumps(value)}" for key, value in settings.items())]
+
+
+def test_a_curve_point_is_a_record_reused_and_pooled_over_seeds(curve, tiny_data, tiny_llama_dir, tmp_path, monkeypatch):
+    curve.main(_argv(tiny_data, tiny_llama_dir, tmp_path))
+    [path] = (tmp_path / "records").glob("*.json")
+    first = json.loads(path.read_text())
+    numbers = first["numbers"]
+    assert first["settings"]["ranker_train_candidates"] == "retriever" and first["settings"]["seed"] == 2020
+    assert numbers["ratio"]["fusion"] == pytest.approx(
+        numbers["test"]["fusion"]["ndcg@10"] / numbers["test"]["retriever_excluded"]["ndcg@10"])
+    assert numbers["validation"] and all(c["users"] > 0 and c["se"] >= 0 for c in numbers["validation"])
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a record with the same settings must be reused")
+
+    monkeypatch.setattr(curve, "measure", no_run)
+    curve.main(_argv(tiny_data, tiny_llama_dir, tmp_path))  # reused: no second run
+
+    fusion, ranker = [numbers["ratio"]["fusion"]], [numbers["ratio"]["ranker"]]
+    for seed, shift in ((7, 0.2), (8, 0.05)):  # two more seeds, their runs stood in for
+        other = {**numbers, "ratio": {"ranker": ranker[0] + shift / 2, "fusion": fusion[0] + shift}}
+        monkeypatch.setattr(curve, "measure", lambda *args, numbers=other, **kwargs: numbers)
+        curve.main(_argv(tiny_data, tiny_llama_dir, tmp_path, seed=seed))
+        fusion.append(other["ratio"]["fusion"])
+        ranker.append(other["ratio"]["ranker"])
+    body = (tmp_path / "RESULTS.md").read_text()
+    assert len(list((tmp_path / "records").glob("*.json"))) == 3
+    se = statistics.stdev(fusion) / 3 ** 0.5
+    assert (f"LlamaRec / LRURec NDCG@10, history excluded for both, mean over 3 seeds: "
+            f"{statistics.mean(ranker):.3f} ranker only, {statistics.mean(fusion):.3f} with fusion "
+            f"(standard error {se:.3f})") in body
+    assert (tmp_path / "llamarec_curve.png").stat().st_size > 0
+
+
+def test_a_bad_setting_stops_before_any_training(curve, tiny_data, tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(curve, "measure", lambda *args, **kwargs: pytest.fail("nothing may run"))
+    with pytest.raises(SystemExit, match=r"^error: ranker_train_candidates='retreiver' is not one of random, "):
+        curve.main(_argv(tiny_data, tiny_llama_dir, tmp_path, ranker_train_candidates="retreiver"))
+    assert not (tmp_path / "records").exists() and not (tmp_path / "saved").exists()

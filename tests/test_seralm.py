@@ -152,31 +152,33 @@ def test_alignment_gradient_matches_eq_6_and_8_by_hand():
     p, p0 = theta.detach().softmax(0), theta0.softmax(0)
     dlogp_s = torch.nn.functional.one_hot(tokens[0], 3).sum(0).float() - 2 * p  # grad of log p(s) = sum_t (e_t - p)
 
-    def grad(**kwargs):
+    def grad(current=0.01, **kwargs):  # current: p(y|x,s_now), the baseline's p(y|x,.) (ratio current / 0.01)
         logp_all = theta.log_softmax(0).expand(1, 2, 3)
         logp0_all = theta0.log_softmax(0).expand(1, 2, 3)
         logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         logp0 = logp0_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         full = kwargs.pop("full", False)
-        loss, _ = alignment_loss(logp, logp0, mask, log_p_rec, log_p_ref,
+        loss, _ = alignment_loss(logp, logp0, mask, log_p_rec, log_p_ref, torch.log(torch.tensor([current])),
                                  kl_tokens=per_token_kl(logp_all, logp0_all) if full else None, **kwargs)
         (g,) = torch.autograd.grad(loss, theta)
         return g
 
-    # Eq. 6 (k = 1): descend on -(p(y|x,s)/p(y|x)) log p(s|x)
-    assert torch.allclose(grad(kl_coef=0.0, ratio_baseline=0.0), -2.0 * dlogp_s, atol=1e-6)
-    # Eq. 10's baseline: (ratio - 1)
-    assert torch.allclose(grad(kl_coef=0.0, ratio_baseline=1.0), -1.0 * dlogp_s, atol=1e-6)
+    # Eq. 6 (k = 1) when the current knowledge never predicts y: descend on -(p(y|x,s)/p(y|x)) log p(s|x)
+    assert torch.allclose(grad(current=0.0, kl_coef=0.0), -2.0 * dlogp_s, atol=1e-6)
+    # the per-instance baseline: (ratio - the current knowledge's ratio), here 2 - 1; 2 - 3 when it predicts y better
+    assert torch.allclose(grad(kl_coef=0.0), -1.0 * dlogp_s, atol=1e-6)
+    assert torch.allclose(grad(current=0.03, kl_coef=0.0), 1.0 * dlogp_s, atol=1e-6)
     # Eq. 8 with the exact per-token KL: d KL(p||p0)/d theta = p * (log p/p0 - KL), at each of the 2 tokens
     kl = (p * (p.log() - p0.log())).sum()
     expected = -1.0 * dlogp_s + 0.5 * 2 * p * (p.log() - p0.log() - kl)
-    assert torch.allclose(grad(kl_coef=0.5, ratio_baseline=1.0, full=True), expected, atol=1e-6)
+    assert torch.allclose(grad(kl_coef=0.5, full=True), expected, atol=1e-6)
     # the sampled-token (score-function) form: sum_t (log p(t) - log p0(t)) * (e_t - p)
     log_ratio = (p.log() - p0.log())[tokens[0]]
     score = sum(r * (torch.nn.functional.one_hot(t, 3).float() - p) for r, t in zip(log_ratio, tokens[0]))
-    assert torch.allclose(grad(kl_coef=0.5, ratio_baseline=1.0), -1.0 * dlogp_s + 0.5 * score, atol=1e-6)
-    # the ratio clip
-    assert torch.allclose(grad(kl_coef=0.0, ratio_baseline=0.0, ratio_clip=1.5), -1.5 * dlogp_s, atol=1e-6)
+    assert torch.allclose(grad(kl_coef=0.5), -1.0 * dlogp_s + 0.5 * score, atol=1e-6)
+    # the ratio clip, of both ratios
+    assert torch.allclose(grad(current=0.0, kl_coef=0.0, ratio_clip=1.5), -1.5 * dlogp_s, atol=1e-6)
+    assert torch.allclose(grad(current=0.05, kl_coef=0.0, ratio_clip=1.5), 0.0 * dlogp_s, atol=1e-6)
     # a stale sample: token t's gradient carries rho_t = pi_current(t) / pi_snapshot(t), PPO-clipped at 1 +- 0.2
     logp_now = theta.detach().log_softmax(0)[tokens[0]].unsqueeze(0)
     per_token = [torch.nn.functional.one_hot(t, 3).float() - p for t in tokens[0]]  # grad log p(t)
@@ -184,13 +186,13 @@ def test_alignment_gradient_matches_eq_6_and_8_by_hand():
                                  ((1.5, 0.5), 1.0, (0.0, 0.5)),  # A > 0: rho > 1.2 is cut, rho < 0.8 kept
                                  ((1.5, 0.5), -0.5, (1.5, 0.0))]:  # A < 0: the other way round
         stale = logp_now - torch.log(torch.tensor([rho]))
-        baseline = 2.0 - advantage  # the reward ratio is 2
+        current = (2.0 - advantage) * 0.01  # the reward ratio is 2
         expected = -advantage * sum(w * g for w, g in zip(kept, per_token))
-        assert torch.allclose(grad(kl_coef=0.0, ratio_baseline=baseline, logp_old=stale, importance_clip=0.2),
+        assert torch.allclose(grad(current=current, kl_coef=0.0, logp_old=stale, importance_clip=0.2),
                               expected, atol=1e-6), rho
     unclipped = -1.0 * (1.5 * per_token[0] + 0.5 * per_token[1])  # importance_clip ~: plain importance weights
     stale = logp_now - torch.log(torch.tensor([[1.5, 0.5]]))
-    assert torch.allclose(grad(kl_coef=0.0, ratio_baseline=1.0, logp_old=stale, importance_clip=None), unclipped,
+    assert torch.allclose(grad(kl_coef=0.0, logp_old=stale, importance_clip=None), unclipped,
                           atol=1e-6)
 
 
@@ -213,10 +215,10 @@ def test_kl_is_zero_when_the_adapter_is_zero(tiny_llama_dir, embedded_tokenizer)
         with torch.no_grad(), llm.disable_adapter():
             logp0, logp0_all = token_log_probs(llm, prompt_ids, prompt_mask, new_ids, new_mask, full=True)
         same = torch.zeros(2)
-        loss, stats = alignment_loss(logp, logp0, new_mask, same, same, kl_coef=1.0, ratio_baseline=1.0,
+        loss, stats = alignment_loss(logp, logp0, new_mask, same, same, same, kl_coef=1.0,
                                      kl_tokens=per_token_kl(logp_all, logp0_all))
         loss.backward()
-        sampled, _ = alignment_loss(logp, logp0, new_mask, same, same, kl_coef=1.0, ratio_baseline=1.0)
+        sampled, _ = alignment_loss(logp, logp0, new_mask, same, same, same, kl_coef=1.0)
         grads = [p.grad.abs().max() for p in llm.parameters() if p.requires_grad]
         return stats["kl"], float(sampled.detach()), max(grads)
 
@@ -451,6 +453,54 @@ def test_alignment_reward_is_the_recommenders_score_with_the_sampled_knowledge(s
     assert not torch.allclose(samples[0].log_p_rec, samples[1].log_p_rec, atol=1e-4)
 
 
+class _SureReference(nn.Module):
+    """A knowledge-free recommender far surer of every target than SeRALM (p(y|x) ~0.99): every
+    sample's p(y|x,s) / p(y|x) is far below 1, as on ml-100k, where it is ~0.65."""
+
+    def __init__(self, n_items, target_field):
+        super().__init__()
+        self.n_items, self.target_field = n_items, target_field
+
+    def full_sort_predict(self, interaction):
+        scores = torch.zeros(len(interaction), self.n_items)
+        return scores.scatter(1, interaction[self.target_field].unsqueeze(1), 12.0)
+
+
+def test_advantage_sign_follows_usefulness_whatever_the_offset_of_the_reference(seralm_env, monkeypatch):
+    """Knowledge more useful to this user's target than the item's current knowledge is made more
+    likely, less useful knowledge less likely, although both score far below the reference."""
+    trainer, model, llm, tokenizer, fields, batch = _aligner(seralm_env, monkeypatch, kl_coef=0.0)
+    batch = batch[:1]
+    job = trainer.make_job(llm, tokenizer, model, _SureReference(model.n_items, model.POS_ITEM_ID), fields)
+    lora = [p for p in llm.parameters() if p.requires_grad]
+
+    def sample(seed):
+        torch.manual_seed(seed)
+        return job(batch)
+
+    seeds = sorted(range(4), key=lambda seed: float(sample(seed).log_p_rec))
+    worst, middle, best = seeds[0], seeds[len(seeds) // 2], seeds[-1]
+    with torch.no_grad():  # the middle sample's knowledge becomes the target's current knowledge
+        model.fused.knowledge[batch["item_id"][0]] = sample(middle).vectors[0]
+    worse, better = sample(worst), sample(best)
+    assert float(better.log_p_rec) > float(worse.log_p_rec) + 1e-4
+
+    def uphill(s):
+        """First-order change of log p_align(s|x) along the LLM step that alignment_step takes."""
+        frozen = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0) for m in (llm, model)]
+        trainer.alignment_step(llm, s, *frozen)
+        step = [-p.grad.clone() for p in lora]
+        llm.zero_grad()
+        logp, _ = token_log_probs(llm, s.prompt_ids, s.prompt_mask, s.new_ids, s.new_mask)
+        (logp * s.new_mask).sum().backward()
+        return float(sum((d * p.grad).sum() for d, p in zip(step, lora)))
+
+    assert uphill(better) > 0 > uphill(worse)
+    for s in (better, worse):
+        assert float(s.log_p_ref - s.log_p_rec) > math.log(10)  # the offset: every ratio < 0.1
+    assert float(better.log_p_rec) > float(better.log_p_current) > float(worse.log_p_rec)
+
+
 def test_alignment_step_kl_is_to_the_frozen_initial_llm(seralm_env, monkeypatch, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
@@ -593,3 +643,13 @@ def test_generation_command_line_reads_key_value_settings_as_recbole_does(seralm
     assert meta["decoding"]["max_new_tokens"] == 3 and meta["items"] > 0
     with pytest.raises(InputError, match="--knowledge_dir"):
         main(["--dataset", "tiny", "--config_files", str(files), "--knowledge_dir", str(out)])
+
+
+def test_retired_ratio_baseline_stops_the_run_with_one_line(seralm_env, monkeypatch):
+    from recbole_llm.errors import InputError
+
+    root, overrides = seralm_env
+    monkeypatch.chdir(root)
+    with pytest.raises(InputError, match=r"^ratio_baseline \(in config_dict\) is retired: .*current knowledge") as error:
+        load_config("SeRALM", "tiny", config_dict={**overrides, "ratio_baseline": 0.0})
+    assert "\n" not in str(error.value)

@@ -383,6 +383,70 @@ def test_joint_mode_trains_the_encoder(seralm_env, monkeypatch):
     assert (model.fused.knowledge != before).any(dim=1).sum() <= 8  # the memory follows re-encoded items only
 
 
+class _RecordingEncoder(nn.Module):
+    """Stands in for the joint mode's encoder: records the texts it encodes."""
+
+    dim = 3
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, texts):
+        self.seen += list(texts)
+        return self.scale * torch.ones(len(texts), self.dim)
+
+
+def test_joint_step_cap_keeps_the_targets_first():
+    from recbole_llm.model.seralm import FusedItemEmbedding
+
+    encoder = _RecordingEncoder()
+    fused = FusedItemEmbedding(nn.Embedding(10, 4), torch.zeros(10, 3), knowledge_size=2, encoder=encoder,
+                               texts=[f"text {i}" for i in range(10)], joint_items_per_step=2)
+    targets, history = torch.tensor([9, 7, 9]), torch.tensor([1, 2, 3, 0, 7])
+    fused.begin_step(torch.cat([targets, history]))  # as SeRALM.calculate_loss orders them
+    assert encoder.seen == ["text 9", "text 7"]
+    fused.end_step()
+    assert fused.knowledge.any(dim=1).nonzero().flatten().tolist() == [7, 9]  # the memory: those two only
+
+
+def test_knowledge_override_is_per_instance_even_when_the_batch_is_as_large_as_the_catalogue():
+    from recbole_llm.model.seralm import FusedItemEmbedding
+
+    torch.manual_seed(0)
+    fused = FusedItemEmbedding(nn.Embedding(4, 3), torch.randn(4, 5), knowledge_size=2, fusion_init="random")
+    items = torch.tensor([[3], [1], [2], [1]])  # 4 instances, 4 items: instance b overrides the knowledge of items[b]
+    table, history = fused.weight.detach().clone(), torch.tensor([[1, 2], [1, 3], [2, 2], [0, 3]])
+    with torch.no_grad(), fused.override(items, torch.randn(4, 1, 5)):
+        assert torch.equal(fused.weight, table)  # the shared table keeps every item's own knowledge
+        seen = fused(history)
+        with pytest.raises(ValueError, match="per instance"):
+            fused(torch.tensor([1, 2]))  # not one row per instance
+    changed = (seen != table[history]).any(dim=-1)
+    assert changed.tolist() == [[False, False], [True, False], [True, True], [False, False]]
+
+
+def test_joint_mode_caches_only_the_pretrained_encoders_vectors(seralm_env, monkeypatch):
+    from recbole_llm.knowledge.encoding import cached_vectors
+    from recbole_llm.model.seralm import frozen_encoder
+
+    _, model, _ = _build(seralm_env, monkeypatch, base_model="GRU4Rec", encoder_mode="joint")
+    with torch.no_grad():  # a trained encoder: its vectors differ from the pretrained one's
+        for param in model.fused.encoder.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    rows = [{}] + [{"description": f"An aligned answer about item {i}.", "summarization": "Fans."}
+                   for i in range(1, model.n_items)]
+    model.set_knowledge(rows)
+    texts = model.knowledge_texts(rows)
+    trained = model.fused.encoder.encode(texts)
+    assert torch.allclose(model.fused.knowledge, trained, atol=1e-5)  # the memory: the trained encoder's
+    pretrained = frozen_encoder(model.encoder_name, "cpu")
+    cached = cached_vectors(texts, model.encoder_name, model.vector_dir, encoder=pretrained)
+    assert torch.allclose(cached, pretrained.encode(texts), atol=1e-5)  # the cache: what its key names
+    assert not torch.allclose(cached, trained, atol=1e-3)
+
+
 def test_alignment_end_to_end_with_the_async_generator(seralm_env, monkeypatch):
     config, model, (train, valid, test) = _build(
         seralm_env, monkeypatch, base_model="SASRec", alignment_iterations=2, warmup_epochs=0,

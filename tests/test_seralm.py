@@ -717,3 +717,13 @@ def test_retired_ratio_baseline_stops_the_run_with_one_line(seralm_env, monkeypa
     with pytest.raises(InputError, match=r"^ratio_baseline \(in config_dict\) is retired: .*current knowledge") as error:
         load_config("SeRALM", "tiny", config_dict={**overrides, "ratio_baseline": 0.0})
     assert "\n" not in str(error.value)
+
+
+def test_two_trainers_started_in_the_same_second_save_different_checkpoints(seralm_env, monkeypatch):
+    import recbole.trainer.trainer
+
+    monkeypatch.setattr(recbole.trainer.trainer, "get_local_time", lambda: "Dec-06-2026_23-00-00")  # the same second
+    config, model, _ = _build(seralm_env, monkeypatch, base_model="GRU4Rec")
+    first, second = SeRALMTrainer(config, model), SeRALMTrainer(config, model)
+    assert first.saved_model_file != second.saved_model_file
+    assert first.saved_model_file.startswith(f"{config['checkpoint_dir']}/SeRALM-Dec-06-2026_23-00-00")

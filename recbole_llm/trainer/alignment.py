@@ -34,7 +34,7 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
-from recbole_llm.cache_io import atomic_target, content_key
+from recbole_llm.cache_io import atomic_target, content_key, unique_checkpoint_name
 from recbole_llm.errors import InputError
 from recbole_llm.knowledge.generation import dataset_knowledge, knowledge_dir, knowledge_prompt
 from recbole_llm.knowledge.identity import llm_identity
@@ -127,6 +127,7 @@ class SeRALMTrainer(Trainer):
 
     def __init__(self, config, model):
         super().__init__(config, model)
+        self.saved_model_file = unique_checkpoint_name(self.saved_model_file)  # runs started together differ
         self.alignment_stats: dict = {}
 
     def _build_optimizer(self, **kwargs):

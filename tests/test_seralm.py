@@ -1,6 +1,7 @@
 """SeRALM: knowledge cache, fused item embedding over RecBole models, alignment losses, async generator."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,13 @@ from torch import nn
 
 from recbole_llm import load_config
 from recbole_llm.knowledge.generator import KnowledgeGenerator, generate_knowledge
-from recbole_llm.knowledge.identity import adapter_dir_fingerprint, adapter_fingerprint, cache_key, item_prompt_hash
+from recbole_llm.knowledge.identity import (
+    FLOAT32,
+    adapter_dir_fingerprint,
+    adapter_fingerprint,
+    cache_key,
+    item_prompt_hash,
+)
 from recbole_llm.knowledge.prompts import KNOWLEDGE_PROMPT, build_prompt, knowledge_text, parse_knowledge
 from recbole_llm.knowledge.store import KnowledgeCache
 from recbole_llm.trainer.alignment import SeRALMTrainer
@@ -130,10 +137,12 @@ def test_cache_key_changes_with_prompt_and_adapter(tiny_llama_dir, tmp_path):
 
     llm = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), 4, 8, 0.0, ["q_proj", "v_proj"])
     assert adapter_fingerprint(llm) is None  # LoRA B = 0: the identity, i.e. the un-aligned LLM
-    args = ("tiny", {"llm": "tiny"}, None, KNOWLEDGE_PROMPT, {"title": "movie_title"}, True, {"max_new_tokens": 8})
+    args = ("tiny", {"llm": "tiny"}, None, KNOWLEDGE_PROMPT, {"title": "movie_title"}, True, {"max_new_tokens": 8},
+            FLOAT32)
     base = cache_key(*args)
     assert cache_key(*args) == base
     assert cache_key(args[0], args[1], None, KNOWLEDGE_PROMPT + " Be brief.", *args[4:]) != base
+    assert cache_key(*args[:-1], {**FLOAT32, "autocast": "bfloat16"}) != base
     with torch.no_grad():
         next(p for n, p in llm.named_parameters() if "lora_B" in n).add_(0.01)
     fingerprint = adapter_fingerprint(llm)
@@ -661,17 +670,58 @@ def test_default_refresh_interval_refreshes_a_short_run_and_a_run_that_cannot_sa
     assert caplog.text.count("never refreshed") == 1
 
 
-def test_aligned_adapter_is_keyed_by_its_inputs(seralm_env, monkeypatch):
-    """A changed reference recommender, history length or alignment setting aligns anew."""
-    def adapter_dir(**extra):
-        config, model, _ = _build(seralm_env, monkeypatch, base_model="SASRec", **extra)
-        return SeRALMTrainer(config, model).alignment_dir()
+def test_aligned_adapter_is_keyed_by_everything_that_shapes_it(seralm_env, monkeypatch):
+    """A changed LLM precision, reference, recommender (its encoder, fusion, optimiser, loss) or
+    alignment setting aligns anew; what runs only after the alignment, or how fast, does not."""
+    from recbole_llm.trainer.alignment import alignment_key
 
-    same = adapter_dir()
-    assert adapter_dir() == same
+    root, overrides = seralm_env
+    monkeypatch.chdir(root)
+
+    def key(**extra):
+        return alignment_key(load_config("SeRALM", "tiny", config_dict={**overrides, **extra}), "knowledge-k.jsonl")
+
+    same = key()
+    assert key() == same and alignment_key(load_config("SeRALM", "tiny", config_dict=overrides), "other.jsonl") != same
     for changed in ({"reference_config": {"epochs": 2}}, {"MAX_ITEM_LIST_LENGTH": 5}, {"kl_coef": 0.5},
-                    {"importance_clip": 0.1}, {"refresh_interval": 7}):
-        assert adapter_dir(**changed) != same, changed
+                    {"importance_clip": 0.1}, {"refresh_interval": 7}, {"text_encoder": "another-encoder"},
+                    {"encoder_mode": "joint"}, {"knowledge_text_format": "{description}"}, {"knowledge_size": 32},
+                    {"fusion_init": "random"}, {"learning_rate": 0.01}, {"train_batch_size": 64},
+                    {"loss_type": "BPR", "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}},
+                    {"llm_dtype": "bfloat16"}, {"seed": 7}, {"base_model": "GRU4Rec"}, {"weight_decay": 0.1}):
+        assert key(**changed) != same, changed
+    for unchanged in ({"epochs": 5}, {"eval_batch_size": 8}, {"num_threads": 1}, {"knowledge_batch_size": 2},
+                      {"load_in_4bit": True}):  # 4-bit: this machine cannot quantise, the LLM loads as before
+        assert key(**unchanged) == same, unchanged
+    monkeypatch.setattr("recbole_llm.llm.backbone.four_bit_available", lambda device: True)
+    assert key(load_in_4bit=True) != same
+
+
+COMMITTED_KNOWLEDGE = Path(__file__).resolve().parents[1] / "dataset" / "ml-100k" / "knowledge"
+
+
+def test_knowledge_cache_is_keyed_by_precision_and_the_committed_float32_caches_stay_found(tmp_path, monkeypatch):
+    """ml-100k's committed knowledge was generated in float32: a float32 run finds it (un-aligned, and
+    that of the committed aligned adapter); another precision, or an LLM in 4-bit, addresses another cache."""
+    from recbole_llm.knowledge.generation import knowledge_cache_for
+
+    monkeypatch.chdir(tmp_path)
+
+    def final(adapter=None, **extra):
+        config = load_config("SeRALM", "ml-100k", config_dict={
+            "data_path": str(tmp_path / "data"), "checkpoint_dir": str(tmp_path / "saved"), "use_gpu": False,
+            "knowledge_dir": str(COMMITTED_KNOWLEDGE), "state": "WARNING", **extra})
+        return knowledge_cache_for(config, "ml-100k", adapter).final
+
+    float32 = final(llm_dtype="float32")
+    assert float32.name == "knowledge-72a893e7f3d8d22d.jsonl" and float32.is_file()
+    aligned = adapter_dir_fingerprint(next(COMMITTED_KNOWLEDGE.glob("aligned-SASRec-*")))
+    assert final(aligned, llm_dtype="float32").name == "knowledge-8c0b121373990e78.jsonl"
+    assert final(llm_dtype="bfloat16") != float32
+    assert final(llm_dtype="float32", load_in_4bit=True) == float32  # no CUDA here: it loads in float32
+    monkeypatch.setattr("recbole_llm.llm.backbone.four_bit_available", lambda device: True)
+    assert final(llm_dtype="float32", load_in_4bit=True) != float32
+
 
 
 def test_copied_placeholders_fall_back_to_the_items_own_fields():

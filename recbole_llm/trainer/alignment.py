@@ -110,7 +110,7 @@ class SeRALMTrainer(Trainer):
       ``E_s[grad log p(s|x)] = 0``), and it removes what a constant baseline cannot: the offset
       between the recommender being trained and the knowledge-free one (measured on ml-100k:
       ``w`` ~0.65 for nearly every sample, so ``w - 1`` lowered whatever was sampled). ``A_b > 0``
-      exactly when ``s_b`` helps this user's target more than the current knowledge, the sign
+      when ``s_b`` helps this user's target more than the current knowledge (below the clip), the sign
       Eq. 10 describes (``p(y|x,t_c,t_k) / p(y|x,t_c) - 1``). The per-token KL penalty to the
       original LLM (Eq. 7; the same weights with the adapter disabled via PEFT's
       ``disable_adapter()``, no second copy) is, per ``kl_estimator``: ``full`` (default) the

@@ -46,7 +46,8 @@ def advantage(log_p_rec, log_p_current, log_p_ref, ratio_clip: float | None = No
     between that recommender and the knowledge-free one (``log_p_ref``) cancels and the sign says
     whether ``s`` helps this user's target more than the item's current knowledge does. The
     baseline ``w(s_now)`` does not depend on ``s``, so the expected gradient is Eq. 6's (as in
-    self-critical training, whose baseline is the current model's greedy output: the current
+    self-critical training, Rennie et al., "Self-critical Sequence Training for Image Captioning",
+    arXiv:1612.00563, whose baseline is the current model's greedy output; here the current
     knowledge is the greedy answer that made the cache, and costs no extra generation). It keeps
     Eq. 6's scale ``1 / p(y|x)`` and matches Eq. 10's ``p(y|x,t_c,t_k) / p(y|x,t_c) - 1`` in sign.
     """

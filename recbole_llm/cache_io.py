@@ -9,7 +9,7 @@
   need the same artefact build it once: the second waits, then reuses the first's;
   :func:`try_lock` the same without waiting (a resume state belongs to one run at a time).
 * :func:`config_key`: the key of what a config trains (its settings and the dataset's files),
-  for stage-1 checkpoints and resume states; :func:`content_key`: the content hash behind it and
+  for stage-1 checkpoints and resume states; :func:`shaping_settings`: the settings behind it; :func:`content_key`: the content hash behind it and
   every other cache key.
 * :func:`unique_checkpoint_name`: RecBole names checkpoints ``<model>-<time>.pth`` to the
   second; two runs started together would write the same file.
@@ -125,15 +125,21 @@ def unique_checkpoint_name(saved_model_file: str) -> str:
     return f"{stem}-{uuid.uuid4().hex[:6]}{suffix}"
 
 
+def shaping_settings(config, leave_out=frozenset()) -> dict:
+    """The settings of ``config`` that shape what it trains: all of them but the volatile ones, those in
+    ``leave_out``, and those added later while they hold the value their absence meant."""
+    settings = {k: v for k, v in config.final_config_dict.items() if k not in _VOLATILE and k not in leave_out}
+    for key, value in _ADDED_LATER.items():
+        if key in settings and settings[key] in (value, None):
+            settings.pop(key)
+    return settings
+
+
 def config_key(config) -> str:
     """Hash of everything that shapes a trained model: its config and the dataset files."""
     folder = Path(config["data_path"])
     files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in folder.glob(f"{config['dataset']}.*"))
-    settings = {k: v for k, v in config.final_config_dict.items() if k not in _VOLATILE}
-    for key, value in _ADDED_LATER.items():
-        if key in settings and settings[key] in (value, None):
-            settings.pop(key)
-    return content_key([config["model"], config["dataset"], files, settings], length=16)
+    return content_key([config["model"], config["dataset"], files, shaping_settings(config)], length=16)
 
 
 def content_key(*parts, length: int | None = None) -> str:

@@ -51,6 +51,12 @@ CHOICES = {
     "ranker_train_target_position": ("random", "retriever"),  # where a target the retriever missed goes
 }
 
+#: Settings that were removed, with what took their place: one a user still gives stops the run.
+RETIRED_SETTINGS = {
+    "ratio_baseline": "SeRALM's alignment subtracts, per instance, the same recommender's p(y|x,s)/p(y|x) with the "
+                      "item's current knowledge (no setting)",
+}
+
 
 # ------------------------------------------------------------------ model names
 @functools.cache
@@ -162,6 +168,13 @@ def known_settings(our_properties: Path) -> frozenset:
     for path in Path(__file__).parent.rglob("*.py"):
         keys |= set(_SETTING_READ.findall(path.read_text(encoding="utf-8")))
     return frozenset(keys)
+
+
+def check_retired_settings(user: dict) -> None:
+    """A retired setting (:data:`RETIRED_SETTINGS`) would be read by nothing: stop, saying what replaced it."""
+    for key, where in user.items():
+        if key in RETIRED_SETTINGS:
+            raise InputError(f"{key} ({where}) is retired: {RETIRED_SETTINGS[key]}. Remove it from your settings.")
 
 
 def warn_unknown_settings(user: dict, known: frozenset) -> None:

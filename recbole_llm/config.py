@@ -59,8 +59,9 @@ def load_config(model, dataset, config_file_list=None, config_dict=None) -> Conf
     check_setting_types(config, [f for f in recbole_defaults if f.is_file()] + ours)
     checks.check_ranges(config)
     checks.check_valid_metric(config)
-    checks.warn_unknown_settings(checks.user_settings(config, config_file_list, config_dict),
-                                 checks.known_settings(properties_dir()))
+    user = checks.user_settings(config, config_file_list, config_dict)
+    checks.check_retired_settings(user)
+    checks.warn_unknown_settings(user, checks.known_settings(properties_dir()))
     checks.check_output_folders(config)
     resolve_data_path(config, config.external_config_dict.get("data_path"))
     return config

@@ -1,6 +1,7 @@
 """SeRALM: knowledge cache, fused item embedding over RecBole models, alignment losses, async generator."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,13 @@ from torch import nn
 
 from recbole_llm import load_config
 from recbole_llm.knowledge.generator import KnowledgeGenerator, generate_knowledge
-from recbole_llm.knowledge.identity import adapter_dir_fingerprint, adapter_fingerprint, cache_key, item_prompt_hash
+from recbole_llm.knowledge.identity import (
+    FLOAT32,
+    adapter_dir_fingerprint,
+    adapter_fingerprint,
+    cache_key,
+    item_prompt_hash,
+)
 from recbole_llm.knowledge.prompts import KNOWLEDGE_PROMPT, build_prompt, knowledge_text, parse_knowledge
 from recbole_llm.knowledge.store import KnowledgeCache
 from recbole_llm.trainer.alignment import SeRALMTrainer
@@ -130,10 +137,12 @@ def test_cache_key_changes_with_prompt_and_adapter(tiny_llama_dir, tmp_path):
 
     llm = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), 4, 8, 0.0, ["q_proj", "v_proj"])
     assert adapter_fingerprint(llm) is None  # LoRA B = 0: the identity, i.e. the un-aligned LLM
-    args = ("tiny", {"llm": "tiny"}, None, KNOWLEDGE_PROMPT, {"title": "movie_title"}, True, {"max_new_tokens": 8})
+    args = ("tiny", {"llm": "tiny"}, None, KNOWLEDGE_PROMPT, {"title": "movie_title"}, True, {"max_new_tokens": 8},
+            FLOAT32)
     base = cache_key(*args)
     assert cache_key(*args) == base
     assert cache_key(args[0], args[1], None, KNOWLEDGE_PROMPT + " Be brief.", *args[4:]) != base
+    assert cache_key(*args[:-1], {**FLOAT32, "autocast": "bfloat16"}) != base
     with torch.no_grad():
         next(p for n, p in llm.named_parameters() if "lora_B" in n).add_(0.01)
     fingerprint = adapter_fingerprint(llm)
@@ -152,31 +161,33 @@ def test_alignment_gradient_matches_eq_6_and_8_by_hand():
     p, p0 = theta.detach().softmax(0), theta0.softmax(0)
     dlogp_s = torch.nn.functional.one_hot(tokens[0], 3).sum(0).float() - 2 * p  # grad of log p(s) = sum_t (e_t - p)
 
-    def grad(**kwargs):
+    def grad(current=0.01, **kwargs):  # current: p(y|x,s_now), the baseline's p(y|x,.) (ratio current / 0.01)
         logp_all = theta.log_softmax(0).expand(1, 2, 3)
         logp0_all = theta0.log_softmax(0).expand(1, 2, 3)
         logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         logp0 = logp0_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         full = kwargs.pop("full", False)
-        loss, _ = alignment_loss(logp, logp0, mask, log_p_rec, log_p_ref,
+        loss, _ = alignment_loss(logp, logp0, mask, log_p_rec, log_p_ref, torch.log(torch.tensor([current])),
                                  kl_tokens=per_token_kl(logp_all, logp0_all) if full else None, **kwargs)
         (g,) = torch.autograd.grad(loss, theta)
         return g
 
-    # Eq. 6 (k = 1): descend on -(p(y|x,s)/p(y|x)) log p(s|x)
-    assert torch.allclose(grad(kl_coef=0.0, ratio_baseline=0.0), -2.0 * dlogp_s, atol=1e-6)
-    # Eq. 10's baseline: (ratio - 1)
-    assert torch.allclose(grad(kl_coef=0.0, ratio_baseline=1.0), -1.0 * dlogp_s, atol=1e-6)
+    # Eq. 6 (k = 1) when the current knowledge never predicts y: descend on -(p(y|x,s)/p(y|x)) log p(s|x)
+    assert torch.allclose(grad(current=0.0, kl_coef=0.0), -2.0 * dlogp_s, atol=1e-6)
+    # the per-instance baseline: (ratio - the current knowledge's ratio), here 2 - 1; 2 - 3 when it predicts y better
+    assert torch.allclose(grad(kl_coef=0.0), -1.0 * dlogp_s, atol=1e-6)
+    assert torch.allclose(grad(current=0.03, kl_coef=0.0), 1.0 * dlogp_s, atol=1e-6)
     # Eq. 8 with the exact per-token KL: d KL(p||p0)/d theta = p * (log p/p0 - KL), at each of the 2 tokens
     kl = (p * (p.log() - p0.log())).sum()
     expected = -1.0 * dlogp_s + 0.5 * 2 * p * (p.log() - p0.log() - kl)
-    assert torch.allclose(grad(kl_coef=0.5, ratio_baseline=1.0, full=True), expected, atol=1e-6)
+    assert torch.allclose(grad(kl_coef=0.5, full=True), expected, atol=1e-6)
     # the sampled-token (score-function) form: sum_t (log p(t) - log p0(t)) * (e_t - p)
     log_ratio = (p.log() - p0.log())[tokens[0]]
     score = sum(r * (torch.nn.functional.one_hot(t, 3).float() - p) for r, t in zip(log_ratio, tokens[0]))
-    assert torch.allclose(grad(kl_coef=0.5, ratio_baseline=1.0), -1.0 * dlogp_s + 0.5 * score, atol=1e-6)
-    # the ratio clip
-    assert torch.allclose(grad(kl_coef=0.0, ratio_baseline=0.0, ratio_clip=1.5), -1.5 * dlogp_s, atol=1e-6)
+    assert torch.allclose(grad(kl_coef=0.5), -1.0 * dlogp_s + 0.5 * score, atol=1e-6)
+    # the ratio clip, of both ratios
+    assert torch.allclose(grad(current=0.0, kl_coef=0.0, ratio_clip=1.5), -1.5 * dlogp_s, atol=1e-6)
+    assert torch.allclose(grad(current=0.05, kl_coef=0.0, ratio_clip=1.5), 0.0 * dlogp_s, atol=1e-6)
     # a stale sample: token t's gradient carries rho_t = pi_current(t) / pi_snapshot(t), PPO-clipped at 1 +- 0.2
     logp_now = theta.detach().log_softmax(0)[tokens[0]].unsqueeze(0)
     per_token = [torch.nn.functional.one_hot(t, 3).float() - p for t in tokens[0]]  # grad log p(t)
@@ -184,13 +195,13 @@ def test_alignment_gradient_matches_eq_6_and_8_by_hand():
                                  ((1.5, 0.5), 1.0, (0.0, 0.5)),  # A > 0: rho > 1.2 is cut, rho < 0.8 kept
                                  ((1.5, 0.5), -0.5, (1.5, 0.0))]:  # A < 0: the other way round
         stale = logp_now - torch.log(torch.tensor([rho]))
-        baseline = 2.0 - advantage  # the reward ratio is 2
+        current = (2.0 - advantage) * 0.01  # the reward ratio is 2
         expected = -advantage * sum(w * g for w, g in zip(kept, per_token))
-        assert torch.allclose(grad(kl_coef=0.0, ratio_baseline=baseline, logp_old=stale, importance_clip=0.2),
+        assert torch.allclose(grad(current=current, kl_coef=0.0, logp_old=stale, importance_clip=0.2),
                               expected, atol=1e-6), rho
     unclipped = -1.0 * (1.5 * per_token[0] + 0.5 * per_token[1])  # importance_clip ~: plain importance weights
     stale = logp_now - torch.log(torch.tensor([[1.5, 0.5]]))
-    assert torch.allclose(grad(kl_coef=0.0, ratio_baseline=1.0, logp_old=stale, importance_clip=None), unclipped,
+    assert torch.allclose(grad(kl_coef=0.0, logp_old=stale, importance_clip=None), unclipped,
                           atol=1e-6)
 
 
@@ -213,10 +224,10 @@ def test_kl_is_zero_when_the_adapter_is_zero(tiny_llama_dir, embedded_tokenizer)
         with torch.no_grad(), llm.disable_adapter():
             logp0, logp0_all = token_log_probs(llm, prompt_ids, prompt_mask, new_ids, new_mask, full=True)
         same = torch.zeros(2)
-        loss, stats = alignment_loss(logp, logp0, new_mask, same, same, kl_coef=1.0, ratio_baseline=1.0,
+        loss, stats = alignment_loss(logp, logp0, new_mask, same, same, same, kl_coef=1.0,
                                      kl_tokens=per_token_kl(logp_all, logp0_all))
         loss.backward()
-        sampled, _ = alignment_loss(logp, logp0, new_mask, same, same, kl_coef=1.0, ratio_baseline=1.0)
+        sampled, _ = alignment_loss(logp, logp0, new_mask, same, same, same, kl_coef=1.0)
         grads = [p.grad.abs().max() for p in llm.parameters() if p.requires_grad]
         return stats["kl"], float(sampled.detach()), max(grads)
 
@@ -381,6 +392,70 @@ def test_joint_mode_trains_the_encoder(seralm_env, monkeypatch):
     assert (model.fused.knowledge != before).any(dim=1).sum() <= 8  # the memory follows re-encoded items only
 
 
+class _RecordingEncoder(nn.Module):
+    """Stands in for the joint mode's encoder: records the texts it encodes."""
+
+    dim = 3
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, texts):
+        self.seen += list(texts)
+        return self.scale * torch.ones(len(texts), self.dim)
+
+
+def test_joint_step_cap_keeps_the_targets_first():
+    from recbole_llm.model.seralm import FusedItemEmbedding
+
+    encoder = _RecordingEncoder()
+    fused = FusedItemEmbedding(nn.Embedding(10, 4), torch.zeros(10, 3), knowledge_size=2, encoder=encoder,
+                               texts=[f"text {i}" for i in range(10)], joint_items_per_step=2)
+    targets, history = torch.tensor([9, 7, 9]), torch.tensor([1, 2, 3, 0, 7])
+    fused.begin_step(torch.cat([targets, history]))  # as SeRALM.calculate_loss orders them
+    assert encoder.seen == ["text 9", "text 7"]
+    fused.end_step()
+    assert fused.knowledge.any(dim=1).nonzero().flatten().tolist() == [7, 9]  # the memory: those two only
+
+
+def test_knowledge_override_is_per_instance_even_when_the_batch_is_as_large_as_the_catalogue():
+    from recbole_llm.model.seralm import FusedItemEmbedding
+
+    torch.manual_seed(0)
+    fused = FusedItemEmbedding(nn.Embedding(4, 3), torch.randn(4, 5), knowledge_size=2, fusion_init="random")
+    items = torch.tensor([[3], [1], [2], [1]])  # 4 instances, 4 items: instance b overrides the knowledge of items[b]
+    table, history = fused.weight.detach().clone(), torch.tensor([[1, 2], [1, 3], [2, 2], [0, 3]])
+    with torch.no_grad(), fused.override(items, torch.randn(4, 1, 5)):
+        assert torch.equal(fused.weight, table)  # the shared table keeps every item's own knowledge
+        seen = fused(history)
+        with pytest.raises(ValueError, match="per instance"):
+            fused(torch.tensor([1, 2]))  # not one row per instance
+    changed = (seen != table[history]).any(dim=-1)
+    assert changed.tolist() == [[False, False], [True, False], [True, True], [False, False]]
+
+
+def test_joint_mode_caches_only_the_pretrained_encoders_vectors(seralm_env, monkeypatch):
+    from recbole_llm.knowledge.encoding import cached_vectors
+    from recbole_llm.model.seralm import frozen_encoder
+
+    _, model, _ = _build(seralm_env, monkeypatch, base_model="GRU4Rec", encoder_mode="joint")
+    with torch.no_grad():  # a trained encoder: its vectors differ from the pretrained one's
+        for param in model.fused.encoder.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    rows = [{}] + [{"description": f"An aligned answer about item {i}.", "summarization": "Fans."}
+                   for i in range(1, model.n_items)]
+    model.set_knowledge(rows)
+    texts = model.knowledge_texts(rows)
+    trained = model.fused.encoder.encode(texts)
+    assert torch.allclose(model.fused.knowledge, trained, atol=1e-5)  # the memory: the trained encoder's
+    pretrained = frozen_encoder(model.encoder_name, "cpu")
+    cached = cached_vectors(texts, model.encoder_name, model.vector_dir, encoder=pretrained)
+    assert torch.allclose(cached, pretrained.encode(texts), atol=1e-5)  # the cache: what its key names
+    assert not torch.allclose(cached, trained, atol=1e-3)
+
+
 def test_alignment_end_to_end_with_the_async_generator(seralm_env, monkeypatch):
     config, model, (train, valid, test) = _build(
         seralm_env, monkeypatch, base_model="SASRec", alignment_iterations=2, warmup_epochs=0,
@@ -449,6 +524,54 @@ def test_alignment_reward_is_the_recommenders_score_with_the_sampled_knowledge(s
         cached = model.log_prob_target(batch)  # the un-aligned knowledge
     assert not torch.allclose(samples[0].log_p_rec, cached, atol=1e-4)
     assert not torch.allclose(samples[0].log_p_rec, samples[1].log_p_rec, atol=1e-4)
+
+
+class _SureReference(nn.Module):
+    """A knowledge-free recommender far surer of every target than SeRALM (p(y|x) ~0.99): every
+    sample's p(y|x,s) / p(y|x) is far below 1, as on ml-100k, where it is ~0.65."""
+
+    def __init__(self, n_items, target_field):
+        super().__init__()
+        self.n_items, self.target_field = n_items, target_field
+
+    def full_sort_predict(self, interaction):
+        scores = torch.zeros(len(interaction), self.n_items)
+        return scores.scatter(1, interaction[self.target_field].unsqueeze(1), 12.0)
+
+
+def test_advantage_sign_follows_usefulness_whatever_the_offset_of_the_reference(seralm_env, monkeypatch):
+    """Knowledge more useful to this user's target than the item's current knowledge is made more
+    likely, less useful knowledge less likely, although both score far below the reference."""
+    trainer, model, llm, tokenizer, fields, batch = _aligner(seralm_env, monkeypatch, kl_coef=0.0)
+    batch = batch[:1]
+    job = trainer.make_job(llm, tokenizer, model, _SureReference(model.n_items, model.POS_ITEM_ID), fields)
+    lora = [p for p in llm.parameters() if p.requires_grad]
+
+    def sample(seed):
+        torch.manual_seed(seed)
+        return job(batch)
+
+    seeds = sorted(range(4), key=lambda seed: float(sample(seed).log_p_rec))
+    worst, middle, best = seeds[0], seeds[len(seeds) // 2], seeds[-1]
+    with torch.no_grad():  # the middle sample's knowledge becomes the target's current knowledge
+        model.fused.knowledge[batch["item_id"][0]] = sample(middle).vectors[0]
+    worse, better = sample(worst), sample(best)
+    assert float(better.log_p_rec) > float(worse.log_p_rec) + 1e-4
+
+    def uphill(s):
+        """First-order change of log p_align(s|x) along the LLM step that alignment_step takes."""
+        frozen = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0) for m in (llm, model)]
+        trainer.alignment_step(llm, s, *frozen)
+        step = [-p.grad.clone() for p in lora]
+        llm.zero_grad()
+        logp, _ = token_log_probs(llm, s.prompt_ids, s.prompt_mask, s.new_ids, s.new_mask)
+        (logp * s.new_mask).sum().backward()
+        return float(sum((d * p.grad).sum() for d, p in zip(step, lora)))
+
+    assert uphill(better) > 0 > uphill(worse)
+    for s in (better, worse):
+        assert float(s.log_p_ref - s.log_p_rec) > math.log(10)  # the offset: every ratio < 0.1
+    assert float(better.log_p_rec) > float(better.log_p_current) > float(worse.log_p_rec)
 
 
 def test_alignment_step_kl_is_to_the_frozen_initial_llm(seralm_env, monkeypatch, tiny_llama_dir):
@@ -547,17 +670,58 @@ def test_default_refresh_interval_refreshes_a_short_run_and_a_run_that_cannot_sa
     assert caplog.text.count("never refreshed") == 1
 
 
-def test_aligned_adapter_is_keyed_by_its_inputs(seralm_env, monkeypatch):
-    """A changed reference recommender, history length or alignment setting aligns anew."""
-    def adapter_dir(**extra):
-        config, model, _ = _build(seralm_env, monkeypatch, base_model="SASRec", **extra)
-        return SeRALMTrainer(config, model).alignment_dir()
+def test_aligned_adapter_is_keyed_by_everything_that_shapes_it(seralm_env, monkeypatch):
+    """A changed LLM precision, reference, recommender (its encoder, fusion, optimiser, loss) or
+    alignment setting aligns anew; what runs only after the alignment, or how fast, does not."""
+    from recbole_llm.trainer.alignment import alignment_key
 
-    same = adapter_dir()
-    assert adapter_dir() == same
+    root, overrides = seralm_env
+    monkeypatch.chdir(root)
+
+    def key(**extra):
+        return alignment_key(load_config("SeRALM", "tiny", config_dict={**overrides, **extra}), "knowledge-k.jsonl")
+
+    same = key()
+    assert key() == same and alignment_key(load_config("SeRALM", "tiny", config_dict=overrides), "other.jsonl") != same
     for changed in ({"reference_config": {"epochs": 2}}, {"MAX_ITEM_LIST_LENGTH": 5}, {"kl_coef": 0.5},
-                    {"importance_clip": 0.1}, {"refresh_interval": 7}):
-        assert adapter_dir(**changed) != same, changed
+                    {"importance_clip": 0.1}, {"refresh_interval": 7}, {"text_encoder": "another-encoder"},
+                    {"encoder_mode": "joint"}, {"knowledge_text_format": "{description}"}, {"knowledge_size": 32},
+                    {"fusion_init": "random"}, {"learning_rate": 0.01}, {"train_batch_size": 64},
+                    {"loss_type": "BPR", "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}},
+                    {"llm_dtype": "bfloat16"}, {"seed": 7}, {"base_model": "GRU4Rec"}, {"weight_decay": 0.1}):
+        assert key(**changed) != same, changed
+    for unchanged in ({"epochs": 5}, {"eval_batch_size": 8}, {"num_threads": 1}, {"knowledge_batch_size": 2},
+                      {"load_in_4bit": True}):  # 4-bit: this machine cannot quantise, the LLM loads as before
+        assert key(**unchanged) == same, unchanged
+    monkeypatch.setattr("recbole_llm.llm.backbone.four_bit_available", lambda device: True)
+    assert key(load_in_4bit=True) != same
+
+
+COMMITTED_KNOWLEDGE = Path(__file__).resolve().parents[1] / "dataset" / "ml-100k" / "knowledge"
+
+
+def test_knowledge_cache_is_keyed_by_precision_and_the_committed_float32_caches_stay_found(tmp_path, monkeypatch):
+    """ml-100k's committed knowledge was generated in float32: a float32 run finds it (un-aligned, and
+    that of the committed aligned adapter); another precision, or an LLM in 4-bit, addresses another cache."""
+    from recbole_llm.knowledge.generation import knowledge_cache_for
+
+    monkeypatch.chdir(tmp_path)
+
+    def final(adapter=None, **extra):
+        config = load_config("SeRALM", "ml-100k", config_dict={
+            "data_path": str(tmp_path / "data"), "checkpoint_dir": str(tmp_path / "saved"), "use_gpu": False,
+            "knowledge_dir": str(COMMITTED_KNOWLEDGE), "state": "WARNING", **extra})
+        return knowledge_cache_for(config, "ml-100k", adapter).final
+
+    float32 = final(llm_dtype="float32")
+    assert float32.name == "knowledge-72a893e7f3d8d22d.jsonl" and float32.is_file()
+    aligned = adapter_dir_fingerprint(next(COMMITTED_KNOWLEDGE.glob("aligned-SASRec-*")))
+    assert final(aligned, llm_dtype="float32").name == "knowledge-8c0b121373990e78.jsonl"
+    assert final(llm_dtype="bfloat16") != float32
+    assert final(llm_dtype="float32", load_in_4bit=True) == float32  # no CUDA here: it loads in float32
+    monkeypatch.setattr("recbole_llm.llm.backbone.four_bit_available", lambda device: True)
+    assert final(llm_dtype="float32", load_in_4bit=True) != float32
+
 
 
 def test_copied_placeholders_fall_back_to_the_items_own_fields():
@@ -593,3 +757,23 @@ def test_generation_command_line_reads_key_value_settings_as_recbole_does(seralm
     assert meta["decoding"]["max_new_tokens"] == 3 and meta["items"] > 0
     with pytest.raises(InputError, match="--knowledge_dir"):
         main(["--dataset", "tiny", "--config_files", str(files), "--knowledge_dir", str(out)])
+
+
+def test_retired_ratio_baseline_stops_the_run_with_one_line(seralm_env, monkeypatch):
+    from recbole_llm.errors import InputError
+
+    root, overrides = seralm_env
+    monkeypatch.chdir(root)
+    with pytest.raises(InputError, match=r"^ratio_baseline \(in config_dict\) is retired: .*current knowledge") as error:
+        load_config("SeRALM", "tiny", config_dict={**overrides, "ratio_baseline": 0.0})
+    assert "\n" not in str(error.value)
+
+
+def test_two_trainers_started_in_the_same_second_save_different_checkpoints(seralm_env, monkeypatch):
+    import recbole.trainer.trainer
+
+    monkeypatch.setattr(recbole.trainer.trainer, "get_local_time", lambda: "Dec-06-2026_23-00-00")  # the same second
+    config, model, _ = _build(seralm_env, monkeypatch, base_model="GRU4Rec")
+    first, second = SeRALMTrainer(config, model), SeRALMTrainer(config, model)
+    assert first.saved_model_file != second.saved_model_file
+    assert first.saved_model_file.startswith(f"{config['checkpoint_dir']}/SeRALM-Dec-06-2026_23-00-00")

@@ -127,9 +127,10 @@ def cached_vectors(texts: Sequence[str], encoder_name=None, cache_dir: str | os.
                    encoder: TextEncoder | None = None, batch_size: int = 64, logger=None) -> torch.Tensor:
     """Vectors of ``texts`` (zeros for empty ones), from ``cache_dir`` or encoded and cached.
 
-    The file name hashes the texts in order and the encoder's identity; it is written
-    through a temp file and a rename. ``encoder`` (a loaded :class:`TextEncoder`, or a function
-    returning one, called only on a cache miss) is used when given.
+    The file name hashes the texts in order and the identity of the pretrained encoder
+    ``encoder_name``; it is written through a temp file and a rename. ``encoder`` (that encoder
+    loaded, or a function returning it, called only on a cache miss) is used when given: never a
+    trained encoder (SeRALM's joint mode), whose vectors the key does not describe.
     """
     logger = logger or logging.getLogger("recbole_llm")
     key = content_key(texts_hash(texts), json.dumps(encoder_identity(encoder_name), sort_keys=True), length=16)

@@ -23,15 +23,10 @@ import sys
 from pathlib import Path
 
 from recbole_llm.knowledge.generator import KnowledgeGenerator, generate_knowledge
-from recbole_llm.knowledge.identity import (
-    adapter_dir_fingerprint,
-    adapter_fingerprint,
-    cache_key,
-    item_prompt_hash,
-    llm_identity,
-)
+from recbole_llm.knowledge.identity import adapter_dir_fingerprint, cache_key, item_prompt_hash, llm_identity
 from recbole_llm.knowledge.prompts import KNOWLEDGE_PROMPT, item_prompt_fields
 from recbole_llm.knowledge.store import KnowledgeCache
+from recbole_llm.llm.backbone import precision_identity
 
 
 def knowledge_prompt(config) -> str:
@@ -49,15 +44,16 @@ def decoding_settings(config) -> dict:
 
 
 def knowledge_cache_for(config, dataset_name: str, adapter: str | None, logger=None) -> KnowledgeCache:
-    """The cache that the config's LLM, ``adapter``, prompt and decoding settings address."""
+    """The cache that the config's LLM, ``adapter``, prompt, decoding and precision settings address."""
     template = knowledge_prompt(config)
     field_map = dict(config["knowledge_fields"])
     chat = bool(config["use_chat_template"])
     llm = llm_identity(config["llm_path"])
     decoding = decoding_settings(config)
-    key = cache_key(dataset_name, llm, adapter, template, field_map, chat, decoding)
+    precision = precision_identity(config, inference_only=True)  # as load_generator loads it
+    key = cache_key(dataset_name, llm, adapter, template, field_map, chat, decoding, precision)
     meta = {"dataset": dataset_name, "llm": llm, "adapter": adapter, "template": template, "fields": field_map,
-            "chat_template": chat, "decoding": decoding, "command": _command()}
+            "chat_template": chat, "decoding": decoding, "precision": precision, "command": _command()}
     return KnowledgeCache(knowledge_dir(config), key, meta, logger)
 
 
@@ -75,13 +71,13 @@ def dataset_items(dataset, field_map: dict[str, str]) -> list[tuple[int, str, di
     return [(i, str(tokens[i]), fields[i]) for i in range(1, len(fields))]
 
 
-def load_generator(config, model=None, tokenizer=None, adapter_path=None, logger=None) -> KnowledgeGenerator:
-    """A generator around ``model`` or around the config's LLM (+ ``adapter_path`` if given)."""
+def load_generator(config, adapter_path=None, logger=None) -> KnowledgeGenerator:
+    """A generator around the config's LLM (+ the PEFT adapter folder ``adapter_path`` if given),
+    loaded as :func:`knowledge_cache_for` keys it."""
     from recbole_llm.llm.backbone import load_llm
 
-    if model is None:
-        model, tokenizer = load_llm(config, logger, adapter=adapter_path, inference_only=True)
-        model.eval()
+    model, tokenizer = load_llm(config, logger, adapter=adapter_path, inference_only=True)
+    model.eval()
     return KnowledgeGenerator(
         model, tokenizer, template=knowledge_prompt(config),
         use_chat_template=config["use_chat_template"],
@@ -90,22 +86,23 @@ def load_generator(config, model=None, tokenizer=None, adapter_path=None, logger
     )
 
 
-def dataset_knowledge(config, dataset, model=None, tokenizer=None, adapter_path=None, rank=0, world_size=1,
+def dataset_knowledge(config, dataset, adapter_path=None, rank=0, world_size=1,
                       logger=None, show_progress=None) -> tuple[list[dict], KnowledgeCache]:
     """Knowledge records per internal item id (row 0: ``{}``) for ``dataset``.
 
-    Reads the cache; loads the LLM and generates only when items are missing. ``model`` (with
-    its ``tokenizer``; e.g. the LLM with the aligned LoRA) replaces the config's LLM.
-    ``adapter_path`` (else the ``llm_adapter`` setting) names a saved PEFT adapter: its
-    fingerprint is part of the key (and it is loaded when no ``model`` is given); without one,
-    the key holds ``model``'s in-memory LoRA fingerprint. With ``world_size > 1`` only this
-    rank's share is generated; rows of items no rank has done yet are ``{}``.
+    Reads the cache; loads the config's LLM and generates only when items are missing.
+    ``adapter_path`` (else the ``llm_adapter`` setting) names a saved PEFT adapter (e.g. the
+    aligned LoRA): its fingerprint is part of the key and it is loaded with the LLM. The LLM is
+    always loaded from the config and the adapter folder, so the key describes what generates
+    (an LLM in memory, trained in another precision, would not match it). With
+    ``world_size > 1`` only this rank's share is generated; rows of items no rank has done yet
+    are ``{}``.
     """
     logger = logger or logging.getLogger("recbole_llm")
     field_map = dict(config["knowledge_fields"])
     items = dataset_items(dataset, field_map)
     adapter_path = adapter_path or config["llm_adapter"]
-    adapter = adapter_dir_fingerprint(adapter_path) if adapter_path else adapter_fingerprint(model)
+    adapter = adapter_dir_fingerprint(adapter_path) if adapter_path else None
     cache = knowledge_cache_for(config, dataset.dataset_name, adapter, logger)
     records = cache.load()
     template = knowledge_prompt(config)
@@ -113,7 +110,7 @@ def dataset_knowledge(config, dataset, model=None, tokenizer=None, adapter_path=
     if not (fresh and cache.final.is_file() and not cache.parts() and not cache.corrupt_lines):
         if show_progress is None:
             show_progress = bool(config["show_progress"])
-        generator = load_generator(config, model, tokenizer, adapter_path, logger)
+        generator = load_generator(config, adapter_path, logger)
         records = generate_knowledge(generator, items, cache, rank, world_size, show_progress, logger)
     else:
         logger.info(f"knowledge: reusing {cache.final}")

@@ -4,7 +4,9 @@ The cache key (:func:`cache_key`) hashes the dataset name, the LLM's identity (t
 model's package version, or a local model's config and weight sizes, or a hub name; never an
 absolute path, so a committed cache works on another machine), the adapter's fingerprint
 (``None`` for no adapter or an identity LoRA, all ``lora_B == 0``), the prompt template, the
-field mapping and the decoding settings. Each record also holds a hash of its own prompt
+field mapping, the decoding settings and the precision the LLM generates in (its weights' and
+autocast dtypes and 4-bit, as ``llm_dtype`` and ``load_in_4bit`` resolve on the machine: greedy
+text in bfloat16 differs from float32's). Each record also holds a hash of its own prompt
 (:func:`item_prompt_hash`), so an item whose fields changed is regenerated.
 """
 from __future__ import annotations
@@ -19,6 +21,9 @@ from recbole_llm.errors import MissingInputError
 from recbole_llm.knowledge.prompts import KNOWLEDGE_PROMPT, build_prompt
 
 FORMAT_VERSION = 1
+#: The precision every knowledge cache was generated in before the key named it (float32 on a CPU): left
+#: out of the key while a run generates in it, so those caches (the committed ones) stay valid.
+FLOAT32 = {"weights": "float32", "autocast": None, "load_in_4bit": False}
 
 
 def llm_identity(llm_path) -> dict:
@@ -65,12 +70,15 @@ def _state_fingerprint(state: dict) -> str | None:
 
 
 def cache_key(dataset_name: str, llm: dict, adapter: str | None, template: str, field_map: dict,
-              use_chat_template: bool, decoding: dict) -> str:
-    """The knowledge cache key (see the module docstring)."""
-    return content_key({
+              use_chat_template: bool, decoding: dict, precision: dict) -> str:
+    """The knowledge cache key (see the module docstring); ``precision``: see :data:`FLOAT32`."""
+    parts = {
         "format": FORMAT_VERSION, "dataset": dataset_name, "llm": llm, "adapter": adapter, "template": template,
         "fields": field_map, "chat": bool(use_chat_template), "decoding": decoding,
-    }, length=16)
+    }
+    if precision != FLOAT32:
+        parts["precision"] = precision
+    return content_key(parts, length=16)
 
 
 def item_prompt_hash(fields: dict, template: str = KNOWLEDGE_PROMPT) -> str:

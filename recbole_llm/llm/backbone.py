@@ -109,7 +109,7 @@ def load_causal_lm(
     model_path = resolve_llm_path(llm_path, cache_dir)
 
     load_kwargs = {"dtype": precision.weights}
-    use_4bit = load_in_4bit and four_bit_available(device)
+    use_4bit = uses_4bit(load_in_4bit, device)
     if load_in_4bit and not use_4bit:
         logger.warning(FALLBACK_4BIT_MESSAGE.format(device=device))
     if device.startswith("cuda") or use_4bit:  # bitsandbytes quantises the weights while placing them
@@ -155,11 +155,10 @@ def load_llm(config, logger=None, *, lora=None, adapter=None, trainable=False, n
     Returns ``(model, tokenizer)``.
     """
     set_num_threads(config["num_threads"])
-    device = str(config["device"]) if "device" in config and config["device"] is not None else "cpu"
     model, tokenizer = load_causal_lm(
         config["llm_path"],
         dtype=config["llm_dtype"] or "auto",
-        device=device,
+        device=config_device(config),
         load_in_4bit=bool(config["load_in_4bit"]),
         gradient_checkpointing=bool(config["gradient_checkpointing"]),
         logger=logger,
@@ -177,6 +176,22 @@ def load_llm(config, logger=None, *, lora=None, adapter=None, trainable=False, n
     if precision:
         precision.store_frozen(model.get_decoder())
     return model, tokenizer
+
+
+def config_device(config) -> str:
+    """The device a config's LLM is loaded on (``cpu`` when the config names none)."""
+    return str(config["device"]) if "device" in config and config["device"] is not None else "cpu"
+
+
+def precision_identity(config, inference_only=False) -> dict:
+    """How the LLM that :func:`load_llm` loads for ``config`` computes on this machine, for cache keys:
+    its weights' and autocast dtypes (``llm_dtype`` resolved, ``auto`` included) and whether it is in
+    4-bit (``load_in_4bit`` where it can quantise)."""
+    device = config_device(config)
+    precision = resolve_precision(config["llm_dtype"] or "auto", device, inference_only)
+    return {"weights": _dtype_name(precision.weights),
+            "autocast": _dtype_name(precision.autocast) if precision.autocast else None,
+            "load_in_4bit": uses_4bit(config["load_in_4bit"], device)}
 
 
 def llm_input_dtype(llm) -> torch.dtype:
@@ -322,6 +337,11 @@ def resolve_precision(llm_dtype="auto", device="cpu", inference_only=False) -> P
         raise InputError(f"llm_dtype must be 'auto' or a floating torch dtype name (float32, bfloat16, float16); "
                          f"got {llm_dtype!r}")
     return Precision(resolved, None, device_type, f"llm_dtype: {llm_dtype}")
+
+
+def uses_4bit(load_in_4bit, device) -> bool:
+    """Whether ``load_in_4bit`` quantises on ``device`` (elsewhere the LLM loads in full precision)."""
+    return bool(load_in_4bit) and four_bit_available(device)
 
 
 def four_bit_available(device) -> bool:

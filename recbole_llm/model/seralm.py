@@ -65,10 +65,21 @@ def frozen_encoder(name, device) -> TextEncoder:
     return _FROZEN_ENCODERS[key]
 
 
+def first_occurrences(ids: torch.Tensor) -> torch.Tensor:
+    """The distinct values of the 1-d ``ids`` in the order they first occur (``torch.unique`` returns
+    them sorted, whatever its ``sorted`` argument says)."""
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    first = torch.full((unique.numel(),), ids.numel(), dtype=torch.long, device=ids.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(ids.numel(), device=ids.device), reduce="amin")
+    return unique[first.argsort()]
+
+
 class FusedItemEmbedding(nn.Module):
     """Drop-in replacement of a base model's ``item_embedding``: ID embedding ++ projected knowledge.
 
-    ``forward(ids)`` -> ``[..., embedding_dim]``; ``weight`` -> the fused table ``[n_items, embedding_dim]``.
+    ``forward(ids)`` -> ``[..., embedding_dim]`` (``ids`` of a batch, instance first: the per-instance
+    knowledge of :meth:`override` applies); ``weight`` -> the fused table ``[n_items, embedding_dim]``
+    with every item's own knowledge (shared by all instances, so never overridden).
     """
 
     def __init__(self, id_embedding: nn.Embedding, knowledge: torch.Tensor, knowledge_size: int = 64,
@@ -98,45 +109,53 @@ class FusedItemEmbedding(nn.Module):
         self._table = None  # (version stamp, fused table) for inference
 
     # -- knowledge lookups
-    def knowledge_of(self, ids: torch.Tensor) -> torch.Tensor:
+    def knowledge_of(self, ids: torch.Tensor, per_instance: bool = False) -> torch.Tensor:
+        """Knowledge vectors of ``ids``: this step's fresh encodings (joint mode), else the memory;
+        ``per_instance``: ``ids`` are a batch's, instance first, and an active :meth:`override`
+        replaces instance b's knowledge of its overridden items."""
         vectors = self.knowledge[ids]
         if self._fresh is not None:
             position, fresh = self._fresh
             pos = position[ids]
             vectors = torch.where((pos >= 0).unsqueeze(-1), fresh[pos.clamp(min=0)], vectors)
-        if self._override is not None and ids.dim() >= 1:
+        if per_instance and self._override is not None:
             items, new = self._override
-            if ids.size(0) == items.size(0):
-                shape = (items.size(0),) + (1,) * (ids.dim() - 1)
-                for k in range(items.size(1)):
-                    hit = (ids == items[:, k].view(shape)) & (ids != 0)
-                    vectors = torch.where(hit.unsqueeze(-1), new[:, k].view(*shape, -1).to(vectors.dtype), vectors)
+            if ids.dim() == 0 or ids.size(0) != items.size(0):
+                raise ValueError(f"the knowledge override is per instance ({items.size(0)} instances), but the "
+                                 f"base model looked up ids of shape {tuple(ids.shape)}: instance first expected")
+            shape = (items.size(0),) + (1,) * (ids.dim() - 1)
+            for k in range(items.size(1)):
+                hit = (ids == items[:, k].view(shape)) & (ids != 0)
+                vectors = torch.where(hit.unsqueeze(-1), new[:, k].view(*shape, -1).to(vectors.dtype), vectors)
         return vectors
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def _fused(self, ids: torch.Tensor, per_instance: bool) -> torch.Tensor:
         id_vectors = self.id_embedding(ids)
-        fused = self.fuse(torch.cat([id_vectors, self.knowledge_proj(self.knowledge_of(ids))], dim=-1))
+        knowledge = self.knowledge_proj(self.knowledge_of(ids, per_instance))
+        fused = self.fuse(torch.cat([id_vectors, knowledge], dim=-1))
         return torch.where((ids == 0).unsqueeze(-1), id_vectors, fused)  # padding: the base model's own row
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._fused(ids, per_instance=True)
 
     @property
     def weight(self) -> torch.Tensor:
         ids = torch.arange(self.num_embeddings, device=self.knowledge.device)
         cacheable = not torch.is_grad_enabled() and self._fresh is None
         if not cacheable:
-            return self.forward(ids)
+            return self._fused(ids, per_instance=False)
         stamp = tuple((id(t), t._version) for t in (*self.parameters(), self.knowledge))
         if self._table is None or self._table[0] != stamp:
-            self._table = (stamp, self.forward(ids))
+            self._table = (stamp, self._fused(ids, per_instance=False))
         return self._table[1]
 
     # -- joint training of the encoder
     def begin_step(self, items: torch.Tensor) -> None:
-        """Re-encode (with gradients) the knowledge of ``items`` for this step (joint mode)."""
+        """Re-encode (with gradients) the knowledge of ``items`` for this step (joint mode): the
+        first ``joint_items_per_step`` distinct items in the order given (the caller puts targets first)."""
         if self.encoder is None or self.texts is None:
             return
-        unique = items[items > 0].unique(sorted=False)
-        if unique.numel() > self.joint_items_per_step:
-            unique = unique[: self.joint_items_per_step]
+        unique = first_occurrences(items[items > 0])[: self.joint_items_per_step]
         vectors = self.encoder([self.texts[i] for i in unique.tolist()])
         position = torch.full((self.num_embeddings,), -1, dtype=torch.long, device=self.knowledge.device)
         position[unique] = torch.arange(unique.numel(), device=position.device)
@@ -182,7 +201,8 @@ class SeRALM(SequentialRecommender):
       :mod:`recbole_llm.knowledge.encoding`) or ``joint`` (the paper: the encoder is a submodule
       and trains with the recommender; per step the batch's items - targets first, at most
       ``joint_items_per_step`` - are re-encoded with gradients and the other rows come from a
-      memory of each item's latest encoding).
+      memory of each item's latest encoding; new knowledge after alignment is encoded by the
+      trained encoder, and only the pretrained encoder's vectors are cached on disk).
     * ``knowledge_text_format`` (``"{description} {summarization}"``): what of the JSON answer
       is encoded. Items without text get a zero knowledge vector (counted and logged).
 
@@ -282,14 +302,18 @@ class SeRALM(SequentialRecommender):
         return encoder.encode(list(texts))
 
     def set_knowledge(self, rows, logger=None) -> None:
-        """Use new knowledge records (per internal item id) from now on: re-encode (cached) and swap."""
+        """Use new knowledge records (per internal item id) from now on: re-encode and swap. The frozen
+        encoder's vectors come from (and go to) the cache; the joint mode's trained encoder encodes
+        them anew and caches nothing (the cache's key names the pretrained encoder)."""
         texts = self.knowledge_texts(rows)
-        vectors = cached_vectors(texts, self.encoder_name, self.vector_dir, encoder=self.text_encoder,
-                                 logger=logger or getLogger())  # loads the encoder only to encode new texts
+        if self.fused.encoder is not None:
+            vectors = self.fused.encoder.encode(texts)
+            self.fused.texts = texts
+        else:  # loads the encoder only to encode new texts
+            vectors = cached_vectors(texts, self.encoder_name, self.vector_dir, encoder=self.text_encoder,
+                                     logger=logger or getLogger())
         with torch.no_grad():
             self.fused.knowledge.copy_(vectors.to(self.fused.knowledge.device))
-        if self.fused.texts is not None:
-            self.fused.texts = texts
 
     # -- RecBole's contract, delegated to the base model
     def forward(self, *args, **kwargs):

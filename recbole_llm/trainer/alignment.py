@@ -9,8 +9,9 @@ doi:10.1145/3626772.3657782; the paper has no arXiv version).
    (``alignment_iterations: 0`` is Base+NA_LLM; with alignment, a warm-up of ``warmup_epochs``).
 2. Alignment, one iteration per batch of ``align_batch_size`` instances ``(x, y)``: knowledge
    ``s`` is sampled from the LLM with LoRA for the items of ``resample_items``; the LLM is
-   updated by Eq. 6/8 with reward ``p(y|x,s) / p(y|x)`` (the recommender being trained over a
-   frozen knowledge-free one) and a per-token KL penalty to the original LLM
+   updated by Eq. 6/8 with weight ``p(y|x,s) / p(y|x)`` (the recommender being trained over a
+   frozen knowledge-free one) less a per-instance baseline, the same weight with the items'
+   current knowledge, and a per-token KL penalty to the original LLM
    (:mod:`~recbole_llm.trainer.alignment_losses`); the recommender by Eq. 9.
 3. With ``generator_mode: async`` (Fig. 4) a worker thread samples on snapshots of the adapter
    and the recommender, refreshed every ``refresh_interval`` iterations
@@ -19,7 +20,7 @@ doi:10.1145/3626772.3657782; the paper has no arXiv version).
    knowledge of ALL items is regenerated with it and re-encoded, and the recommender trains
    further for ``epochs`` on those cached vectors (end of 4.4).
 
-Choices the paper leaves open (details in :class:`SeRALMTrainer`): ``ratio_baseline``,
+Choices the paper leaves open (details in :class:`SeRALMTrainer`): the advantage's baseline,
 ``ratio_clip``, ``kl_estimator``, the default ``refresh_interval``, importance weighting of
 stale samples (``importance_clip``) and ``lora_dropout: 0``.
 """
@@ -33,11 +34,13 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
-from recbole_llm.cache_io import atomic_target, content_key
+from recbole_llm.cache_io import atomic_target, content_key, shaping_settings, unique_checkpoint_name
 from recbole_llm.errors import InputError
+from recbole_llm.knowledge.encoding import encoder_identity
 from recbole_llm.knowledge.generation import dataset_knowledge, knowledge_dir, knowledge_prompt
 from recbole_llm.knowledge.identity import llm_identity
 from recbole_llm.knowledge.prompts import item_prompt_fields
+from recbole_llm.llm.backbone import precision_identity
 from recbole_llm.trainer.alignment_losses import alignment_loss, per_token_kl, token_log_probs
 from recbole_llm.trainer.knowledge_source import (
     AsyncKnowledgeSource,
@@ -49,6 +52,34 @@ from recbole_llm.trainer.knowledge_source import (
 )
 
 RESAMPLE_CHOICES = ("target", "last")
+#: Bumped when the alignment learns something else from the same settings (2: the per-instance baseline).
+ALIGNMENT_VERSION = 2
+#: Settings that do not shape the aligned adapter, besides the volatile ones of
+#: :func:`~recbole_llm.cache_io.shaping_settings`: what runs only after the alignment (the final
+#: training's ``epochs``, the regeneration of all items, the test split's sampling), speed, logging,
+#: paths and process layout. Every other setting is in the key, one added later too; the LLM, the
+#: text encoder and the LLM's precision enter by identity (not by path, name or ``auto``).
+NOT_SHAPING_ALIGNMENT = frozenset({
+    "epochs", "test_neg_sample_args", "metric_decimal_place", "loss_decimal_place", "knowledge_batch_size",
+    "encoder_batch_size", "num_threads", "gradient_checkpointing", "align_log_interval", "alignment_cache",
+    "llm_adapter", "knowledge_dir", "save_dataset", "save_dataloaders", "dataset_save_path", "dataloaders_save_path",
+    "nproc", "world_size", "ip", "port", "offset",
+    "llm_path", "llm_dtype", "load_in_4bit", "text_encoder",  # by identity
+})
+
+
+def alignment_key(config, knowledge_file) -> str:
+    """The key of the adapter that SeRALM's alignment trains from ``config``, starting from the
+    knowledge in ``knowledge_file`` (whose name is the knowledge cache's key): every setting that
+    shapes the LLM being aligned, the recommender whose ``p(y|x,s)`` rewards it (warm-up, fusion,
+    encoder, optimiser) and the reference giving ``p(y|x)`` (see :data:`NOT_SHAPING_ALIGNMENT`)."""
+    return content_key({
+        "version": ALIGNMENT_VERSION,
+        "settings": shaping_settings(config, NOT_SHAPING_ALIGNMENT),
+        "llm": llm_identity(config["llm_path"]), "precision": precision_identity(config),
+        "encoder": encoder_identity(config["text_encoder"]),
+        "knowledge": Path(knowledge_file).name,
+    }, length=12)
 
 
 class SeRALMTrainer(Trainer):
@@ -69,12 +100,18 @@ class SeRALMTrainer(Trainer):
       trained by RecBole on the same split (cached; or ``reference_checkpoint``).
     * LLM update (Eq. 6 and 8), gradient DESCENT on::
 
-          loss_llm = -mean_b[(w_b - ratio_baseline) * log p_align(s_b|x_b)] + kl_coef * KL_b
-          w_b = p(y|x,s) / p(y|x)   (optionally clipped at ratio_clip)
+          loss_llm = -mean_b[A_b * log p_align(s_b|x_b)] + kl_coef * KL_b
+          A_b = w(s_b) - w(s_now_b),   w(s) = p(y|x,s) / p(y|x)   (each optionally clipped at ratio_clip)
 
-      ``ratio_baseline: 0`` is Eq. 6 literally; the default 1.0 is the form Eq. 10 shows
-      (``r(t_k) ~ p(y|x,t_c,t_k)/p(y|x,t_c) - 1``): the same expected gradient, since
-      ``E_s[grad log p(s|x)] = 0``, with lower variance. The per-token KL penalty to the
+      ``w(s_b)`` is Eq. 6's weight. The baseline ``w(s_now_b)`` is the paper's open choice made
+      per instance, as in self-critical training: the same recommender's probability of the same
+      target with the knowledge the items have now (the cached greedy answers), over the same
+      ``p(y|x)``. It does not depend on the sample, so the expected gradient is Eq. 6's (since
+      ``E_s[grad log p(s|x)] = 0``), and it removes what a constant baseline cannot: the offset
+      between the recommender being trained and the knowledge-free one (measured on ml-100k:
+      ``w`` ~0.65 for nearly every sample, so ``w - 1`` lowered whatever was sampled). ``A_b > 0``
+      when ``s_b`` helps this user's target more than the current knowledge (below the clip), the sign
+      Eq. 10 describes (``p(y|x,t_c,t_k) / p(y|x,t_c) - 1``). The per-token KL penalty to the
       original LLM (Eq. 7; the same weights with the adapter disabled via PEFT's
       ``disable_adapter()``, no second copy) is, per ``kl_estimator``: ``full`` (default) the
       exact KL(p_align || p_orig) over the vocabulary at every generated position; ``sample``
@@ -100,18 +137,19 @@ class SeRALMTrainer(Trainer):
     * Stale samples are importance-weighted (the paper does not say how it corrects for them):
       the worker also returns the sampled tokens' log-probabilities under its snapshot, and the
       policy term becomes PPO's clipped surrogate per token, ``-min(rho_t A, clip(rho_t, 1 - eps,
-      1 + eps) A)`` with ``rho_t = pi_current(t_k) / pi_snapshot(t_k)``, ``A = w_b -
-      ratio_baseline`` and ``eps = importance_clip`` (``~``: unclipped). Per token, not per
+      1 + eps) A)`` with ``rho_t = pi_current(t_k) / pi_snapshot(t_k)``, ``A = A_b`` and
+      ``eps = importance_clip`` (``~``: unclipped). Per token, not per
       sequence (whose ratio is a product of up to 64 factors), as in PPO fine-tuning. An
-      on-policy sample (``sync``, or a fresh snapshot) has ``rho_t = 1``. The reward ``w_b`` is
-      the snapshot recommender's (as in Fig. 4) and the KL term is not reweighted.
+      on-policy sample (``sync``, or a fresh snapshot) has ``rho_t = 1``. Both weights of ``A_b``
+      are the snapshot recommender's (as in Fig. 4) and the KL term is not reweighted.
     * ``lora_dropout`` defaults to 0: generation runs without dropout, so the LLM trained is
       the LLM that samples and an on-policy ratio is exactly 1.
 
     Inference knowledge (end of 4.4): the aligned adapter is saved
-    (``<knowledge_dir>/aligned-<base>-<key>/``, reused by a later run with the same settings when
-    ``alignment_cache``), the knowledge of ALL items is regenerated with it (greedy, cached
-    under the adapter's fingerprint) and re-encoded, and the recommender is trained further
+    (``<knowledge_dir>/aligned-<base>-<key>/``, :func:`alignment_key`; reused by a later run with the
+    same settings when ``alignment_cache``), the knowledge of ALL items is regenerated with it
+    (greedy, by the LLM loaded with the saved adapter as a later run loads it; cached under the
+    adapter's fingerprint) and re-encoded, and the recommender is trained further
     with RecBole's loop for ``epochs`` on those cached vectors. When the adapter is reused from
     the cache, the recommender updates of step 2 are not replayed.
     """
@@ -120,6 +158,7 @@ class SeRALMTrainer(Trainer):
 
     def __init__(self, config, model):
         super().__init__(config, model)
+        self.saved_model_file = unique_checkpoint_name(self.saved_model_file)  # runs started together differ
         self.alignment_stats: dict = {}
 
     def _build_optimizer(self, **kwargs):
@@ -149,38 +188,26 @@ class SeRALMTrainer(Trainer):
             self._restart(warmup)
             super().fit(train_data, valid_data, verbose, False, show_progress, None)
         adapter_dir = self.alignment_dir()
-        llm = tokenizer = None
         if config["alignment_cache"] and (adapter_dir / "adapter_config.json").is_file():
             self.logger.info(f"SeRALM: reusing the aligned adapter {adapter_dir} (alignment skipped)")
             self.alignment_stats = {"reused": str(adapter_dir)}
         else:
-            llm, tokenizer = self.align(train_data, show_progress=show_progress)
+            llm, _ = self.align(train_data, show_progress=show_progress)
             self._save_adapter(llm, adapter_dir)
+            del llm  # the knowledge is generated by the saved adapter, loaded as a later run loads it
         start = time.perf_counter()
-        rows, cache = dataset_knowledge(config, train_data._dataset, model=llm, tokenizer=tokenizer,
-                                        adapter_path=str(adapter_dir), logger=self.logger, show_progress=show_progress)
+        rows, cache = dataset_knowledge(config, train_data._dataset, adapter_path=str(adapter_dir), logger=self.logger,
+                                        show_progress=show_progress)
         self.model.set_knowledge(rows, logger=self.logger)
         self.alignment_stats["regenerate_seconds"] = time.perf_counter() - start
         self.alignment_stats["knowledge_file"] = str(cache.final)
-        del llm
         self.logger.info(set_color("SeRALM", "green") + f": training on the aligned knowledge ({cache.final.name})")
         self._restart(epochs)
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
 
     # ---- alignment
     def alignment_key(self) -> str:
-        config = self.config
-        prefixes = ("align", "lora_", "kl_", "ratio_", "importance_", "resample", "refresh", "slow_refresh",
-                    "generator_", "warmup", "reference_")  # reference_*: the frozen recommender giving p(y|x)
-        keys = sorted(k for k in config.final_config_dict if k.startswith(prefixes) and k != "alignment_cache")
-        parts = {
-            "dataset": config["dataset"], "llm": llm_identity(config["llm_path"]),
-            "base": self.model.base_model_name, "base_config": config["base_model_config"],
-            "seed": config["seed"], "len": config["MAX_ITEM_LIST_LENGTH"], "epochs": config["epochs"],
-            "knowledge": Path(self.model.knowledge_file).name,
-            "settings": {k: config[k] for k in keys},
-        }
-        return content_key(parts, length=12)
+        return alignment_key(self.config, self.model.knowledge_file)
 
     def alignment_dir(self) -> Path:
         return knowledge_dir(self.config) / f"aligned-{self.model.base_model_name}-{self.alignment_key()}"
@@ -315,8 +342,7 @@ class SeRALMTrainer(Trainer):
         kl_tokens = per_token_kl(logp_all, logp0_all).view(batch, -1) if full else None
         loss_llm, stats = alignment_loss(
             logp.view(batch, -1), logp0.view(batch, -1), sample.new_mask.view(batch, -1), sample.log_p_rec,
-            sample.log_p_ref, kl_coef=float(config["kl_coef"]),
-            ratio_baseline=float(config["ratio_baseline"]), ratio_clip=config["ratio_clip"],
+            sample.log_p_ref, sample.log_p_current, kl_coef=float(config["kl_coef"]), ratio_clip=config["ratio_clip"],
             kl_tokens=kl_tokens, logp_old=None if sample.logp_old is None else sample.logp_old.view(batch, -1),
             importance_clip=config["importance_clip"])
         llm_optimizer.zero_grad(set_to_none=True)
@@ -335,5 +361,6 @@ class SeRALMTrainer(Trainer):
         loss_rec.backward()
         rec_optimizer.step()
         return {**stats, "loss_llm": float(loss_llm.detach()), "loss_rec": float(loss_rec.detach()),
-                "log_p_rec": float(sample.log_p_rec.mean()), "log_p_ref": float(sample.log_p_ref.mean()),
+                "log_p_rec": float(sample.log_p_rec.mean()), "log_p_current": float(sample.log_p_current.mean()),
+                "log_p_ref": float(sample.log_p_ref.mean()),
                 "fallbacks": float(sample.fallbacks), "snapshot": float(sample.version)}

@@ -35,6 +35,7 @@ class Sample:
     vectors: torch.Tensor  # [B*K, d] encoded by the generator's encoder
     log_p_rec: torch.Tensor  # [B] log p(y|x,s) from the generator's recommender
     log_p_ref: torch.Tensor  # [B] log p(y|x) from the frozen knowledge-free recommender
+    log_p_current: torch.Tensor  # [B] log p(y|x,s_now): the same recommender with the items' current knowledge
     logp_old: torch.Tensor | None = None  # [B*K, T] log p(t_k) under the LLM that sampled (None: the live one)
     fallbacks: int = 0
     version: int = 0  # snapshot version the sample was made with
@@ -42,7 +43,9 @@ class Sample:
 
 
 class GeneratorJob:
-    """Algorithm 1, lines 3-4: sample knowledge with ``llm`` and score it with ``recommender``.
+    """Algorithm 1, lines 3-4: sample knowledge with ``llm`` and score it with ``recommender``:
+    ``p(y|x,s)`` with the sampled knowledge, and the advantage's baseline ``p(y|x,s_now)`` with the
+    items' current knowledge (the same recommender, the same instance).
 
     ``score_tokens``: also return the sampled tokens' log-probabilities under ``llm`` (a snapshot:
     the denominator of the importance ratio of a stale sample).
@@ -95,11 +98,12 @@ class GeneratorJob:
             with torch.no_grad():
                 vectors = model.encode_knowledge(texts)
                 log_p_rec = model.log_prob_target(interaction, items, vectors.view(items.size(0), items.size(1), -1))
+                log_p_current = model.log_prob_target(interaction)
                 log_p_ref = reference_log_prob(self.reference, interaction, model.POS_ITEM_ID)
         finally:
             model.train(was_training)
         return Sample(interaction, items, prompt_ids, prompt_mask, new_ids, new_mask, texts, vectors,
-                      log_p_rec, log_p_ref, logp_old, fallbacks=sum(not ok for _, ok in parsed))
+                      log_p_rec, log_p_ref, log_p_current, logp_old, fallbacks=sum(not ok for _, ok in parsed))
 
 
 def snapshot_module(module: torch.nn.Module) -> torch.nn.Module:

@@ -12,8 +12,9 @@ randomly initialised ID model: its weights do not change the LLM's cost), for ea
 * SeRALM: knowledge generation items/s (``--generate_items`` items, greedy, the default length).
 
 Precisions: ``float32`` (``llm_dtype: float32``); ``bf16`` (``llm_dtype: auto`` as on a CPU with bf16
-units: bfloat16 autocast over float32 master weights with the frozen layers stored in bf16, bf16
-weights for generation only; forced on a CPU without them, where it is emulated); ``bf16-cast`` (on
+units: bfloat16 autocast over float32 master weights with the frozen layers stored in bf16; for
+generation, ``llm_dtype: bfloat16`` (``auto`` generates in float32 on every CPU); forced on a CPU
+without bf16 units, where it is emulated); ``bf16-cast`` (on
 request: the same autocast with every frozen weight kept float32 and cast at each call, as before
 ``Precision.store_frozen``);
 ``int8`` (scoring paths only: LlamaRec's ranking and SeRALM's generation, torch's dynamic int8
@@ -152,7 +153,8 @@ def model_cell(model_name: str, precision: str, args, workdir: Path) -> dict:
     base = {"checkpoint_dir": str(workdir / "saved"), "show_progress": False, "state": "WARNING", "use_gpu": False,
             "num_threads": args.num_threads, "eval_batch_size": args.eval_batch_size, **SETTINGS[model_name]}
     with precision_setting("float32" if precision == "int8" else precision) as setting:
-        if model_name == "SeRALM":
+        if model_name == "SeRALM":  # auto generates in float32 on every CPU: bf16 is asked for by name
+            setting = {"llm_dtype": "bfloat16"} if precision.startswith("bf16") else setting
             return generation_cell({**base, **setting}, precision, args)
         quantise = (lambda model: setattr(model, "llm", int8_llm(model.llm))) if precision == "int8" else None
         row = measure(model_name, "ml-100k", {**base, **setting}, args, workdir, before_scoring=quantise)
@@ -251,7 +253,8 @@ def report_text(cells: dict, report: dict, args) -> str:
         f"ml-100k, the embedded SmolLM2-135M-Instruct, each model's default settings, {args.eval_batch_size} users per "
         f"scoring batch; stage 1 randomly initialised. Precision columns: `float32` (`llm_dtype: float32`), `bf16` "
         f"(`llm_dtype: auto` with bf16 units: bfloat16 autocast over float32 master weights, frozen layers stored in "
-        f"bf16, and bf16 weights for SeRALM's generation, an LLM that only generates; forced where the CPU has none), "
+        f"bf16, and `llm_dtype: bfloat16` for SeRALM's generation (auto generates in float32 on every CPU, so the "
+        f"cached knowledge does not depend on the CPU); forced where the CPU has none), "
         f"`bf16-cast` (where measured: the same autocast with the frozen weights float32, cast at every call), "
         f"`int8` (scoring and generation only: dynamic int8 Linear layers, LoRA merged).\n\n"
         f"{markdown_table(header, rows)}\n\n"

@@ -312,21 +312,23 @@ def resolve_precision(llm_dtype="auto", device="cpu", inference_only=False) -> P
     """The :class:`Precision` of the ``llm_dtype`` setting on ``device``.
 
     ``auto``: bfloat16 weights on CUDA; on a CPU with bf16 units (:func:`cpu_bf16_units`),
-    float32 weights with bfloat16 autocast (the forward 2.6x faster on 2 AMX cores; what the optimiser
-    updates keeps float32 master weights, :func:`load_llm` stores the frozen layers in bfloat16), or, for an LLM that only generates
-    (``inference_only``: nothing trains, no gradient flows), bfloat16 weights: autocast would cast
-    every weight again at each generated token (measured: slower than float32); float32 on a CPU
-    without bf16 units (it emulates bf16 and gets slower). A dtype name (``float32``,
+    float32 weights with bfloat16 autocast (the forward 2.9x faster on 2 AMX cores; what the optimiser
+    updates keeps float32 master weights, :func:`load_llm` stores the frozen layers in bfloat16);
+    float32 on a CPU without bf16 units (it emulates bf16 and gets slower). An LLM that only
+    generates (``inference_only``: SeRALM's knowledge) computes in float32 on every CPU: its text is
+    cached under the precision that wrote it, and float32 writes the same text on every CPU, so
+    knowledge generated on one machine serves all (bf16 weights generated 1.12x faster on 2 AMX
+    cores: not worth hours of regeneration per kind of CPU). A dtype name (``float32``,
     ``bfloat16``, ``float16``) loads the weights in that dtype and computes in it, on any device.
     """
     device_type = "cuda" if str(device).startswith("cuda") else "cpu"
     if llm_dtype in (None, "auto"):
         if device_type == "cuda":
             return Precision(torch.bfloat16, None, device_type, "llm_dtype: auto on CUDA")
+        if inference_only:
+            return Precision(torch.float32, None, device_type,
+                             "llm_dtype: auto for generation on a CPU: the same text, and cache, on every CPU")
         units = cpu_bf16_units()
-        if units and inference_only:
-            return Precision(torch.bfloat16, None, device_type,
-                             f"llm_dtype: auto on a CPU with {units} bf16 units, for generation only")
         if units:
             return Precision(torch.float32, torch.bfloat16, device_type, f"llm_dtype: auto on a CPU with {units} bf16 units")
         return Precision(torch.float32, None, device_type, "llm_dtype: auto on a CPU without bf16 units")

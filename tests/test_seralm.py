@@ -301,7 +301,7 @@ def seralm_env(tmp_path_factory, tiny_llama_dir):
     write_tiny_dataset(root / "data")
     overrides = {
         "data_path": str(root / "data"), "checkpoint_dir": str(root / "saved"),
-        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "release_year"]},
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "release_year", "class"]},
         "user_inter_num_interval": None, "item_inter_num_interval": None, "MAX_ITEM_LIST_LENGTH": 8,
         "epochs": 1, "train_batch_size": 32, "eval_batch_size": 64, "show_progress": False, "use_gpu": False,
         "state": "WARNING", "llm_path": str(tiny_llama_dir), "knowledge_max_new_tokens": 6,

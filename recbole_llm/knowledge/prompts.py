@@ -20,19 +20,32 @@ from collections.abc import Sequence
 from recbole_llm.data.item_text import _field_values, natural_title, require_item_fields
 from recbole_llm.errors import InputError
 
-#: Fig. 3 of the paper, verbatim except for the paper's typesetting of braces as parentheses.
-#: Only ``{item_json}`` is substituted (the template itself contains JSON braces).
-KNOWLEDGE_PROMPT = (
-    "You will serve as an assistant to help me summarize which types of users would enjoy a specific movie.\n"
-    "I will provide you with information in the form of a JSON string that describes the movie:\n"
-    '{"title": "the title of the movie", "year": "the year of the movie", "genres": "the genres of the movie"}\n'
+#: Fig. 3 of the paper, verbatim except for the paper's typesetting of braces as parentheses, with the
+#: item's noun (the paper's "movie") as ``<item>`` and its fields' JSON skeleton as ``<fields>``
+#: (:func:`default_knowledge_prompt`). Only ``{item_json}`` is substituted per item (the template
+#: itself contains JSON braces).
+KNOWLEDGE_PROMPT_FRAME = (
+    "You will serve as an assistant to help me summarize which types of users would enjoy a specific <item>.\n"
+    "I will provide you with information in the form of a JSON string that describes the <item>:\n"
+    "<fields>\n"
     "Requirements:\n"
     "1. Please provide your answer in JSON format, following this structure:\n"
-    '{"description": "a description of the movie", '
-    '"summarization": "A summarization of what types of users would enjoy this movie"}\n'
-    "Here is the movie information:\n"
+    '{"description": "a description of the <item>", '
+    '"summarization": "A summarization of what types of users would enjoy this <item>"}\n'
+    "Here is the <item> information:\n"
     "{item_json}"
 )
+
+
+def default_knowledge_prompt(item_noun: str = "item", keys: Sequence[str] = ("title", "year", "genres")) -> str:
+    """The knowledge prompt for items called ``item_noun`` whose JSON has ``keys`` (the prompt keys of
+    ``knowledge_fields``): the paper's, for ``"movie"`` and title, year, genres."""
+    skeleton = json.dumps({key: f"the {key} of the {item_noun}" for key in keys}, ensure_ascii=False)
+    return KNOWLEDGE_PROMPT_FRAME.replace("<fields>", skeleton).replace("<item>", item_noun)
+
+
+#: The paper's Fig. 3 prompt (ml-100k's default).
+KNOWLEDGE_PROMPT = default_knowledge_prompt("movie")
 DEFAULT_TEXT_FORMAT = "{description} {summarization}"
 #: Item field values longer than this are cut before they enter a prompt (a runaway title cannot fill the context).
 MAX_FIELD_CHARS = 200

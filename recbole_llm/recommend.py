@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from recbole_llm.data.item_text import item_texts
+from recbole_llm.data.item_text import field_names, item_texts
 from recbole_llm.errors import InputError, MissingInputError
 
 #: Output formats by file suffix.
@@ -110,7 +110,7 @@ def _history(dataset, user: int, sequence_field: str) -> torch.Tensor:
 
 def _texts(dataset, config) -> list[str] | None:
     """Each item's text from ``item_text_fields`` where the dataset loads all of them, else None."""
-    fields = config["item_text_fields"] or []
+    fields = field_names(config["item_text_fields"])
     loaded = getattr(dataset, "item_feat", None)
     if not fields or loaded is None or any(field not in loaded.columns for field in fields):
         return None

@@ -70,6 +70,13 @@ def require_item_fields(dataset, fields: Sequence[str], setting: str) -> None:
                      f"(load_col item: {[f for f in loaded if f in in_file]}); add them to load_col: item: [...].")
 
 
+def field_names(fields) -> list[str]:
+    """The ``item_text_fields`` setting as a list; a string is a command line's ``title,brand`` or ``[title,brand]``."""
+    if isinstance(fields, str):
+        fields = [field.strip(" '\"") for field in fields.strip("[]").split(",")]
+    return [field for field in fields or [] if field]
+
+
 def item_texts(dataset, fields: Sequence[str]) -> list[str]:
     """One string per internal item id (row 0, the padding item, is '').
 
@@ -77,7 +84,7 @@ def item_texts(dataset, fields: Sequence[str]) -> list[str]:
     ('Toy Story (1995)'). Every field must be loaded (:func:`require_item_fields`). An item whose
     name is empty is called by its id token ('item 1234'), and the count is logged.
     """
-    present = list(fields or [])
+    present = field_names(fields)
     if not present:
         raise InputError("item_text_fields is empty; this model needs item text: set it to fields of the .item file "
                          "(name first) and list them under load_col: item: [...].")

@@ -74,7 +74,7 @@ def test_missing_item_file_for_a_text_model(tmp_path, monkeypatch, tiny_llama_di
     overrides = {"data_path": str(tmp_path / "data"), "llm_path": str(tiny_llama_dir), "state": "WARNING",
                  "user_inter_num_interval": None, "item_inter_num_interval": None,
                  "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title"]}}
-    with pytest.raises(InputError, match=r"no item file \(.*notext\.item.*provide the \.item file"):
+    with pytest.raises(InputError, match=r"has no notext\.item in .*this model reads item text; add that file"):
         run_recbole_llm("LlamaRec", "notext", config_dict=overrides)
     assert not (tmp_path / "saved" / "stage1").exists()  # failed before stage 1
 

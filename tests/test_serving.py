@@ -129,7 +129,7 @@ def test_recommendations_read_the_users_whole_history_and_may_include_it(checkpo
     from recbole.data.interaction import Interaction
 
     last = user_items(9)[-8:]
-    row = Interaction({"item_id_list": torch.tensor([dataset.token2id("item_id", last)]),
+    row = Interaction({"item_id_list": torch.from_numpy(dataset.token2id("item_id", last)).unsqueeze(0),
                        "item_length": torch.tensor([8]), "user_id": dataset.token2id("user_id", ["u9"])})
     with torch.no_grad():
         expected = model.eval().full_sort_predict(row)[0]

@@ -61,7 +61,7 @@ def require_item_fields(dataset, fields: Sequence[str], setting: str) -> None:
     item_file = f"{dataset.dataset_name}.item"
     if not in_file:
         raise InputError(f"{setting} names {missing} but dataset '{dataset.dataset_name}' has no {item_file} "
-                         f"in {dataset.dataset_path}: add one with these fields, or set {setting} to [].")
+                         f"in {dataset.dataset_path}: this model reads item text; add that file with these fields.")
     absent = [field for field in missing if field not in in_file]
     if absent:
         raise InputError(f"{setting} names {absent}, which {item_file} does not have; its fields are {in_file}. "

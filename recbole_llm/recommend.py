@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from recbole_llm.compat import load_recbole_checkpoint
 from recbole_llm.data.item_text import field_names, item_texts
 from recbole_llm.errors import InputError, MissingInputError
 
@@ -33,6 +34,7 @@ def recommend(model_file, users=None, topk: int = 10, include_history: bool = Fa
     """The ``topk`` items for each of ``users`` (tokens as in the atomic files; None: every user
     with a test row), best first: one dict per (user, item) with ``user``, ``rank``, ``item``,
     ``score`` and, where the dataset has item text, ``text``."""
+    from recbole.data import create_dataset
     from recbole.quick_start import load_data_and_model
 
     if not Path(model_file).is_file():
@@ -40,6 +42,9 @@ def recommend(model_file, users=None, topk: int = 10, include_history: bool = Fa
                                 "wrote (saved/<Model>-<time>.pth)")
     if not isinstance(topk, int) or topk < 1:
         raise InputError(f"topk must be a whole number >= 1; got {topk!r}")
+    if users is not None:  # checked on the dataset before the model (an LLM) is built
+        users = [str(user) for user in users]
+        _check_users(create_dataset(load_recbole_checkpoint(model_file)["config"]), users)
     config, model, dataset, _, _, test_data = load_data_and_model(str(model_file))
     test = test_data.dataset
     rows = _test_rows(test, users)
@@ -70,24 +75,27 @@ def recommend(model_file, users=None, topk: int = 10, include_history: bool = Fa
 
 
 def _test_rows(test, users):
-    """The test-split rows of ``users`` (tokens), in their order; every user's when None."""
+    """The test-split rows of ``users`` (known tokens), in their order; every user's when None."""
     uid = test.uid_field
     ids = test.inter_feat[uid]
     if users is None:
         return test[torch.arange(len(ids))]
-    tokens = [str(user) for user in users]
-    known = test.field2token_id[uid]
-    unknown = [token for token in tokens if token not in known]
-    if unknown:
-        raise InputError(f"users {unknown[:5]} are not users of dataset {test.dataset_name!r} "
-                         f"(e.g. {list(known)[1:4]}); give user ids as in its .inter file.")
-    wanted = torch.as_tensor([known[token] for token in tokens])
+    wanted = torch.as_tensor(test.token2id(uid, users)).view(-1)
     match = ids.unsqueeze(0) == wanted.unsqueeze(1)
-    absent = [token for token, found in zip(tokens, match.any(1).tolist()) if not found]
+    absent = [token for token, found in zip(users, match.any(1).tolist()) if not found]
     if absent:
         raise InputError(f"users {absent[:5]} have no test row (too few interactions after the dataset's "
                          "filters), so the model has no history to recommend from.")
     return test[match.float().argmax(1)]
+
+
+def _check_users(dataset, users: list[str]) -> None:
+    """Every one of ``users`` is a user token of ``dataset``."""
+    known = dataset.field2token_id[dataset.uid_field]
+    unknown = [user for user in users if user not in known]
+    if unknown:
+        raise InputError(f"users {unknown[:5]} are not users of dataset {dataset.dataset_name!r} "
+                         f"(e.g. {list(known)[1:4]}); give user ids as in its .inter file.")
 
 
 def _with_last_item(rows, model):

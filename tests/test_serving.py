@@ -140,8 +140,13 @@ def test_recommendations_read_the_users_whole_history_and_may_include_it(checkpo
     assert len(rows) == N_ITEMS  # every item, the history included
 
 
-def test_recommend_names_unknown_users_and_a_missing_checkpoint(checkpoints, tmp_path):
+def test_recommend_names_unknown_users_before_building_the_model_and_a_missing_checkpoint(checkpoints, tmp_path,
+                                                                                         monkeypatch):
+    """Caught: users checked only on the loaded model's test split."""
+    import recbole.quick_start
+
     checkpoint, _ = checkpoints("LRURec")
+    monkeypatch.setattr(recbole.quick_start, "load_data_and_model", lambda model_file: pytest.fail("model built"))
     with pytest.raises(InputError, match=r"users \['u999'\] are not users of dataset 'tiny'"):
         recommend(checkpoint, users=["u1", "u999"])
     with pytest.raises(InputError, match="does not exist"):

@@ -20,7 +20,8 @@ It also holds the other shared pieces of the backbone: the compute precision
 autocast over float32 weights, on CPUs with bf16 matrix units), the device,
 4-bit QLoRA where CUDA and bitsandbytes exist (with a one-line fallback to
 full-precision LoRA elsewhere), LoRA with a readable error for wrong target
-names, and a tiny random Llama for tests.
+names, any layout's decoder layers and LoRA targets (:func:`decoder_layers`,
+:func:`peft_target_modules`), and tiny random models of any layout for tests.
 """
 
 import importlib.metadata

@@ -509,6 +509,8 @@ def test_a_text_field_the_item_file_lacks_or_load_col_skips_stops_before_stage_1
     config, dataset = _dataset((name, overrides))
     with pytest.raises(InputError, match=re.escape(problem.replace("item_text_fields", "knowledge_fields"))):
         item_prompt_fields(dataset, {"title": fields[0], "brand": fields[1]})
+    with pytest.raises(InputError, match=re.escape(problem)):  # as a command line gives it: a string
+        item_texts(dataset, f"[{fields[0]},{fields[1]}]")
 
 
 def test_title_max_tokens_that_cuts_over_a_tenth_of_the_items_says_so_once(tiny_data, embedded_tokenizer, caplog):

@@ -56,13 +56,11 @@ def checkpoints(tmp_path_factory, tiny_llama_dir):
 
     def checkpoint(model):
         if model not in made:
-            with pytest.MonkeyPatch.context() as patch:
-                patch.chdir(root)
-                config, _, trainer, (train, valid, test) = build(model, "tiny", config_dict={**settings, **MODELS[model]})
-                trainer.fit(train, valid, saved=True, show_progress=False)
-                trainer.evaluate(test, load_best_model=True, show_progress=False)  # the saved weights, our way
-                users = test.dataset.token2id("user_id", [f"u{user}" for user in USERS])
-                made[model] = trainer.saved_model_file, full_sort_scores(users, trainer.model, test)
+            _, _, trainer, (train, valid, test) = build(model, "tiny", config_dict={**settings, **MODELS[model]})
+            trainer.fit(train, valid, saved=True, show_progress=False)
+            trainer.evaluate(test, load_best_model=True, show_progress=False)  # the saved weights, our way
+            users = test.dataset.token2id("user_id", [f"u{user}" for user in USERS])
+            made[model] = trainer.saved_model_file, full_sort_scores(users, trainer.model, test)
         return made[model]
 
     with pytest.MonkeyPatch.context() as patch:

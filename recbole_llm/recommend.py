@@ -3,8 +3,8 @@
     recbole-llm recommend --model_file=saved/LlamaRec-....pth [--users=196,186] [--topk=10]
                           [--output=recommendations.csv] [--include_history]
 
-:func:`recommend` loads the checkpoint with RecBole's own ``load_data_and_model`` (ours or
-RecBole's models alike) and scores every item for each user given (all users by default) with
+:func:`recommend` loads the checkpoint with RecBole's own ``load_data_and_model`` (our models
+and RecBole's sequential ones) and scores every item for each user given (all users by default) with
 the model's ``full_sort_predict``. The history a user is recommended for is everything the
 dataset knows of them: the test row's sequence followed by its target, the last
 ``MAX_ITEM_LIST_LENGTH`` items (RecBole's ``full_sort_topk`` on the test split leaves the last
@@ -36,15 +36,20 @@ def recommend(model_file, users=None, topk: int = 10, include_history: bool = Fa
     ``score`` and, where the dataset has item text, ``text``."""
     from recbole.data import create_dataset
     from recbole.quick_start import load_data_and_model
+    from recbole.utils import ModelType
 
     if not Path(model_file).is_file():
         raise MissingInputError(f"model_file {str(model_file)!r} does not exist: give a checkpoint that training "
                                 "wrote (saved/<Model>-<time>.pth)")
     if not isinstance(topk, int) or topk < 1:
         raise InputError(f"topk must be a whole number >= 1; got {topk!r}")
-    if users is not None:  # checked on the dataset before the model (an LLM) is built
+    saved_config = load_recbole_checkpoint(model_file)["config"]  # checked before the model (an LLM) is built
+    if saved_config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
+        raise InputError(f"{model_file} holds {saved_config['model']}, not a sequential model; recommend serves "
+                         "sequential models (RecBole's recbole.utils.case_study.full_sort_topk serves the others).")
+    if users is not None:
         users = [str(user) for user in users]
-        _check_users(create_dataset(load_recbole_checkpoint(model_file)["config"]), users)
+        _check_users(create_dataset(saved_config), users)
     config, model, dataset, _, _, test_data = load_data_and_model(str(model_file))
     test = test_data.dataset
     rows = _test_rows(test, users)

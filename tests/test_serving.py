@@ -138,8 +138,8 @@ def test_recommendations_read_the_users_whole_history_and_may_include_it(checkpo
     assert len(rows) == N_ITEMS  # every item, the history included
 
 
-def test_recommend_names_unknown_users_before_building_the_model_and_a_missing_checkpoint(checkpoints, tmp_path,
-                                                                                         monkeypatch):
+def test_recommend_names_unknown_users_a_missing_checkpoint_and_another_kind_of_model_before_building_it(
+        checkpoints, tmp_path, monkeypatch):
     """Caught: users checked only on the loaded model's test split."""
     import recbole.quick_start
 
@@ -149,5 +149,12 @@ def test_recommend_names_unknown_users_before_building_the_model_and_a_missing_c
         recommend(checkpoint, users=["u1", "u999"])
     with pytest.raises(InputError, match="does not exist"):
         recommend(tmp_path / "nothing.pth")
+    from recbole.utils import ModelType
+
+    saved = torch.load(checkpoint, weights_only=False)
+    saved["config"]["MODEL_TYPE"] = ModelType.GENERAL
+    torch.save(saved, tmp_path / "general.pth")
+    with pytest.raises(InputError, match="holds LRURec, not a sequential model"):
+        recommend(tmp_path / "general.pth")
     with pytest.raises(SystemExit, match="name a .csv or .json file"):
         cli.main(["recommend", f"--model_file={checkpoint}", "--output=out.txt"])

@@ -51,15 +51,9 @@ def recommend(model_file, users=None, topk: int = 10, include_history: bool = Fa
         users = [str(user) for user in users]
         _check_users(create_dataset(saved_config), users)
     config, model, dataset, _, _, test_data = load_data_and_model(str(model_file))
-    test = test_data.dataset
-    rows = _test_rows(test, users)
-    uid, iid = test.uid_field, test.iid_field
-    rows = _with_last_item(rows, model)
-    model.eval()
-    with torch.no_grad():
-        scores = torch.cat([model.full_sort_predict(rows[start:start + config["eval_batch_size"]].to(config["device"]))
-                            .view(-1, dataset.item_num).float().cpu()
-                            for start in range(0, len(rows), config["eval_batch_size"])])
+    uid, iid = dataset.uid_field, dataset.iid_field
+    rows = _with_last_item(_test_rows(test_data.dataset, users), model)
+    scores = _all_scores(model, rows, config)
     if not include_history:
         for row, user in enumerate(rows[uid].tolist()):
             scores[row, _history(dataset, user, model.ITEM_SEQ)] = -torch.inf
@@ -92,6 +86,16 @@ def _test_rows(test, users):
         raise InputError(f"users {absent[:5]} have no test row (too few interactions after the dataset's "
                          "filters), so the model has no history to recommend from.")
     return test[match.float().argmax(1)]
+
+
+def _all_scores(model, rows, config) -> torch.Tensor:
+    """``model``'s float32 scores of every item for each of ``rows`` [n_rows, n_items], on the CPU,
+    ``eval_batch_size`` rows at a time."""
+    model.eval()
+    batch = config["eval_batch_size"]
+    with torch.no_grad():
+        return torch.cat([model.full_sort_predict(rows[start:start + batch].to(config["device"])).float().cpu()
+                          for start in range(0, len(rows), batch)])
 
 
 def _check_users(dataset, users: list[str]) -> None:

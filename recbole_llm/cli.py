@@ -9,6 +9,8 @@ table of the models that finished is written before the error. Any other ``--key
 is a RecBole config override, exactly as with ``run_recbole.py`` (``--key value``, which
 RecBole would ignore, is refused). ``--settings MODEL`` prints a model's settings with their
 defaults and comments; ``--help`` lists the models and where the property files are.
+``recommend --model_file=<checkpoint> ...`` writes the top-k items per user of a trained model
+(:mod:`recbole_llm.recommend`).
 """
 from __future__ import annotations
 
@@ -45,6 +47,9 @@ def epilog() -> str:
         f"  defaults: {properties_dir()}/overall.yaml, dataset/<dataset>.yaml, model/<Model>.yaml",
         f"  (over RecBole's own in {RECBOLE_PROPERTIES})",
         "  a model's settings with their defaults and comments: recbole-llm --settings LlamaRec",
+        "",
+        "recommendations: recbole-llm recommend --model_file=saved/<Model>-<time>.pth [--users=...] [--topk=10]",
+        "  [--output=recommendations.csv|.json] [--include_history]   (recbole-llm recommend --help)",
     ])
 
 
@@ -76,6 +81,11 @@ def main(argv=None):
 
 
 def _main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["recommend"]:
+        from recbole_llm import recommend
+
+        return recommend.main(argv[1:])
     args, overrides = parse_args(argv)
     if args.settings:
         from recbole_llm.settings import describe

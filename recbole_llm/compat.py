@@ -20,6 +20,8 @@ RecBole's own calls only; its function's docstring quotes the error it fixes.
 13. Deprecation warnings of one library's call into another (ray's import of pkg_resources, PEFT's
    call of transformers' ``is_gradient_checkpointing``): hidden.
 14. oneDNN's primitive cache capped at 64 shapes (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``): memory.
+15. ``recbole.quick_start.load_data_and_model`` reads a checkpoint with an unpickler that rebuilds
+   what RecBole's checkpoints hold and refuses anything else (torch>=2.6 refuses them all).
 
 Stage 1 is trained by rank 0 alone and broadcast; a trainer with its own loop synchronises
 its ranks or says ``supports_distributed = False`` (:mod:`recbole_llm.distributed`).
@@ -31,6 +33,7 @@ import functools
 import importlib
 import logging
 import os
+import pickle
 import sys
 import tempfile
 import types
@@ -108,6 +111,7 @@ def apply() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole(\.|$)")
     _apply_distributed()
     _apply_hyper_tuning()
+    _apply_checkpoint_loading()
     # shim 14: oneDNN (bf16 matrix products on a CPU) keeps up to 1024 compiled primitives, one per input
     # shape; prompts of every length fill it and the process grows by GBs during LLM training. 64 measured
     # as fast as 1024 with less growth (docs/RESULTS.md "quickstart_notes"); a user's own setting wins.
@@ -321,3 +325,89 @@ def _trial_keeping_a_zero_best(original):
         return status
 
     return trial
+
+
+# ---------------------------------------------------------------- RecBole's loading flow (15)
+#: What a RecBole checkpoint pickles besides torch's own types: the Config, the YAML loader class
+#: and the enums it keeps, numpy scalars (scores); the model class is allowed by :func:`_is_model_class`.
+RECBOLE_CHECKPOINT_GLOBALS = frozenset({
+    "recbole.config.configurator.Config", "yaml.loader.FullLoader",
+    "numpy.dtype", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+    *(f"recbole.utils.enum_type.{name}" for name in
+      ("ModelType", "InputType", "EvaluatorType", "FeatureType", "FeatureSource", "KGDataLoaderState")),
+})
+
+
+def _is_model_class(module: str, name: str) -> bool:
+    """A RecBole or recbole-llm model class (its module is imported only under those packages)."""
+    if not module.startswith(("recbole.model.", "recbole_llm.model.")):
+        return False
+    from recbole.model.abstract_recommender import AbstractRecommender
+
+    found = getattr(importlib.import_module(module), name, None)
+    return isinstance(found, type) and issubclass(found, AbstractRecommender)
+
+
+class RecBoleCheckpointUnpickler(pickle.Unpickler):
+    """Shim 15: unpickles what RecBole's checkpoints hold, and refuses any other global.
+
+    ``load_data_and_model`` calls ``torch.load(model_file)`` (torch imported inside the function,
+    out of shim 1's reach), which on torch>=2.6 fails for every RecBole checkpoint, ours and
+    RecBole's: ``_pickle.UnpicklingError: Weights only load failed ... Unsupported operand 149``
+    (RecBole saves with pickle protocol 4, which torch's weights-only unpickler cannot read) or
+    ``Unsupported global: GLOBAL recbole.config.configurator.Config``. This unpickler (Python's
+    "restricting globals" pattern) reads any protocol and rebuilds only torch's weights-only types,
+    :data:`RECBOLE_CHECKPOINT_GLOBALS` and model classes: a file naming anything else (``os.system``)
+    is refused, as torch's safe default would refuse it."""
+
+    def find_class(self, module, name):
+        from torch import _weights_only_unpickler
+
+        path = f"{module}.{name}"
+        if path in _weights_only_unpickler._get_allowed_globals() or path in RECBOLE_CHECKPOINT_GLOBALS \
+                or _is_model_class(module, name):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"{path} is not something a RecBole checkpoint holds, so the file was not loaded; load it with "
+            "torch.load(path, weights_only=False) only if you trust where it came from.")
+
+
+#: ``torch.load(..., pickle_module=CHECKPOINT_PICKLE)`` reads a checkpoint with :class:`RecBoleCheckpointUnpickler`.
+CHECKPOINT_PICKLE = types.ModuleType("recbole_checkpoint_pickle")
+CHECKPOINT_PICKLE.Unpickler = RecBoleCheckpointUnpickler
+CHECKPOINT_PICKLE.load = lambda file, **kwargs: RecBoleCheckpointUnpickler(file, **kwargs).load()
+
+
+def load_recbole_checkpoint(model_file, map_location=None) -> dict:
+    """A RecBole checkpoint (ours or RecBole's) read by :class:`RecBoleCheckpointUnpickler`."""
+    return torch.load(model_file, map_location=map_location, pickle_module=CHECKPOINT_PICKLE, weights_only=False)
+
+
+def _apply_checkpoint_loading() -> None:
+    import recbole.quick_start
+    from recbole.quick_start import quick_start
+
+    _patch(quick_start, "load_data_and_model", _load_data_and_model_reading_checkpoints)
+    recbole.quick_start.load_data_and_model = quick_start.load_data_and_model
+
+
+def _load_data_and_model_reading_checkpoints(original):
+    """Shim 15: ``load_data_and_model`` whose ``torch.load(model_file)`` is :func:`load_recbole_checkpoint`
+    (any other ``torch.load`` during the call is torch's own)."""
+
+    @functools.wraps(original)
+    def load_data_and_model(model_file):
+        load = torch.load
+
+        def checkpoint_load(f, *args, **kwargs):
+            if f is model_file and not args and not kwargs:
+                return load_recbole_checkpoint(model_file)
+            return load(f, *args, **kwargs)
+
+        torch.load = checkpoint_load
+        try:
+            return original(model_file)
+        finally:
+            torch.load = load
+
+    return load_data_and_model

@@ -74,7 +74,7 @@ def tiny_data(tmp_path, monkeypatch):
     overrides = {
         "data_path": str(tmp_path / "data"),
         "checkpoint_dir": str(tmp_path / "saved"),
-        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "release_year"]},
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "release_year", "class"]},
         "item_text_fields": ["movie_title", "release_year"],
         "user_inter_num_interval": None,
         "item_inter_num_interval": None,

@@ -6,6 +6,7 @@ cases is counted in docs/RESULTS.md.
 """
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,7 +74,7 @@ def test_missing_item_file_for_a_text_model(tmp_path, monkeypatch, tiny_llama_di
     overrides = {"data_path": str(tmp_path / "data"), "llm_path": str(tiny_llama_dir), "state": "WARNING",
                  "user_inter_num_interval": None, "item_inter_num_interval": None,
                  "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title"]}}
-    with pytest.raises(InputError, match=r"no item file \(.*notext\.item.*provide the \.item file"):
+    with pytest.raises(InputError, match=r"has no notext\.item in .*this model reads item text; add that file"):
         run_recbole_llm("LlamaRec", "notext", config_dict=overrides)
     assert not (tmp_path / "saved" / "stage1").exists()  # failed before stage 1
 
@@ -500,3 +501,47 @@ def test_stage_one_logs_its_settings_and_where_each_came_from(tiny_data, tmp_pat
     stage_one = pretrained.id_model_config(config, "LRURec", config["retriever_config"])
     report = pretrained.settings_report(config, stage_one, "LRURec", config["retriever_config"], "retriever_checkpoint")
     assert "epochs=60 (LlamaRec.yaml's retriever_config)" in report and "hidden_size=64 (recbole-llm's LRURec.yaml)" in report
+
+
+@pytest.mark.parametrize("fields, problem", [
+    (["movie_title", "brnad"], "item_text_fields names ['brnad'], which tiny.item does not have; its fields are "
+                               "['item_id', 'movie_title', 'release_year', 'class']"),
+    (["movie_title", "class"], "item_text_fields names ['class'], which tiny.item has but load_col does not load"),
+])
+def test_a_text_field_the_item_file_lacks_or_load_col_skips_stops_before_stage_1(tiny_data, tiny_llama_dir, fields,
+                                                                                 problem):
+    """A misspelt or unloaded field of ``item_text_fields`` (and of SeRALM's ``knowledge_fields``) is one
+    line naming it and the .item file's fields, before the ID model trains.
+
+    Caught: the missing field silently left out (the former behaviour)."""
+    name, overrides = tiny_data
+    overrides = {**overrides, "load_col": {**overrides["load_col"], "item": ["item_id", "movie_title", "release_year"]},
+                 "llm_path": str(tiny_llama_dir), "item_text_fields": fields}
+    with pytest.raises(InputError, match=re.escape(problem)):
+        quick_start.build("Laser", name, config_dict=overrides)
+    assert not list(Path(overrides["checkpoint_dir"]).glob("**/*.pth"))  # no ID model trained
+    config, dataset = _dataset((name, overrides))
+    with pytest.raises(InputError, match=re.escape(problem.replace("item_text_fields", "knowledge_fields"))):
+        item_prompt_fields(dataset, {"title": fields[0], "brand": fields[1]})
+    with pytest.raises(InputError, match=re.escape(problem)):  # as a command line gives it: a string
+        item_texts(dataset, f"[{fields[0]},{fields[1]}]")
+
+
+def test_title_max_tokens_that_cuts_over_a_tenth_of_the_items_says_so_once(tiny_data, embedded_tokenizer, caplog):
+    """Laser's and LlamaRec's cut of item text is measured and logged once when it cuts over a tenth of the items.
+
+    Caught: the count taken after the cut (never over the limit)."""
+    from recbole_llm.llm.prompts import truncate_texts
+    from recbole_llm.model.laser import HistoryPrompt
+
+    config, dataset = _dataset(tiny_data)
+    texts = item_texts(dataset, ["movie_title", "release_year"])  # "Movie Number 7 (1957)": 7 tokens and more
+    with caplog.at_level(logging.WARNING):
+        HistoryPrompt(embedded_tokenizer, texts, "{history}", 4, 3)
+    assert caplog.text.count("title_max_tokens=3 cuts the text of 30 of 30 items (100%)") == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        truncate_texts(texts, embedded_tokenizer, 3)
+        HistoryPrompt(embedded_tokenizer, texts, "{history}", 4, 32)
+        truncate_texts(texts, embedded_tokenizer, 32)
+    assert caplog.text.count("cuts the text of 30 of 30 items") == 1 and "title_max_tokens=32" not in caplog.text

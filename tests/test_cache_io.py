@@ -216,3 +216,20 @@ def test_content_key_is_the_sha1_every_cache_key_was_made_with():
     tensor = torch.arange(6).view(2, 3).t()  # not contiguous: its values in row-major order
     assert content_key("k=5", tensor) == hashlib.sha1(b"k=5" + tensor.numpy().tobytes()).hexdigest()
     assert content_key("a", "b") == content_key("ab") != content_key("ba")
+
+
+def test_item_noun_keeps_the_keys_of_caches_made_before_it(tmp_path, monkeypatch):
+    """ml-100k's caches (stage 1, resume states) were keyed before ``item_noun`` existed, when every prompt spoke
+    of a movie: its ``movie`` leaves their key as it was; another noun changes it.
+
+    Caught: ``item_noun`` missing from ``_ADDED_LATER`` (every ml-100k cache rebuilt)."""
+    from recbole_llm.cache_io import config_key
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config("SASRec", "ml-100k", config_dict={"data_path": str(tmp_path / "data")})
+    assert config["item_noun"] == "movie"
+    key = config_key(config)
+    del config.final_config_dict["item_noun"]
+    assert config_key(config) == key
+    config.final_config_dict["item_noun"] = "item"
+    assert config_key(config) != key

@@ -46,6 +46,40 @@ def test_prompt_carries_the_item_fields_as_json():
     assert prompt.endswith('{"title": "Titanic", "year": "1997", "genres": "Drama, Romance"}')
 
 
+#: Fig. 3 of the paper, as ml-100k's knowledge was generated with it (its cache key holds these bytes).
+PAPER_PROMPT = (
+    "You will serve as an assistant to help me summarize which types of users would enjoy a specific movie.\n"
+    "I will provide you with information in the form of a JSON string that describes the movie:\n"
+    '{"title": "the title of the movie", "year": "the year of the movie", "genres": "the genres of the movie"}\n'
+    "Requirements:\n"
+    "1. Please provide your answer in JSON format, following this structure:\n"
+    '{"description": "a description of the movie", '
+    '"summarization": "A summarization of what types of users would enjoy this movie"}\n'
+    "Here is the movie information:\n"
+    "{item_json}"
+)
+
+
+def test_default_knowledge_prompt_names_the_item_by_item_noun_and_ml100k_keeps_the_papers(tmp_path, monkeypatch):
+    """ml-100k (``item_noun: movie``) keeps the paper's prompt byte for byte; another dataset's speaks of
+    an item (or its ``item_noun``) with the keys of its ``knowledge_fields``.
+
+    Caught: ``item_noun`` not read (ml-100k's prompt about an "item"), the skeleton's keys fixed."""
+    from conftest import write_tiny_dataset
+    from recbole_llm.knowledge.generation import knowledge_prompt
+
+    monkeypatch.chdir(tmp_path)
+    write_tiny_dataset(tmp_path / "data")
+    data = {"data_path": str(tmp_path / "data")}
+    assert knowledge_prompt(load_config("SeRALM", "ml-100k", config_dict=data)) == PAPER_PROMPT == KNOWLEDGE_PROMPT
+    beauty = {**data, "knowledge_fields": {"title": "movie_title", "brand": "class"}}
+    prompt = knowledge_prompt(load_config("SeRALM", "tiny", config_dict=beauty))
+    assert "movie" not in prompt and "enjoy a specific item.\n" in prompt and "Here is the item information" in prompt
+    assert '{"title": "the title of the item", "brand": "the brand of the item"}\n' in prompt
+    prompt = knowledge_prompt(load_config("SeRALM", "tiny", config_dict={**beauty, "item_noun": "product"}))
+    assert "enjoy a specific product.\n" in prompt and "the brand of the product" in prompt
+
+
 class FakeGenerator:
     """Stands in for KnowledgeGenerator: answers from a function of the fields, counts the items it saw."""
 
@@ -312,7 +346,7 @@ def seralm_env(tmp_path_factory, tiny_llama_dir):
     write_tiny_dataset(root / "data")
     overrides = {
         "data_path": str(root / "data"), "checkpoint_dir": str(root / "saved"),
-        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "release_year"]},
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "release_year", "class"]},
         "user_inter_num_interval": None, "item_inter_num_interval": None, "MAX_ITEM_LIST_LENGTH": 8,
         "epochs": 1, "train_batch_size": 32, "eval_batch_size": 64, "show_progress": False, "use_gpu": False,
         "state": "WARNING", "llm_path": str(tiny_llama_dir), "knowledge_max_new_tokens": 6,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from logging import getLogger
+from pathlib import Path
 
 from recbole.utils import FeatureType
 from recbole_llm.errors import InputError
@@ -39,26 +40,55 @@ def _field_values(dataset, field: str) -> list[str]:
     return [" ".join(f"{v:g}" for v in row) for row in rows]
 
 
+def item_file_fields(dataset) -> list[str]:
+    """The field names in the header of the dataset's ``.item`` file ([] without one)."""
+    path = Path(dataset.dataset_path) / f"{dataset.dataset_name}.item"
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as item_file:
+        return [column.split(":")[0] for column in item_file.readline().rstrip("\r\n").split("\t")]
+
+
+def require_item_fields(dataset, fields: Sequence[str], setting: str) -> None:
+    """Every field of ``setting`` (``item_text_fields``, ``knowledge_fields``) is an item field RecBole
+    loaded; otherwise one :class:`InputError` naming the field, the ``.item`` file's fields and the fix."""
+    item_feat = getattr(dataset, "item_feat", None)
+    loaded = [] if item_feat is None else list(item_feat.columns)
+    missing = [field for field in fields if field not in loaded]
+    if not missing:
+        return
+    in_file = item_file_fields(dataset)
+    item_file = f"{dataset.dataset_name}.item"
+    if not in_file:
+        raise InputError(f"{setting} names {missing} but dataset '{dataset.dataset_name}' has no {item_file} "
+                         f"in {dataset.dataset_path}: this model reads item text; add that file with these fields.")
+    absent = [field for field in missing if field not in in_file]
+    if absent:
+        raise InputError(f"{setting} names {absent}, which {item_file} does not have; its fields are {in_file}. "
+                         f"Set {setting} to fields of it.")
+    raise InputError(f"{setting} names {missing}, which {item_file} has but load_col does not load "
+                     f"(load_col item: {[f for f in loaded if f in in_file]}); add them to load_col: item: [...].")
+
+
+def field_names(fields) -> list[str]:
+    """The ``item_text_fields`` setting as a list; a string is a command line's ``title,brand`` or ``[title,brand]``."""
+    if isinstance(fields, str):
+        fields = [field.strip(" '\"") for field in fields.strip("[]").split(",")]
+    return [field for field in fields or [] if field]
+
+
 def item_texts(dataset, fields: Sequence[str]) -> list[str]:
     """One string per internal item id (row 0, the padding item, is '').
 
     The first field is the name ('Toy Story'); the others follow in parentheses
-    ('Toy Story (1995)'). Fields missing from the dataset are skipped; if none of the
-    fields is present, the error lists the item fields the dataset has. An item whose
+    ('Toy Story (1995)'). Every field must be loaded (:func:`require_item_fields`). An item whose
     name is empty is called by its id token ('item 1234'), and the count is logged.
     """
-    fields = list(fields or [])
-    item_feat = getattr(dataset, "item_feat", None)
-    available = [] if item_feat is None else [f for f in item_feat.columns if f != dataset.iid_field]
-    present = [f for f in fields if f in available]
+    present = field_names(fields)
     if not present:
-        where = (f"no item file ({dataset.dataset_path}/{dataset.dataset_name}.item, or load_col has no 'item' entry)"
-                 if item_feat is None else f"item fields loaded: {available}")
-        raise InputError(
-            f"Dataset '{dataset.dataset_name}' has no item text field among item_text_fields={fields}: {where}. "
-            "This model needs item text: provide the .item file, set item_text_fields to fields of it and list "
-            "them under load_col: item: [...]."
-        )
+        raise InputError("item_text_fields is empty; this model needs item text: set it to fields of the .item file "
+                         "(name first) and list them under load_col: item: [...].")
+    require_item_fields(dataset, present, "item_text_fields")
     columns = [_field_values(dataset, f) for f in present]
     tokens = dataset.field2id_token[dataset.iid_field]
     texts, unnamed = [""], 0

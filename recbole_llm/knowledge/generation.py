@@ -24,14 +24,15 @@ from pathlib import Path
 
 from recbole_llm.knowledge.generator import KnowledgeGenerator, generate_knowledge
 from recbole_llm.knowledge.identity import adapter_dir_fingerprint, cache_key, item_prompt_hash, llm_identity
-from recbole_llm.knowledge.prompts import KNOWLEDGE_PROMPT, item_prompt_fields
+from recbole_llm.knowledge.prompts import default_knowledge_prompt, item_prompt_fields
 from recbole_llm.knowledge.store import KnowledgeCache
 from recbole_llm.llm.backbone import precision_identity
 
 
 def knowledge_prompt(config) -> str:
-    """The ``knowledge_prompt`` setting; its default ``~`` is the paper's Fig. 3 prompt."""
-    return config["knowledge_prompt"] or KNOWLEDGE_PROMPT
+    """The ``knowledge_prompt`` setting; its default ``~`` is the paper's Fig. 3 prompt about an ``item_noun``
+    with the keys of ``knowledge_fields`` (on ml-100k: the paper's prompt about a movie)."""
+    return config["knowledge_prompt"] or default_knowledge_prompt(config["item_noun"], list(config["knowledge_fields"]))
 
 
 def knowledge_dir(config) -> Path:

@@ -17,22 +17,35 @@ import json
 import re
 from collections.abc import Sequence
 
-from recbole_llm.data.item_text import _field_values, natural_title
+from recbole_llm.data.item_text import _field_values, natural_title, require_item_fields
 from recbole_llm.errors import InputError
 
-#: Fig. 3 of the paper, verbatim except for the paper's typesetting of braces as parentheses.
-#: Only ``{item_json}`` is substituted (the template itself contains JSON braces).
-KNOWLEDGE_PROMPT = (
-    "You will serve as an assistant to help me summarize which types of users would enjoy a specific movie.\n"
-    "I will provide you with information in the form of a JSON string that describes the movie:\n"
-    '{"title": "the title of the movie", "year": "the year of the movie", "genres": "the genres of the movie"}\n'
+#: Fig. 3 of the paper, verbatim except for the paper's typesetting of braces as parentheses, with the
+#: item's noun (the paper's "movie") as ``<item>`` and its fields' JSON skeleton as ``<fields>``
+#: (:func:`default_knowledge_prompt`). Only ``{item_json}`` is substituted per item (the template
+#: itself contains JSON braces).
+KNOWLEDGE_PROMPT_FRAME = (
+    "You will serve as an assistant to help me summarize which types of users would enjoy a specific <item>.\n"
+    "I will provide you with information in the form of a JSON string that describes the <item>:\n"
+    "<fields>\n"
     "Requirements:\n"
     "1. Please provide your answer in JSON format, following this structure:\n"
-    '{"description": "a description of the movie", '
-    '"summarization": "A summarization of what types of users would enjoy this movie"}\n'
-    "Here is the movie information:\n"
+    '{"description": "a description of the <item>", '
+    '"summarization": "A summarization of what types of users would enjoy this <item>"}\n'
+    "Here is the <item> information:\n"
     "{item_json}"
 )
+
+
+def default_knowledge_prompt(item_noun: str = "item", keys: Sequence[str] = ("title", "year", "genres")) -> str:
+    """The knowledge prompt for items called ``item_noun`` whose JSON has ``keys`` (the prompt keys of
+    ``knowledge_fields``): the paper's, for ``"movie"`` and title, year, genres."""
+    skeleton = json.dumps({key: f"the {key} of the {item_noun}" for key in keys}, ensure_ascii=False)
+    return KNOWLEDGE_PROMPT_FRAME.replace("<fields>", skeleton).replace("<item>", item_noun)
+
+
+#: The paper's Fig. 3 prompt (ml-100k's default).
+KNOWLEDGE_PROMPT = default_knowledge_prompt("movie")
 DEFAULT_TEXT_FORMAT = "{description} {summarization}"
 #: Item field values longer than this are cut before they enter a prompt (a runaway title cannot fill the context).
 MAX_FIELD_CHARS = 200
@@ -44,7 +57,7 @@ _SALVAGE = {key: re.compile(rf'"{key}"\s*:\s*"((?:[^"\\]|\\.)*)', re.I | re.S) f
 def item_prompt_fields(dataset, field_map: dict[str, str]) -> list[dict[str, str]]:
     """One dict of prompt fields per internal item id (row 0, padding, is ``{}``).
 
-    ``field_map`` maps prompt keys to item fields; fields the dataset lacks and empty values
+    ``field_map`` maps prompt keys to item fields, every one loaded (:func:`require_item_fields`); empty values
     are left out, values are cut to ``MAX_FIELD_CHARS``. The first key is treated as the name (``'Usual Suspects, The'`` ->
     ``'The Usual Suspects'``); token sequences of later keys are joined with ``', '``
     (genres). Read from ``dataset.item_feat``, never from a batch.
@@ -52,18 +65,13 @@ def item_prompt_fields(dataset, field_map: dict[str, str]) -> list[dict[str, str
     from recbole.utils import FeatureType
 
     field_map = dict(field_map)
-    item_feat = getattr(dataset, "item_feat", None)
-    available = [] if item_feat is None else [f for f in item_feat.columns if f != dataset.iid_field]
-    present = {key: field for key, field in field_map.items() if field in available}
-    if not present:
-        raise InputError(
-            f"Dataset '{dataset.dataset_name}' has none of the knowledge_fields {field_map}; item fields loaded: "
-            f"{available or 'none (no .item file, or load_col has no item entry)'}. Set knowledge_fields "
-            "(prompt key: item field) and list the fields under load_col: item: [...]."
-        )
+    if not field_map:
+        raise InputError("knowledge_fields is empty; set it to {prompt key: item field} of the .item file "
+                         "(name first) and list the fields under load_col: item: [...].")
+    require_item_fields(dataset, list(field_map.values()), "knowledge_fields")
     first = next(iter(field_map))
     columns = {}
-    for key, field in present.items():
+    for key, field in field_map.items():
         values = _field_values(dataset, field)
         if key == first:
             values = [natural_title(v) for v in values]
@@ -71,7 +79,7 @@ def item_prompt_fields(dataset, field_map: dict[str, str]) -> list[dict[str, str
             values = [", ".join(v.split()) for v in values]
         columns[key] = values
     n_items = len(next(iter(columns.values())))
-    rows = [{key: columns[key][i].strip()[:MAX_FIELD_CHARS] for key in present if columns[key][i].strip()}
+    rows = [{key: columns[key][i].strip()[:MAX_FIELD_CHARS] for key in field_map if columns[key][i].strip()}
             for i in range(n_items)]
     rows[0] = {}
     return rows

@@ -20,7 +20,8 @@ It also holds the other shared pieces of the backbone: the compute precision
 autocast over float32 weights, on CPUs with bf16 matrix units), the device,
 4-bit QLoRA where CUDA and bitsandbytes exist (with a one-line fallback to
 full-precision LoRA elsewhere), LoRA with a readable error for wrong target
-names, and a tiny random Llama for tests.
+names, any layout's decoder layers and LoRA targets (:func:`decoder_layers`,
+:func:`peft_target_modules`), and tiny random models of any layout for tests.
 """
 
 import importlib.metadata
@@ -171,7 +172,7 @@ def load_llm(config, logger=None, *, lora=None, adapter=None, trainable=False, n
 
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     elif lora:
-        model = apply_lora(model, **lora)
+        model = apply_lora(model, **lora, logger=logger)
     precision = Precision.of(model.get_decoder())
     if precision:
         precision.store_frozen(model.get_decoder())
@@ -261,7 +262,7 @@ class Precision:
         return decoder
 
     def store_frozen(self, decoder: nn.Module) -> None:
-        """Under autocast, store each frozen Linear layer of ``decoder`` in the autocast dtype.
+        """Under autocast, store each frozen Linear (or GPT-2 Conv1D) layer of ``decoder`` in the autocast dtype.
 
         Autocast casts a float32 weight to bfloat16 at every call (on a CPU, 34% of E4SRec's bf16
         step went to these copies); a frozen weight cast once gives the same products, rounded the
@@ -272,8 +273,10 @@ class Precision:
         """
         if self.autocast is None:
             return
+        from transformers.pytorch_utils import Conv1D  # GPT-2's projections
+
         for module in decoder.modules():
-            if isinstance(module, nn.Linear) and not any(p.requires_grad for p in module.parameters()):
+            if isinstance(module, (nn.Linear, Conv1D)) and not any(p.requires_grad for p in module.parameters()):
                 module.to(self.autocast)
 
     @staticmethod
@@ -407,31 +410,47 @@ def load_tokenizer(llm_path=None, cache_dir=None):
     return _load_tokenizer_from(llm_path, resolve_llm_path(llm_path, cache_dir))
 
 
-def apply_lora(model, r, alpha, dropout, target_modules, modules_to_save=None):
+def apply_lora(model, r, alpha, dropout, target_modules, modules_to_save=None, logger=None):
     """Wrap ``model`` in a PEFT LoRA model (causal LM task, no bias training).
 
     Every name in ``target_modules`` and ``modules_to_save`` must be the last
     component of some module name (``"q_proj"`` matches
     ``model.layers.0.self_attn.q_proj``); ``target_modules="all-linear"`` is
-    passed through. A wrong name raises ValueError listing the Linear modules
-    that exist, instead of PEFT's less specific error.
+    passed through, ``None`` means PEFT's targets for the model's architecture. Names of
+    which none exists in ``model`` are another layout's (the defaults are Llama's
+    ``q_proj``...): PEFT's targets for this architecture are used instead (GPT-2's
+    ``c_attn``, GPT-NeoX's ``query_key_value``), logged once. A partly wrong list raises
+    :class:`InputError` listing the model's Linear and Conv1D layers.
     """
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
     if isinstance(target_modules, str) and target_modules != "all-linear":
         target_modules = [target_modules]
     module_last_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    layer_names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if isinstance(module, (nn.Linear, Conv1D))})
+    architecture_targets = peft_target_modules(model)
+    if target_modules is None or (target_modules != "all-linear" and architecture_targets
+                                  and not module_last_names & set(target_modules)):
+        if not architecture_targets:
+            raise InputError(f"PEFT has no LoRA targets for {type(model).__name__} ({model.config.model_type}): set "
+                             f"lora_target_modules to some of its Linear and Conv1D layers: {layer_names}.")
+        if target_modules is not None:
+            (logger or logging.getLogger("recbole_llm")).info(
+                f"lora_target_modules {list(target_modules)} are not layers of {type(model).__name__}: LoRA goes on "
+                f"PEFT's targets for {model.config.model_type}, {architecture_targets}")
+        target_modules = architecture_targets
     wanted_names = [] if target_modules == "all-linear" else list(target_modules)
     wanted_names += list(modules_to_save or [])
     missing_names = [name for name in wanted_names if name not in module_last_names]
     if missing_names:
-        linear_names = sorted(
-            {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-        )
         raise InputError(
             f"LoRA target modules {missing_names} do not exist in {type(model).__name__}. "
-            f"Its Linear modules are: {linear_names}."
+            f"Its Linear and Conv1D layers are: {layer_names}."
         )
+    conv1d = any(isinstance(module, Conv1D) and name.rsplit(".", 1)[-1] in wanted_names
+                 for name, module in model.named_modules())
     lora_config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -440,8 +459,26 @@ def apply_lora(model, r, alpha, dropout, target_modules, modules_to_save=None):
         modules_to_save=modules_to_save,
         bias="none",
         task_type="CAUSAL_LM",
+        fan_in_fan_out=conv1d,  # GPT-2's Conv1D stores its weight transposed
     )
     return get_peft_model(model, lora_config)
+
+
+def peft_target_modules(model) -> list[str] | None:
+    """PEFT's own LoRA target modules for ``model``'s architecture (its ``model_type``), or None."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(getattr(model.config, "model_type", None))
+    return list(targets) if targets else None
+
+
+def decoder_layers(decoder) -> tuple[str, nn.ModuleList] | None:
+    """The attribute name and list of ``decoder``'s layers (``layers`` in Llama, Qwen2, GPT-NeoX, Phi;
+    ``h`` in GPT-2, Falcon, Bloom): its one ``ModuleList`` child of ``num_hidden_layers`` modules, or None."""
+    depth = decoder.config.num_hidden_layers
+    found = [(name, child) for name, child in decoder.named_children()
+             if isinstance(child, nn.ModuleList) and len(child) == depth]
+    return found[0] if len(found) == 1 else None
 
 
 def keep_first_layers(decoder, n_layers) -> int:
@@ -449,17 +486,23 @@ def keep_first_layers(decoder, n_layers) -> int:
 
     A CPU compromise shared by the models whose LLM stays frozen (setting ``llm_layers``): the
     cost of a forward pass grows with depth, and the early layers already mix the prompt.
-    ``None`` or 0 keeps every layer.
+    ``None`` or 0 keeps every layer. A layout whose layers :func:`decoder_layers` cannot find
+    is refused with one line.
     """
-    layers = decoder.layers
+    depth = decoder.config.num_hidden_layers
     if n_layers:
-        if not isinstance(n_layers, int) or not 1 <= n_layers <= len(layers):
-            raise InputError(f"llm_layers must be an int between 1 and {len(layers)} (this LLM's depth); got {n_layers!r}")
-        decoder.layers = torch.nn.ModuleList(list(layers)[:n_layers])
+        if not isinstance(n_layers, int) or not 1 <= n_layers <= depth:
+            raise InputError(f"llm_layers must be an int between 1 and {depth} (this LLM's depth); got {n_layers!r}")
+        found = decoder_layers(decoder)
+        if found is None:
+            raise InputError(f"llm_layers={n_layers}: {type(decoder).__name__} has no single list of its {depth} "
+                             "layers to cut; set llm_layers: ~ (all layers) for this LLM.")
+        name, layers = found
+        setattr(decoder, name, nn.ModuleList(list(layers)[:n_layers]))
         decoder.config.num_hidden_layers = n_layers
         if getattr(decoder.config, "layer_types", None):
             decoder.config.layer_types = decoder.config.layer_types[:n_layers]
-    return len(layers)
+    return depth
 
 
 def set_num_threads(n):
@@ -472,12 +515,19 @@ def set_num_threads(n):
 
 
 def tiny_llama(tokenizer_or_vocab_size, hidden_size=32, layers=2, heads=4, seed=0):
-    """A tiny randomly initialised LlamaForCausalLM for tests.
+    """A tiny randomly initialised LlamaForCausalLM for tests (:func:`tiny_causal_lm`)."""
+    return tiny_causal_lm("llama", tokenizer_or_vocab_size, hidden_size, layers, heads, seed)
+
+
+def tiny_causal_lm(model_type, tokenizer_or_vocab_size, hidden_size=32, layers=2, heads=4, seed=0):
+    """A tiny randomly initialised causal LM of any transformers ``model_type`` (``llama``,
+    ``mistral``, ``qwen2``, ``gpt2``, ``gpt_neox``, ``phi``...) for tests, with grouped-query
+    attention where the architecture has it (half as many key/value heads).
 
     Given a tokenizer, the vocabulary size and the pad/eos/bos ids come from it.
     The global torch RNG is left untouched.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if isinstance(tokenizer_or_vocab_size, int):
         vocab_size, special_token_ids = tokenizer_or_vocab_size, {}
@@ -489,7 +539,8 @@ def tiny_llama(tokenizer_or_vocab_size, hidden_size=32, layers=2, heads=4, seed=
             "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id,
         }
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        model_type,
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=64,
@@ -501,7 +552,7 @@ def tiny_llama(tokenizer_or_vocab_size, hidden_size=32, layers=2, heads=4, seed=
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
+        return AutoModelForCausalLM.from_config(config)
 
 
 def _looks_like_path(llm_path):

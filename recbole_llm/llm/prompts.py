@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from logging import getLogger
+
 from recbole_llm.errors import InputError
 
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -29,9 +31,17 @@ RESPONSE_MARKER = "### Response:\n"
 
 
 def truncate_texts(texts: Sequence[str], tokenizer, max_tokens: int) -> list[str]:
-    """Each text cut to at most ``max_tokens`` tokens of ``tokenizer``."""
+    """Each text cut to at most ``max_tokens`` tokens of ``tokenizer`` (the share cut: :func:`note_cut_texts`)."""
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    note_cut_texts(sum(len(i) > max_tokens for i in ids), sum(1 for t in texts if t), f"title_max_tokens={max_tokens}")
     return [t if len(i) <= max_tokens else tokenizer.decode(i[:max_tokens]).strip() for t, i in zip(texts, ids)]
+
+
+def note_cut_texts(cut: int, total: int, setting: str) -> None:
+    """Log (once per model: RecBole's logger) when ``setting`` cuts the text of more than a tenth of the items."""
+    if total and cut > total / 10:
+        getLogger().warning(f"{setting} cuts the text of {cut} of {total} items ({cut / total:.0%}); raise it to "
+                            "keep more of each item's text in the prompts (they get longer).")
 
 
 @dataclass

@@ -48,6 +48,7 @@ from recbole_llm.data.item_text import item_texts
 from recbole_llm.llm.backbone import from_llm, load_llm, set_num_threads, to_llm
 from recbole_llm.llm.batching import cache_keyword, left_pad, position_ids
 from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
+from recbole_llm.llm.prompts import note_cut_texts
 from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import pretrained_id_model
 from recbole_llm.model.scoring import check_chunk, chunked_scores
@@ -76,7 +77,10 @@ class HistoryPrompt:
         head, tail = template.split("{history}", 1)
         encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         self.head, self.tail, self.separator = encode(head), encode(tail), encode(HISTORY_SEPARATOR)
-        self.titles = [encode(" " + t)[:title_max_tokens] if t else [] for t in titles]
+        whole = [encode(" " + t) if t else [] for t in titles]
+        note_cut_texts(sum(len(t) > title_max_tokens for t in whole), sum(1 for t in titles if t),
+                       f"title_max_tokens={title_max_tokens}")
+        self.titles = [t[:title_max_tokens] for t in whole]
         self.history_titles = history_titles
         self.max_length = (
             len(self.head) + len(self.tail)

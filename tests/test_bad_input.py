@@ -536,11 +536,11 @@ def test_title_max_tokens_that_cuts_over_a_tenth_of_the_items_says_so_once(tiny_
 
     config, dataset = _dataset(tiny_data)
     texts = item_texts(dataset, ["movie_title", "release_year"])  # "Movie Number 7 (1957)": 7 tokens and more
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         HistoryPrompt(embedded_tokenizer, texts, "{history}", 4, 3)
     assert caplog.text.count("title_max_tokens=3 cuts the text of 30 of 30 items (100%)") == 1
     caplog.clear()
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         truncate_texts(texts, embedded_tokenizer, 3)
         HistoryPrompt(embedded_tokenizer, texts, "{history}", 4, 32)
         truncate_texts(texts, embedded_tokenizer, 32)

@@ -15,6 +15,14 @@ from conftest import first_batch
 K = 5
 
 
+def _randomise_lora(model):
+    """LoRA's B matrices drawn at random (they start at zero), so the adapter changes the scores."""
+    with torch.no_grad():
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+
+
 def test_verbalizer_reads_the_ids_that_training_targets(embedded_tokenizer):
     """For every letter A..T of the real embedded tokenizer: the id the verbalizer reads is
     the token that follows the prompt when prompt + letter is tokenized as one text."""
@@ -177,10 +185,7 @@ def test_evaluation_ranks_only_rows_with_the_target_among_candidates(llamarec, s
     are those of scoring every user (the others' target sits below all k candidates either way)."""
     config, model, (_, valid, test) = llamarec
     data = {"valid": valid, "test": test}[split]
-    with torch.no_grad():
-        for name, param in model.llm.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)  # a ranker whose order differs from the retriever's
+    _randomise_lora(model)  # a ranker whose order differs from the retriever's
     model.fusion_weight = 0.0
     trainer = LlamaRecTrainer(config, model)
     ranked = trainer.evaluate(data, load_best_model=False)
@@ -243,10 +248,7 @@ def test_loss_supervises_the_logits_that_inference_reads(llamarec, monkeypatch):
     a batch of prompts with different lengths (left padding)."""
     _, model, (train, _, _) = llamarec
     model.eval()  # no LoRA dropout: the two computations must agree exactly
-    with torch.no_grad():
-        for name, param in model.llm.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
+    _randomise_lora(model)
     histories, targets = [[3, 4, 5, 6, 7, 8], [9]], [12, 13]
     chosen = {12: ([12, 1, 2, 20, 21], 0), 13: ([1, 2, 13, 20, 21], 2)}
     monkeypatch.setattr(model, "training_candidates", lambda history, target: chosen[target])
@@ -322,10 +324,7 @@ def test_shared_prompt_prefix_gives_the_same_scores_loss_and_gradients(llamarec,
     from recbole.data.interaction import Interaction
 
     _, model, _ = llamarec
-    with torch.no_grad():
-        for name, param in model.llm.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
+    _randomise_lora(model)
     shared_lengths = []
     real = module.forward_shared_prefix
     monkeypatch.setattr(module, "forward_shared_prefix", lambda m, prefix, *a, **k: (
@@ -439,10 +438,7 @@ def test_scores_after_ranker_training_are_computed_in_eval_mode(llamarec):
     """The validation scores that pick the fusion weight do not depend on the mode training left
     the model in (LoRA dropout is off while scoring)."""
     config, model, (_, valid, _) = llamarec
-    with torch.no_grad():
-        for name, param in model.llm.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
+    _randomise_lora(model)
     trainer = LlamaRecTrainer(config, model)
     phase = trainer._phase(valid)
     scores = []
@@ -496,10 +492,7 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(llamarec):
 
     config, model, (train, _, _) = llamarec
     model.eval()  # no LoRA dropout: the passes must agree
-    with torch.no_grad():
-        for name, param in model.llm.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
+    _randomise_lora(model)
     trainer = LlamaRecTrainer(config, model)
     batch = first_batch(train)[:4]
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -636,10 +629,7 @@ def test_validation_check_gives_the_standard_error_over_its_users(llamarec):
     import statistics
 
     config, model, (_, valid, _) = llamarec
-    with torch.no_grad():
-        for name, param in model.llm.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
+    _randomise_lora(model)
     trainer = LlamaRecTrainer(config, model)
     phase = trainer._phase(valid)
     ndcg, se, users = trainer._validation_ndcg(phase)

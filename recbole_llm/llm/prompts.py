@@ -38,9 +38,10 @@ def truncate_texts(texts: Sequence[str], tokenizer, max_tokens: int) -> list[str
 
 
 def note_cut_texts(cut: int, total: int, setting: str) -> None:
-    """Log (once per model: RecBole's logger) when ``setting`` cuts the text of more than a tenth of the items."""
+    """Log (once per model: RecBole's logger, at INFO: a default's cut is a documented choice, nothing a
+    user must act on) when ``setting`` cuts the text of more than a tenth of the items."""
     if total and cut > total / 10:
-        getLogger().warning(f"{setting} cuts the text of {cut} of {total} items ({cut / total:.0%}); raise it to "
+        getLogger().info(f"{setting} cuts the text of {cut} of {total} items ({cut / total:.0%}); raise it to "
                             "keep more of each item's text in the prompts (they get longer).")
 
 

@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 from llamarec_quality import measure
-from llm_speed import commit
-from results_doc import (RESULTS, ROOT, bare_argv, command, load_record, machine, markdown_table, parse_overrides,
+from results_doc import (RESULTS, ROOT, bare_argv, command, commit, load_record, machine, markdown_table, parse_overrides,
                          standard_error, write_atomically, write_record, write_section)
 
 from recbole_llm.cache_io import content_key

@@ -45,7 +45,8 @@ COMMANDS = {
     "SeRALM": "python benchmarks/seralm.py --models SASRec --seeds=main,2021,2022",
 }
 #: Where each row's numbers are written in full (a RESULTS.md heading).
-SECTIONS = {"LRURec": "LRURec vs SASRec on ml-100k", "LlamaRec": "A learning curve of LlamaRec's ranker",
+QUICKSTART = "The quick start: time, memory and quality per machine"
+SECTIONS = {"LRURec": "LRURec vs SASRec on ml-100k", "LlamaRec": "LlamaRec's learning curve on ml-100k",
             "E4SRec": "E4SRec vs its stage-1 SASRec on ml-100k", "Laser": "Laser vs SASRec on ml-100k",
             "SeRALM": "SeRALM on ml-100k"}
 #: At most one line of words per model (no numbers: those come from records).
@@ -106,11 +107,12 @@ def row(model, pairs, baseline, llm, machine, date, words=""):
             f"{machine}, {date}", (words + "; " if words else "") + f"\"{SECTIONS[model]}\""]
 
 
-def not_measured(model, own=None, baseline="-", llm="-", machine="-", date="-"):
+def not_measured(model, own=None, baseline="-", llm="-", machine="-", date="-", cite=""):
     """A row without a current ratio: the model's own numbers where a current record has them."""
     change = (f"{'the ratio' if own else ''} not measured since {CHANGES[model][1]}: `{COMMANDS[model]}`").lstrip()
     numbers = f"{own['ndcg@10']:.4f} / {own['recall@10']:.4f}" if own else "-"
-    return [model, numbers, baseline, "-", "-", llm, f"{machine}, {date}" if own else "-", f"{WORDS[model]}; {change}"]
+    return [model, numbers, baseline, "-", "-", llm, f"{machine}, {date}" if own else "-",
+            f"{WORDS[model]}; " + (f"\"{cite}\"; " if cite else "") + change]
 
 
 def lrurec_row() -> list:
@@ -145,7 +147,8 @@ def llamarec_row() -> list:
     latest = max(quick, key=lambda r: r["date"])
     machine = f"{latest['machine']['cpu']} ({latest['machine']['bf16_units'] or 'no bf16 units'})"
     return not_measured("LlamaRec", latest["numbers"]["test"], "LRURec, history excluded",
-                        f"{EMBEDDED}, {latest['numbers']['compute'].split(' (')[0]}", machine, latest["date"][:10])
+                        f"{EMBEDDED}, {latest['numbers']['compute'].split(' (')[0]}", machine, latest["date"][:10],
+                        QUICKSTART)
 
 
 def paired_row(model: str, folder: Path, own: str, llm) -> list:

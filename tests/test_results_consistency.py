@@ -108,3 +108,31 @@ def test_the_key_check_finds_a_removed_setting():
     """The check above is a check: a setting that no longer exists is not known."""
     assert "head_init" not in declared_settings() | command_line_flags()
     assert "head_init" in documented_keys("`python benchmarks/e4srec_vs_sasrec.py --head_init=item_table`")
+
+
+def test_status_rows_take_only_current_records(tmp_path, monkeypatch):
+    """A record from before the model's last change is not quoted: the row says "not measured since" instead;
+    records on the current code give the mean, the standard error of the ratio and the number of seeds."""
+    from results_doc import write_record
+
+    head = status.git("rev-parse", "--short", "HEAD").stdout.strip()
+    machine = "2 cores (Some CPU; avx2), torch 2.13.0+cpu, 1 thread, Python 3.11.7; LLM compute unless a setting " \
+              "says otherwise: float32 (no bf16 units); load average 1.0 at the end of the run"
+
+    def e4srec(seed, commit, e4s, sas):
+        return {"overrides": {"seed": seed}, "seed": seed, "commit": commit, "date": "2026-12-07 10:00 UTC",
+                "machine": machine, "settings": "LLM embedded SmolLM2-135M-Instruct (float32), history 20",
+                "e4srec": {"ndcg@10": e4s, "recall@10": 0.1}, "sasrec": {"ndcg@10": sas, "recall@10": 0.2}}
+
+    folder = tmp_path / "e4srec" / status.DATASET
+    write_record(folder / "old.json", e4srec(2020, "149aca9", 0.09, 0.05))  # before CHANGES["E4SRec"]
+    monkeypatch.setattr(status, "RECORDS", tmp_path)
+    row = status.paired_row("E4SRec", tmp_path / "e4srec", "e4srec", lambda r: "SmolLM2")
+    assert "not measured since" in row[-1] and "0.09" not in " ".join(row)
+    write_record(folder / "a.json", e4srec(2020, head, 0.05, 0.05))
+    write_record(folder / "b.json", e4srec(2021, head, 0.06, 0.05))
+    write_record(folder / "c.json", {**e4srec(2022, head, 0.01, 0.05), "overrides": {"seed": 2022, "epochs": 1}})
+    row = status.paired_row("E4SRec", tmp_path / "e4srec", "e4srec", lambda r: "SmolLM2")
+    assert row[1] == "0.0550 / 0.1000" and row[3] == "0.0500 / 0.2000"
+    assert row[4] == "1.100 ± 0.100 (2)"  # ratios 1.0 and 1.2; the old record and the non-default run left out
+    assert row[5] == "SmolLM2, float32" and row[6] == "2 cores (Some CPU; avx2), 2026-12-07"

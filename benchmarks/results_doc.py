@@ -69,11 +69,30 @@ def write_section(name: str, title: str, body: str, results: Path | None = None,
         f"- command: `{command_line or command()}`\n- machine: {machine()}\n- date: {stamp}\n\n{body.strip()}\n"
         f"<!-- END {name} -->\n"
     )
-    with cache_lock(results):  # benchmarks running side by side each rewrite their own section
-        text = results.read_text() if results.exists() else HEADER
-        pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->\n", re.S)
-        text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-        with atomic_target(results) as tmp:
+    write_between_markers(results, name, section)
+
+
+def marker_pattern(name: str) -> re.Pattern:
+    """The block ``<!-- BEGIN name -->`` ... ``<!-- END name -->`` of a markdown file (markers included)."""
+    return re.compile(rf"<!-- BEGIN {re.escape(name)} -->\n(.*?)<!-- END {re.escape(name)} -->\n", re.S)
+
+
+def read_between_markers(path: Path, name: str) -> str | None:
+    """What lies between the markers ``name`` in ``path`` (None where they are absent)."""
+    found = marker_pattern(name).search(Path(path).read_text()) if Path(path).exists() else None
+    return found.group(1) if found else None
+
+
+def write_between_markers(path: Path, name: str, block: str, header: str = HEADER) -> None:
+    """Replace the block ``name`` of ``path`` by ``block`` (the markers included), or append it; atomically."""
+    path = Path(path)
+    if not block.startswith(f"<!-- BEGIN {name} -->"):
+        block = f"<!-- BEGIN {name} -->\n{block.rstrip()}\n<!-- END {name} -->\n"
+    with cache_lock(path):  # benchmarks running side by side each rewrite their own section
+        text = path.read_text() if path.exists() else header
+        pattern = marker_pattern(name)
+        text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
+        with atomic_target(path) as tmp:
             tmp.write_text(text)
 
 

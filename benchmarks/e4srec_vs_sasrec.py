@@ -24,15 +24,14 @@ import time
 
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_logger, init_seed
-from results_doc import (ROOT, bare_argv, command, commit, load_record, machine, markdown_table, parse_overrides,
-                         standard_error, write_record, write_section)
+from results_doc import (METRICS, ROOT, bare_argv, command, commit, load_record, machine, markdown_table,
+                         parse_overrides, standard_error, write_record, write_section)
 
 from recbole_llm import load_config, registry
 from recbole_llm.cache_io import content_key
 from recbole_llm.llm.backbone import resolve_precision, set_num_threads
 from recbole_llm.model.pretrained import id_model_config, pretrained_id_model
 
-METRICS = ["recall@5", "recall@10", "mrr@5", "mrr@10", "ndcg@5", "ndcg@10"]
 RECORDS = ROOT / "benchmarks" / "records" / "e4srec"
 
 

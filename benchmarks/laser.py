@@ -41,8 +41,8 @@ import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.trainer import Trainer
 from recbole.utils import init_logger, init_seed
-from results_doc import (ROOT, command, commit, load_record, machine, markdown_table, parse_overrides, standard_error,
-                         write_record, write_section)
+from results_doc import (METRICS, ROOT, command, commit, load_record, machine, markdown_table, parse_overrides,
+                         standard_error, write_record, write_section)
 
 from recbole_llm import load_config, run_recbole_llm
 from recbole_llm.cache_io import content_key
@@ -50,7 +50,6 @@ from recbole_llm.llm.backbone import resolve_precision
 from recbole_llm.model.laser import Laser
 from recbole_llm.trainer.laser import LaserTrainer
 
-METRICS = ["recall@5", "recall@10", "mrr@5", "mrr@10", "ndcg@5", "ndcg@10"]
 VARIANTS = {
     "paper scoring": {"scoring": "paper"},
     "no phase 1": {"item_phase_epochs": 0, "item_side_lr_scale": 1.0},

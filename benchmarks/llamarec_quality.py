@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from results_doc import bare_argv, markdown_table, parse_overrides, write_section
+from results_doc import METRICS, bare_argv, markdown_table, parse_overrides, write_section
 
 from recbole_llm.quick_start import build
 from recbole_llm.trainer.two_stage import ranking_metrics
 
-METRICS = ["recall@5", "recall@10", "mrr@5", "mrr@10", "ndcg@5", "ndcg@10"]
 #: The settings a run's numbers depend on most, kept beside them.
 RECORDED_SETTINGS = ("seed", "retriever", "candidate_k", "exclude_history", "llm_path", "llm_dtype",
                      "ranker_max_train_examples", "ranker_train_candidates", "ranker_train_target_position",

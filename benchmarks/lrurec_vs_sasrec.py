@@ -13,11 +13,10 @@ import argparse
 import statistics
 import time
 
-from results_doc import markdown_table, parse_overrides, write_section
+from results_doc import METRICS, markdown_table, parse_overrides, write_section
 
 from recbole_llm import run_recbole_llm
 
-METRICS = ["recall@5", "recall@10", "mrr@5", "mrr@10", "ndcg@5", "ndcg@10"]
 #: Epoch caps so that each run takes about 10 minutes on 2 idle CPU cores (early stopping may end
 #: it sooner): an LRURec epoch (one window per ~200 interactions) takes ~8 s, a SASRec epoch (one
 #: row per prefix, ~97k rows on ml-100k) ~75 s.

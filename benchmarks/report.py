@@ -49,11 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import results_doc
-from results_doc import (ROOT, bare_argv, load_record, machine, markdown_table, parse_overrides, split_overrides,
-                         write_atomically, write_record)
+from results_doc import (METRICS, ROOT, bare_argv, load_record, machine, markdown_table, parse_overrides,
+                         split_overrides, write_atomically, write_record)
 
 BASELINES = ["SASRec", "GRU4Rec", "NARM", "BERT4Rec", "Caser", "LightSANs"]
-METRICS = ["recall@5", "recall@10", "mrr@5", "mrr@10", "ndcg@5", "ndcg@10"]
 #: Epoch cap of the RecBole baselines unless --epochs / --MODEL.epochs says otherwise: an epoch over
 #: ml-100k's ~97k prefix rows takes ~75 s on 2 cores, so 8 epochs keep each run near 10 minutes
 #: (as benchmarks/lrurec_vs_sasrec.py; early stopping may end a run sooner).

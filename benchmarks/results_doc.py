@@ -14,6 +14,8 @@ from recbole_llm.cache_io import atomic_target, cache_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "RESULTS.md"
+#: The full-ranking metrics the benchmarks' tables show (RecBole's names).
+METRICS = ["recall@5", "recall@10", "mrr@5", "mrr@10", "ndcg@5", "ndcg@10"]
 HEADER = "# Measured results\n\nEvery number below was measured by the script named in its section, on the machine it names.\n"
 
 

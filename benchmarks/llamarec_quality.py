@@ -10,6 +10,7 @@ serves benchmarks/llamarec_curve.py too.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 from results_doc import METRICS, bare_argv, markdown_table, parse_overrides, write_section
@@ -52,6 +53,9 @@ def measure(dataset: str, overrides: dict, show_progress: bool | None = None) ->
     phase = trainer._phase(test)
     retriever_subset = ranking_metrics(phase.flat("retrieval"), phase.flat("candidates"), phase.flat("targets"),
                                        config["topk"])
+    prompt_tokens = sorted(len(model._prompt_ids(history, candidates))  # the test prompts as the ranker read them
+                           for batch_histories, batch_candidates in zip(phase.histories, phase.candidates)
+                           for history, candidates in zip(batch_histories, batch_candidates.tolist()))
     excluded = {m: retriever_subset[m] * retriever_subset["share"] for m in METRICS if m in retriever_subset}
     excluded.update({m.replace("hit", "recall"): retriever_subset[m] * retriever_subset["share"]
                      for m in retriever_subset if m.startswith("hit@")})
@@ -66,6 +70,8 @@ def measure(dataset: str, overrides: dict, show_progress: bool | None = None) ->
         "best_step": trainer.cur_step,
         "validation": trainer.validation_trace,
         "test_users": phase.rows,
+        "prompt_tokens": {"mean": statistics.mean(prompt_tokens),
+                          "p95": prompt_tokens[int(0.95 * (len(prompt_tokens) - 1))], "max": prompt_tokens[-1]},
         "ranked_rows": trainer.ranked_rows,
         "seconds": {"build (data, stage-1 retriever, LLM load)": built - start, **trainer.timings,
                     "total quick start (build + fit + test evaluation)": end - start},
@@ -103,7 +109,9 @@ def section_body(run: dict) -> str:
         "Paper (ML-100k latest-small, Llama-2-7B): 1.07.\n\n"
         f"LLM: {settings['llm_path'] or 'embedded SmolLM2-135M-Instruct'}, {settings['ranker_max_train_examples']} "
         f"training examples ({settings['ranker_train_candidates']} training lists), LoRA r={settings['lora_r']} on "
-        f"{settings['lora_target_modules']}.\n\n"
+        f"{settings['lora_target_modules']}"
+        + (f"; test prompts: {run['prompt_tokens']['mean']:.0f} tokens on average, p95 {run['prompt_tokens']['p95']}, "
+           f"longest {run['prompt_tokens']['max']}" if "prompt_tokens" in run else "") + ".\n\n"
         f"Best ranker adapter at step {run['best_step']}; fusion weight -> valid NDCG@10: "
         + ", ".join(f"{w}: {ndcg:.4f}" for w, ndcg in run["fusion_curve"].items())
         + ".\n\nWhere the wall time goes (seconds):\n\n"

@@ -35,6 +35,8 @@ def test_a_curve_point_is_a_record_reused_and_pooled_over_seeds(curve, tiny_data
     assert numbers["ratio"]["fusion"] == pytest.approx(
         numbers["test"]["fusion"]["ndcg@10"] / numbers["test"]["retriever_excluded"]["ndcg@10"])
     assert numbers["validation"] and all(c["users"] > 0 and c["se"] >= 0 for c in numbers["validation"])
+    tokens = numbers["prompt_tokens"]  # the test prompts' lengths (issue: a leaner prompt, chosen by measurement)
+    assert 0 < tokens["mean"] <= tokens["max"] and tokens["p95"] <= tokens["max"]
 
     def no_run(*args, **kwargs):
         raise AssertionError("a record with the same settings must be reused")

@@ -1,6 +1,7 @@
 """Write one benchmark's section of docs/RESULTS.md (between its own markers), atomically."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -50,8 +51,10 @@ def command() -> str:
     return "python " + " ".join([os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
 
 
+@functools.cache
 def commit() -> str:
-    """The short hash of the checked-out commit ("unknown" outside git)."""
+    """The short hash of the commit this process started from, the code it runs ("unknown" outside
+    git): read once, at import, so a record written hours later does not name a later checkout."""
     import subprocess
 
     try:
@@ -59,6 +62,9 @@ def commit() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+commit()  # at import: the commit the process runs
 
 
 def write_section(name: str, title: str, body: str, results: Path | None = None, command_line: str | None = None) -> None:

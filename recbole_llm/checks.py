@@ -48,7 +48,7 @@ MAX_CANDIDATES = 26
 #: LLM settings with a closed set of values (their meaning: the model's property file and docstring).
 CHOICES = {
     "ranker_train_candidates": ("random", "retriever", "mix"),  # LlamaRec's training lists
-    "ranker_train_target_position": ("random", "retriever"),  # where a target the retriever missed goes
+    "ranker_train_target_position": ("random", "retriever", "shuffle"),  # where the target goes in a retriever list
 }
 
 #: Settings that were removed, with what took their place: one a user still gives stops the run.

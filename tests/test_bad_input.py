@@ -396,7 +396,7 @@ def test_llm_settings_are_checked_before_stage_one(tiny_data, tmp_path):
 @pytest.mark.parametrize("setting, value, problem", [
     ("ranker_train_candidates", "retreiver", r"^ranker_train_candidates='retreiver' is not one of random, retriever, "
                                              r"mix: did you mean retriever\? Set --ranker_train_candidates=retriever "),
-    ("ranker_train_target_position", "last", r"^ranker_train_target_position='last' is not one of random, retriever\. "
+    ("ranker_train_target_position", "last", r"^ranker_train_target_position='last' is not one of random, retriever, shuffle\. "
                                              r"Set --ranker_train_target_position=random "),
 ])
 def test_training_list_setting_outside_its_choices(tiny_data, tmp_path, setting, value, problem):

@@ -572,6 +572,30 @@ def test_retriever_training_lists_are_its_top_k_with_the_target_once(llamarec, m
     assert positions == {K - 1} if position == "retriever" else len(positions) > 1
 
 
+def test_shuffled_retriever_training_lists_hide_the_retrievers_order(llamarec, monkeypatch):
+    """ranker_train_target_position=shuffle: the same items as the retriever's list, the target once, in
+    a shuffled order: a target the retriever ranks third is not always third.
+    Breakage checked by hand (caught): shuffle treated as random (proposed targets kept their rank)."""
+    config, model, (train, _, _) = llamarec
+    histories = _whole_histories(config)
+    scores = _rigged_retriever(model, monkeypatch, histories)
+    model.train_candidates, model.target_position = "retriever", "shuffle"
+    proposed_positions, orders_differ = set(), 0
+    for batch in _training_rows(train):
+        retrieval = scores(batch)
+        rows = zip(batch[model.USER_ID].tolist(), batch[model.POS_ITEM_ID].tolist(), retrieval,
+                   model.training_lists(batch))
+        for user, target, row_scores, (candidates, index) in rows:
+            before = set(histories[user][:histories[user].index(target)])
+            top = _retriever_order(row_scores, before)[:K]
+            assert candidates.count(target) == 1 and candidates[index] == target and len(candidates) == K
+            if user % 2:  # proposed, third in the retriever's order
+                assert sorted(candidates) == sorted(top)
+                proposed_positions.add(index)
+                orders_differ += candidates != top
+    assert len(proposed_positions) > 1 and orders_differ > 0
+
+
 def test_mixed_training_lists_hold_the_retrievers_top_half_and_random_items(llamarec, monkeypatch):
     """ranker_train_candidates=mix: the retriever's top k // 2 (the target in place of the last where
     it is not among them) and random items outside the history, all in the retriever's order."""

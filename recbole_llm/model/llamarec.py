@@ -263,14 +263,19 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         where absent, then random items outside the history and the proposed ones up to ``k``; the
         list in the retriever's order (``retrieval``, the row's scores of all items) as the
         evaluation lists, except a target the retriever did not propose with
-        ``ranker_train_target_position: random``, which goes to a random position."""
+        ``ranker_train_target_position: random``, which goes to a random position; with ``shuffle``
+        the whole list is shuffled (as the paper's random lists), so no position tells the target:
+        on its own training rows the retriever ranks the target first far more often than on
+        validation rows, which its order would teach the ranker."""
         proposed_target = target in proposed
         chosen = list(proposed) if proposed_target else [*proposed[:-1], target]
         excluded = (set(history) if self.exclude_history else set()) | {0, *chosen}
         chosen += self._random_items(excluded, self.k - len(chosen))
         order = retrieval[chosen].argsort(descending=True, stable=True).tolist()
         candidates = [chosen[i] for i in order]
-        if not proposed_target and self.target_position == "random":
+        if self.target_position == "shuffle":
+            random.shuffle(candidates)
+        elif not proposed_target and self.target_position == "random":
             candidates.remove(target)
             candidates.insert(random.randrange(self.k), target)
         return candidates, candidates.index(target)

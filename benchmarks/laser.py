@@ -28,7 +28,7 @@ phase-2 epoch) and, with ``scoring: residual``, the kept checkpoint's test metri
 correction switched off.
 
 Extra --key=value arguments are config overrides for every Laser run.
-Writes the "laser" section of docs/RESULTS.md.
+Writes the "laser" section of docs/RESULTS.md ("laser_paper" with --scoring=paper: one section per scoring).
 """
 from __future__ import annotations
 
@@ -335,8 +335,10 @@ def main():
             + markdown_table(["variant"] + METRICS + ["trainable params / wall time"], ablation_rows) if ablation_rows else "")
         )
 
-    title = f"Laser vs SASRec on {args.dataset}"
-    write_section("laser", title, body())  # the main comparison first; variants, seeds and ablations as they finish
+    # one section per scoring: "laser" for the default's, "laser_<scoring>" for another one given on the command line
+    section = "laser" if "scoring" not in parse_overrides(rest) else f"laser_{config['scoring']}"
+    title = f"Laser vs SASRec on {args.dataset}" + ("" if section == "laser" else f" (scoring {config['scoring']})")
+    write_section(section, title, body())  # the main comparison first; variants, seeds and ablations as they finish
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         print(f"variant {name} ...", flush=True)
         laser_variant, sasrec_variant, variant_stats, _, minutes = laser_and_sasrec(
@@ -345,13 +347,13 @@ def main():
         variant_rows.append([name, f"`{VARIANTS[name]}`", f"{laser_variant['ndcg@10']:.4f}", f"{ratio:.3f}",
                              training_trace(variant_stats), f"{minutes:.1f}"])
         print(f"variant {name}: Laser", dict(laser_variant), variant_stats["valid"], flush=True)
-        write_section("laser", title, body())
+        write_section(section, title, body())
     for seed in [int(s) for s in args.seeds.split(",") if s]:
         print(f"seed {seed} ...", flush=True)
         laser_seed, sasrec_seed, seed_stats, _, _ = laser_and_sasrec(args.dataset, {**overrides, "seed": seed}, args.fresh)
         seed_runs.append((seed, sasrec_seed, laser_seed, seed_stats))
         print(f"seed {seed}: SASRec", dict(sasrec_seed), "Laser", dict(laser_seed), flush=True)
-        write_section("laser", title, body())
+        write_section(section, title, body())
     short = {"epochs": 1, "train_rows_per_epoch": args.ablation_rows, "eval_step": 0}
     for name, switch in (ABLATIONS.items() if args.ablation_rows > 0 else ()):
         print(f"ablation {name} ...", flush=True)
@@ -361,12 +363,12 @@ def main():
         minutes = (time.perf_counter() - t) / 60
         ablation_rows.append(row(name, test, f"{ab_stats['trainable']:,} / {minutes:.1f} min"))
         print(name, dict(test), f"{minutes:.1f} min", flush=True)
-        write_section("laser", title, body())
+        write_section(section, title, body())
     print(f"Laser section written after {(time.perf_counter() - wall) / 60:.1f} min", flush=True)
 
     e4srec_file = importlib.util.find_spec("recbole_llm.model.e4srec")
     if e4srec_file is None or args.skip_e4srec:
-        write_section("laser", title, body(e4srec_note="E4SRec: not run here (--skip_e4srec or no e4srec.py); the \"report\" "
+        write_section(section, title, body(e4srec_note="E4SRec: not run here (--skip_e4srec or no e4srec.py); the \"report\" "
                                                 "section has it with its shipped defaults on the same split."))
         return
     print("E4SRec (shipped defaults) ...", flush=True)
@@ -376,11 +378,11 @@ def main():
     except Exception as error:  # another engineer's model: report, do not fail the Laser benchmark
         note = f"E4SRec: failed to run ({type(error).__name__}: {str(error)[:200]})."
         print(note, flush=True)
-        write_section("laser", title, body(e4srec_note=note))
+        write_section(section, title, body(e4srec_note=note))
         return
     minutes = (time.perf_counter() - t) / 60
     print("E4SRec", dict(result["test_result"]), flush=True)
-    write_section("laser", title, body([row("E4SRec (shipped defaults)", result["test_result"], f"{minutes:.1f}")],
+    write_section(section, title, body([row("E4SRec (shipped defaults)", result["test_result"], f"{minutes:.1f}")],
                                        "E4SRec: shipped defaults, same split."))
 
 

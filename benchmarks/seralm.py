@@ -21,7 +21,7 @@ time per item (embedded LLM, greedy, as for the cache), and alignment seconds pe
 the asynchronous generator vs the synchronous one (``--timing_iterations`` each, SASRec).
 Extra ``--key=value`` arguments are config overrides for every run, ``--BASE.key=value`` for the
 three runs of one base model (e.g. ``--Caser.MAX_ITEM_LIST_LENGTH=5``, the Caser paper's window).
-Each base model's runs are one record (``saved/seralm/<dataset>/<base>.json``, with its command,
+Each base model's runs are one record (``benchmarks/records/seralm/<dataset>/<base>.json``, committed, with its command,
 machine and date), so the bases can run at different times; the timings are one more record,
 measured when it is missing (``--timing auto``). Writes the "seralm" section of docs/RESULTS.md
 from all the records.
@@ -110,7 +110,7 @@ def alignment_speed(dataset, overrides, iterations):
     return per_iteration
 
 
-RECORDS = ROOT / "saved" / "seralm"
+RECORDS = ROOT / "benchmarks" / "records" / "seralm"
 VARIANTS = ("Base", "Base+NA_LLM", "Base+SeRALM")
 BASE_ORDER = ("SASRec", "Caser", "LightSANs", "GRU4Rec", "NARM")
 
@@ -257,7 +257,7 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
         "Earlier measurements, made before the generator refreshed within a run and weighted stale samples "
         "(SASRec and Caser over 5 seeds, LightSANs over 3): this section at commit 3ed7969.",
         "",
-        "Where each base model's rows come from (records in saved/seralm/):",
+        "Where each base model's rows come from (records in benchmarks/records/seralm/):",
         "",
         *provenance,
         "",

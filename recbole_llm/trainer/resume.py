@@ -162,4 +162,5 @@ def resumable(trainer_class: type) -> type:
     runs_epoch_loop = trainer_class.fit is Trainer.fit or getattr(trainer_class, "resumable_fit", False)
     if issubclass(trainer_class, ResumableTrainer) or not runs_epoch_loop:
         return trainer_class
-    return type(trainer_class.__name__, (ResumableTrainer, trainer_class), {"__module__": trainer_class.__module__})
+    name = f"Resumable{trainer_class.__name__}"  # its own name: a traceback or log tells it from the original
+    return type(name, (ResumableTrainer, trainer_class), {"__module__": trainer_class.__module__})

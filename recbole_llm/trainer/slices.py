@@ -247,4 +247,5 @@ def sliced(trainer_class: type) -> type:
     """``trainer_class`` with :class:`SlicedTrainer` mixed in (a RecBole ``Trainer`` only)."""
     if not issubclass(trainer_class, Trainer) or issubclass(trainer_class, SlicedTrainer):
         return trainer_class
-    return type(trainer_class.__name__, (SlicedTrainer, trainer_class), {"__module__": trainer_class.__module__})
+    name = f"Sliced{trainer_class.__name__}"  # its own name: a traceback or log tells it from the original
+    return type(name, (SlicedTrainer, trainer_class), {"__module__": trainer_class.__module__})

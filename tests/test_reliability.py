@@ -70,13 +70,28 @@ def test_retriever_training_resumes_after_an_interrupt(tiny_data, tmp_path, monk
 
 
 def test_resume_false_starts_over(tiny_data, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(Trainer, "_train_epoch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    """Interrupted at epoch 2 (a resume state written), rerun with resume: False: epochs from 0."""
+    train_epoch, epochs = Trainer._train_epoch, []
+
+    def interrupted(self, train_data, epoch_idx, *args, **kwargs):
+        if epoch_idx == 2:
+            raise KeyboardInterrupt
+        return train_epoch(self, train_data, epoch_idx, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run("LRURec", tiny_data, tmp_path, **LRUREC)
-    monkeypatch.undo()
+    assert len(_resume_files(tmp_path)) == 1  # there is a state to resume from
+
+    def recorded(self, train_data, epoch_idx, *args, **kwargs):
+        epochs.append(epoch_idx)
+        return train_epoch(self, train_data, epoch_idx, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", recorded)
     with caplog.at_level("INFO"):
         _run("LRURec", tiny_data, tmp_path, resume=False, **LRUREC)
     assert "resuming" not in caplog.text
+    assert epochs == list(range(LRUREC["epochs"]))
 
 
 @pytest.fixture

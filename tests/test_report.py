@@ -90,7 +90,8 @@ def test_child_crash_is_recorded_by_the_parent(tiny_data, tmp_path, report, monk
 
 
 def test_paper_gains_match_the_papers(report):
-    assert report.PAPER_GAINS[("LlamaRec", "LRURec")].gain == pytest.approx(0.0759 / 0.0705 - 1)
+    """Each gain against the percentage the paper prints (SeRALM's Table 1); the LlamaRec paper prints its
+    NDCG@10 values only, so its entry has nothing independent to be checked against."""
     assert report.PAPER_GAINS[("SeRALM", "SASRec")].gain == pytest.approx(0.0288, abs=1e-3)  # Table 1: +2.91%
     assert report.PAPER_GAINS[("SeRALM", "LightSANs")].gain == pytest.approx(0.0249, abs=1e-3)  # +2.50%
     assert report.PAPER_GAINS[("SeRALM", "Caser")].gain == pytest.approx(0.0260, abs=1e-3)  # +2.61%

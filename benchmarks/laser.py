@@ -368,8 +368,8 @@ def main():
 
     e4srec_file = importlib.util.find_spec("recbole_llm.model.e4srec")
     if e4srec_file is None or args.skip_e4srec:
-        write_section(section, title, body(e4srec_note="E4SRec: not run here (--skip_e4srec or no e4srec.py); the \"report\" "
-                                                "section has it with its shipped defaults on the same split."))
+        write_section(section, title, body(e4srec_note="E4SRec: not run here (--skip_e4srec or no e4srec.py); the section "
+                                                f"\"E4SRec vs its stage-1 SASRec on {args.dataset}\" has it."))
         return
     print("E4SRec (shipped defaults) ...", flush=True)
     t = time.perf_counter()

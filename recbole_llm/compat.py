@@ -114,7 +114,7 @@ def apply() -> None:
     _apply_checkpoint_loading()
     # shim 14: oneDNN (bf16 matrix products on a CPU) keeps up to 1024 compiled primitives, one per input
     # shape; prompts of every length fill it and the process grows by GBs during LLM training. 64 measured
-    # as fast as 1024 with less growth (docs/RESULTS.md "quickstart_notes"); a user's own setting wins.
+    # as fast as 1024 with less growth (docs/notes/2026-12-06-quickstart-time-memory.md); a user's own setting wins.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
     for logger_name in FOUR_BIT_KERNEL_FETCH_LOGGERS:
         logging.getLogger(logger_name).addFilter(_drop_4bit_kernel_fetch)

@@ -4,9 +4,14 @@
   ``benchmarks/status.py`` computes from the committed records, so a number edited in one of them alone fails.
 - Every section a row cites is a heading of docs/RESULTS.md, and LRURec's row (read from its section, its
   benchmark keeps no records) carries the ratio that section states.
-- Every ``--key=`` in README.md and docs/RESULTS.md names a setting of a property file (ours or RecBole's) or a
-  flag of one of our command lines or benchmarks (the section "Bad input, tried for real" misspells settings on
-  purpose and is left out).
+- Every ``--key=`` in README.md, docs/RESULTS.md and the notes under docs/notes/ names a setting of a property file
+  (ours or RecBole's) or a flag of one of our command lines or benchmarks (the section "Bad input, tried for real"
+  misspells settings on purpose and is left out); docs/history.md too, but for the settings it documents as removed
+  since (``REMOVED_SETTINGS``, each of which must be unknown today).
+- Every relative link and every ``docs/notes/...`` path in README, RESULTS, history and the notes names a file that
+  exists; every note is dated in its file name and linked from RESULTS; no section of RESULTS is written by hand.
+- README, RESULTS (outside the benchmarks' blocks) and the notes point at sections by their headings, never by the
+  HTML marker names the benchmarks write between.
 """
 from __future__ import annotations
 
@@ -25,6 +30,10 @@ from results_doc import read_between_markers  # noqa: E402
 
 README = ROOT / "README.md"
 RESULTS = ROOT / "docs" / "RESULTS.md"
+HISTORY = ROOT / "docs" / "history.md"
+NOTES = ROOT / "docs" / "notes"
+#: Settings removed from the code that docs/history.md still documents, with the commands of their day.
+REMOVED_SETTINGS = {"head_init"}
 #: Placeholders in the text, not settings; and the flag of RecBole's own script run_recbole_group.py (not installed
 #: with the recbole package) that README runs through ``python -m recbole_llm.run``.
 PLACEHOLDERS = {"key", "MODEL.key"}
@@ -93,15 +102,82 @@ def documented_keys(text: str) -> set[str]:
     return set(re.findall(r"--([A-Za-z_][A-Za-z0-9_.]*)=", text))
 
 
+def notes() -> list[Path]:
+    return sorted(NOTES.glob("*.md"))
+
+
+def unknown_keys(text: str) -> list[str]:
+    known = declared_settings() | command_line_flags()
+    models = set(status.MODELS)
+    return sorted(key for key in documented_keys(text) - PLACEHOLDERS - RECBOLE_SCRIPT_FLAGS
+                  if (key.split(".", 1)[1] if key.split(".", 1)[0] in models else key) not in known)
+
+
 def test_every_documented_key_is_a_setting_or_a_flag():
     results = RESULTS.read_text()
     bad_input = read_between_markers(RESULTS, "bad_input") or ""
-    keys = documented_keys(README.read_text()) | documented_keys(results.replace(bad_input, ""))
-    known = declared_settings() | command_line_flags()
-    models = set(status.MODELS)
-    unknown = sorted(key for key in keys - PLACEHOLDERS - RECBOLE_SCRIPT_FLAGS
-                     if (key.split(".", 1)[1] if key.split(".", 1)[0] in models else key) not in known)
-    assert not unknown, f"--key= in README/RESULTS that no property file declares and no command line takes: {unknown}"
+    for path, text in [(README, README.read_text()), (RESULTS, results.replace(bad_input, "")),
+                       *((note, note.read_text()) for note in notes())]:
+        unknown = unknown_keys(text)
+        assert not unknown, (f"--key= in {path.relative_to(ROOT)} that no property file declares and no command line "
+                             f"takes: {unknown}")
+
+
+def test_history_documents_only_settings_that_exist_or_are_listed_as_removed():
+    unknown = set(unknown_keys(HISTORY.read_text()))
+    assert unknown <= REMOVED_SETTINGS, f"--key= in docs/history.md that is neither a setting nor listed as removed: " \
+                                        f"{sorted(unknown - REMOVED_SETTINGS)}"
+    assert not REMOVED_SETTINGS & (declared_settings() | command_line_flags()), "a setting listed as removed exists"
+
+
+def linked_paths(path: Path) -> list[tuple[str, Path]]:
+    """Each relative markdown link of ``path`` (resolved from its folder) and each ``docs/notes/...`` path it names."""
+    text = path.read_text()
+    found = [(target, path.parent / target.split("#")[0]) for target in re.findall(r"\]\(([^)\s]+)\)", text)
+             if not re.match(r"[a-z]+:|#", target)]
+    return found + [(name, ROOT / name) for name in re.findall(r"docs/notes/[\w.-]+\.md", text)]
+
+
+@pytest.mark.parametrize("path", [README, RESULTS, HISTORY, *notes()], ids=lambda p: p.name)
+def test_every_link_names_a_file_that_exists(path):
+    missing = [target for target, resolved in linked_paths(path) if not resolved.exists()]
+    assert not missing, f"{path.relative_to(ROOT)} links to files that do not exist: {missing}"
+
+
+def test_every_note_is_dated_and_linked_from_results():
+    assert notes(), "docs/notes/ holds no note"
+    linked = {resolved.resolve() for _, resolved in linked_paths(RESULTS)}
+    for note in notes():
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d-[a-z0-9-]+\.md", note.name), f"{note.name}: not named <date>-<topic>.md"
+        assert note.resolve() in linked, f"docs/notes/{note.name} is not linked from docs/RESULTS.md"
+    code = [*ROOT.glob("recbole_llm/**/*.py"), *ROOT.glob("benchmarks/*.py")]
+    named = {name for path in code for name in re.findall(r"docs/notes/[\w.-]+\.md", path.read_text())}
+    assert all((ROOT / name).exists() for name in named), f"code names a note that does not exist: {sorted(named)}"
+
+
+def test_no_section_of_results_is_written_by_hand():
+    hand = [h for h in re.findall(r"^#+ (.*)$", RESULTS.read_text(), re.M) if "by hand" in h]
+    assert not hand, f"hand-written sections belong in docs/notes/ (dated), linked from RESULTS: {hand}"
+
+
+def marker_names() -> set[str]:
+    """The names of the blocks the benchmarks write (those in RESULTS and those their code names literally)."""
+    names = set(re.findall(r"<!-- BEGIN (\S+) -->", RESULTS.read_text()))
+    for path in ROOT.glob("benchmarks/*.py"):
+        names |= set(re.findall(r"write_section\(\s*\"(\w+)\"", path.read_text()))
+        names |= set(re.findall(r"\"--section\", default=\"(\w+)\"", path.read_text()))
+    return names
+
+
+def test_prose_points_at_headings_not_markers():
+    results = RESULTS.read_text()
+    outside = re.sub(r"<!-- BEGIN (\S+) -->\n.*?<!-- END \1 -->\n", "", results, flags=re.S)
+    names = marker_names()
+    assert {"report", "seralm", "llamarec", "status"} <= names
+    for path, text in [(README, README.read_text()), (RESULTS, outside), *((note, note.read_text()) for note in notes())]:
+        quoted = sorted(name for name in names if f'"{name}"' in text)
+        assert not quoted, (f"{path.relative_to(ROOT)} names sections by their HTML markers {quoted}: name their "
+                            "headings instead")
 
 
 def test_the_key_check_finds_a_removed_setting():

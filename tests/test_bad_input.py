@@ -14,6 +14,7 @@ from recbole.data import create_dataset
 
 from recbole_llm import errors, load_config, quick_start, run_recbole_llm
 from recbole_llm.cli import main
+from recbole_llm.data import datasets
 from recbole_llm.data.datasets import drop_exact_duplicates
 from recbole_llm.data.item_text import item_texts
 from recbole_llm.errors import InputError, MissingInputError
@@ -545,3 +546,35 @@ def test_title_max_tokens_that_cuts_over_a_tenth_of_the_items_says_so_once(tiny_
         HistoryPrompt(embedded_tokenizer, texts, "{history}", 4, 32)
         truncate_texts(texts, embedded_tokenizer, 32)
     assert caplog.text.count("cuts the text of 30 of 30 items") == 1 and "title_max_tokens=32" not in caplog.text
+
+
+def test_dataset_files_are_parsed_once_for_the_same_files_and_settings(tmp_path, monkeypatch):
+    """The several configs of one run parse the atomic files once; a setting the checks read, or an edited
+    file, checks them again."""
+    write_tiny_dataset(tmp_path / "data", name="once")
+    parsed = []
+    read = datasets.read_atomic_file
+    monkeypatch.setattr(datasets, "read_atomic_file", lambda path, *a, **k: parsed.append(path) or read(path, *a, **k))
+    settings = {"data_path": str(tmp_path / "data")}
+    load_config("SASRec", "once", config_dict=settings)
+    first = len(parsed)
+    load_config("SASRec", "once", config_dict=settings)
+    load_config("LRURec", "once", config_dict=settings)
+    assert first > 0 and len(parsed) == first
+    other = {**settings, "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id"]}}
+    load_config("SASRec", "once", config_dict=other)
+    assert len(parsed) > first  # load_col is read by the checks
+    second = len(parsed)
+    load_config("SASRec", "once", config_dict=other)
+    assert len(parsed) == second
+    with open(tmp_path / "data" / "once" / "once.inter", "a") as inter:
+        inter.write("u1\ti1\n")  # a line with too few fields
+    with pytest.raises(InputError, match="line .* has 2 fields"):
+        load_config("SASRec", "once", config_dict=other)
+
+
+def test_a_dataset_recbole_downloads_is_left_to_recbole_and_an_unknown_one_is_refused(tmp_path):
+    config = load_config("SASRec", "ml-1m", config_dict={"data_path": str(tmp_path)})  # no folder: RecBole's download
+    assert config["data_path"] == str(tmp_path / "ml-1m") and not (tmp_path / "ml-1m").exists()
+    with pytest.raises(MissingInputError, match="Dataset 'my-data' not found"):
+        load_config("SASRec", "my-data", config_dict={"data_path": str(tmp_path)})

@@ -11,10 +11,15 @@ field and the fix). What RecBole reads but probably not as meant gets one warnin
 count (:func:`recbole_llm.errors.warn_once`). RecBole 1.2.1's reader (``Dataset._load_feat``):
 the header is ``name:type`` fields split on ``field_separator``; pandas reads the lines with
 the header's number of fields, so extra fields on a line are dropped and missing ones become
-empty; empty ``float`` values are filled with the column's mean.
+empty; empty ``float`` values are filled with the column's mean. The checks run once per process
+for the same files (size, modification time) and settings, however many configs a run builds
+(:func:`check_dataset_files`). A dataset without a folder whose name RecBole can download (its
+``url.yaml``) is left to RecBole's own download.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import locale
 import os
 import re
@@ -24,6 +29,7 @@ from operator import itemgetter
 from pathlib import Path
 
 import recbole
+import yaml
 
 from recbole_llm.cache_io import atomic_target
 from recbole_llm.errors import InputError, MissingInputError, warn_once
@@ -54,8 +60,16 @@ def provision(name: str, root: str | os.PathLike) -> Path:
     return target
 
 
+@functools.cache
+def recbole_downloads() -> frozenset:
+    """The dataset names RecBole downloads itself when their folder is missing (its ``url.yaml``)."""
+    urls = Path(recbole.__file__).parent / "properties" / "dataset" / "url.yaml"
+    return frozenset(yaml.safe_load(urls.read_text(encoding="utf-8")) or ()) if urls.is_file() else frozenset()
+
+
 def resolve_data_path(config, user_data_path: str | None) -> None:
-    """Point ``config['data_path']`` at the dataset folder and check that it is usable."""
+    """Point ``config['data_path']`` at the dataset folder and check that it is usable; a missing folder
+    of a dataset RecBole downloads (:func:`recbole_downloads`) is left to RecBole's download."""
     name = config["dataset"]
     if name in BUNDLED:
         root = user_data_path or "dataset/"
@@ -67,6 +81,8 @@ def resolve_data_path(config, user_data_path: str | None) -> None:
                 "Set data_path to a folder you can write."
             ) from None
     folder = Path(config["data_path"])
+    if not folder.exists() and name in recbole_downloads():
+        return  # RecBole's create_dataset downloads it (and says why it cannot, without a network)
     inter = folder / f"{name}.inter"
     if not inter.is_file() and config["benchmark_filename"] is None:
         raise MissingInputError(
@@ -78,8 +94,36 @@ def resolve_data_path(config, user_data_path: str | None) -> None:
     check_dataset_files(config, folder)
 
 
+class _RecordedReads:
+    """A config whose reads (``config[key]``) are recorded with their values."""
+
+    def __init__(self, config):
+        self.config, self.read = config, {}
+
+    def __getitem__(self, key):
+        value = self.config[key]
+        self.read[key] = copy.deepcopy(value)
+        return value
+
+
+#: The files' (path, size, modification time) of each finished check -> the settings it read, with their values.
+_CHECKED: dict[tuple, dict] = {}
+
+
 def check_dataset_files(config, folder: Path) -> None:
-    """Read the dataset's atomic files as RecBole will and run the checks on them."""
+    """Read the dataset's atomic files as RecBole will and run the checks on them; once per process for
+    the same files and the same values of the settings the checks read (their warnings are once per
+    process anyway), so the several configs of one run parse the files once."""
+    files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(folder).glob("*")) if f.is_file())
+    read = _CHECKED.get(files)
+    if read is not None and all(config[key] == value for key, value in read.items()):
+        return
+    recorded = _RecordedReads(config)
+    _check_dataset_files(recorded, Path(folder))
+    _CHECKED[files] = recorded.read
+
+
+def _check_dataset_files(config, folder: Path) -> None:
     name = config["dataset"]
     parts = [f".{part}" for part in config["benchmark_filename"] or []] or [""]
     inters = [read_atomic_file(folder / f"{name}{part}.inter", config, loaded_columns(config, "inter"))

@@ -92,14 +92,23 @@ def read_between_markers(path: Path, name: str) -> str | None:
 
 
 def write_between_markers(path: Path, name: str, block: str, header: str = HEADER) -> None:
-    """Replace the block ``name`` of ``path`` by ``block`` (the markers included), or append it; atomically."""
+    """Replace the block ``name`` of ``path`` by ``block`` (the markers included), atomically; a new block
+    goes after the block of its family (``laser_paper`` after ``laser``), or at the end."""
     path = Path(path)
     if not block.startswith(f"<!-- BEGIN {name} -->"):
         block = f"<!-- BEGIN {name} -->\n{block.rstrip()}\n<!-- END {name} -->\n"
     with cache_lock(path):  # benchmarks running side by side each rewrite their own section
         text = path.read_text() if path.exists() else header
         pattern = marker_pattern(name)
-        text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
+        if pattern.search(text):
+            text = pattern.sub(lambda _: block, text)
+        else:
+            family = [m for m in re.finditer(r"<!-- END (\S+) -->\n", text) if name.startswith(m.group(1) + "_")]
+            if family:
+                end = max(family, key=lambda m: (len(m.group(1)), m.end())).end()
+                text = text[:end] + "\n" + block + text[end:]
+            else:
+                text = text.rstrip() + "\n\n" + block
         with atomic_target(path) as tmp:
             tmp.write_text(text)
 

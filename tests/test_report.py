@@ -286,3 +286,19 @@ def test_slices_benchmark_compares_a_checkpoint_with_its_base(tiny_data, tmp_pat
     kept = results.read_text().split("<!-- BEGIN slices -->")[1]
     assert table.strip() in kept and "record is not on this machine" in kept
     assert "Laser vs SASRec (its stage 1): not measured yet" in kept
+
+
+def test_a_new_results_section_goes_after_its_family(tmp_path, monkeypatch):
+    """``write_between_markers``: a block is replaced in place; a new one follows the block whose name
+    its own extends (``laser_paper`` after ``laser``), else it goes at the end."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from results_doc import write_between_markers
+
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# R\n\n<!-- BEGIN laser -->\nA\n<!-- END laser -->\n\n## SeRALM\n")
+    write_between_markers(doc, "laser_paper", "P")
+    write_between_markers(doc, "other", "O")
+    write_between_markers(doc, "laser", "A2")
+    text = doc.read_text()
+    assert text.index("A2") < text.index("<!-- BEGIN laser_paper -->") < text.index("## SeRALM") < text.index("O")
+    assert text.count("<!-- BEGIN laser") == 2 and "\nA\n" not in text

@@ -4,7 +4,8 @@ Each check is one function. A problem the user can fix raises an
 :class:`~recbole_llm.errors.InputError` whose message names the setting, file or model and
 the fix (the command line prints it as one ``error: ...`` line); input that RecBole accepts
 but that is probably a mistake gets one warning (:func:`~recbole_llm.errors.warn_once`).
-:func:`recbole_llm.quick_start.load_config` runs the setting checks on every config it builds,
+:func:`recbole_llm.quick_start.load_config` runs the setting checks on every config it builds
+(the allowed values of each setting: :mod:`recbole_llm.setting_rules`),
 :func:`recbole_llm.quick_start.preflight` those of the LLM settings (before stage 1 of a
 two-stage model), and :func:`recbole_llm.quick_start.build` the dataset checks between
 RecBole's filtering and its split. The checks of the atomic files
@@ -37,19 +38,6 @@ INTERNAL_SETTINGS = {
 }
 #: How our code reads a setting: config["key"].
 _SETTING_READ = re.compile(r"""config\[\s*["'](\w+)["']\s*\]""")
-#: Whole-number settings that must be >= 1, and what they count.
-AT_LEAST_ONE = {
-    "epochs": "training epochs", "train_batch_size": "rows per training step",
-    "eval_batch_size": "users per evaluation batch", "MAX_ITEM_LIST_LENGTH": "history items fed to the model",
-    "stopping_step": "epochs without improvement before early stopping",
-}
-#: LlamaRec's verbalizer names candidates by the letters A..Z.
-MAX_CANDIDATES = 26
-#: LLM settings with a closed set of values (their meaning: the model's property file and docstring).
-CHOICES = {
-    "ranker_train_candidates": ("random", "retriever", "mix"),  # LlamaRec's training lists
-    "ranker_train_target_position": ("random", "retriever", "shuffle"),  # where the target goes in a retriever list
-}
 
 #: Settings that were removed, with what took their place: one a user still gives stops the run.
 RETIRED_SETTINGS = {
@@ -186,25 +174,6 @@ def warn_unknown_settings(user: dict, known: frozenset) -> None:
             warn_once(f"Setting {key!r} ({where}) is not a setting of RecBole or recbole-llm, so nothing reads it{hint}")
 
 
-def check_ranges(config) -> None:
-    """Whole-number settings that must be >= 1 (epochs, history length, every batch size) and
-    a positive learning rate (RecBole's Config checks topk itself)."""
-    settings = config.final_config_dict
-    batch_sizes = {key: "rows or prompts per batch" for key in settings
-                   if key.endswith("_batch_size") and key not in AT_LEAST_ONE and settings[key] is not None}
-    for key, meaning in {**AT_LEAST_ONE, **batch_sizes}.items():
-        if key in settings and not _whole_at_least(settings[key], 1):
-            raise InputError(f"{key}={settings[key]!r} is out of range: it is the number of {meaning}, a whole "
-                             f"number >= 1. Set --{key}=... accordingly.")
-    rate = settings.get("learning_rate")
-    if "learning_rate" in settings and not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0):
-        raise InputError(f"learning_rate={rate!r} is out of range: it must be a number > 0 (e.g. 0.001).")
-
-
-def _whole_at_least(value, lowest: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= lowest
-
-
 def check_valid_metric(config) -> None:
     """``valid_metric`` must be one RecBole computes (metric@k for ranking metrics), or
     RecBole fails with a KeyError after the first training epoch."""
@@ -255,24 +224,17 @@ def _why_unwritable(path: Path) -> str | None:
 # ------------------------------------------------------------------ LLM settings (before stage 1)
 def check_llm_settings(config) -> None:
     """The LLM settings of an LLM model, before anything is built: ``llm_path`` holds a causal
-    LM, ``llm_dtype`` is auto or a floating dtype, ``ranker_adapter`` / ``llm_adapter`` are PEFT folders, ``candidate_k`` fits the
-    letters, LlamaRec's training-list settings name one of their choices, and ``load_in_4bit`` without CUDA says once
-    that it uses LoRA in full precision."""
+    LM, ``ranker_adapter`` / ``llm_adapter`` are PEFT folders, and ``load_in_4bit`` without CUDA
+    says once that it uses LoRA in full precision (the settings' allowed values are checked by
+    :func:`recbole_llm.setting_rules.check_settings` in ``load_config``)."""
     from recbole_llm.llm import backbone
 
     settings = config.final_config_dict
     if "llm_path" in settings:
         backbone.check_causal_lm(settings["llm_path"], "llm_path")
-    if "llm_dtype" in settings:
-        backbone.resolve_precision(settings["llm_dtype"])  # a name that is no floating dtype: InputError
     for key in ("ranker_adapter", "llm_adapter"):
         if settings.get(key):
             check_adapter(settings[key], key)
-    if "candidate_k" in settings:
-        check_candidate_k(settings["candidate_k"])
-    for key, choices in CHOICES.items():
-        if key in settings:
-            check_choice(settings, key, choices)
     if settings.get("load_in_4bit"):
         note_4bit_fallback(config)
 
@@ -294,23 +256,6 @@ def check_adapter(path, key: str) -> None:
         json.loads(config_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise InputError(f"{config_file} is not valid JSON ({error}); save the adapter again.") from None
-
-
-def check_candidate_k(k) -> None:
-    if not _whole_at_least(k, 1) or k > MAX_CANDIDATES:
-        raise InputError(f"candidate_k={k!r} is out of range: LlamaRec names candidates by the index letters "
-                         f"A..Z, so candidate_k is a whole number from 1 to {MAX_CANDIDATES} (the paper uses 20).")
-
-
-def check_choice(settings: dict, key: str, choices: tuple[str, ...]) -> None:
-    """``settings[key]`` is one of ``choices`` (the closest one suggested otherwise)."""
-    value = settings.get(key)
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
-        raise InputError(f"{key}={value!r} is not one of {', '.join(choices)}"
-                         + (f": did you mean {close[0]}?" if close else ".")
-                         + f" Set --{key}={close[0] if close else choices[0]} (the choices are commented in the "
-                         "model's property file).")
 
 
 def note_4bit_fallback(config) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from recbole.config import Config
 
-from recbole_llm import checks, compat, registry
+from recbole_llm import checks, compat, registry, setting_rules
 from recbole_llm.data.datasets import resolve_data_path
 from recbole_llm.errors import InputError, MissingInputError
 
@@ -41,9 +41,10 @@ def property_files(model_name: str, dataset: str) -> list[str]:
 def load_config(model, dataset, config_file_list=None, config_dict=None) -> Config:
     """A RecBole ``Config`` with our property files first, then the user's files and dict.
 
-    ``model`` is a name (ours or RecBole's) or a model class. The checks of the settings,
-    the output folders and the dataset's files run here (:mod:`recbole_llm.checks`); those
-    of an LLM model's LLM settings run in :func:`preflight`.
+    ``model`` is a name (ours or RecBole's) or a model class. The checks of the settings (their
+    kinds, and their allowed values: :mod:`recbole_llm.setting_rules`), the output folders and the
+    dataset's files run here (:mod:`recbole_llm.checks`); those of an LLM model's LLM files
+    (``llm_path``, adapters) run in :func:`preflight`.
     """
     compat.apply()
     checks.check_model_name(model)
@@ -57,7 +58,7 @@ def load_config(model, dataset, config_file_list=None, config_dict=None) -> Conf
         raise InputError(f"RecBole refused the settings: {error}{_metric_hint(error)}") from None
     recbole_defaults = [RECBOLE_PROPERTIES / "overall.yaml", RECBOLE_PROPERTIES / "model" / f"{model_class.__name__}.yaml"]
     check_setting_types(config, [f for f in recbole_defaults if f.is_file()] + ours)
-    checks.check_ranges(config)
+    setting_rules.check_settings(config.final_config_dict)
     checks.check_valid_metric(config)
     user = checks.user_settings(config, config_file_list, config_dict)
     checks.check_retired_settings(user)
@@ -68,8 +69,8 @@ def load_config(model, dataset, config_file_list=None, config_dict=None) -> Conf
 
 
 def preflight(config) -> None:
-    """The checks of an LLM model's LLM settings (``llm_path``, adapters, ``candidate_k``,
-    ``load_in_4bit``), reading config files only: :func:`build` runs them before the dataset
+    """The checks of an LLM model's LLM settings (``llm_path``, adapters, ``load_in_4bit``),
+    reading config files only: :func:`build` runs them before the dataset
     and the model (stage 1 and the LLM) are built, the command line for every model first."""
     checks.check_llm_settings(config)
 

@@ -336,7 +336,7 @@ def test_batch_size_of_an_llm_model_out_of_range(tiny_data):
 
 
 @pytest.mark.parametrize("setting, value, problem", [
-    ("learning_rate", 0.0, r"^learning_rate=0.0 is out of range: it must be a number > 0"),
+    ("learning_rate", 0.0, r"^learning_rate=0.0 is out of range: the learning rate, a number > 0"),
     ("topk", [0, 10], r"^RecBole refused the settings: topk must be a positive integer"),  # RecBole's own check
 ])
 def test_learning_rate_and_cut_offs_out_of_range(tiny_data, setting, value, problem):

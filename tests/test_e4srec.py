@@ -235,8 +235,8 @@ def test_tied_head_scores_items_by_their_projected_input_embeddings(tiny_data, t
     projection_before = model.input_proj.weight.clone()
     train_steps(model, train)
     assert not torch.equal(model.input_proj.weight, projection_before)
-    with pytest.raises(ValueError, match="score_head must be 'linear'"):
-        _build(_config(tiny_data, tiny_llama_dir, score_head="cosine"))
+    with pytest.raises(ValueError, match="score_head='cosine' is not one of linear, tied"):
+        _config(tiny_data, tiny_llama_dir, score_head="cosine")
 
 
 def test_id_model_checkpoint_from_another_dataset_is_a_clear_error(tiny_data, tiny_llama_dir, tmp_path):
@@ -311,8 +311,8 @@ def test_cosine_schedule_decays_per_step_and_a_resumed_epoch_continues_the_curve
     resumed._train_epoch(train, 1)
     assert seen == pytest.approx([0.01 * cosine_factor(k, 2 * steps) for k in range(steps, 2 * steps)])
 
-    with pytest.raises(Exception, match="lr_schedule must be one of constant, cosine"):
-        LLMTrainer(_config(tiny_data, tiny_llama_dir, lr_schedule="linear"), model)
+    with pytest.raises(Exception, match="lr_schedule='linear' is not one of constant, cosine"):
+        _config(tiny_data, tiny_llama_dir, lr_schedule="linear")
 
 
 def test_last_rows_keeps_each_users_last_rows_in_time_order():

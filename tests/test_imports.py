@@ -15,7 +15,7 @@ LAYERS = [
     ("model", ("model",)),
     ("trainer", ("trainer",)),
     ("registry", ("registry",)),
-    ("config", ("config", "checks", "settings")),
+    ("config", ("config", "checks", "settings", "setting_rules")),
     ("entry points", ("cli", "quick_start", "recommend", "hyper", "run", "plugin", "knowledge.cli", "")),
 ]
 #: Arrows up that remain, each with its reason (none: stage 1 gets the layers above passed in).

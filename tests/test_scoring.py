@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from conftest import first_batch
-from recbole_llm.errors import InputError
-from recbole_llm.model.scoring import check_chunk, chunked_scores
+from recbole_llm.model.scoring import chunked_scores
 from test_precision import _build
 
 
@@ -28,12 +27,6 @@ def test_chunked_scores_equal_one_product_and_build_only_chunk_rows():
     assert torch.allclose(chunked, whole, rtol=0, atol=1e-5)
     chunked_with_grad = chunked_scores(user, rows, 23, 7)  # training: one product
     assert asked[-1] == 23 and torch.equal(chunked_with_grad, whole)
-
-
-@pytest.mark.parametrize("bad", [-1, 2.5, "many", True])
-def test_score_chunk_items_must_be_a_whole_number(bad):
-    with pytest.raises(InputError, match="score_chunk_items"):
-        check_chunk(bad)
 
 
 @pytest.mark.parametrize("model_name,extra", [("E4SRec", {"score_head": "tied"}), ("E4SRec", {}),

@@ -34,7 +34,7 @@ from recbole_llm.llm.batching import forward_shared_prefix, left_align
 from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
 from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import pretrained_id_model
-from recbole_llm.model.scoring import check_chunk, chunked_scores
+from recbole_llm.model.scoring import chunked_scores
 from recbole_llm.errors import InputError
 
 
@@ -103,11 +103,9 @@ class E4SRec(PluggableMixin, SequentialRecommender):
         # The pluggable part: projection into the LLM's input space and the head over all items.
         self.input_proj = nn.Linear(self.item_embedding.embedding_dim, self.llm_hidden)
         self.score_head = config["score_head"]
-        if self.score_head == "linear":
+        if self.score_head == "linear":  # else tied: no per-item head
             self.score = nn.Linear(self.llm_hidden, self.n_items, bias=False)
-        elif self.score_head != "tied":
-            raise InputError(f"score_head must be 'linear' (the authors' head) or 'tied'; got {self.score_head!r}")
-        self.score_chunk_items = check_chunk(config["score_chunk_items"])
+        self.score_chunk_items = config["score_chunk_items"]
         self.loss_fct = nn.CrossEntropyLoss()
         if config["pluggable_dir"]:
             self.load_pretrained(config["pluggable_dir"])

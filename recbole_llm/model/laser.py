@@ -51,11 +51,10 @@ from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
 from recbole_llm.llm.prompts import note_cut_texts
 from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import pretrained_id_model
-from recbole_llm.model.scoring import check_chunk, chunked_scores
+from recbole_llm.model.scoring import chunked_scores
 from recbole_llm.errors import InputError
 
 HISTORY_SEPARATOR = ";"
-ITEM_REPRS = ("suffix", "id", "text", "both")
 
 
 def normalise(hidden: torch.Tensor) -> torch.Tensor:
@@ -254,14 +253,7 @@ class Laser(PluggableMixin, SequentialRecommender):
         self.item_side_lr_scale = float(config["item_side_lr_scale"])
         self.balance_weight = float(config["balance_weight"])
         self.rows_fraction = rows_fraction(config["train_rows_per_epoch"], len(dataset))
-        if self.suffix_pooling not in ("mean", "last"):
-            raise InputError(f"suffix_pooling must be 'mean' or 'last'; got {self.suffix_pooling!r}")
-        if self.scoring not in ("residual", "paper"):
-            raise InputError(f"scoring must be 'residual' (SASRec user + gated LLM correction) or 'paper'; got {self.scoring!r}")
         self.item_repr = self.item_repr or ("suffix" if self.scoring == "paper" else "both")
-        if self.item_repr not in ITEM_REPRS:
-            raise InputError(f"item_repr must be one of {', '.join(ITEM_REPRS)} (or ~ for the scoring's own); "
-                             f"got {self.item_repr!r}")
         if self.item_repr == "suffix" and not self.n_suffix:
             raise InputError("item_repr: suffix maps items through the suffix tokens: set suffix_tokens >= 1")
         self.item_batch_size = int(config["item_batch_size"])
@@ -334,7 +326,7 @@ class Laser(PluggableMixin, SequentialRecommender):
             self.item_projection = nn.Linear(llm_hidden, id_hidden)
             self.item_titles = ItemTitles(self.llm, self.prompt.titles, self.pad_token_id, self.item_batch_size,
                                           cache=bool(config["item_kv_cache"]))
-        self.score_chunk_items = check_chunk(config["score_chunk_items"])
+        self.score_chunk_items = config["score_chunk_items"]
         self.loss_fct = nn.CrossEntropyLoss()
         self.to(config["device"])
         if config["pluggable_dir"]:

@@ -14,17 +14,6 @@ from typing import Callable
 
 import torch
 
-from recbole_llm.errors import InputError
-
-
-def check_chunk(chunk) -> int:
-    """The ``score_chunk_items`` setting: 0 (or ~) = all items at once, else a positive whole number."""
-    if chunk is None:
-        return 0
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
-        raise InputError(f"score_chunk_items must be a whole number >= 0 (0 = all items at once); got {chunk!r}")
-    return chunk
-
 
 def chunked_scores(user: torch.Tensor, item_rows: Callable[[int, int], torch.Tensor], n_items: int,
                    chunk: int) -> torch.Tensor:

@@ -99,8 +99,6 @@ class FusedItemEmbedding(nn.Module):
                 self.fuse.weight.zero_()
                 self.fuse.weight[:, :dim].copy_(torch.eye(dim))
                 self.fuse.bias.zero_()
-        elif fusion_init != "random":
-            raise InputError(f"fusion_init must be 'identity' or 'random', not {fusion_init!r}")
         self.encoder = encoder  # joint mode only
         self.texts = list(texts) if texts is not None else None
         self.joint_items_per_step = int(joint_items_per_step)
@@ -231,8 +229,6 @@ class SeRALM(SequentialRecommender):
         self.text_format = config["knowledge_text_format"]
         self.encoder_name = config["text_encoder"]
         self.encoder_mode = config["encoder_mode"]
-        if self.encoder_mode not in ("frozen", "joint"):
-            raise InputError(f"encoder_mode must be 'frozen' or 'joint', not {self.encoder_mode!r}")
         self.vector_dir = config["knowledge_vector_dir"] or f"{config['checkpoint_dir']}/knowledge"
         rows, cache = dataset_knowledge(config, dataset, logger=logger)
         self.knowledge_file = str(cache.final)

@@ -35,7 +35,6 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 
 from recbole_llm.cache_io import atomic_target, content_key, shaping_settings, unique_checkpoint_name
-from recbole_llm.errors import InputError
 from recbole_llm.knowledge.encoding import encoder_identity
 from recbole_llm.knowledge.generation import dataset_knowledge, knowledge_dir, knowledge_prompt
 from recbole_llm.knowledge.identity import llm_identity
@@ -51,7 +50,6 @@ from recbole_llm.trainer.knowledge_source import (
     snapshot_module,
 )
 
-RESAMPLE_CHOICES = ("target", "last")
 #: Bumped when the alignment learns something else from the same settings (2: the per-instance baseline).
 ALIGNMENT_VERSION = 2
 #: Settings that do not shape the aligned adapter, besides the volatile ones of
@@ -255,8 +253,6 @@ class SeRALMTrainer(Trainer):
         config = self.config
         resample = config["resample_items"]
         resample = [resample] if isinstance(resample, str) else list(resample)
-        if not resample or any(r not in RESAMPLE_CHOICES for r in resample):
-            raise InputError(f"resample_items must be a non-empty list of {RESAMPLE_CHOICES}, got {resample}")
         return GeneratorJob(
             llm, tokenizer, recommender, reference, item_fields, resample,
             template=knowledge_prompt(config),
@@ -271,8 +267,6 @@ class SeRALMTrainer(Trainer):
         config, model = self.config, self.model
         iterations = int(config["alignment_iterations"])
         mode = config["generator_mode"]
-        if mode not in ("async", "sync"):
-            raise InputError(f"generator_mode must be 'async' or 'sync', not {mode!r}")
         interval = resolve_refresh_interval(config["refresh_interval"], iterations,
                                             bool(config["slow_refresh"]),
                                             self.logger if mode == "async" else None)
@@ -328,10 +322,7 @@ class SeRALMTrainer(Trainer):
     def alignment_step(self, llm, sample: Sample, llm_optimizer, rec_optimizer) -> dict:
         """Algorithm 1 lines 5-6 on one sample; returns its statistics."""
         config, model = self.config, self.model
-        estimator = config["kl_estimator"]
-        if estimator not in ("full", "sample"):
-            raise InputError(f"kl_estimator must be 'full' or 'sample', not {estimator!r}")
-        full = estimator == "full"
+        full = config["kl_estimator"] == "full"
         batch, k = sample.items.shape
         # LLM (Eq. 6-8)
         llm.train()

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from recbole_llm.errors import InputError
 from recbole_llm.knowledge.generator import KnowledgeGenerator
 from recbole_llm.knowledge.prompts import DEFAULT_TEXT_FORMAT, KNOWLEDGE_PROMPT, knowledge_text, parse_knowledge
 from recbole_llm.trainer.alignment_losses import reference_log_prob, token_log_probs
@@ -166,8 +165,6 @@ class AsyncKnowledgeSource:
 
     def __init__(self, job, batches, live: dict, snapshots: dict, refresh_interval: int = 50,
                  queue_size: int = 2, poll_seconds: float = 0.05):
-        if refresh_interval < 1:
-            raise InputError(f"refresh_interval must be >= 1, got {refresh_interval}")
         self.job, self.batches = job, batches
         self.live, self.snapshots = live, snapshots
         self.refresh_interval = int(refresh_interval)
@@ -271,8 +268,6 @@ def resolve_refresh_interval(configured, iterations: int, slow: bool = False, lo
                                                                   max(1, int(iterations) // MIN_REFRESHES))
     if slow:
         interval *= 60
-    if interval < 1:
-        raise InputError(f"refresh_interval must be >= 1, got {interval}")
     if interval >= iterations > 0 and logger is not None:
         logger.warning(f"SeRALM: the asynchronous generator is never refreshed in this run (refresh_interval "
                        f"{interval} >= alignment_iterations {iterations}): every sample comes from the initial "

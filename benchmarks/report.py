@@ -171,27 +171,14 @@ def knowledge_missing(config) -> str | None:
 
 
 def alignment_needs_generation(trainer) -> str | None:
-    """Why SeRALM's fit would regenerate every item's knowledge (alignment not cached), else None."""
-    if not hasattr(trainer, "alignment_dir"):
+    """Why SeRALM's fit would regenerate every item's knowledge (its trainer's dry run), with the way
+    around it; None otherwise (or for another model's trainer)."""
+    reason = trainer.generation_needed() if hasattr(trainer, "generation_needed") else None
+    if reason is None:
         return None
-    config = trainer.config
-    if config["alignment_iterations"] <= 0:
-        return None
-    if config["llm_adapter"]:
-        return None
-    adapter = trainer.alignment_dir()
-    if config["alignment_cache"] and (adapter / "adapter_config.json").is_file():
-        from recbole_llm.knowledge.generation import adapter_dir_fingerprint, knowledge_cache_for
-
-        cache = knowledge_cache_for(config, config["dataset"], adapter_dir_fingerprint(adapter))
-        if cache.final.is_file() and not cache.parts():
-            return None
-        return (f"the aligned adapter {adapter} is cached but the knowledge it generates is not ({cache.final}): "
-                "every item's knowledge would be regenerated with it (hours on a CPU). Rerun with --allow_generation.")
-    return (f"SeRALM alignment ({config['alignment_iterations']} iterations) would then regenerate "
-            f"the knowledge of every item with the aligned LLM (hours on a CPU); no aligned adapter is cached at "
-            f"{adapter}. Rerun with --allow_generation (once), or give --SeRALM.alignment_iterations=0 "
-            "(Base+NA_LLM) or --SeRALM.llm_adapter=DIR.")
+    hint = ("" if trainer.adapter_cached(trainer.alignment_dir()) else
+            ", or give --SeRALM.alignment_iterations=0 (Base+NA_LLM) or --SeRALM.llm_adapter=DIR")
+    return f"{reason} (hours on a CPU). Rerun with --allow_generation (once){hint}."
 
 
 def resume_pending(config) -> bool:

@@ -109,8 +109,11 @@ def _seralm_config(tiny_data, **settings):
 
 
 def test_seralm_alignment_that_would_regenerate_knowledge_is_refused(tiny_data, tmp_path, report):
-    class FakeTrainer:
-        def __init__(self, config):
+    """The report asks SeRALM's trainer for its dry run (``generation_needed``), the decision its fit takes."""
+    from recbole_llm.trainer.alignment import SeRALMTrainer
+
+    class FakeTrainer(SeRALMTrainer):
+        def __init__(self, config):  # the decision needs the config and the adapter folder only
             self.config = config
 
         def alignment_dir(self):

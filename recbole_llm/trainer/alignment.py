@@ -36,7 +36,8 @@ from recbole.utils import set_color
 
 from recbole_llm.cache_io import atomic_target, content_key, shaping_settings, unique_checkpoint_name
 from recbole_llm.knowledge.encoding import encoder_identity
-from recbole_llm.knowledge.generation import dataset_knowledge, knowledge_dir, knowledge_prompt
+from recbole_llm.knowledge.generation import (adapter_dir_fingerprint, dataset_knowledge, knowledge_cache_for,
+                                               knowledge_dir, knowledge_prompt)
 from recbole_llm.knowledge.identity import llm_identity
 from recbole_llm.knowledge.prompts import item_prompt_fields
 from recbole_llm.llm.backbone import precision_identity
@@ -186,7 +187,7 @@ class SeRALMTrainer(Trainer):
             self._restart(warmup)
             super().fit(train_data, valid_data, verbose, False, show_progress, None)
         adapter_dir = self.alignment_dir()
-        if config["alignment_cache"] and (adapter_dir / "adapter_config.json").is_file():
+        if self.adapter_cached(adapter_dir):
             self.logger.info(f"SeRALM: reusing the aligned adapter {adapter_dir} (alignment skipped)")
             self.alignment_stats = {"reused": str(adapter_dir)}
         else:
@@ -202,6 +203,27 @@ class SeRALMTrainer(Trainer):
         self.logger.info(set_color("SeRALM", "green") + f": training on the aligned knowledge ({cache.final.name})")
         self._restart(epochs)
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+
+    def adapter_cached(self, adapter_dir: Path) -> bool:
+        """Whether :meth:`fit` reuses the aligned adapter in ``adapter_dir`` instead of aligning."""
+        return bool(self.config["alignment_cache"]) and (adapter_dir / "adapter_config.json").is_file()
+
+    def generation_needed(self) -> str | None:
+        """What :meth:`fit` would generate with the LLM before training (hours on a CPU), as a reason; None
+        when nothing: no alignment (``alignment_iterations: 0``, or ``llm_adapter`` given), or the aligned
+        adapter and the knowledge it generates both cached. The decision of :meth:`fit`, run dry."""
+        config = self.config
+        if int(config["alignment_iterations"]) <= 0 or config["llm_adapter"]:
+            return None
+        adapter = self.alignment_dir()
+        if not self.adapter_cached(adapter):
+            return (f"SeRALM alignment ({config['alignment_iterations']} iterations) would then regenerate the "
+                    f"knowledge of every item with the aligned LLM; no aligned adapter is cached at {adapter}")
+        cache = knowledge_cache_for(config, config["dataset"], adapter_dir_fingerprint(adapter))
+        if cache.final.is_file() and not cache.parts():
+            return None
+        return (f"the aligned adapter {adapter} is cached but the knowledge it generates is not ({cache.final}): "
+                "every item's knowledge would be regenerated with it")
 
     # ---- alignment
     def alignment_key(self) -> str:

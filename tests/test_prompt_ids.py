@@ -47,14 +47,25 @@ def _trained(tokenizer: Tokenizer, trainer, **special) -> PreTrainedTokenizerFas
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
 
 
-def byte_level_bpe(use_regex=True):
-    """A GPT-2-style byte-level BPE (as the embedded SmolLM2's); without the regex split, merges cross words."""
+def byte_level_bpe():
+    """A GPT-2-style byte-level BPE (as the embedded SmolLM2's)."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=1500, special_tokens=["<eos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     return _trained(tokenizer, trainer, eos_token="<eos>", pad_token="<eos>")
+
+
+def merging_across_entries():
+    """A byte-level BPE with no pre-tokenization and one merge, ' \n (' (ids 'ĊĠ('): across the boundary
+    between an entry's piece (' title \n') and the next marker (' (2)'), but not across the anchor."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: index for index, token in enumerate(["<eos>", *sorted(alphabet), "ĊĠ", "ĊĠ("])}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[("Ċ", "Ġ"), ("ĊĠ", "(")]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
 
 
 def sentencepiece_bpe(legacy):
@@ -135,10 +146,10 @@ def test_history_cut_gives_the_prompts_of_re_tokenizing_while_too_long(embedded_
 
 
 def test_a_tokenizer_merging_across_pieces_takes_the_text_path(caplog):
-    """A byte-level BPE without the regex split merges across the pieces' boundaries: the check at build
-    finds assembled ids that differ, so every prompt is tokenized as text, and the log says so once.
+    """A tokenizer that merges across the pieces' boundaries: the check at build finds assembled ids that
+    differ, so every prompt is tokenized as text, and the log says so once.
     Breakage checked by hand (caught): the check at build skipped."""
-    tokenizer = byte_level_bpe(use_regex=False)
+    tokenizer = merging_across_entries()
     histories = [h for h, _ in _random_lists(8)]
     with caplog.at_level("INFO"):
         prompt_ids = RankingPromptIds(PROMPT, tokenizer, TITLES, LETTERS, 10_000, histories)

@@ -107,11 +107,15 @@ def _random_lists(count, seed=0):
              rng.sample(range(1, len(TITLES)), len(LETTERS))) for _ in range(count)]
 
 
+def _text(history, candidates):
+    return PROMPT.build([TITLES[i] for i in history], [TITLES[c] for c in candidates], LETTERS)
+
+
 def _assembled_equals_text(tokenizer, max_tokens=10_000):
     prompt_ids = RankingPromptIds(PROMPT, tokenizer, TITLES, LETTERS, max_tokens, [h for h, _ in _random_lists(8)])
     assert prompt_ids.assembles
     for history, candidates in _random_lists(200, seed=1):
-        text = PROMPT.build([TITLES[i] for i in history], [TITLES[c] for c in candidates], LETTERS)
+        text = _text(history, candidates)
         assert prompt_ids._assembled(history, candidates) == tokenizer(text)["input_ids"], text
         assert prompt_ids(history, candidates) == tokenizer(text)["input_ids"]
 
@@ -140,8 +144,7 @@ def test_history_cut_gives_the_prompts_of_re_tokenizing_while_too_long(embedded_
     for history, candidates in _random_lists(100, seed=2):
         expected = prompt_ids._tokenized(history, candidates)
         assert prompt_ids._assembled(history, candidates) == expected
-        cut += len(embedded_tokenizer(PROMPT.build([TITLES[i] for i in history], [TITLES[c] for c in candidates],
-                                                   LETTERS))["input_ids"]) > len(expected)
+        cut += len(embedded_tokenizer(_text(history, candidates))["input_ids"]) > len(expected)
     assert cut  # some prompts were cut: the rule was exercised
 
 
@@ -156,7 +159,7 @@ def test_a_tokenizer_merging_across_pieces_takes_the_text_path(caplog):
     assert not prompt_ids.assembles
     assert sum("tokenized as text" in record.message for record in caplog.records) == 1
     for history, candidates in _random_lists(20, seed=3):
-        text = PROMPT.build([TITLES[i] for i in history], [TITLES[c] for c in candidates], LETTERS)
+        text = _text(history, candidates)
         assert prompt_ids(history, candidates) == tokenizer(text)["input_ids"]
 
 

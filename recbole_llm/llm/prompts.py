@@ -14,6 +14,7 @@ The default template is the LlamaRec authors' Alpaca-short frame:
 Titles are cut to ``title_max_tokens`` tokens once per item; the history keeps the
 last ``history_len`` items. Prompts are cut by shortening the history first, never by
 truncating the instruction (the authors' left truncation could cut it).
+:class:`RankingPromptIds` gives a prompt's token ids from pieces tokenized once per item.
 """
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ PGAI@CIKM 2023 (arXiv:2311.02089).
   ``retriever_checkpoint``, then frozen. Its top ``candidate_k`` items, without the user's
   history as the authors (``exclude_history``), are the candidates.
 * Stage 2, ranking: the history titles and the lettered candidates go into the authors'
-  prompt (:mod:`recbole_llm.llm.prompts`); the LLM, tuned with LoRA, scores all candidates in
-  ONE forward pass through the letter verbalizer (only the last position's logits).
+  prompt (:mod:`recbole_llm.llm.prompts`; token ids assembled from each item's, tokenized once);
+  the LLM, tuned with LoRA, scores all candidates in ONE forward pass through the letter verbalizer
+  (only the last position's logits).
 * Training (as the authors' code): every prefix of each training sequence is an example,
   with candidates = the true item + ``k - 1`` random non-history items, shuffled;
   next-token cross-entropy on the answer tokens (letter, EOS) only. Beyond the paper,

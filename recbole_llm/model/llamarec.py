@@ -9,8 +9,9 @@ PGAI@CIKM 2023 (arXiv:2311.02089).
   ``retriever_checkpoint``, then frozen. Its top ``candidate_k`` items, without the user's
   history as the authors (``exclude_history``), are the candidates.
 * Stage 2, ranking: the history titles and the lettered candidates go into the authors'
-  prompt (:mod:`recbole_llm.llm.prompts`); the LLM, tuned with LoRA, scores all candidates in
-  ONE forward pass through the letter verbalizer (only the last position's logits).
+  prompt (:mod:`recbole_llm.llm.prompts`; token ids assembled from each item's, tokenized once);
+  the LLM, tuned with LoRA, scores all candidates in ONE forward pass through the letter verbalizer
+  (only the last position's logits).
 * Training (as the authors' code): every prefix of each training sequence is an example,
   with candidates = the true item + ``k - 1`` random non-history items, shuffled;
   next-token cross-entropy on the answer tokens (letter, EOS) only. Beyond the paper,
@@ -41,7 +42,8 @@ from recbole_llm.data.item_text import item_texts
 from recbole_llm.llm.backbone import from_llm, load_llm
 from recbole_llm.llm.batching import common_prefix_length, forward_shared_prefix, left_pad
 from recbole_llm.llm.pluggable import PluggableMixin
-from recbole_llm.llm.prompts import ALPACA_TEMPLATE, RANKING_INSTRUCTION, RankingPrompt, truncate_texts
+from recbole_llm.llm.prompts import (ALPACA_TEMPLATE, RANKING_INSTRUCTION, RankingPrompt, RankingPromptIds,
+                                     truncate_texts)
 from recbole_llm.llm.verbalizer import LetterVerbalizer
 from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import pretrained_id_model
@@ -129,7 +131,10 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
             config["prompt_template"] or ALPACA_TEMPLATE, config["prompt_instruction"] or RANKING_INSTRUCTION,
             config["ranker_history_len"],
         )
-        self.item_text = truncate_texts(texts, self.tokenizer, config["title_max_tokens"])
+        self.prompt_tokens = RankingPromptIds(  # each item's text tokenized once; checked on a few users' prompts
+            self.prompt, self.tokenizer, truncate_texts(texts, self.tokenizer, config["title_max_tokens"]),
+            self.verbalizer.letters, self.max_prompt_tokens, sample_histories=self.training_sequences,
+        )
 
     def train(self, mode: bool = True):
         """Train the ranker; the frozen retriever stays in eval mode (no dropout), so the lists it
@@ -178,15 +183,8 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         return [row[:n] for row, n in zip(seq, seq_len)]
 
     def _prompt_ids(self, history: list[int], candidates: list[int]) -> list[int]:
-        """Token ids of one ranking prompt, dropping the oldest history items to fit."""
-        cand_text = [self.item_text[c] for c in candidates]
-        history = history[-self.prompt.history_len :] if self.prompt.history_len > 0 else []
-        while True:
-            text = self.prompt.build([self.item_text[i] for i in history], cand_text, self.verbalizer.letters)
-            ids = self.tokenizer(text)["input_ids"]
-            if len(ids) <= self.max_prompt_tokens or not history:
-                return ids
-            history = history[1:]
+        """Token ids of one ranking prompt, dropping the oldest history items to fit (:class:`RankingPromptIds`)."""
+        return self.prompt_tokens(history, candidates)
 
     def _llm_logits(self, sequences: list[list[int]], keep: int) -> torch.Tensor:
         """Next-token logits at the last ``keep`` positions of ``sequences`` (left-padded; their

@@ -1,6 +1,7 @@
 """The status table: one row per model, generated from the benchmarks' records, into README.md and docs/RESULTS.md.
 
-    python benchmarks/status.py            # rewrites the "status" block of README.md and of docs/RESULTS.md
+    python benchmarks/status.py            # rewrites the "status" blocks of README.md and docs/RESULTS.md and the
+                                           # README's quick-start figures
     python benchmarks/status.py --check    # exit 1 when either block differs from what the records give
 
 Each row: the model's test NDCG@10 and Recall@10 and those of its ID baseline on the same split (the
@@ -196,18 +197,40 @@ def status_table() -> str:
             "benchmarks' records; numbers measured before a change to a model are in docs/history.md.\n")
 
 
+def quickstart_lines() -> str:
+    """The README's quick-start figures, one line per measured machine and compute dtype (the quick start's
+    records, newest first per machine)."""
+    latest: dict[tuple, dict] = {}
+    for record in sorted(records(RECORDS / "quickstart"), key=lambda r: r["date"]):
+        latest[(record["machine"]["cpu"], tuple(record["machine"]["flags"]), record["numbers"]["compute"])] = record
+    lines = []
+    for record in sorted(latest.values(), key=lambda r: r["numbers"]["wall_s"]):
+        machine, numbers = record["machine"], record["numbers"]
+        units = f"{machine['bf16_units']} bf16 units" if machine.get("bf16_units") else "no bf16 units"
+        lines.append(f"- {numbers['wall_s'] / 60:.1f} min wall, peak RSS {numbers['peak_rss_gb']:.1f} GB, test NDCG@10 "
+                     f"{numbers['test']['ndcg@10']:.4f}: 2-core {machine['cpu']} ({units}), "
+                     f"{numbers['compute'].split(' (')[0]}, {record['date'][:10]}")
+    return ("Measured by `python benchmarks/quickstart.py` (generated from its records by `python benchmarks/status.py`):"
+            "\n\n" + "\n".join(lines) + "\n")
+
+
+def blocks() -> dict[tuple[Path, str], str]:
+    """Every block this script writes: (file, marker) -> its text."""
+    table = status_table()
+    return {(README, SECTION): table, (RESULTS, SECTION): table, (README, "quickstart_figures"): quickstart_lines()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a block is out of date")
     args = parser.parse_args()
-    table = status_table()
-    stale = [path for path in (README, RESULTS) if read_between_markers(path, SECTION) != table]
+    stale = {key: text for key, text in blocks().items() if read_between_markers(*key) != text}
     if args.check:
-        print("\n".join(f"out of date: {path.relative_to(ROOT)}" for path in stale) or "up to date")
+        print("\n".join(f"out of date: {path.relative_to(ROOT)} ({name})" for path, name in stale) or "up to date")
         sys.exit(1 if stale else 0)
-    for path in stale:
-        write_between_markers(path, SECTION, table)
-    print(table)
+    for (path, name), text in stale.items():
+        write_between_markers(path, name, text)
+    print(status_table())
 
 
 if __name__ == "__main__":

@@ -53,6 +53,12 @@ def test_status_block_is_what_the_records_give(path, table):
                             "(numbers are never typed by hand)")
 
 
+def test_every_generated_block_is_what_the_records_give():
+    for (path, name), text in status.blocks().items():
+        assert read_between_markers(path, name) == text, (f"{path.name}'s block {name!r} differs from the records: "
+                                                          "run `python benchmarks/status.py`")
+
+
 def status_rows(table: str) -> list[list[str]]:
     lines = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| model |")]
     return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]

@@ -227,11 +227,11 @@ def check_llm_settings(config) -> None:
     LM, ``ranker_adapter`` / ``llm_adapter`` are PEFT folders, and ``load_in_4bit`` without CUDA
     says once that it uses LoRA in full precision (the settings' allowed values are checked by
     :func:`recbole_llm.setting_rules.check_settings` in ``load_config``)."""
-    from recbole_llm.llm import backbone
+    from recbole_llm.llm.preflight import check_causal_lm
 
     settings = config.final_config_dict
     if "llm_path" in settings:
-        backbone.check_causal_lm(settings["llm_path"], "llm_path")
+        check_causal_lm(settings["llm_path"], "llm_path")
     for key in ("ranker_adapter", "llm_adapter"):
         if settings.get(key):
             check_adapter(settings[key], key)

@@ -29,7 +29,8 @@ from results_doc import (METRICS, ROOT, bare_argv, command, commit, load_record,
 
 from recbole_llm import load_config, registry
 from recbole_llm.cache_io import content_key
-from recbole_llm.llm.backbone import resolve_precision, set_num_threads
+from recbole_llm.llm.backbone import set_num_threads
+from recbole_llm.llm.precision import resolve_precision
 from recbole_llm.model.pretrained import id_model_config, pretrained_id_model
 
 RECORDS = ROOT / "benchmarks" / "records" / "e4srec"

@@ -46,7 +46,7 @@ from results_doc import (METRICS, ROOT, command, commit, load_record, machine, m
 
 from recbole_llm import load_config, run_recbole_llm
 from recbole_llm.cache_io import content_key
-from recbole_llm.llm.backbone import resolve_precision
+from recbole_llm.llm.precision import resolve_precision
 from recbole_llm.model.laser import Laser
 from recbole_llm.trainer.laser import LaserTrainer
 

@@ -61,7 +61,7 @@ def cpu_report() -> dict:
     """CPU model, its bf16/AMX/AVX flags, and what torch makes of them."""
     import torch
 
-    from recbole_llm.llm.backbone import cpu_bf16_units, cpu_flags
+    from recbole_llm.llm.precision import cpu_bf16_units, cpu_flags
 
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "bf16")
     return {"cpu": cpu_model(), "flags": sorted(f for f in cpu_flags() if f in wanted), "bf16_units": cpu_bf16_units(),
@@ -76,17 +76,17 @@ def machine_key(report: dict, threads: int) -> str:
 @contextlib.contextmanager
 def precision_setting(precision: str):
     """The ``llm_dtype`` of ``precision``; for ``bf16`` the CPU is taken to report bf16 units."""
-    from recbole_llm.llm import backbone
+    from recbole_llm.llm import precision as llm_precision
 
-    report, store_frozen = backbone.cpu_bf16_units, backbone.Precision.store_frozen
+    report, store_frozen = llm_precision.cpu_bf16_units, llm_precision.Precision.store_frozen
     if precision.startswith("bf16"):
-        backbone.cpu_bf16_units = lambda: report() or "none (forced: emulated)"
+        llm_precision.cpu_bf16_units = lambda: report() or "none (forced: emulated)"
     if precision == "bf16-cast":
-        backbone.Precision.store_frozen = lambda self, decoder: None
+        llm_precision.Precision.store_frozen = lambda self, decoder: None
     try:
         yield {"llm_dtype": "auto" if precision.startswith("bf16") else "float32"}
     finally:
-        backbone.cpu_bf16_units, backbone.Precision.store_frozen = report, store_frozen
+        llm_precision.cpu_bf16_units, llm_precision.Precision.store_frozen = report, store_frozen
 
 
 def int8_llm(llm):

@@ -31,7 +31,7 @@ RECORDS = ROOT / "benchmarks" / "records" / "quickstart"
 CHILD = """
 import json, sys
 from recbole_llm import run_recbole_llm
-from recbole_llm.llm.backbone import resolve_precision
+from recbole_llm.llm.precision import resolve_precision
 settings = json.loads(sys.argv[1])
 result = run_recbole_llm(model="LlamaRec", dataset="ml-100k", config_dict=settings)
 test = result["test_result"]

@@ -35,7 +35,7 @@ def machine() -> str:
     cpu = cpu_model()
     import torch
 
-    from recbole_llm.llm.backbone import cpu_flags, resolve_precision
+    from recbole_llm.llm.precision import cpu_flags, resolve_precision
 
     load, threads = os.getloadavg()[1], torch.get_num_threads()
     flags = ", ".join(sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "bf16")))

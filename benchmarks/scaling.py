@@ -76,8 +76,11 @@ def write_dataset(root: Path, n_items: int, n_users: int, history: int, seed: in
 
 
 def tiny_llm(folder: Path) -> str:
-    """A tiny random Llama with the embedded tokenizer (what the tests use)."""
-    from recbole_llm.llm.backbone import load_tokenizer, tiny_llama
+    """A tiny random Llama with the embedded tokenizer (what the tests use: tests/tiny_models.py)."""
+    from recbole_llm.llm.backbone import load_tokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from tiny_models import tiny_llama
 
     tokenizer = load_tokenizer(None)
     tiny_llama(tokenizer).save_pretrained(folder)

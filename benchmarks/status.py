@@ -22,9 +22,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 from results_doc import (RESULTS, ROOT, load_record, markdown_table, read_between_markers, standard_error,
                          write_between_markers)
+
+from recbole_llm.yaml_io import read_yaml
 
 README = ROOT / "README.md"
 RECORDS = ROOT / "benchmarks" / "records"
@@ -132,7 +133,7 @@ def lrurec_row() -> list:
 def llamarec_row() -> list:
     """LlamaRec with fusion against its retriever, history excluded for both (llamarec_curve's records at the
     default training lists); without them, LlamaRec's own numbers from the quick start's records."""
-    default = yaml.safe_load((ROOT / "properties" / "model" / "LlamaRec.yaml").read_text())
+    default = read_yaml(ROOT / "properties" / "model" / "LlamaRec.yaml")
     axes = ("ranker_max_train_examples", "ranker_train_candidates", "ranker_train_target_position")
     curve = [r for r in records(RECORDS / "llamarec_curve", f"{DATASET}-*.json")
              if is_current("LlamaRec", r) and defaults_only({k: v for k, v in r["settings"].items() if k not in axes})

@@ -18,7 +18,6 @@ import functools
 import inspect
 import json
 import os
-import re
 from pathlib import Path
 
 import recbole
@@ -26,18 +25,34 @@ import yaml
 
 from recbole_llm import registry
 from recbole_llm.errors import InputError, MissingInputError, warn_once
+from recbole_llm.yaml_io import read_yaml
 
 RECBOLE_PROPERTIES = Path(recbole.__file__).parent / "properties"
-#: Settings RecBole reads or sets without a property file default, and our command-line flags.
+_DDP = "a DDP launch setting: run_recbole's (and our CLI's) arguments, passed in the config dict"
+_CONFIG_SETS = "set by RecBole's Config itself"
+_TRANSFORM = "a data-augmentation field name RecBole's data transforms and BERT4Rec read, without a default"
+_HYPER = "a flag of run_hyper (RecBole's and ours), read from the command line"
+#: Settings that RecBole or our code reads but no property file sets, each with the reason; with
+#: the property files' keys, every setting a run knows (:func:`known_settings`). A test
+#: (tests/test_settings.py) fails when our code reads a setting that is neither.
 INTERNAL_SETTINGS = {
-    "model", "dataset", "config_files", "device", "single_spec", "local_rank", "nproc", "world_size", "ip", "port",
-    "offset", "group_offset", "encoding", "MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type", "valid_neg_sample_args",
-    "test_neg_sample_args", "verbose", "params_file", "algo", "max_evals", "early_stop", "output_file",
-    "CROP_ITEM_SEQ", "CROP_ITEM_SEQ_LEN", "INVERSE_ITEM_SEQ", "MASK_INDEX", "MASK_ITEM_SEQ", "REORDER_ITEM_SEQ",
-    "NEG_ITEMS", "POS_ITEMS", "feature_num", "token_num_threshold",
+    "model": "the --model argument", "dataset": "the --dataset argument",
+    "config_files": "the --config_files argument (our CLI)",
+    "device": f"{_CONFIG_SETS}, from use_gpu and gpu_id", "single_spec": f"{_CONFIG_SETS}: one process or DDP",
+    "local_rank": f"{_CONFIG_SETS}: this DDP process's rank",
+    "nproc": _DDP, "world_size": _DDP, "ip": _DDP, "port": _DDP, "offset": _DDP, "group_offset": _DDP,
+    "encoding": "the atomic files' encoding, read by RecBole's Dataset with a fallback",
+    "MODEL_TYPE": f"{_CONFIG_SETS}, from the model class", "MODEL_INPUT_TYPE": f"{_CONFIG_SETS}, from the model class",
+    "eval_type": f"{_CONFIG_SETS}, from the model type",
+    "valid_neg_sample_args": f"{_CONFIG_SETS}, from eval_args", "test_neg_sample_args": f"{_CONFIG_SETS}, from eval_args",
+    "verbose": f"{_CONFIG_SETS}: False on DDP ranks other than 0",
+    "params_file": _HYPER, "algo": _HYPER, "max_evals": _HYPER, "early_stop": _HYPER, "output_file": _HYPER,
+    "CROP_ITEM_SEQ": _TRANSFORM, "CROP_ITEM_SEQ_LEN": _TRANSFORM, "INVERSE_ITEM_SEQ": _TRANSFORM,
+    "MASK_INDEX": _TRANSFORM, "MASK_ITEM_SEQ": _TRANSFORM, "REORDER_ITEM_SEQ": _TRANSFORM,
+    "NEG_ITEMS": _TRANSFORM, "POS_ITEMS": _TRANSFORM,
+    "feature_num": "read by RecBole's KD_DAGFM without a default",
+    "token_num_threshold": "read by RecBole's decision-tree datasets without a default",
 }
-#: How our code reads a setting: config["key"].
-_SETTING_READ = re.compile(r"""config\[\s*["'](\w+)["']\s*\]""")
 
 #: Settings that were removed, with what took their place: one a user still gives stops the run.
 RETIRED_SETTINGS = {
@@ -87,9 +102,6 @@ def check_model_name(name) -> None:
 def check_config_files(files) -> None:
     """Each ``--config_files`` file exists and is a YAML mapping (RecBole would raise a
     bare FileNotFoundError or a YAML parser traceback)."""
-    from recbole.config import Config
-
-    loader = Config._build_yaml_loader(None)  # RecBole's loader (its float resolver)
     for file in files or []:
         path = Path(file)
         if not path.is_file():
@@ -97,7 +109,7 @@ def check_config_files(files) -> None:
                                     f"{' (it is a folder)' if path.is_dir() else ''}; check the path given "
                                     "with --config_files (several files are separated by spaces).")
         try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+            data = read_yaml(path)
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -134,11 +146,9 @@ def check_command_line(tokens) -> None:
 # ------------------------------------------------------------------ settings
 def user_settings(config, config_file_list=None, config_dict=None) -> dict:
     """``{key: where the user set it}`` for the user's config files, dict and command line."""
-    loader = config.yaml_loader
     found = {}
     for file in config_file_list or []:
-        with open(file, encoding="utf-8") as f:
-            found.update({key: f"in {file}" for key in (yaml.load(f.read(), Loader=loader) or {})})
+        found.update({key: f"in {file}" for key in (read_yaml(file) or {})})
     found.update({key: "in config_dict" for key in config_dict or {}})
     found.update({key: f"--{key}=..." for key in config.cmd_config_dict})
     return found
@@ -146,15 +156,13 @@ def user_settings(config, config_file_list=None, config_dict=None) -> dict:
 
 @functools.cache
 def known_settings(our_properties: Path) -> frozenset:
-    """Every setting a property file (RecBole's or ours) sets, that our code reads, or that
-    RecBole reads without a default."""
+    """Every setting a property file (RecBole's or ours) sets, or that RecBole or our code reads
+    without a default (:data:`INTERNAL_SETTINGS`)."""
     keys = set(INTERNAL_SETTINGS)
     for folder in (RECBOLE_PROPERTIES, Path(our_properties)):
         for path in folder.rglob("*.yaml"):
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = read_yaml(path)
             keys |= set(data) if isinstance(data, dict) else set()
-    for path in Path(__file__).parent.rglob("*.py"):
-        keys |= set(_SETTING_READ.findall(path.read_text(encoding="utf-8")))
     return frozenset(keys)
 
 
@@ -227,11 +235,11 @@ def check_llm_settings(config) -> None:
     LM, ``ranker_adapter`` / ``llm_adapter`` are PEFT folders, and ``load_in_4bit`` without CUDA
     says once that it uses LoRA in full precision (the settings' allowed values are checked by
     :func:`recbole_llm.setting_rules.check_settings` in ``load_config``)."""
-    from recbole_llm.llm import backbone
+    from recbole_llm.llm.preflight import check_causal_lm
 
     settings = config.final_config_dict
     if "llm_path" in settings:
-        backbone.check_causal_lm(settings["llm_path"], "llm_path")
+        check_causal_lm(settings["llm_path"], "llm_path")
     for key in ("ranker_adapter", "llm_adapter"):
         if settings.get(key):
             check_adapter(settings[key], key)

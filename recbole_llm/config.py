@@ -11,12 +11,12 @@ import re
 import sys
 from pathlib import Path
 
-import yaml
 from recbole.config import Config
 
 from recbole_llm import checks, compat, registry, setting_rules
 from recbole_llm.data.datasets import resolve_data_path
 from recbole_llm.errors import InputError, MissingInputError
+from recbole_llm.yaml_io import read_yaml
 
 
 def properties_dir() -> Path:
@@ -96,8 +96,7 @@ def check_setting_types(config, default_files) -> None:
     ``--epochs=ten`` would otherwise fail deep inside the trainer. Unset (~) defaults and
     string/list settings are not checked (RecBole accepts several shapes for those)."""
     for path in default_files:
-        with open(path, encoding="utf-8") as f:
-            defaults = yaml.load(f.read(), Loader=config.yaml_loader) or {}
+        defaults = read_yaml(path) or {}
         for key, default in defaults.items():
             value = config.final_config_dict.get(key)
             problem = None if value is None else kind_problem(default, value)

@@ -19,6 +19,7 @@ import yaml
 
 from recbole_llm import checks, registry
 from recbole_llm.config import properties_dir, property_files
+from recbole_llm.yaml_io import read_yaml
 
 RECBOLE_PROPERTIES = checks.RECBOLE_PROPERTIES
 _TOP_KEY = re.compile(r"^([A-Za-z_][\w-]*)\s*:")
@@ -70,10 +71,7 @@ def yaml_comments(path: Path) -> dict[str, str]:
 
 
 def _load(path: Path) -> dict:
-    from recbole.config import Config
-
-    loader = Config._build_yaml_loader(None)  # RecBole's loader (its float resolver)
-    return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=loader) or {}
+    return read_yaml(path) or {}
 
 
 def default_files(model_name: str, dataset: str) -> list[Path]:

@@ -12,10 +12,10 @@ import pytest  # noqa: E402
 def cpu_without_bf16_units(monkeypatch):
     """``llm_dtype: auto`` resolves as on a CPU without bf16 units (float32), whatever CPU runs the
     tests, so exact comparisons hold on every machine; the bf16 autocast path has its own tests,
-    which report units by patching ``backbone.cpu_bf16_units`` themselves."""
-    from recbole_llm.llm import backbone
+    which report units by patching ``precision.cpu_bf16_units`` themselves."""
+    from recbole_llm.llm import precision
 
-    monkeypatch.setattr(backbone, "cpu_bf16_units", lambda: None)
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: None)
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +39,7 @@ def embedded_tokenizer(embedded_llm_cache):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, embedded_tokenizer):
     """A local model directory holding a tiny random Llama and the embedded tokenizer."""
-    from recbole_llm.llm.backbone import tiny_llama
+    from tiny_models import tiny_llama
 
     model_dir = tmp_path_factory.mktemp("tiny_llama")
     tiny_llama(embedded_tokenizer).save_pretrained(model_dir)

@@ -1,4 +1,5 @@
-"""Tests for recbole_llm.llm.backbone: model resolution, the embedded-model cache, LoRA, 4-bit fallback."""
+"""Tests for recbole_llm.llm: model resolution and loading (backbone), the embedded-model cache (embedded),
+the compute precision (precision), LoRA and layer cutting (lora), 4-bit fallback."""
 
 import logging
 import os
@@ -7,17 +8,12 @@ import shutil
 import pytest
 import torch
 
-from recbole_llm.llm import backbone
-from recbole_llm.llm.backbone import cpu_bf16_units as reported_cpu_bf16_units  # before conftest's patch
-from recbole_llm.llm.backbone import (
-    EMBEDDED_LLM,
-    apply_lora,
-    keep_first_layers,
-    load_causal_lm,
-    resolve_llm_path,
-    set_num_threads,
-    tiny_llama,
-)
+from recbole_llm.llm import backbone, embedded, precision
+from recbole_llm.llm.backbone import load_causal_lm, resolve_llm_path, set_num_threads
+from recbole_llm.llm.embedded import EMBEDDED_LLM
+from recbole_llm.llm.lora import apply_lora, keep_first_layers
+from recbole_llm.llm.precision import cpu_bf16_units as reported_cpu_bf16_units  # before conftest's patch
+from tiny_models import tiny_llama
 
 FALLBACK_LINE = "load_in_4bit needs CUDA and bitsandbytes; falling back to LoRA in full precision on cpu"
 
@@ -31,7 +27,7 @@ def _copy_converted_model(converted_dir):
 
     def convert(gguf_path, output_dir):
         for name in os.listdir(converted_dir):
-            if name != backbone.CACHE_SOURCE_FILE:
+            if name != embedded.CACHE_SOURCE_FILE:
                 shutil.copy(os.path.join(converted_dir, name), output_dir)
 
     return convert
@@ -137,40 +133,40 @@ def test_load_causal_lm_uses_given_logger_and_no_warning_without_4bit(tiny_llama
 def test_cpu_bf16_units_come_from_what_torch_reports(amx, avx512_bf16, expected, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(backbone.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
     assert reported_cpu_bf16_units() == expected
 
 
 def test_arm_bf16_units_come_from_the_kernels_feature_list(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(backbone.platform, "machine", lambda: "aarch64")
-    monkeypatch.setattr(backbone, "cpu_flags", lambda: {"fp", "asimd", "bf16"})
+    monkeypatch.setattr(precision.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"fp", "asimd", "bf16"})
     assert reported_cpu_bf16_units() == "Arm BF16"
-    monkeypatch.setattr(backbone, "cpu_flags", lambda: {"fp", "asimd"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"fp", "asimd"})
     assert reported_cpu_bf16_units() is None
 
 
 @pytest.mark.parametrize("units", ["AMX", None])
 def test_auto_precision_follows_the_cpus_bf16_units_and_float32_forces_float32(units, monkeypatch):
-    monkeypatch.setattr(backbone, "cpu_bf16_units", lambda: units)
-    auto = backbone.resolve_precision("auto", "cpu")
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: units)
+    auto = precision.resolve_precision("auto", "cpu")
     assert auto.weights == torch.float32  # master weights: what the optimiser updates stays float32
     assert auto.autocast == (torch.bfloat16 if units else None)
     assert (units or "without bf16 units") in auto.describe()
-    forced = backbone.resolve_precision("float32", "cpu")
+    forced = precision.resolve_precision("float32", "cpu")
     assert (forced.weights, forced.autocast) == (torch.float32, None)
-    generating = backbone.resolve_precision("auto", "cpu", inference_only=True)  # the same text on every CPU
+    generating = precision.resolve_precision("auto", "cpu", inference_only=True)  # the same text on every CPU
     assert (generating.weights, generating.autocast) == (torch.float32, None)
-    on_cuda = backbone.resolve_precision("auto", "cuda:0")
+    on_cuda = precision.resolve_precision("auto", "cuda:0")
     assert (on_cuda.weights, on_cuda.autocast) == (torch.bfloat16, None)
-    assert backbone.resolve_precision("bfloat16", "cpu").weights == torch.bfloat16
+    assert precision.resolve_precision("bfloat16", "cpu").weights == torch.bfloat16
 
 
 def test_autocast_decoder_computes_in_bf16_and_returns_float32(tiny_llama_dir, caplog, monkeypatch):
     """The load logs the compute dtype and why; the decoder's projections run in bf16, its output
     and the LM head's logits are float32, and the same model in float32 scores almost the same."""
-    monkeypatch.setattr(backbone, "cpu_bf16_units", lambda: "AMX")
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: "AMX")
     with caplog.at_level(logging.INFO, logger="recbole_llm"):
         model, _ = load_causal_lm(str(tiny_llama_dir))
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("LLM compute:")] == [
@@ -195,7 +191,7 @@ def test_frozen_layers_stored_in_bf16_compute_exactly_as_autocast(tiny_llama_dir
     every call) and keeps LoRA, the embeddings and the LM head float32; logits and LoRA gradients are
     exactly those of autocast over float32 weights. Breakages checked by hand (caught): no cast (the
     frozen projections stay float32), casting the LoRA layers too, casting to float16."""
-    monkeypatch.setattr(backbone, "cpu_bf16_units", lambda: "AMX")
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: "AMX")
     config = {"llm_path": str(tiny_llama_dir), "llm_dtype": "auto", "load_in_4bit": False,
               "gradient_checkpointing": False, "num_threads": None, "device": "cpu"}
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "down_proj"]}
@@ -219,7 +215,7 @@ def test_frozen_layers_stored_in_bf16_compute_exactly_as_autocast(tiny_llama_dir
     assert stored.get_input_embeddings().weight.dtype == stored.get_output_embeddings().weight.dtype == torch.float32
     assert logits.dtype == torch.float32
 
-    monkeypatch.setattr(backbone.Precision, "store_frozen", lambda self, decoder: None)
+    monkeypatch.setattr(precision.Precision, "store_frozen", lambda self, decoder: None)
     per_call, logits_cast, grads_cast = logits_and_lora_grads()
     assert all(m.weight.dtype == torch.float32 for m in per_call.get_decoder().modules() if isinstance(m, torch.nn.Linear))
     assert torch.equal(logits, logits_cast)
@@ -243,7 +239,7 @@ def test_embedded_cache_is_a_plain_model_dir_and_is_reused(embedded_llm_cache, m
     assert os.path.isfile(os.path.join(model_dir, "model.safetensors"))
     config_mtime = os.stat(os.path.join(model_dir, "config.json")).st_mtime_ns
 
-    monkeypatch.setattr(backbone, "_convert_gguf", _fail_if_converted)
+    monkeypatch.setattr(embedded, "_convert_gguf", _fail_if_converted)
     for alias in ("", "embedded", EMBEDDED_LLM):
         assert resolve_llm_path(alias, cache_dir=str(embedded_llm_cache)) == model_dir
     assert os.stat(os.path.join(model_dir, "config.json")).st_mtime_ns == config_mtime
@@ -251,7 +247,7 @@ def test_embedded_cache_is_a_plain_model_dir_and_is_reused(embedded_llm_cache, m
 
 
 def test_embedded_cache_default_dir_from_env(embedded_llm_cache, monkeypatch):
-    monkeypatch.setattr(backbone, "_convert_gguf", _fail_if_converted)
+    monkeypatch.setattr(embedded, "_convert_gguf", _fail_if_converted)
     monkeypatch.setenv("RECBOLE_LLM_CACHE", str(embedded_llm_cache))
     assert resolve_llm_path(None) == os.path.join(str(embedded_llm_cache), EMBEDDED_LLM)
 
@@ -266,13 +262,13 @@ def test_incomplete_or_stale_cache_is_rebuilt(embedded_llm_cache, tmp_path, monk
     elif damage == "delete_config":
         (damaged_dir / "config.json").unlink()
     else:
-        (damaged_dir / backbone.CACHE_SOURCE_FILE).write_text('{"version": "0.0.0"}')
-    monkeypatch.setattr(backbone, "_convert_gguf", _copy_converted_model(converted_dir))
+        (damaged_dir / embedded.CACHE_SOURCE_FILE).write_text('{"version": "0.0.0"}')
+    monkeypatch.setattr(embedded, "_convert_gguf", _copy_converted_model(converted_dir))
 
     assert resolve_llm_path(None, cache_dir=str(tmp_path)) == str(damaged_dir)
     assert (damaged_dir / "config.json").is_file() and (damaged_dir / "model.safetensors").is_file()
-    assert backbone._is_complete_cache(str(damaged_dir), backbone._embedded_gguf_source()[1])
-    assert sorted(os.listdir(tmp_path)) == [EMBEDDED_LLM]
+    assert embedded._is_complete_cache(str(damaged_dir), embedded.embedded_gguf_source()[1])
+    assert sorted(os.listdir(tmp_path)) == [EMBEDDED_LLM, f"{EMBEDDED_LLM}.lock"]  # no temp dir left
 
 
 def test_embedded_model_loads_from_cache(embedded_llm_cache):

@@ -15,7 +15,7 @@ import gpu_check  # noqa: E402
 def test_random_weights_keep_the_config_but_not_the_weights(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from recbole_llm.llm.backbone import tiny_llama
+    from tiny_models import tiny_llama
 
     tiny_llama(100).save_pretrained(tmp_path / "model")
     (tmp_path / "model" / "tokenizer.json").write_text("{}")  # stands in for the tokenizer files that travel

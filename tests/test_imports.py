@@ -9,7 +9,7 @@ import recbole_llm
 PACKAGE = Path(recbole_llm.__file__).parent
 #: Layers from the bottom up; a module may import its own layer's modules and those below.
 LAYERS = [
-    ("base", ("errors", "compat", "distributed", "cache_io", "data")),
+    ("base", ("errors", "compat", "distributed", "cache_io", "yaml_io", "data")),
     ("llm", ("llm",)),
     ("knowledge", ("knowledge",)),
     ("model", ("model",)),

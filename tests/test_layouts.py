@@ -11,8 +11,10 @@ from recbole.data import create_dataset, data_preparation
 
 from recbole_llm import load_config, registry
 from recbole_llm.errors import InputError
-from recbole_llm.llm.backbone import apply_lora, decoder_layers, keep_first_layers, load_tokenizer, tiny_causal_lm, tiny_llama
+from recbole_llm.llm.backbone import load_tokenizer
+from recbole_llm.llm.lora import apply_lora, decoder_layers, keep_first_layers
 from conftest import first_batch, total_loss, write_tiny_dataset
+from tiny_models import tiny_causal_lm, tiny_llama
 
 #: layout -> a layer of PEFT's LoRA targets for it (what the Llama-named defaults give way to where it lacks them).
 LAYOUTS = {"mistral": "q_proj", "qwen2": "q_proj", "gpt2": "c_attn", "gpt_neox": "query_key_value", "phi": "q_proj"}

@@ -3,7 +3,7 @@ reports bf16 units (bfloat16 autocast over float32 master weights, frozen decode
 report is patched, autocast runs on any CPU),
 ``llm_dtype: bfloat16``, and ``load_in_4bit`` (NF4 through bitsandbytes). Each model trains one step and evaluates; knowledge
 generation generates. Scores, losses and heads stay float32 whatever the LLM's dtype
-(``backbone.to_llm`` / ``backbone.from_llm``, the one place where the two sides meet).
+(``precision.to_llm`` / ``precision.from_llm``, the one place where the two sides meet).
 
 4-bit on a CPU: the project falls back to full-precision LoRA without CUDA (tested below), so these
 tests let bitsandbytes' CPU backend quantise (``four_bit_available`` patched to yes). If bitsandbytes
@@ -27,6 +27,7 @@ from recbole.data import create_dataset, data_preparation
 from conftest import first_batch
 from recbole_llm import load_config, registry
 from recbole_llm.llm import backbone
+from recbole_llm.llm import precision as llm_precision
 
 PRECISIONS = {"autocast": {"llm_dtype": "auto"}, "bfloat16": {"llm_dtype": "bfloat16"},
               "4bit": {"llm_dtype": "bfloat16", "load_in_4bit": True}}
@@ -46,7 +47,7 @@ def precision(request, monkeypatch):
     """(name, settings); for autocast this CPU reports bf16 units; for 4-bit, bitsandbytes' CPU
     backend stands in for CUDA."""
     if request.param == "autocast":
-        monkeypatch.setattr(backbone, "cpu_bf16_units", lambda: "AMX")
+        monkeypatch.setattr(llm_precision, "cpu_bf16_units", lambda: "AMX")
     if request.param == "4bit":
         try:
             importlib.metadata.version("bitsandbytes")

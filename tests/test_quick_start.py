@@ -2,6 +2,7 @@
 import json
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,7 +106,8 @@ def test_bitsandbytes_kernel_fetch_and_pkg_resources_warnings_are_dropped():
     import subprocess
 
     code = ("import logging; logging.basicConfig(level=logging.INFO); import recbole_llm, peft; "
-            "from recbole_llm.llm.backbone import apply_lora, tiny_llama; apply_lora(tiny_llama(64), 2, 4, 0.0, "
+            f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from tiny_models import tiny_llama; "
+            "from recbole_llm.llm.lora import apply_lora; apply_lora(tiny_llama(64), 2, 4, 0.0, "
             "['q_proj']); "
             "[logging.getLogger(name).warning('Failed to load CPU gemm_4bit_forward from kernels-community "
             "quantization-bitsandbytes') for name in recbole_llm.compat.FOUR_BIT_KERNEL_FETCH_LOGGERS]")

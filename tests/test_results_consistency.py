@@ -20,13 +20,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import status  # noqa: E402
 from results_doc import read_between_markers  # noqa: E402
+
+from recbole_llm.yaml_io import read_yaml  # noqa: E402
 
 README = ROOT / "README.md"
 RESULTS = ROOT / "docs" / "RESULTS.md"
@@ -91,7 +92,7 @@ def declared_settings() -> set[str]:
               *recbole_properties.glob("dataset/*.yaml"), *recbole_properties.glob("quick_start_config/*.yaml")]
     keys = set()
     for path in files:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml(path) or {}
         keys |= set(loaded) if isinstance(loaded, dict) else set()
     return keys
 

@@ -167,7 +167,7 @@ def test_sharded_generation_splits_items_by_rank(tmp_path):
 def test_cache_key_changes_with_prompt_and_adapter(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from recbole_llm.llm.backbone import apply_lora
+    from recbole_llm.llm.lora import apply_lora
 
     llm = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), 4, 8, 0.0, ["q_proj", "v_proj"])
     assert adapter_fingerprint(llm) is None  # LoRA B = 0: the identity, i.e. the un-aligned LLM
@@ -242,7 +242,7 @@ def test_alignment_gradient_matches_eq_6_and_8_by_hand():
 def test_kl_is_zero_when_the_adapter_is_zero(tiny_llama_dir, embedded_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from recbole_llm.llm.backbone import apply_lora
+    from recbole_llm.llm.lora import apply_lora
 
     llm = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), 4, 8, 0.0, ["q_proj", "v_proj"])
     generator = KnowledgeGenerator(llm, embedded_tokenizer, max_new_tokens=5)

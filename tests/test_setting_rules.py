@@ -11,20 +11,18 @@ wrong name and out-of-range number; only wrong types are still caught, by the ki
 from pathlib import Path
 
 import pytest
-import yaml
 
 from recbole_llm import setting_rules
 from recbole_llm.config import load_config, properties_dir
 from recbole_llm.errors import InputError
 from recbole_llm.setting_rules import RULES, Choice, Range
+from recbole_llm.yaml_io import read_yaml
 
 PROPERTY_FILES = [properties_dir() / "overall.yaml", *sorted((properties_dir() / "model").glob("*.yaml"))]
 
 
 def _defaults(path: Path) -> dict:
-    from recbole.config import Config
-
-    return yaml.load(path.read_text(encoding="utf-8"), Loader=Config._build_yaml_loader(None)) or {}
+    return read_yaml(path) or {}
 
 
 def _owner(key: str) -> str:

@@ -4,26 +4,32 @@ For each of our models, the keys its code reads as ``config["key"]`` (in the mod
 trainer's modules and every recbole_llm module they import, function-level imports included)
 must have a default in its property files (ours: overall.yaml and the model's yaml; RecBole's:
 its overall and quick-start files, or a key RecBole sets itself); and every key of our property
-files must be read somewhere in recbole_llm or be one of RecBole's own settings.
+files must be read somewhere in recbole_llm or be one of RecBole's own settings. And every key any
+module reads (a grep for ``config["key"]``) is set by a property file or declared, with its
+reason, in ``checks.INTERNAL_SETTINGS``: the unknown-setting warning knows it without reading
+the source at run time.
 """
 import ast
+import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 import recbole_llm
 from recbole_llm import checks, registry
 from recbole_llm.config import properties_dir
+from recbole_llm.yaml_io import read_yaml
 
 PACKAGE = Path(recbole_llm.__file__).parent
 RECBOLE = checks.RECBOLE_PROPERTIES
 #: Where a config is read: ``config[...]``, ``self.config[...]``, ``config.final_config_dict[...]``.
 CONFIG_NAMES = {"config", "final_config_dict"}
+#: A setting read in the source, as text: ``config["key"]``, ``id_config['key']``...
+SETTING_READ = re.compile(r"""config\[\s*["'](\w+)["']\s*\]""")
 
 
 def _yaml_keys(path: Path) -> set[str]:
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    data = read_yaml(path) if path.is_file() else None
     return set(data) if isinstance(data, dict) else set()
 
 
@@ -98,6 +104,18 @@ def missing_defaults(name: str, properties: Path) -> dict[str, list[str]]:
     return missing
 
 
+def undeclared_reads(package: Path = PACKAGE, properties: Path | None = None) -> dict[str, list[str]]:
+    """key -> files of ``package`` that read it as ``config["key"]`` (the grep that ``known_settings``
+    once ran over the package at run time), for keys that no property file sets and
+    ``checks.INTERNAL_SETTINGS`` does not declare: a user who sets one would be told nothing reads it."""
+    known = checks.known_settings(properties or properties_dir())
+    undeclared: dict[str, list[str]] = {}
+    for path in sorted(package.rglob("*.py")):
+        for key in sorted(set(SETTING_READ.findall(path.read_text(encoding="utf-8"))) - known):
+            undeclared.setdefault(key, []).append(path.name)
+    return undeclared
+
+
 def unused_keys(properties: Path) -> dict[str, list[str]]:
     """key -> our property files that set it, for keys neither our code nor RecBole reads."""
     recbole = set(checks.INTERNAL_SETTINGS).union(*(_yaml_keys(f) for f in RECBOLE.rglob("*.yaml")))
@@ -132,3 +150,18 @@ def test_the_scan_sees_a_read_without_default_and_an_unused_key(tmp_path):
                           encoding="utf-8")
     assert missing_defaults("E4SRec", copy) == {"score_head": ["recbole_llm/model/e4srec.py"]}
     assert unused_keys(copy) == {"nobody_reads_this": ["E4SRec.yaml"]}
+
+
+def test_every_setting_the_code_reads_is_in_a_property_file_or_declared():
+    assert undeclared_reads() == {}
+
+
+def test_the_grep_sees_a_setting_read_that_nothing_declares(tmp_path):
+    (tmp_path / "module.py").write_text('value = config["nobody_declares_this"] + config["epochs"]\n')
+    assert undeclared_reads(tmp_path) == {"nobody_declares_this": ["module.py"]}
+
+
+def test_a_property_file_is_read_as_recbole_reads_it(tmp_path):
+    """``1e-4`` is a number, as in the run's config (``yaml.safe_load`` reads it as a string)."""
+    (tmp_path / "a.yaml").write_text("learning_rate: 1e-4\nepochs: 2\n")
+    assert read_yaml(tmp_path / "a.yaml") == {"learning_rate": 1e-4, "epochs": 2}

@@ -29,10 +29,10 @@ from operator import itemgetter
 from pathlib import Path
 
 import recbole
-import yaml
 
 from recbole_llm.cache_io import atomic_target
 from recbole_llm.errors import InputError, MissingInputError, warn_once
+from recbole_llm.yaml_io import read_yaml
 
 BUNDLED = {"ml-100k": Path(recbole.__file__).parent / "dataset_example" / "ml-100k"}
 FEATURE_TYPES = ("token", "token_seq", "float", "float_seq")
@@ -64,7 +64,7 @@ def provision(name: str, root: str | os.PathLike) -> Path:
 def recbole_downloads() -> frozenset:
     """The dataset names RecBole downloads itself when their folder is missing (its ``url.yaml``)."""
     urls = Path(recbole.__file__).parent / "properties" / "dataset" / "url.yaml"
-    return frozenset(yaml.safe_load(urls.read_text(encoding="utf-8")) or ()) if urls.is_file() else frozenset()
+    return frozenset(read_yaml(urls) or ()) if urls.is_file() else frozenset()
 
 
 def resolve_data_path(config, user_data_path: str | None) -> None:

@@ -28,10 +28,10 @@ FLOAT32 = {"weights": "float32", "autocast": None, "load_in_4bit": False}
 
 def llm_identity(llm_path) -> dict:
     """What identifies the LLM behind ``llm_path`` without loading it (no absolute paths)."""
-    from recbole_llm.llm.backbone import EMBEDDED_LLM, EMBEDDED_LLM_ALIASES, _embedded_gguf_source
+    from recbole_llm.llm.embedded import EMBEDDED_LLM, EMBEDDED_LLM_ALIASES, embedded_gguf_source
 
     if llm_path in EMBEDDED_LLM_ALIASES:
-        _, source = _embedded_gguf_source()
+        _, source = embedded_gguf_source()
         return {"llm": EMBEDDED_LLM, **source}
     path = Path(os.path.expanduser(os.fspath(llm_path)))
     if path.is_dir():

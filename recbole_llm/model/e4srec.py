@@ -29,7 +29,8 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
-from recbole_llm.llm.backbone import from_llm, load_llm, to_llm
+from recbole_llm.llm.backbone import load_llm
+from recbole_llm.llm.precision import from_llm, to_llm
 from recbole_llm.llm.batching import forward_shared_prefix, left_align
 from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
 from recbole_llm.model.objectives import check_loss_type

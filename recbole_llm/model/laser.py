@@ -45,7 +45,8 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from recbole_llm.data.item_text import item_texts
-from recbole_llm.llm.backbone import from_llm, load_llm, set_num_threads, to_llm
+from recbole_llm.llm.backbone import load_llm, set_num_threads
+from recbole_llm.llm.precision import from_llm, to_llm
 from recbole_llm.llm.batching import cache_keyword, left_pad, position_ids
 from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
 from recbole_llm.llm.prompts import note_cut_texts

@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from recbole_llm.data.interactions import item_sets, training_sequences
 from recbole_llm.data.item_text import item_texts
-from recbole_llm.llm.backbone import from_llm, load_llm
+from recbole_llm.llm.backbone import load_llm
+from recbole_llm.llm.precision import from_llm
 from recbole_llm.llm.batching import common_prefix_length, forward_shared_prefix, left_pad
 from recbole_llm.llm.pluggable import PluggableMixin
 from recbole_llm.llm.prompts import (ALPACA_TEMPLATE, RANKING_INSTRUCTION, RankingPrompt, RankingPromptIds,

@@ -25,6 +25,7 @@ from recbole_llm.cache_io import atomic_save, cache_lock, config_key, guarded_lo
 from recbole_llm.compat import recbole_argv
 from recbole_llm.data.datasets import drop_exact_duplicates
 from recbole_llm.errors import InputError, MissingInputError
+from recbole_llm.yaml_io import read_yaml
 
 
 class Provided:
@@ -184,12 +185,11 @@ def settings_report(config, id_config, model_name: str, overrides: dict | None, 
     property file or the user set them; the parent's data and split settings; the stage-1
     model's property file, ours or RecBole's; the overall defaults)."""
     import recbole
-    import yaml
 
     properties_dir, recbole_properties = Provided.properties_dir, Path(recbole.__file__).parent / "properties"
 
     def read(path):
-        return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+        return (read_yaml(path) or {}) if path.is_file() else {}
 
     parent = config["model"]
     override_setting = setting.replace("_checkpoint", "_config")

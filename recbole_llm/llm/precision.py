@@ -1,0 +1,165 @@
+"""The dtype boundary between the float32 ID side and an LLM of any dtype.
+
+:func:`resolve_precision` turns the ``llm_dtype`` setting into a :class:`Precision` for the
+hardware (``auto``: bfloat16 on CUDA and, through autocast over float32 weights, on CPUs with
+bf16 matrix units, :func:`cpu_bf16_units`; float32 elsewhere). :func:`to_llm` and
+:func:`from_llm` are the one place where the float32 ID models (embeddings, projections, heads,
+losses, RecBole's evaluator) meet the LLM's dtype.
+"""
+import platform
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def llm_input_dtype(llm) -> torch.dtype:
+    """The dtype ``llm`` (a causal LM, its body or a PEFT model) takes ``inputs_embeds`` in: its
+    input embedding's. bfloat16 for a bf16 LLM; float32 for a 4-bit one, whose embeddings and
+    norms ``prepare_model_for_kbit_training`` keeps in float32 (its 4-bit layers compute in
+    ``llm_dtype`` and hand back their input's dtype)."""
+    return llm.get_input_embeddings().weight.dtype
+
+
+def to_llm(tensor, llm):
+    """A float32 tensor of the ID side (projected item embeddings, virtual tokens) in ``llm``'s
+    input dtype. With :func:`from_llm`, the one place where the float32 ID models (SASRec,
+    LRURec embeddings, projections, heads) meet an LLM of another dtype."""
+    return tensor.to(llm_input_dtype(llm))
+
+
+def from_llm(tensor):
+    """An LLM output (hidden states, logits) as float32 for the ID side: heads, softmaxes,
+    losses and RecBole's evaluator always run in float32, whatever ``llm_dtype`` is."""
+    return tensor.float()
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the LLM computes: ``weights``, the dtype its weights are loaded in (what the optimiser
+    updates stays in it: LoRA, prefixes, heads are float32 on a CPU); ``autocast``, the dtype its
+    decoder's matrix products run in under ``torch.autocast`` (None: in ``weights``); ``why``,
+    the reason, logged at each load."""
+
+    weights: torch.dtype
+    autocast: torch.dtype | None
+    device_type: str
+    why: str
+
+    def describe(self) -> str:
+        if self.autocast is None:
+            return f"{dtype_name(self.weights)} ({self.why})"
+        return (f"{dtype_name(self.autocast)} autocast over {dtype_name(self.weights)} weights "
+                f"({self.why}; llm_dtype: float32 forces float32)")
+
+    def apply(self, decoder: nn.Module) -> nn.Module:
+        """Run every forward pass of ``decoder`` (the LLM's transformer body) under autocast.
+
+        Forward hooks, so that every caller gets it (a PEFT model, ``generate``, RecBole's own
+        Trainer through a model's forward) and nothing else does: the LM head, and every head,
+        projection and loss of the ID side, run in float32 outside the decoder, so LlamaRec's
+        letter logits and E4SRec's and Laser's item scores are float32. The decoder's output is
+        float32 too (the residual stream stays in the weights' dtype). Gradient checkpointing
+        recomputes under the autocast state it recorded.
+        """
+        if self.autocast is None or Precision.of(decoder) == self:
+            return decoder
+        contexts = threading.local()
+
+        def enter(module, args):
+            context = torch.autocast(self.device_type, dtype=self.autocast)
+            context.__enter__()
+            contexts.__dict__.setdefault("stack", []).append(context)
+
+        def leave(module, args, output):
+            contexts.stack.pop().__exit__(None, None, None)
+
+        decoder.register_forward_pre_hook(enter)
+        decoder.register_forward_hook(leave, always_call=True)
+        decoder._recbole_llm_precision = self
+        return decoder
+
+    def store_frozen(self, decoder: nn.Module) -> None:
+        """Under autocast, store each frozen Linear (or GPT-2 Conv1D) layer of ``decoder`` in the autocast dtype.
+
+        Autocast casts a float32 weight to bfloat16 at every call (on a CPU, 34% of E4SRec's bf16
+        step went to these copies); a frozen weight cast once gives the same products, rounded the
+        same way, without the copy and in half the memory. What the optimiser updates (LoRA, any
+        trainable layer) keeps float32 master weights, and so do the embeddings, the norms and the
+        LM head, which are not Linear layers of the decoder: the residual stream and the scores
+        stay float32. Call it once the trainable parameters are set (after LoRA).
+        """
+        if self.autocast is None:
+            return
+        from transformers.pytorch_utils import Conv1D  # GPT-2's projections
+
+        for module in decoder.modules():
+            if isinstance(module, (nn.Linear, Conv1D)) and not any(p.requires_grad for p in module.parameters()):
+                module.to(self.autocast)
+
+    @staticmethod
+    def of(decoder: nn.Module):
+        """The autocast :class:`Precision` :meth:`apply` gave ``decoder``; None if none."""
+        return getattr(decoder, "_recbole_llm_precision", None)
+
+
+def cpu_bf16_units() -> str | None:
+    """The bf16 matrix units this CPU has, as torch reports them (AMX tiles, AVX-512 BF16) or, on
+    Arm, as the kernel lists them (the ``bf16`` feature); None for a CPU without (AVX2 only)."""
+    report = torch.cpu
+    if getattr(report, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    if getattr(report, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16"
+    if platform.machine().lower() in ("aarch64", "arm64") and "bf16" in cpu_flags():
+        return "Arm BF16"
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (``flags`` on x86, ``Features`` on Arm); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_precision(llm_dtype="auto", device="cpu", inference_only=False) -> Precision:
+    """The :class:`Precision` of the ``llm_dtype`` setting on ``device``.
+
+    ``auto``: bfloat16 weights on CUDA; on a CPU with bf16 units (:func:`cpu_bf16_units`),
+    float32 weights with bfloat16 autocast (the forward 2.9x faster on 2 AMX cores; what the optimiser
+    updates keeps float32 master weights, :func:`~recbole_llm.llm.backbone.load_llm` stores the
+    frozen layers in bfloat16);
+    float32 on a CPU without bf16 units (it emulates bf16 and gets slower). An LLM that only
+    generates (``inference_only``: SeRALM's knowledge) computes in float32 on every CPU: its text is
+    cached under the precision that wrote it, and float32 writes the same text on every CPU, so
+    knowledge generated on one machine serves all (bf16 weights generated 1.12x faster on 2 AMX
+    cores: not worth hours of regeneration per kind of CPU). A dtype name (``float32``,
+    ``bfloat16``, ``float16``) loads the weights in that dtype and computes in it, on any device.
+    """
+    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    if llm_dtype in (None, "auto"):
+        if device_type == "cuda":
+            return Precision(torch.bfloat16, None, device_type, "llm_dtype: auto on CUDA")
+        if inference_only:
+            return Precision(torch.float32, None, device_type,
+                             "llm_dtype: auto for generation on a CPU: the same text, and cache, on every CPU")
+        units = cpu_bf16_units()
+        if units:
+            return Precision(torch.float32, torch.bfloat16, device_type, f"llm_dtype: auto on a CPU with {units} bf16 units")
+        return Precision(torch.float32, None, device_type, "llm_dtype: auto on a CPU without bf16 units")
+    if isinstance(llm_dtype, torch.dtype):
+        return Precision(llm_dtype, None, device_type, f"llm_dtype: {dtype_name(llm_dtype)}")
+    return Precision(getattr(torch, llm_dtype), None, device_type, f"llm_dtype: {llm_dtype}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")

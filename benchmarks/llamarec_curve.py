@@ -230,9 +230,6 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=RESULTS, help="the RESULTS file to write the section to")
     parser.add_argument("--fresh", action="store_true", help="run again instead of reusing the record")
     args, rest = parser.parse_known_args(argv)
-    for arg in rest:
-        if not (arg.startswith("--") and "=" in arg):
-            raise SystemExit(f"error: unrecognised argument {arg!r}: settings are given as --key=value")
     overrides = {**DEFAULTS, **parse_overrides(rest)}
     try:
         curve_point(args.dataset, overrides, args.records, args.fresh)

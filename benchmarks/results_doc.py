@@ -131,6 +131,23 @@ def key_value(arg: str) -> tuple[str, str]:
     return key.lstrip("-"), value
 
 
+class Stopwatch:
+    """The wall seconds of a ``with`` block (``.seconds``); given to ``quick_start.build`` as
+    ``around_model``, those of the model's construction (stage 1 included)."""
+
+    seconds = 0.0
+
+    def __call__(self, *_):
+        return self
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._start
+
+
 def standard_error(values: list[float]) -> float:
     """Standard error of the mean of ``values`` (at least two)."""
     return statistics.stdev(values) / len(values) ** 0.5
@@ -154,6 +171,13 @@ def load_record(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def run_record_path(folder: Path, dataset: str, overrides: dict) -> Path:
+    """Where a benchmark keeps the record of one run: ``folder/<dataset>/<key of its overrides>.json``."""
+    from recbole_llm.cache_io import content_key
+
+    return Path(folder) / dataset / f"{content_key(overrides, length=16)}.json"
 
 
 def write_record(path: Path, record: dict) -> None:

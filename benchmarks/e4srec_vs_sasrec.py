@@ -23,15 +23,15 @@ import statistics
 import time
 
 from recbole.data import create_dataset, data_preparation
-from recbole.utils import init_logger, init_seed
-from results_doc import (METRICS, ROOT, bare_argv, command, commit, load_record, machine, markdown_table,
-                         parse_overrides, standard_error, write_record, write_section)
+from results_doc import (METRICS, ROOT, Stopwatch, bare_argv, command, commit, load_record, machine, markdown_table,
+                         parse_overrides, run_record_path, standard_error, write_record, write_section)
 
-from recbole_llm import load_config, registry
-from recbole_llm.cache_io import content_key
+from recbole_llm import registry
 from recbole_llm.llm.backbone import set_num_threads
+from recbole_llm.llm.pluggable import count_parameters
 from recbole_llm.llm.precision import resolve_precision
 from recbole_llm.model.pretrained import id_model_config, pretrained_id_model
+from recbole_llm.quick_start import build
 
 RECORDS = ROOT / "benchmarks" / "records" / "e4srec"
 
@@ -71,22 +71,13 @@ def timed_evaluate(trainer, data, **kwargs):
 
 def run_e4srec(dataset_name: str, overrides: dict) -> dict:
     """Train and test one E4SRec, then test the SASRec it took its embeddings from: the numbers of a record."""
-    with bare_argv():
-        config = load_config("E4SRec", dataset_name, config_dict={"show_progress": False, **overrides})
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    dataset = create_dataset(config)
-    train, valid, test = data_preparation(config, dataset)
-    init_seed(config["seed"], config["reproducibility"])
+    setup = Stopwatch()
+    with bare_argv():  # building the model trains stage 1 (SASRec) unless cached
+        config, model, trainer, (train, valid, test) = build(
+            "E4SRec", dataset_name, config_dict={"show_progress": False, **overrides}, around_model=setup)
+    setup_minutes = setup.seconds / 60
+    trainable, total = count_parameters(model)
 
-    start = time.perf_counter()
-    model_class = registry.get_model("E4SRec")
-    model = model_class(config, train._dataset).to(config["device"])  # trains stage 1 (SASRec) unless cached
-    setup_minutes = (time.perf_counter() - start) / 60
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-
-    trainer = registry.get_trainer(model_class)(config, model)
     epoch_times = timed_epochs(trainer)
     valid_scores = recorded_validation(trainer)
     start = time.perf_counter()
@@ -96,7 +87,7 @@ def run_e4srec(dataset_name: str, overrides: dict) -> dict:
     print("E4SRec", dict(e4srec_test), flush=True)
 
     # The SASRec E4SRec took its embeddings from (the cached stage-1 model), on its own data settings.
-    sasrec = pretrained_id_model(config, dataset, "SASRec", checkpoint=config["id_model_checkpoint"],
+    sasrec = pretrained_id_model(config, train._dataset, "SASRec", checkpoint=config["id_model_checkpoint"],
                                  overrides=config["id_model_config"])
     sas_config = id_model_config(config, "SASRec", config["id_model_config"])
     _, _, sas_test = data_preparation(sas_config, create_dataset(sas_config))
@@ -118,14 +109,14 @@ def run_e4srec(dataset_name: str, overrides: dict) -> dict:
     return {"overrides": overrides, "seed": config["seed"], "e4srec": dict(e4srec_test), "sasrec": dict(sasrec_test),
             "valid": valid_scores, "valid_metric": config["valid_metric"], "epoch_s": epoch_times,
             "fit_minutes": fit_minutes, "setup_minutes": setup_minutes, "params": [trainable, total],
-            "sasrec_params": sum(p.numel() for p in sasrec.parameters()), "test_users": n_users,
+            "sasrec_params": count_parameters(sasrec)[1], "test_users": n_users,
             "e4srec_users_per_s": n_users / e4srec_eval_s, "sasrec_users_per_s": n_users / sasrec_eval_s,
             "eval_batch_size": config["eval_batch_size"], "score_head": config["score_head"], "settings": settings}
 
 
 def recorded_run(dataset_name: str, overrides: dict, fresh: bool = False) -> dict:
     """:func:`run_e4srec`'s record for ``overrides``, reused when one exists (and not ``fresh``)."""
-    path = RECORDS / dataset_name / f"{content_key(overrides, length=16)}.json"
+    path = run_record_path(RECORDS, dataset_name, overrides)
     record = None if fresh else load_record(path)
     if record is not None:
         print(f"reusing {path.relative_to(ROOT)} ({record['date']}, {record['command']})", flush=True)

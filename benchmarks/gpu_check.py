@@ -129,28 +129,26 @@ def train_steps(model, train, steps: int, learning_rate: float, device) -> int:
 
 def check(model_name: str, precision: str, args, overrides: dict) -> dict:
     import torch
-    from recbole.data import create_dataset, data_preparation
-    from recbole.utils import init_seed
+    from results_doc import Stopwatch
 
-    from recbole_llm import load_config, registry
+    from recbole_llm.quick_start import build
 
     settings = {"show_progress": False, "state": "WARNING", **(GPU_SETTINGS[model_name] if not args.cpu else {}),
                 **PRECISIONS[precision], **overrides}
     if model_name == "SeRALM":
         settings.update(alignment_iterations=args.align_steps, warmup_epochs=0)
-    config = load_config(model_name, args.dataset, config_dict=settings)
-    init_seed(config["seed"], config["reproducibility"])
-    train, _, test = data_preparation(config, create_dataset(config))
-    device = config["device"]
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    init_seed(config["seed"], config["reproducibility"])
-    start = time.perf_counter()
-    model_class = registry.get_model(model_name)
-    model = model_class(config, train._dataset).to(device)  # stage 1 (cached after the first precision)
-    setup_s = time.perf_counter() - start
-    trainer = registry.get_trainer(model_class)(config, model)
+    setup = Stopwatch()
+
+    def measured_setup(config, _train):
+        if config["device"].type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(config["device"])
+        return setup
+
+    # the model's construction trains stage 1 (cached after the first precision)
+    config, model, trainer, (train, _, test) = build(model_name, args.dataset, config_dict=settings,
+                                                     around_model=measured_setup)
+    device, setup_s = config["device"], setup.seconds
 
     start = time.perf_counter()
     if model_name == "SeRALM":

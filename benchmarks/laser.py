@@ -38,17 +38,14 @@ import statistics
 import time
 
 import torch
-from recbole.data import create_dataset, data_preparation
 from recbole.trainer import Trainer
-from recbole.utils import init_logger, init_seed
-from results_doc import (METRICS, ROOT, command, commit, load_record, machine, markdown_table, parse_overrides,
-                         standard_error, write_record, write_section)
+from results_doc import (METRICS, ROOT, Stopwatch, command, commit, load_record, machine, markdown_table,
+                         parse_overrides, run_record_path, standard_error, write_record, write_section)
 
-from recbole_llm import load_config, run_recbole_llm
-from recbole_llm.cache_io import content_key
+from recbole_llm import run_recbole_llm
+from recbole_llm.llm.pluggable import count_parameters
 from recbole_llm.llm.precision import resolve_precision
-from recbole_llm.model.laser import Laser
-from recbole_llm.trainer.laser import LaserTrainer
+from recbole_llm.quick_start import build
 
 VARIANTS = {
     "paper scoring": {"scoring": "paper"},
@@ -74,15 +71,10 @@ def llm_depth(config) -> int:
 
 def run_laser(dataset_name, overrides, fit_validation=True):
     """Train and test one Laser; returns (test result, stats, model, config, test data)."""
-    config = load_config("Laser", dataset_name, config_dict=overrides)
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"], config["reproducibility"])
-    start = time.perf_counter()
-    model = Laser(config, train_data._dataset)
-    build_seconds = time.perf_counter() - start
+    setup = Stopwatch()
+    config, model, trainer, (train_data, valid_data, test_data) = build("Laser", dataset_name, config_dict=overrides,
+                                                                        around_model=setup)
+    build_seconds = setup.seconds
 
     rows = {"train": 0, "eval": 0}
     forward = model.forward
@@ -92,7 +84,6 @@ def run_laser(dataset_name, overrides, fit_validation=True):
         return forward(item_seq, item_seq_len)
 
     model.forward = counting_forward
-    trainer = LaserTrainer(config, model)
     epoch_seconds, epoch_cpu_seconds, epoch_losses, valid_scores = [], [], [], []
     valid_epoch = trainer._valid_epoch
 
@@ -127,11 +118,11 @@ def run_laser(dataset_name, overrides, fit_validation=True):
         llm_off = dict(trainer.evaluate(test_data, load_best_model=False, show_progress=False))
         model.output_gate.data.copy_(gate)
 
-    llm_params = sum(p.numel() for p in model.llm.parameters())
-    per_layer = sum(p.numel() for p in model.llm.layers[0].parameters())
+    llm_params = count_parameters(model.llm)[1]
+    per_layer = count_parameters(model.llm.layers[0])[1]
     full_layers = llm_depth(config)
     full_llm_params = llm_params + (full_layers - len(model.llm.layers)) * per_layer
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = count_parameters(model)[0]
     stats = {
         "build_s": build_seconds,
         "epoch_s": epoch_seconds,
@@ -168,7 +159,7 @@ RECORDED_SETTINGS = ("seed", "scoring", "eval_step", "id_model_checkpoint", "llm
 def laser_and_sasrec(dataset_name, overrides, fresh=False):
     """One Laser run and its frozen SASRec on the same test split: (laser test, sasrec test, stats, settings, minutes),
     from its record when one exists (and not ``fresh``)."""
-    path = RECORDS / dataset_name / f"{content_key(overrides, length=16)}.json"
+    path = run_record_path(RECORDS, dataset_name, overrides)
     record = None if fresh else load_record(path)
     if record is None:
         start = time.perf_counter()
@@ -218,11 +209,8 @@ def item_cache_cost(dataset_name, overrides, repeats=2) -> str:
     """Seconds of one phase-1 step of the paper's item side (every item through [title | item suffix],
     forward and backward) with the title key/value cache and without it, alternated on one model; the
     cache's one-time build; and phase 1's item-side cost per epoch. Returns the RESULTS text."""
-    config = load_config("Laser", dataset_name, config_dict={**overrides, "scoring": "paper", "item_repr": "suffix"})
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    train_data, _, _ = data_preparation(config, create_dataset(config))
-    model = Laser(config, train_data._dataset)
+    config, model, _, (train_data, _, _) = build("Laser", dataset_name,
+                                                 config_dict={**overrides, "scoring": "paper", "item_repr": "suffix"})
     model.train()
     model.item_side_held = False
     targets = torch.randint(1, model.n_items, (config["item_phase_batch_size"] or config["train_batch_size"],))
@@ -237,7 +225,7 @@ def item_cache_cost(dataset_name, overrides, repeats=2) -> str:
     start = time.perf_counter()
     model.item_titles._stored = None
     model.item_titles.with_suffix(model.item_suffix.detach())  # builds the cache (and one suffix pass)
-    build = time.perf_counter() - start
+    cache_seconds = time.perf_counter() - start
     seconds = {True: [], False: []}
     for _ in range(repeats):
         for cached in (True, False):
@@ -253,7 +241,7 @@ def item_cache_cost(dataset_name, overrides, repeats=2) -> str:
             + markdown_table(["item side", "s per step", f"s per phase-1 epoch ({steps} steps of {len(targets)} rows)"],
                              [["title keys/values cached (item_kv_cache: True)", f"{cached:.2f}", f"{steps * cached:.0f}"],
                               ["title run with the suffix each step", f"{uncached:.2f}", f"{steps * uncached:.0f}"]])
-            + f"\n\nThe cache is built once: {build:.1f} s (with one suffix pass); uncached / cached per step: "
+            + f"\n\nThe cache is built once: {cache_seconds:.1f} s (with one suffix pass); uncached / cached per step: "
             f"{uncached / cached:.2f}x.")
 
 

@@ -60,10 +60,15 @@ def run_settings(dataset: str, overrides: dict) -> dict:
     return settings
 
 
+def record_path(records: Path, dataset: str, settings: dict) -> Path:
+    """The record of the run with these resolved ``settings`` (:func:`run_settings`)."""
+    return records / f"{dataset}-{content_key(dataset, settings, length=16)}.json"
+
+
 def curve_point(dataset: str, overrides: dict, records: Path, fresh: bool = False) -> dict:
     """The record of one run with ``overrides``: reused from ``records`` when there is one."""
     settings = run_settings(dataset, overrides)
-    path = records / f"{dataset}-{content_key(dataset, settings, length=16)}.json"
+    path = record_path(records, dataset, settings)
     record = None if fresh else load_record(path)
     if record is not None:
         print(f"reused {path} ({record['date']}, {record['command']})", flush=True)
@@ -230,9 +235,6 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=RESULTS, help="the RESULTS file to write the section to")
     parser.add_argument("--fresh", action="store_true", help="run again instead of reusing the record")
     args, rest = parser.parse_known_args(argv)
-    for arg in rest:
-        if not (arg.startswith("--") and "=" in arg):
-            raise SystemExit(f"error: unrecognised argument {arg!r}: settings are given as --key=value")
     overrides = {**DEFAULTS, **parse_overrides(rest)}
     try:
         curve_point(args.dataset, overrides, args.records, args.fresh)

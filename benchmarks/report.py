@@ -189,11 +189,6 @@ def resume_pending(config) -> bool:
     return any(folder.glob(f"{config['model']}-{config['dataset']}-*-{config_key(config)}.pth"))
 
 
-def count_parameters(model) -> tuple[int, int]:
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 def base_model_of(model_name: str, config) -> str | None:
     if model_name in BASE_SETTING:
         key, default = BASE_SETTING[model_name]
@@ -236,6 +231,8 @@ def run_one(model_name: str, dataset: str, extra: list[str], report_dir, run_id:
         record["eval_seconds"] = time.perf_counter() - start
         record["test_users"] = int(getattr(test, "sample_size", 0) or len(test.dataset))
         record["eval_users_per_s"] = record["test_users"] / max(record["eval_seconds"], 1e-9)
+        from recbole_llm.llm.pluggable import count_parameters
+
         record["trainable_params"], record["total_params"] = count_parameters(model)
         record["test_result"] = {k: float(v) for k, v in dict(test_result).items() if k != "slices"}
         record["slices"] = test_result.get("slices")

@@ -114,19 +114,38 @@ def write_between_markers(path: Path, name: str, block: str, header: str = HEADE
 
 
 def parse_overrides(args: list[str]) -> dict:
-    """``--key=value`` arguments as a RecBole config dict (values parsed as YAML; ``1e-3`` is a number)."""
+    """``--key=value`` arguments as a RecBole config dict, each value read as RecBole reads a property
+    file (YAML with its float resolver: ``1e-3`` is a number, ``[a, b]`` a list, ``~`` None)."""
     import yaml
+    from recbole.config import Config
 
-    def value(text):
-        parsed = yaml.safe_load(text)
-        if isinstance(parsed, str):
-            try:
-                return float(parsed)
-            except ValueError:
-                pass
-        return parsed
+    loader = Config._build_yaml_loader(None)
+    return {key: yaml.load(value, Loader=loader) for key, value in map(key_value, args)}
 
-    return {k.lstrip("-"): value(v) for k, v in (a.split("=", 1) for a in args)}
+
+def key_value(arg: str) -> tuple[str, str]:
+    """``--key=value`` as ``(key, value)``; anything else stops the benchmark with one line."""
+    if not (arg.startswith("--") and "=" in arg):
+        raise SystemExit(f"unrecognised argument {arg!r} (settings are given as --key=value)")
+    key, value = arg.split("=", 1)
+    return key.lstrip("-"), value
+
+
+class Stopwatch:
+    """The wall seconds of a ``with`` block (``.seconds``); given to ``quick_start.build`` as
+    ``around_model``, those of the model's construction (stage 1 included)."""
+
+    seconds = 0.0
+
+    def __call__(self, *_):
+        return self
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._start
 
 
 def standard_error(values: list[float]) -> float:
@@ -154,6 +173,13 @@ def load_record(path: Path) -> dict | None:
         return None
 
 
+def run_record_path(folder: Path, dataset: str, overrides: dict) -> Path:
+    """Where a benchmark keeps the record of one run: ``folder/<dataset>/<key of its overrides>.json``."""
+    from recbole_llm.cache_io import content_key
+
+    return Path(folder) / dataset / f"{content_key(overrides, length=16)}.json"
+
+
 def write_record(path: Path, record: dict) -> None:
     write_atomically(path, json.dumps(record, indent=2, default=float) + "\n")
 
@@ -169,9 +195,7 @@ def split_overrides(extra: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """``--key=value`` for every model, ``--MODEL.key=value`` for one: (global args, per-model args)."""
     shared, per_model = [], {}
     for arg in extra:
-        if not (arg.startswith("--") and "=" in arg):
-            raise SystemExit(f"unrecognised argument {arg!r} (settings are given as --key=value)")
-        key, value = arg[2:].split("=", 1)
+        key, value = key_value(arg)
         if "." in key:
             model, key = key.split(".", 1)
             per_model.setdefault(model, []).append(f"--{key}={value}")

@@ -202,27 +202,31 @@ def measure(model_name: str, dataset_name: str, settings: dict, args, workdir: P
     """Build ``model_name`` on ``dataset_name`` with ``settings`` (stage 1 randomly initialised), time
     ``args.train_steps`` training steps and ``args.eval_batches`` full-sort test batches, with the peak
     memory of each phase; ``before_scoring(model)`` runs between the two (e.g. quantising)."""
-    import torch
-    from recbole.data import create_dataset, data_preparation
-    from recbole.utils import init_seed
+    import contextlib
 
-    from recbole_llm import load_config, registry
+    import torch
+    from results_doc import Stopwatch
+
+    from recbole_llm.quick_start import build
+
+    setup, build_memory = Stopwatch(), PeakRSS()
+
+    @contextlib.contextmanager
+    def measured_setup(config, train):
+        """Stage 1 randomly initialised and saved as its checkpoint, then the model's construction measured."""
+        if model_name in STAGE1:
+            name_key, checkpoint_key, overrides_key = STAGE1[model_name]
+            overrides = dict(config[overrides_key] or {})
+            if model_name == "Laser":  # Laser's stage 1 always sees Laser's history length
+                overrides["MAX_ITEM_LIST_LENGTH"] = config["MAX_ITEM_LIST_LENGTH"]
+            config[checkpoint_key] = random_stage1(config, train._dataset, config[name_key], checkpoint_key, overrides,
+                                                   workdir)
+        with setup, build_memory:
+            yield
 
     with bare_argv():
-        config = load_config(model_name, dataset_name, config_dict=settings)
-    init_seed(config["seed"], config["reproducibility"])
-    train, _, test = data_preparation(config, create_dataset(config))  # (a dataset is split only once)
-    if model_name in STAGE1:
-        name_key, checkpoint_key, overrides_key = STAGE1[model_name]
-        overrides = dict(config[overrides_key] or {})
-        if model_name == "Laser":  # Laser's stage 1 always sees Laser's history length
-            overrides["MAX_ITEM_LIST_LENGTH"] = config["MAX_ITEM_LIST_LENGTH"]
-        config[checkpoint_key] = random_stage1(config, train._dataset, config[name_key], checkpoint_key, overrides,
-                                               workdir)
-    start = time.perf_counter()
-    with PeakRSS() as build_memory:
-        model = registry.get_model(model_name)(config, train._dataset)
-    setup_s = time.perf_counter() - start
+        _, model, _, (train, _, test) = build(model_name, dataset_name, config_dict=settings, around_model=measured_setup)
+    setup_s = setup.seconds
 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batches = (batch for _ in range(args.train_steps + 1) for batch in train)  # again from the start if short

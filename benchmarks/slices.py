@@ -48,10 +48,9 @@ def newest(saved: Path, model: str) -> Path | None:
 def setup(checkpoint: Path, saved: Path, data_path: Path):
     """The checkpoint's model rebuilt with its own config: (config, model, trainer, train, test)."""
     import torch
-    from recbole.data import create_dataset, data_preparation
-    from recbole.utils import init_seed
 
-    from recbole_llm import checks, compat, registry
+    from recbole_llm import compat, registry
+    from recbole_llm.quick_start import build
 
     compat.apply()
     config = torch.load(checkpoint, map_location="cpu", weights_only=False)["config"]
@@ -61,13 +60,7 @@ def setup(checkpoint: Path, saved: Path, data_path: Path):
                        "single_spec": True, "local_rank": 0}.items():
         config[key] = value
     registry.register_datasets()
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = checks.filtered_dataset(config, create_dataset)
-    train, _, test = data_preparation(config, dataset)
-    init_seed(config["seed"], config["reproducibility"])
-    model_class = registry.get_model(config["model"])
-    model = model_class(config, train._dataset)
-    trainer = registry.get_trainer(model_class)(config, model)
+    config, model, trainer, (train, _, test) = build(config["model"], config["dataset"], config=config)
     trainer.eval_collector.data_collect(train)
     return config, model, trainer, train, test
 

@@ -7,6 +7,7 @@ trainer -> fit -> evaluate) with three differences: the model and trainer come f
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -42,13 +43,17 @@ def _init_logger(config) -> None:
     _recbole_handlers[:] = [h for h in root.handlers if h not in before]
 
 
-def build(model, dataset, config_file_list=None, config_dict=None):
+def build(model, dataset, config_file_list=None, config_dict=None, *, config=None, around_model=None):
     """What ``run_recbole_llm`` sets up before training: ``(config, model, trainer, (train, valid, test))``.
 
     Every check runs before the model (and so stage 1) is built: settings, folders and data
     files in :func:`load_config`, the LLM settings in :func:`preflight`, the filtered dataset
-    and its split sizes before RecBole's split."""
-    config = load_config(model, dataset, config_file_list, config_dict)
+    and its split sizes before RecBole's split. For callers that measure (the benchmarks):
+    ``config`` is a Config already built (e.g. one pickled in a checkpoint), used instead of
+    :func:`load_config`; ``around_model(config, train_data)`` returns a context manager entered
+    around the model's construction (a timer, a memory probe)."""
+    if config is None:
+        config = load_config(model, dataset, config_file_list, config_dict)
     preflight(config)
     init_seed(config["seed"], config["reproducibility"])
     _init_logger(config)
@@ -72,7 +77,8 @@ def build(model, dataset, config_file_list=None, config_dict=None):
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model_class = registry.get_model(model)
     try:
-        model = model_class(config, train_data._dataset).to(config["device"])
+        with around_model(config, train_data) if around_model else contextlib.nullcontext():
+            model = model_class(config, train_data._dataset).to(config["device"])
     except ValueError as error:  # RecBole's models check their settings with ValueError
         if isinstance(error, InputError) or not model_class.__module__.startswith("recbole."):
             raise

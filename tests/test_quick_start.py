@@ -37,6 +37,39 @@ def test_model_class_works_with_recboles_own_api(tiny_data):
     assert all(torch.equal(value, trainer.model.state_dict()[key]) for key, value in saved.items())
 
 
+def test_build_takes_a_built_config_and_wraps_the_models_construction(tiny_data):
+    """``build``'s two options for the benchmarks: a Config already built is used as it is (none is loaded
+    again), and ``around_model`` is entered around the model's construction alone, with the split's
+    training data."""
+    from recbole_llm.quick_start import build
+
+    name, overrides = tiny_data
+    config = load_config("SASRec", name, config_dict=overrides)
+    seen = []
+
+    class Around:
+        def __init__(self, config, train):
+            seen.append(("called", config, train))
+
+        def __enter__(self):
+            seen.append("enter")
+
+        def __exit__(self, *exc):
+            seen.append("exit")
+
+    original = registry.get_model("SASRec").__init__
+
+    def spying_init(self, *args):
+        seen.append("construct")
+        original(self, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(registry.get_model("SASRec"), "__init__", spying_init)
+        built, model, trainer, (train, _, _) = build("SASRec", name, config=config, around_model=Around)
+    assert built is config and trainer.model is model
+    assert seen == [("called", config, train), "enter", "construct", "exit"]
+
+
 def test_recbole_baseline_runs_with_our_defaults(tiny_data):
     name, overrides = tiny_data
     config = load_config("SASRec", name, config_dict=overrides)

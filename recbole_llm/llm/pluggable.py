@@ -28,6 +28,12 @@ from recbole_llm.errors import InputError, MissingInputError
 PLUGGABLE_FILE = "pluggable.safetensors"
 
 
+def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)``: how many parameters of ``module`` train, and how many it has."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 class PluggableMixin:
     """For ``nn.Module`` subclasses whose frozen parts never change after construction."""
 

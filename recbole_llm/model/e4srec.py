@@ -32,7 +32,7 @@ from torch import nn
 from recbole_llm.llm.backbone import load_llm
 from recbole_llm.llm.precision import from_llm, to_llm
 from recbole_llm.llm.batching import forward_shared_prefix, left_align
-from recbole_llm.llm.pluggable import PluggableMixin, rows_fraction, sample_rows
+from recbole_llm.llm.pluggable import PluggableMixin, count_parameters, rows_fraction, sample_rows
 from recbole_llm.model.objectives import check_loss_type
 from recbole_llm.model.pretrained import pretrained_id_model
 from recbole_llm.model.scoring import chunked_scores
@@ -110,8 +110,7 @@ class E4SRec(PluggableMixin, SequentialRecommender):
         self.loss_fct = nn.CrossEntropyLoss()
         if config["pluggable_dir"]:
             self.load_pretrained(config["pluggable_dir"])
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        trainable, total = count_parameters(self)
         logger.info(f"E4SRec: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     def peft_model(self):

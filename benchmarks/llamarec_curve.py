@@ -34,7 +34,7 @@ from results_doc import (RESULTS, ROOT, bare_argv, command, commit, load_record,
                          standard_error, write_atomically, write_record, write_section)
 
 from recbole_llm.cache_io import content_key
-from recbole_llm.config import load_config, preflight
+from recbole_llm.quick_start import load_config, preflight
 from recbole_llm.errors import InputError
 
 RECORDS = ROOT / "benchmarks" / "records" / "llamarec_curve"

@@ -6,17 +6,15 @@ the fix (the command line prints it as one ``error: ...`` line); input that RecB
 but that is probably a mistake gets one warning (:func:`~recbole_llm.errors.warn_once`).
 :func:`recbole_llm.quick_start.load_config` runs the setting checks on every config it builds
 (the allowed values of each setting: :mod:`recbole_llm.setting_rules`),
-:func:`recbole_llm.quick_start.preflight` those of the LLM settings (before stage 1 of a
-two-stage model), and :func:`recbole_llm.quick_start.build` the dataset checks between
-RecBole's filtering and its split. The checks of the atomic files
-themselves are in :mod:`recbole_llm.data.datasets`.
+:func:`recbole_llm.quick_start.build` the dataset checks between RecBole's filtering and its
+split. The checks of the atomic files themselves are in :mod:`recbole_llm.data.datasets`, those
+of the LLM settings (before stage 1 of a two-stage model) in :mod:`recbole_llm.llm.preflight`.
 """
 from __future__ import annotations
 
 import difflib
 import functools
 import inspect
-import json
 import os
 from pathlib import Path
 
@@ -227,54 +225,6 @@ def _why_unwritable(path: Path) -> str | None:
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"{probe} is not writable"
     return None
-
-
-# ------------------------------------------------------------------ LLM settings (before stage 1)
-def check_llm_settings(config) -> None:
-    """The LLM settings of an LLM model, before anything is built: ``llm_path`` holds a causal
-    LM, ``ranker_adapter`` / ``llm_adapter`` are PEFT folders, and ``load_in_4bit`` without CUDA
-    says once that it uses LoRA in full precision (the settings' allowed values are checked by
-    :func:`recbole_llm.setting_rules.check_settings` in ``load_config``)."""
-    from recbole_llm.llm.preflight import check_causal_lm
-
-    settings = config.final_config_dict
-    if "llm_path" in settings:
-        check_causal_lm(settings["llm_path"], "llm_path")
-    for key in ("ranker_adapter", "llm_adapter"):
-        if settings.get(key):
-            check_adapter(settings[key], key)
-    if settings.get("load_in_4bit"):
-        note_4bit_fallback(config)
-
-
-def check_adapter(path, key: str) -> None:
-    """A PEFT adapter folder: ``adapter_config.json`` (written by ``save_pretrained``)."""
-    folder = Path(os.path.expanduser(str(path)))
-    if not folder.is_dir():
-        raise MissingInputError(f"{key}={str(path)!r} is not a folder ({'a file' if folder.exists() else 'nothing'} "
-                                "there); set it to a PEFT adapter folder (adapter_config.json + weights, as "
-                                "save_pretrained writes it), or unset it to train one.")
-    config_file = folder / "adapter_config.json"
-    if not config_file.is_file():
-        hint = " (it holds a model's config.json: that is an llm_path, not an adapter)" \
-            if (folder / "config.json").is_file() else ""
-        raise MissingInputError(f"{key}={str(path)!r} has no adapter_config.json, so it is not a PEFT adapter "
-                                f"folder{hint}. Point {key} at the folder save_pretrained wrote, or unset it.")
-    try:
-        json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise InputError(f"{config_file} is not valid JSON ({error}); save the adapter again.") from None
-
-
-def note_4bit_fallback(config) -> None:
-    """``load_in_4bit`` where 4-bit cannot run: one line now (before stage 1), and the setting
-    is turned off so the backbone loader does not say it again."""
-    from recbole_llm.llm import backbone
-
-    device = str(config["device"])
-    if not backbone.four_bit_available(device):
-        warn_once(backbone.FALLBACK_4BIT_MESSAGE.format(device=config["device"].type))
-        config["load_in_4bit"] = False
 
 
 # ------------------------------------------------------------------ the dataset after RecBole's filtering

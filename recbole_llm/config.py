@@ -2,8 +2,9 @@
 
 :func:`load_config` is RecBole's ``Config`` with our overall, dataset and model property files
 first, then the user's files and dict, and every check of the settings, output folders and
-dataset files (:mod:`recbole_llm.checks`) before anything is built; :func:`preflight` checks an
-LLM model's LLM settings. Entry points and stage 1 (a model building its ID model) use it alike.
+dataset files (:mod:`recbole_llm.checks`) before anything is built (an LLM model's LLM settings
+are checked by :func:`recbole_llm.quick_start.preflight`). Entry points and stage 1 (a model
+building its ID model) use it alike: like RecBole's ``Config``, it sits below the models.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def load_config(model, dataset, config_file_list=None, config_dict=None) -> Conf
     ``model`` is a name (ours or RecBole's) or a model class. The checks of the settings (their
     kinds, and their allowed values: :mod:`recbole_llm.setting_rules`), the output folders and the
     dataset's files run here (:mod:`recbole_llm.checks`); those of an LLM model's LLM files
-    (``llm_path``, adapters) run in :func:`preflight`.
+    (``llm_path``, adapters) run in :func:`recbole_llm.quick_start.preflight`.
     """
     compat.apply()
     checks.check_model_name(model)
@@ -66,13 +67,6 @@ def load_config(model, dataset, config_file_list=None, config_dict=None) -> Conf
     checks.check_output_folders(config)
     resolve_data_path(config, config.external_config_dict.get("data_path"))
     return config
-
-
-def preflight(config) -> None:
-    """The checks of an LLM model's LLM settings (``llm_path``, adapters, ``load_in_4bit``),
-    reading config files only: :func:`build` runs them before the dataset
-    and the model (stage 1 and the LLM) are built, the command line for every model first."""
-    checks.check_llm_settings(config)
 
 
 def _metric_hint(error) -> str:

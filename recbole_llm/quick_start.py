@@ -22,9 +22,10 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_llm import checks, compat, distributed, registry, settings
 from recbole_llm.cache_io import atomic_target
-from recbole_llm.config import load_config, preflight, properties_dir, property_files  # noqa: F401 - public API
+from recbole_llm.config import load_config, properties_dir, property_files  # noqa: F401 - public API
 from recbole_llm.data.datasets import drop_exact_duplicates
 from recbole_llm.errors import InputError
+from recbole_llm.llm.preflight import check_llm_settings
 
 
 _recbole_handlers: list[logging.Handler] = []
@@ -41,6 +42,13 @@ def _init_logger(config) -> None:
     before = set(root.handlers)
     init_logger(config)
     _recbole_handlers[:] = [h for h in root.handlers if h not in before]
+
+
+def preflight(config) -> None:
+    """The checks of an LLM model's LLM settings (``llm_path``, adapters, ``load_in_4bit``),
+    reading config files only: :func:`build` runs them before the dataset
+    and the model (stage 1 and the LLM) are built, the command line for every model first."""
+    check_llm_settings(config)
 
 
 def build(model, dataset, config_file_list=None, config_dict=None, *, config=None, around_model=None):

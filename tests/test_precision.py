@@ -233,7 +233,7 @@ def test_seralm_aligns_one_iteration_and_evaluates(precision, tiny_data, tiny_ll
 def test_4bit_without_cuda_falls_back_to_lora_with_one_line(tiny_data, tiny_llama_dir, caplog, monkeypatch):
     """No CUDA: ``load_in_4bit`` says once that it uses LoRA in full precision, and the model trains as LoRA."""
     from recbole_llm import errors
-    from recbole_llm.checks import check_llm_settings
+    from recbole_llm.llm.preflight import check_llm_settings
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(errors, "_warned", set())  # the line is said once per process: count it in this one

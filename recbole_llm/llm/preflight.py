@@ -1,12 +1,18 @@
-"""Pre-flight checks of an LLM setting, before anything is loaded or trained.
+"""Pre-flight checks of the LLM settings, before anything is loaded or trained.
 
+:func:`check_llm_settings` runs them all (every entry point calls it before stage 1).
 :func:`check_causal_lm` reads the ``config.json`` of the model an ``llm_path`` names (no
 weights) and says in one line what is wrong: a missing folder, a PEFT adapter instead of a
-model, a hub name that cannot be fetched, or a model that is not a causal language model.
+model, a hub name that cannot be fetched, or a model that is not a causal language model;
+:func:`check_adapter` checks an adapter folder, and :func:`note_4bit_fallback` says once that
+``load_in_4bit`` falls back to LoRA in full precision where 4-bit cannot run.
 """
+import json
 import os
+from pathlib import Path
 
-from recbole_llm.errors import InputError, MissingInputError
+from recbole_llm.errors import InputError, MissingInputError, warn_once
+from recbole_llm.llm import backbone
 from recbole_llm.llm.backbone import resolve_llm_path
 from recbole_llm.llm.embedded import EMBEDDED_LLM, EMBEDDED_LLM_ALIASES, embedded_gguf_source
 
@@ -60,3 +66,46 @@ def is_causal_lm_config(config) -> bool:
     if config.architectures:
         return any(name.endswith("ForCausalLM") or name in causal for name in config.architectures)
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def check_llm_settings(config) -> None:
+    """The LLM settings of an LLM model, before anything is built: ``llm_path`` holds a causal
+    LM, ``ranker_adapter`` / ``llm_adapter`` are PEFT folders, and ``load_in_4bit`` without CUDA
+    says once that it uses LoRA in full precision (the settings' allowed values are checked by
+    :func:`recbole_llm.setting_rules.check_settings` in ``load_config``)."""
+    settings = config.final_config_dict
+    if "llm_path" in settings:
+        check_causal_lm(settings["llm_path"], "llm_path")
+    for key in ("ranker_adapter", "llm_adapter"):
+        if settings.get(key):
+            check_adapter(settings[key], key)
+    if settings.get("load_in_4bit"):
+        note_4bit_fallback(config)
+
+
+def check_adapter(path, key: str) -> None:
+    """A PEFT adapter folder: ``adapter_config.json`` (written by ``save_pretrained``)."""
+    folder = Path(os.path.expanduser(str(path)))
+    if not folder.is_dir():
+        raise MissingInputError(f"{key}={str(path)!r} is not a folder ({'a file' if folder.exists() else 'nothing'} "
+                                "there); set it to a PEFT adapter folder (adapter_config.json + weights, as "
+                                "save_pretrained writes it), or unset it to train one.")
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        hint = " (it holds a model's config.json: that is an llm_path, not an adapter)" \
+            if (folder / "config.json").is_file() else ""
+        raise MissingInputError(f"{key}={str(path)!r} has no adapter_config.json, so it is not a PEFT adapter "
+                                f"folder{hint}. Point {key} at the folder save_pretrained wrote, or unset it.")
+    try:
+        json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"{config_file} is not valid JSON ({error}); save the adapter again.") from None
+
+
+def note_4bit_fallback(config) -> None:
+    """``load_in_4bit`` where 4-bit cannot run: one line now (before stage 1), and the setting
+    is turned off so the backbone loader does not say it again."""
+    device = str(config["device"])
+    if not backbone.four_bit_available(device):
+        warn_once(backbone.FALLBACK_4BIT_MESSAGE.format(device=config["device"].type))
+        config["load_in_4bit"] = False

@@ -7,11 +7,6 @@ plugin.install()  # RecBole's own run_recbole, objective_function, Config... fin
 
 from recbole_llm.quick_start import load_config, run, run_recbole_llm  # noqa: E402
 from recbole_llm.config import properties_dir  # noqa: E402
-from recbole_llm.model import pretrained  # noqa: E402
-
-# stage 1 (a model building its ID model by name) gets the layers above it passed in
-pretrained.provide(load_config=load_config, get_model=registry.get_model, get_trainer=registry.get_trainer,
-                   properties_dir=properties_dir)
 
 __version__ = "0.1.0"
 __all__ = ["load_config", "run", "run_recbole_llm", "__version__"]

@@ -3,6 +3,10 @@
 Our models are listed explicitly (imported lazily, so a user of LRURec never imports
 transformers); any other name falls back to RecBole's own models, so baselines run
 from the same tool with the same defaults.
+
+Like RecBole's ``get_model`` and ``get_trainer`` (in ``recbole.utils``, below its models), this
+lookup sits below the models and trainers: it names them as ``"module:Class"`` strings and
+imports them when asked, never at import time, so a model (stage 1) can use it directly.
 """
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ MODELS = {
     "Laser": ("recbole_llm.model.laser:Laser", "recbole_llm.trainer.laser:LaserTrainer"),
     "SeRALM": ("recbole_llm.model.seralm:SeRALM", "recbole_llm.trainer.alignment:SeRALMTrainer"),
 }
+
+#: What wraps every trainer :func:`get_trainer` returns, innermost first ("module:function"):
+#: resuming an interrupted run, then metrics by slice.
+TRAINER_WRAPPERS = ("recbole_llm.trainer.resume:resumable", "recbole_llm.trainer.slices:sliced")
 
 #: model name -> "module:Class" of the dataset RecBole's create_dataset must use for it.
 DATASETS = {
@@ -78,13 +86,14 @@ def get_trainer(model_class):
     """Our trainer for our models that need one, else RecBole's choice for the model;
     either way able to resume an interrupted run (:mod:`recbole_llm.trainer.resume`) and to
     report metrics by slice (:mod:`recbole_llm.trainer.slices`)."""
-    from recbole_llm.trainer.resume import resumable
-    from recbole_llm.trainer.slices import sliced
-
     name = model_class.__name__
     if name in MODELS and MODELS[name][1] is not None:
-        return sliced(resumable(_load(MODELS[name][1])))
-    return sliced(resumable(recbole_get_trainer(model_class.type, name)))
+        trainer = _load(MODELS[name][1])
+    else:
+        trainer = recbole_get_trainer(model_class.type, name)
+    for wrapper in TRAINER_WRAPPERS:
+        trainer = _load(wrapper)(trainer)
+    return trainer
 
 
 def register_datasets() -> None:

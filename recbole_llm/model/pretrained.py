@@ -7,9 +7,9 @@ reference recommender are all "a RecBole sequential model trained on the same sp
 trainer and then cached. The cache key holds every input that shapes the result
 (model, dataset files, the model's config), so a changed input retrains.
 
-Building a model by name needs the layers above (our property files, the registry): the
-package hands them in when it loads (:func:`provide`), since RecBole gives a model's
-constructor only ``config`` and ``dataset`` and imports point down only.
+Building a model by name uses the config building and the lookup by name
+(:mod:`recbole_llm.config`, :mod:`recbole_llm.registry`), which sit below the models as
+RecBole's ``Config`` and ``get_model`` do.
 """
 from __future__ import annotations
 
@@ -23,25 +23,11 @@ from recbole.data import create_dataset, data_preparation
 from recbole_llm import distributed
 from recbole_llm.cache_io import atomic_save, cache_lock, config_key, guarded_load
 from recbole_llm.compat import recbole_argv
+from recbole_llm.config import load_config, properties_dir
 from recbole_llm.data.datasets import drop_exact_duplicates
 from recbole_llm.errors import InputError, MissingInputError
+from recbole_llm.registry import get_model, get_trainer
 from recbole_llm.yaml_io import read_yaml
-
-
-class Provided:
-    """What stage 1 takes from the layers above, set once by :func:`provide`."""
-
-    load_config = None  # (model name, dataset, config_dict=...) -> RecBole Config with our property files
-    get_model = None  # model name -> model class (ours, then RecBole's)
-    get_trainer = None  # model class -> trainer class
-    properties_dir = None  # () -> our properties/ folder
-
-
-def provide(*, load_config, get_model, get_trainer, properties_dir) -> None:
-    """Hand stage 1 the config loader, the model and trainer lookup and our properties folder
-    (called by ``recbole_llm/__init__.py``)."""
-    Provided.load_config, Provided.get_model = staticmethod(load_config), staticmethod(get_model)
-    Provided.get_trainer, Provided.properties_dir = staticmethod(get_trainer), staticmethod(properties_dir)
 
 
 #: Settings copied from the LLM model's config so stage 1 sees the same data and split.
@@ -68,7 +54,7 @@ def id_model_config(config, model_name: str, overrides: dict | None = None):
     shared = {key: config[key] for key in SHARED_KEYS if key in config}
     shared["data_path"] = str(Path(config["data_path"]).parent)
     with recbole_argv():
-        return Provided.load_config(model_name, config["dataset"], config_dict={**shared, **(overrides or {})})
+        return load_config(model_name, config["dataset"], config_dict={**shared, **(overrides or {})})
 
 
 def load_state(model, checkpoint: str | os.PathLike, setting: str, saved: dict | None = None) -> None:
@@ -124,7 +110,7 @@ def pretrained_id_model(config, dataset, model_name: str, checkpoint=None, overr
     dist.broadcast_object_list(payload, src=0)
     if isinstance(payload[0], str):
         raise RuntimeError(f"stage 1 ({model_name}) failed on rank 0: {payload[0]}")
-    model = Provided.get_model(model_name)(id_model_config(config, model_name, overrides), dataset)
+    model = get_model(model_name)(id_model_config(config, model_name, overrides), dataset)
     model = model.to(config["device"])
     model.load_state_dict(payload[0])
     return _frozen(model)
@@ -133,7 +119,7 @@ def pretrained_id_model(config, dataset, model_name: str, checkpoint=None, overr
 def _load_or_train(config, dataset, model_name, checkpoint, overrides, setting):
     logger = getLogger()
     id_config = id_model_config(config, model_name, overrides)
-    model_class = Provided.get_model(model_name)
+    model_class = get_model(model_name)
     model = model_class(id_config, dataset).to(config["device"])
     logger.info(settings_report(config, id_config, model_name, overrides, setting))
     if checkpoint:
@@ -173,7 +159,7 @@ def train_id_model(id_config, model, expected_items: int) -> None:
             "their data settings differ (load_col / filtering)."
         )
     train, valid, _ = data_preparation(id_config, id_dataset)
-    trainer = Provided.get_trainer(type(model))(id_config, model)
+    trainer = get_trainer(type(model))(id_config, model)
     trainer.fit(train, valid, saved=True, show_progress=id_config["show_progress"])
     best = torch.load(trainer.saved_model_file, map_location="cpu", weights_only=False)
     model.load_state_dict(best["state_dict"])
@@ -186,7 +172,7 @@ def settings_report(config, id_config, model_name: str, overrides: dict | None, 
     model's property file, ours or RecBole's; the overall defaults)."""
     import recbole
 
-    properties_dir, recbole_properties = Provided.properties_dir, Path(recbole.__file__).parent / "properties"
+    recbole_properties = Path(recbole.__file__).parent / "properties"
 
     def read(path):
         return (read_yaml(path) or {}) if path.is_file() else {}

@@ -36,8 +36,9 @@ from recbole_llm.knowledge.encoding import TextEncoder, cached_vectors
 from recbole_llm.knowledge.generation import dataset_knowledge, knowledge_prompt
 from recbole_llm.knowledge.prompts import item_prompt_fields, knowledge_text
 from recbole_llm.model.objectives import check_loss_type
-from recbole_llm.model.pretrained import Provided, id_model_config
+from recbole_llm.model.pretrained import id_model_config
 from recbole_llm.errors import InputError
+from recbole_llm.registry import get_model
 
 #: Base models tested with SeRALM (any RecBole sequential model with an nn.Embedding `item_embedding` works).
 SUPPORTED_BASE_MODELS = ("Caser", "SASRec", "LightSANs", "GRU4Rec", "NARM")
@@ -264,7 +265,7 @@ class SeRALM(SequentialRecommender):
         if not isinstance(name, str) or name == "SeRALM":
             raise _unsupported(name, "is not a base model")
         try:
-            cls = Provided.get_model(name)
+            cls = get_model(name)
         except ValueError:
             raise _unsupported(name, "is unknown") from None
         if not issubclass(cls, SequentialRecommender):

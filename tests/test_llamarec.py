@@ -242,6 +242,23 @@ def test_exclude_history_false_allows_repeats(llamarec, monkeypatch):
     assert any(set(c) & set(range(1, 20)) for c in random_draws)
 
 
+def test_evaluation_phases_are_keyed_by_the_loaders_content(llamarec):
+    """A second loader over the same rows shares the first one's candidates (no second retrieval);
+    another split gets its own; a batch that is not the one the candidates were computed for is an
+    error, not a silent mismatch."""
+    from recbole.data.dataloader import FullSortEvalDataLoader
+
+    config, model, (_, valid, test) = llamarec
+    trainer = LlamaRecTrainer(config, model)
+    phase = trainer._phase(valid)
+    twin = FullSortEvalDataLoader(config, valid._dataset, valid._sampler)
+    assert twin is not valid and trainer._phase(twin) is phase
+    assert trainer._phase(test) is not phase and len(trainer._phases) == 2
+    trainer._active, trainer._batch_pos = trainer._phase(test), 0
+    with pytest.raises(RuntimeError, match="evaluation batches differ"):
+        trainer._full_sort_batch_eval(next(iter(valid)))
+
+
 def test_loss_supervises_the_logits_that_inference_reads(llamarec, monkeypatch):
     """calculate_loss is the mean cross-entropy of (a) the logit row the verbalizer reads at
     inference, against the true letter, and (b) the next row, against EOS; checked per row on

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -141,7 +142,8 @@ class LlamaRecTrainer(LLMTrainer):
         self.fusion_weights = config["fusion_weights"]
         self.stopping_step = config["ranker_stopping_step"]
         self.cache_dir = Path(config["checkpoint_dir"]) / "llamarec"
-        self._phases: dict[int, EvalPhase] = {}
+        self._phases: dict[str, EvalPhase] = {}  # content key of the loader -> its phase
+        self._loader_keys = weakref.WeakKeyDictionary()  # loader -> its content key, computed once
         self._active: EvalPhase | None = None
         self._batch_pos = 0
         self.subset_result = None
@@ -160,10 +162,27 @@ class LlamaRecTrainer(LLMTrainer):
 
     # ----- candidates ------------------------------------------------------------------
     def _phase(self, eval_data, show_progress=False) -> EvalPhase:
-        if id(eval_data) not in self._phases:
+        """The phase of ``eval_data``, computed once per content: two loaders that yield the same
+        batches share it, and a new loader never meets a stale one (as keying by ``id`` could)."""
+        key = self._loader_key(eval_data)
+        if key not in self._phases:
             with self.timed("candidates"):
-                self._phases[id(eval_data)] = self._candidates(eval_data, show_progress)
-        return self._phases[id(eval_data)]
+                self._phases[key] = self._candidates(eval_data, show_progress)
+        return self._phases[key]
+
+    def _loader_key(self, eval_data) -> str:
+        """What fixes ``eval_data``'s batches, hashed without iterating it: its class, batch size,
+        the rows its sampler yields (a rank's share in a distributed run) and the columns the
+        candidates read. Memoised per loader object (held weakly)."""
+        key = self._loader_keys.get(eval_data)
+        if key is None:
+            model, dataset = self.model, eval_data._dataset
+            fields = (self.config["USER_ID_FIELD"], model.ITEM_ID, model.ITEM_SEQ, model.ITEM_SEQ_LEN)
+            rows = list(eval_data.sampler) if eval_data.sampler is not None else None
+            key = content_key(type(eval_data).__name__, eval_data.step, rows,
+                              *(dataset.inter_feat[name] for name in fields))
+            self._loader_keys[eval_data] = key
+        return key
 
     def _candidates(self, eval_data, show_progress) -> EvalPhase:
         model = self.model
@@ -440,7 +459,7 @@ class LlamaRecTrainer(LLMTrainer):
         interaction, history_index, positive_u, positive_i = batched_data
         phase, i = self._active, self._batch_pos
         self._batch_pos += 1
-        if len(phase.candidates[i]) != len(interaction):
+        if not torch.equal(phase.targets[i], interaction[self.model.ITEM_ID].cpu()):
             raise RuntimeError("evaluation batches differ from those the candidates were computed for")
         scores = self.model.full_sort_predict(
             interaction.to(self.device),

@@ -313,6 +313,20 @@ def test_ranker_training_stops_after_validations_without_improvement(llamarec, m
     assert all(torch.equal(p, best[n]) for n, p in model.llm.named_parameters() if n in best)
 
 
+def test_ranker_learning_rate_warms_up_then_falls_in_a_straight_line_to_zero(llamarec, monkeypatch):
+    """The ranker's schedule (the shared ``lr_factor``, its ``linear`` decay): 6 steps, 2 of warm-up."""
+    config, model, (train, valid, _) = llamarec
+    config["ranker_max_train_examples"], config["ranker_warmup_steps"] = 6 * train.step, 2
+    config["ranker_eval_step"], config["ranker_stopping_step"] = 6, 0  # one validation, no early stop
+    trainer = LlamaRecTrainer(config, model)
+    monkeypatch.setattr(trainer, "_validation_ndcg", lambda phase: SubsetNDCG(0.5, 0.0, 8))
+    used = []
+    trainer.optimizer.register_step_pre_hook(lambda optimizer, *_: used.append(optimizer.param_groups[0]["lr"]))
+    trainer._train_ranker(train, trainer._phase(valid), show_progress=False)
+    lr = config["learning_rate"]
+    assert used == pytest.approx([lr * f for f in (0.5, 1.0, 1.0, 0.75, 0.5, 0.25)])
+
+
 @pytest.mark.parametrize("peak, chosen, tried", [(16.0, 16.0, [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]),
                                                   (1.0, 1.0, [0.0, 0.5, 1.0, 2.0, 4.0])])
 def test_fusion_search_brackets_the_best_weight(llamarec, monkeypatch, peak, chosen, tried):

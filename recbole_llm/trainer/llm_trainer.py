@@ -34,15 +34,26 @@ def cosine_factor(step: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
+def linear_factor(step: int, total: int) -> float:
+    """A straight line from 1 (step 0) to 0 (step ``total``), 0 after; HF's
+    ``get_linear_schedule_with_warmup`` without warm-up (LlamaRec's ranker)."""
+    return max(0.0, (total - step) / max(1, total))
+
+
+#: The decays after warm-up, by name: ``lr_schedule``'s values (cosine) and the ranker's (linear).
+DECAYS = {"linear": linear_factor, "cosine": cosine_factor}
+
+
 def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
     """The learning rate's factor at optimizer step ``step`` of ``total``: linear warm-up from 0 over
-    ``warmup`` steps, then constant or a half cosine to 0 over the remaining steps (HF's
-    ``get_constant_schedule_with_warmup`` / ``get_cosine_schedule_with_warmup``)."""
+    ``warmup`` steps, then constant, or a straight line or half a cosine to 0 over the remaining steps
+    (HF's ``get_constant_schedule_with_warmup``, ``get_linear_schedule_with_warmup``,
+    ``get_cosine_schedule_with_warmup``). The one schedule of every trainer here."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    return cosine_factor(step - warmup, total - warmup)
+    return DECAYS[schedule](step - warmup, total - warmup)
 
 
 class LLMTrainer(Trainer):

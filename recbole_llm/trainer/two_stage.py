@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from recbole_llm import distributed
 from recbole_llm.cache_io import atomic_save, cache_lock, content_key, guarded_load
-from recbole_llm.trainer.llm_trainer import LLMTrainer
+from recbole_llm.trainer.llm_trainer import LLMTrainer, lr_factor
 from recbole_llm.trainer.resume import (
     claim_resume, load_state, release, resume_path, rng_state, save_state, set_rng_state, trainable_weights,
     wants_resume,
@@ -129,6 +129,9 @@ class LlamaRecTrainer(LLMTrainer):
     """
 
     pretrained_suffix = ".adapter"
+    #: The ranker's learning rate after ``ranker_warmup_steps`` of warm-up (LlamaRec's authors'):
+    #: a straight line to 0 at ``ranker_max_train_examples`` (:func:`~recbole_llm.trainer.llm_trainer.lr_factor`).
+    lr_decay = "linear"
 
     def __init__(self, config, model):
         super().__init__(config, model)
@@ -306,10 +309,10 @@ class LlamaRecTrainer(LLMTrainer):
         total_steps = math.ceil(self.max_examples / global_batch)
         warmup = min(self.warmup, total_steps)
 
-        def lr_factor(step):
-            return (step + 1) / warmup if step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+        def factor(step):  # a function, not a callable object: LambdaLR then keeps it out of its state
+            return lr_factor(self.lr_decay, step, total_steps, warmup)
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.best_valid_score, seen, step, running, passes, best_weights = -1.0, 0, 0, 0.0, 0, None
         stale, stopped = 0, False  # validations since the best one; early stop
         self.validation_trace = []

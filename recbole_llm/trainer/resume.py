@@ -96,6 +96,31 @@ def trainable_weights(model) -> dict:
     return model.trainable_state_dict() if hasattr(model, "trainable_state_dict") else model.state_dict()
 
 
+def trainer_state(trainer, rng: dict, **position) -> dict:
+    """The one resume-state format: what every training loop restores (the weights that train, the
+    optimizer, the best score so far and its step, the file of the best weights, the random
+    generators ``rng`` from :func:`rng_state`), plus the loop's own ``position`` (RecBole's epoch
+    loop: the epoch; the LlamaRec ranker: step, examples, pass, scheduler...)."""
+    return {
+        "state_dict": trainable_weights(trainer.model),
+        "optimizer": trainer.optimizer.state_dict(),
+        "cur_step": trainer.cur_step,
+        "best_valid_score": trainer.best_valid_score,
+        "saved_model_file": trainer.saved_model_file,
+        "rng": rng,
+        **position,
+    }
+
+
+def restore_trainer(trainer, state: dict) -> None:
+    """Put back into ``trainer`` what :func:`trainer_state` saved for every loop (not the random
+    generators: a loop restores ``state["rng"]`` where its batches need them)."""
+    trainer.model.load_state_dict(state["state_dict"])  # an LLM model's load_state_dict takes its pluggable part
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.cur_step, trainer.best_valid_score = state["cur_step"], state["best_valid_score"]
+    trainer.saved_model_file = state["saved_model_file"]
+
+
 class ResumableTrainer:
     """Mixin for a RecBole trainer that runs RecBole's epoch loop (``Trainer.fit``): the
     resume state is saved at the start of every epoch and restored by ``fit``."""
@@ -124,26 +149,16 @@ class ResumableTrainer:
 
     def _train_epoch(self, train_data, epoch_idx, *args, **kwargs):
         if self._resume_file is not None:
-            save_state(self._resume_file, {
-                "epoch": epoch_idx,
-                "state_dict": trainable_weights(self.model),
-                "other_parameter": self.model.other_parameter(),
-                "optimizer": self.optimizer.state_dict(),
-                "cur_step": self.cur_step,
-                "best_valid_score": self.best_valid_score,
-                "best_valid_result": self.best_valid_result,
-                "saved_model_file": self.saved_model_file,
-                "rng": rng_state(train_data),
-            })
+            save_state(self._resume_file, trainer_state(
+                self, rng_state(train_data), epoch=epoch_idx, other_parameter=self.model.other_parameter(),
+                best_valid_result=self.best_valid_result,
+            ))
         return super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
 
     def _restore(self, state: dict, train_data, path: Path) -> None:
-        self.model.load_state_dict(state["state_dict"])  # an LLM model's load_state_dict takes its pluggable part
+        restore_trainer(self, state)
         self.model.load_other_parameter(state["other_parameter"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.start_epoch, self.cur_step = state["epoch"], state["cur_step"]
-        self.best_valid_score, self.best_valid_result = state["best_valid_score"], state["best_valid_result"]
-        self.saved_model_file = state["saved_model_file"]
+        self.start_epoch, self.best_valid_result = state["epoch"], state["best_valid_result"]
         set_rng_state(state["rng"], train_data)
         getLogger().info(
             f"resuming {self.config['model']} training at epoch {self.start_epoch} from {path} "

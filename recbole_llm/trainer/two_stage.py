@@ -41,8 +41,8 @@ from recbole_llm import distributed
 from recbole_llm.cache_io import atomic_save, cache_lock, content_key, guarded_load
 from recbole_llm.trainer.llm_trainer import LLMTrainer, lr_factor
 from recbole_llm.trainer.resume import (
-    claim_resume, load_state, release, resume_path, rng_state, save_state, set_rng_state, trainable_weights,
-    wants_resume,
+    claim_resume, load_state, release, restore_trainer, resume_path, rng_state, save_state, set_rng_state,
+    trainable_weights, trainer_state, wants_resume,
 )
 
 
@@ -318,12 +318,9 @@ class LlamaRecTrainer(LLMTrainer):
         self.validation_trace = []
         resumed = self._resume_state(resume_file) if resume_file is not None else None
         if resumed:
-            model.load_state_dict(resumed["state_dict"])
-            self.optimizer.load_state_dict(resumed["optimizer"])
+            restore_trainer(self, resumed)
             scheduler.load_state_dict(resumed["scheduler"])
-            self.best_valid_score, self.cur_step = resumed["best_valid_score"], resumed["cur_step"]
-            seen, step, self.saved_model_file = resumed["seen"], resumed["step"], resumed["saved_model_file"]
-            passes, best_weights = resumed["passes"], resumed["best_weights"]
+            seen, step, passes, best_weights = resumed["seen"], resumed["step"], resumed["passes"], resumed["best_weights"]
             stale, stopped = resumed["stale"], resumed["stopped"]
             self.validation_trace = resumed.get("validation_trace", [])
             self.logger.info(f"resuming ranker training at step {step} ({seen} examples) from {resume_file} "
@@ -374,14 +371,11 @@ class LlamaRecTrainer(LLMTrainer):
                                          f"{stale} validations without a better NDCG@10 (ranker_stopping_step)")
                         done = stopped = True
                     if self.is_main_process and resume_file is not None:
-                        save_state(resume_file, {
-                            "state_dict": trainable_weights(model), "optimizer": self.optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "best_valid_score": self.best_valid_score,
-                            "cur_step": self.cur_step, "seen": seen, "step": step,
-                            "saved_model_file": self.saved_model_file, "best_weights": best_weights,
-                            "passes": passes, "pass_rng": pass_rng, "pass_position": position, "rng": rng_state(),
-                            "stale": stale, "stopped": stopped, "validation_trace": self.validation_trace,
-                        })
+                        save_state(resume_file, trainer_state(
+                            self, rng_state(), scheduler=scheduler.state_dict(), seen=seen, step=step,
+                            best_weights=best_weights, passes=passes, pass_rng=pass_rng, pass_position=position,
+                            stale=stale, stopped=stopped, validation_trace=self.validation_trace,
+                        ))
                 if done:
                     break
             passes += 1

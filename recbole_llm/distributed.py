@@ -14,6 +14,42 @@ def is_distributed(config) -> bool:
     return not config["single_spec"] and dist.is_available() and dist.is_initialized()
 
 
+def world_size(config) -> int:
+    """The number of processes of the run: ``torch.distributed``'s world size in a distributed run, else 1."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if is_distributed(config) else 1
+
+
+def is_rank0(config) -> bool:
+    """True in the one process of a run, or in rank 0 of a distributed one."""
+    import torch.distributed as dist
+
+    return world_size(config) == 1 or dist.get_rank() == 0
+
+
+def sum_over_ranks(config, tensor: torch.Tensor, device) -> torch.Tensor:
+    """``tensor`` summed over the ranks of a distributed run (on ``device``: NCCL reduces on the GPU);
+    in one process ``tensor`` itself."""
+    if world_size(config) > 1:
+        import torch.distributed as dist
+
+        tensor = tensor.to(device)
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def from_rank0(config, read):
+    """Rank 0's ``read()`` on every rank of a distributed run (the others do not call it); in one
+    process ``read()``."""
+    value = [read() if is_rank0(config) else None]
+    if world_size(config) > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
 def check_distributed_trainer(trainer_class, model_name) -> None:
     """Refuse a distributed run of a trainer whose own loop would let the ranks drift apart."""
     if getattr(trainer_class, "supports_distributed", True) is False:

@@ -485,7 +485,7 @@ def test_scores_after_ranker_training_are_computed_in_eval_mode(llamarec):
 def test_distributed_validation_reduces_on_the_models_device(llamarec, monkeypatch):
     """The validation NDCG of the ranks is summed by a collective on the trainer's device (NCCL
     needs GPU tensors); a fake collective records the device (``meta`` stands in for a GPU)."""
-    import recbole_llm.trainer.two_stage as two_stage
+    import recbole_llm.distributed as distributed
 
     config, model, (_, valid, _) = llamarec
     trainer = LlamaRecTrainer(config, model)
@@ -500,7 +500,8 @@ def test_distributed_validation_reduces_on_the_models_device(llamarec, monkeypat
         devices.append(tensor.device)
         raise Reduced
 
-    monkeypatch.setattr(two_stage.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(distributed, "world_size", lambda config: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     with pytest.raises(Reduced):
         trainer._validation_ndcg(phase)
     assert devices == [torch.device("meta")]

@@ -24,6 +24,7 @@ from recbole.utils import set_color
 from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
+from recbole_llm import distributed
 from recbole_llm.cache_io import atomic_save, unique_checkpoint_name
 from recbole_llm.errors import InputError
 
@@ -65,6 +66,19 @@ class LLMTrainer(Trainer):
         super().__init__(config, model)
         self.saved_model_file = unique_checkpoint_name(self.saved_model_file)  # runs started together differ
         self.lr_schedule = config["lr_schedule"]
+        self.world_size = distributed.world_size(config)
+
+    def _backward(self, compute_loss):
+        """``compute_loss()`` and its backward pass, the DDP way of RecBole's ``_train_epoch`` in a
+        distributed run: first the reduce hook (DDP then averages the gradients over the ranks) and a
+        zero term on every parameter (so every rank reduces the same ones). Returns the loss."""
+        sync = 0
+        if self.world_size > 1:
+            self.set_reduce_hook()
+            sync = self.sync_grad_loss()
+        loss = compute_loss()
+        (loss + sync).backward()
+        return loss
 
     # Read when an epoch runs: the models whose trainer runs RecBole's epoch loop (E4SRec, Laser) set them in
     # their property files; LlamaRec's ranker has its own loop and settings.

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from recbole.utils import set_color
 from tqdm import tqdm
 
@@ -135,7 +134,6 @@ class LlamaRecTrainer(LLMTrainer):
 
     def __init__(self, config, model):
         super().__init__(config, model)
-        self.world_size = dist.get_world_size() if distributed.is_distributed(config) else 1
         self.max_examples = config["ranker_max_train_examples"]
         self.micro_batch = config["ranker_micro_batch_size"]
         self.eval_every = config["ranker_eval_step"]
@@ -245,7 +243,7 @@ class LlamaRecTrainer(LLMTrainer):
     # ----- ranker training -------------------------------------------------------------
     @property
     def is_main_process(self) -> bool:
-        return self.world_size == 1 or dist.get_rank() == 0
+        return distributed.is_rank0(self.config)
 
     def _validation_ndcg(self, phase: EvalPhase) -> SubsetNDCG:
         """NDCG@10 of the ranker on the first ``ranker_valid_users`` rows with the target among the
@@ -260,19 +258,13 @@ class LlamaRecTrainer(LLMTrainer):
         self.model.train()
         gains = ndcg_gains(target_ranks(scores.float().cpu(), candidates[rows], targets[rows])[1], 10).double()
         total = torch.stack([gains.sum(), (gains * gains).sum(), torch.tensor(len(gains), dtype=torch.float64)])
-        if self.world_size > 1:
-            total = total.to(self.device)  # NCCL: on the GPU
-            dist.all_reduce(total)
-        return SubsetNDCG.from_sums(*total.tolist())
+        return SubsetNDCG.from_sums(*distributed.sum_over_ranks(self.config, total, self.device).tolist())
 
     def _resume_state(self, resume_file: Path) -> dict | None:
         """The saved ranker state if there is one (and resume is on): rank 0's, on every rank."""
         if not wants_resume(self.config):
             return None
-        state = [load_state(resume_file) if self.is_main_process else None]
-        if self.world_size > 1:
-            dist.broadcast_object_list(state, src=0)
-        return state[0]
+        return distributed.from_rank0(self.config, lambda: load_state(resume_file))
 
     def _train_ranker(self, train_data, phase: EvalPhase, show_progress):
         """LoRA fine-tuning on ``ranker_max_train_examples`` examples (warmup, then linear decay),
@@ -293,12 +285,7 @@ class LlamaRecTrainer(LLMTrainer):
         total = 0.0
         for start in range(0, len(batch), self.micro_batch):
             part = batch[start:start + self.micro_batch]
-            sync = 0
-            if self.world_size > 1:  # RecBole's way: DDP averages the gradients of each backward pass
-                self.set_reduce_hook()
-                sync = self.sync_grad_loss()
-            loss = self.model.calculate_loss(part) * (len(part) / len(batch))
-            (loss + sync).backward()
+            loss = self._backward(lambda: self.model.calculate_loss(part) * (len(part) / len(batch)))
             total = total + loss.detach()
         return total
 

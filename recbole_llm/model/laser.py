@@ -13,18 +13,9 @@ Choices the paper leaves open (settings in properties/model/Laser.yaml, each wit
 * Prompt titles come from the dataset's item table, never from the batch (it carries the TARGET's features).
 * Suffix outputs are pooled (``suffix_pooling``), LayerNorm-ed without weights (LLM outputs have norms ~30,
   SASRec's below 1) and mapped by a Linear; ``suffix_tokens: 0`` pools the last prompt position instead.
-* Items (``item_repr``), the paper's (``suffix``, the default of ``scoring: paper``): the ACL 2025 version
-  ("Bi-Tuning with Collaborative Information for Controllable LLM-based Sequential Recommendation") has the
-  suffix "transform the LLM output into item/user embeddings", so an item is the frozen LLM over
-  ``[item title | item suffix tokens]``, pooled, normalised and mapped by its own Linear. Items and users
-  have their own suffix tokens and projection (one shared suffix would move the items while phase 2 trains
-  the users). No collaborative prefix on the item side: M-Former's prefix is built from a user's sequence,
-  which an item has not. The LLM is frozen and a title does not change, so each item's title keys and
-  values are computed once (in chunks of ``item_batch_size`` items) and each step runs only the suffix
-  tokens over them (``item_kv_cache``; off: the title is run again with the suffix, same scores).
-  Beyond the paper, for ``scoring: residual``: SASRec's embeddings (``id``), projected title vectors (the
-  frozen LLM's mean-pooled title states, computed once: ``text``), or both (the projection starts at zero,
-  so items start as SASRec's: ``both``, its default).
+* Items (``item_repr``): the paper's (``suffix``, the default of ``scoring: paper``) is the frozen LLM over
+  ``[item title | item suffix tokens]`` (:class:`ItemTitles`, which states the choices); beyond the paper,
+  for ``scoring: residual``: ``id``, ``text`` or ``both`` (its default).
 * Scoring: ``paper`` = the mapped suffix output is the user embedding; ``residual`` (beyond the paper) =
   SASRec's user vector + a trained scalar gate (non-zero at start, so every part gets a gradient) x it.
 * Two phases as the paper (:class:`recbole_llm.trainer.laser.LaserTrainer`): phase 1 trains the item side
@@ -127,6 +118,16 @@ class HistoryPrompt:
 
 class ItemTitles:
     """The frozen LLM over each item's title followed by trainable suffix tokens, for all items.
+
+    The paper's item side (``item_repr: suffix``): the ACL 2025 version of Laser ("Bi-Tuning with
+    Collaborative Information for Controllable LLM-based Sequential Recommendation") has the suffix
+    "transform the LLM output into item/user embeddings", so an item is the frozen LLM over
+    ``[item title | item suffix tokens]``, pooled, normalised and mapped by its own Linear. Items and
+    users have their own suffix tokens and projection (one shared suffix would move the items while
+    phase 2 trains the users). No collaborative prefix on the item side: M-Former's prefix is built
+    from a user's sequence, which an item has not. Beyond the paper (``scoring: residual``): SASRec's
+    embeddings (``id``), projected title vectors (the frozen LLM's mean-pooled title states, computed
+    once: ``text``), or both (the projection starts at zero, so items start as SASRec's: ``both``).
 
     The title part never changes (frozen LLM, fixed text): with ``cache`` its keys and values are
     computed once, in chunks of ``batch_size`` items (left-padded within a chunk), and

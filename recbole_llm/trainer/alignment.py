@@ -20,7 +20,8 @@ doi:10.1145/3626772.3657782; the paper has no arXiv version).
    knowledge of ALL items is regenerated with it and re-encoded, and the recommender trains
    further for ``epochs`` on those cached vectors (end of 4.4).
 
-Choices the paper leaves open (details in :class:`SeRALMTrainer`): the advantage's baseline,
+Choices the paper leaves open (details in :meth:`SeRALMTrainer.align` and
+:meth:`SeRALMTrainer.alignment_step`): the advantage's baseline,
 ``ratio_clip``, ``kl_estimator``, the default ``refresh_interval``, importance weighting of
 stale samples (``importance_clip``) and ``lora_dropout: 0``.
 """
@@ -84,73 +85,11 @@ def alignment_key(config, knowledge_file) -> str:
 class SeRALMTrainer(Trainer):
     """RecBole's Trainer plus SeRALM's alignment stage (see the module docstring).
 
-    Alignment (Algorithm 1), per iteration:
-
-    * knowledge ``s`` is sampled from the LLM being aligned (the shared backbone with LoRA) for
-      the items named by ``resample_items`` of each instance - ``target`` (default: the item
-      ``y``), ``last`` (the most recent history item) or both; all other items keep their
-      cached knowledge. The LLM's prompt for an item is its Fig. 3 prompt, so ``p(s|x)`` is the
-      LLM's probability of ``s`` given that item's prompt; with two items,
-      ``log p(s|x) = log p(s_target|...) + log p(s_last|...)``. ``align_num_samples`` (Eq. 6's
-      k) samples are drawn per instance.
-    * ``p(y|x,s)`` comes from the recommender being trained (full softmax over all items, where
-      instance b sees its own sampled knowledge for its resampled items, in its history and as
-      candidates); ``p(y|x)`` from a frozen knowledge-free recommender: the ``base_model``
-      trained by RecBole on the same split (cached; or ``reference_checkpoint``).
-    * LLM update (Eq. 6 and 8), gradient DESCENT on::
-
-          loss_llm = -mean_b[A_b * log p_align(s_b|x_b)] + kl_coef * KL_b
-          A_b = w(s_b) - w(s_now_b),   w(s) = p(y|x,s) / p(y|x)   (each optionally clipped at ratio_clip)
-
-      ``w(s_b)`` is Eq. 6's weight. The baseline ``w(s_now_b)`` is the paper's open choice made
-      per instance, as in self-critical training: the same recommender's probability of the same
-      target with the knowledge the items have now (the cached greedy answers), over the same
-      ``p(y|x)``. It does not depend on the sample, so the expected gradient is Eq. 6's (since
-      ``E_s[grad log p(s|x)] = 0``), and it removes what a constant baseline cannot: the offset
-      between the recommender being trained and the knowledge-free one (measured on ml-100k:
-      ``w`` ~0.65 for nearly every sample, so ``w - 1`` lowered whatever was sampled). ``A_b > 0``
-      when ``s_b`` helps this user's target more than the current knowledge (below the clip), the sign
-      Eq. 10 describes (``p(y|x,t_c,t_k) / p(y|x,t_c) - 1``). The per-token KL penalty to the
-      original LLM (Eq. 7; the same weights with the adapter disabled via PEFT's
-      ``disable_adapter()``, no second copy) is, per ``kl_estimator``: ``full`` (default) the
-      exact KL(p_align || p_orig) over the vocabulary at every generated position; ``sample``
-      the score-function form on the sampled tokens. Both are zero, with zero gradient, when
-      the adapter is the identity (LoRA B = 0 at init). Log-probabilities are summed over the
-      tokens of ``s`` (up to and including EOS), as in Eq. 6.
-    * recommender update (Eq. 9): gradient descent on ``-log p(y|x,s)`` with the same sampled
-      knowledge (optimiser: Adam, ``align_rec_learning_rate``).
-
-    The asynchronous generator (Fig. 4): a worker thread (torch releases the GIL in its
-    kernels, so generation and training overlap) samples ``s``, encodes it and computes
-    ``p(y|x,s)`` and ``p(y|x)`` on SNAPSHOTS of the LLM adapter and of the recommender, into a
-    bounded queue (``generator_queue_size``); every ``refresh_interval`` iterations the
-    snapshots get the current weights. A snapshot shares the frozen LLM weights with the live
-    model and copies only what trains. ``slow_refresh`` is the paper's ablation (a 60x larger
-    interval). Errors in the worker are re-raised in the trainer; Ctrl-C or an error stops it.
-    Choices the paper leaves open:
-
-    * ``refresh_interval: ~`` (default) = ``min(50, alignment_iterations // 5)``, at least 1: the
-      paper's 50 iterations, or less, so that a short run still refreshes its generator at
-      least 4 times. A run whose interval reaches its iteration budget would never refresh: it
-      says so in one warning.
-    * Stale samples are importance-weighted (the paper does not say how it corrects for them):
-      the worker also returns the sampled tokens' log-probabilities under its snapshot, and the
-      policy term becomes PPO's clipped surrogate per token, ``-min(rho_t A, clip(rho_t, 1 - eps,
-      1 + eps) A)`` with ``rho_t = pi_current(t_k) / pi_snapshot(t_k)``, ``A = A_b`` and
-      ``eps = importance_clip`` (``~``: unclipped). Per token, not per
-      sequence (whose ratio is a product of up to 64 factors), as in PPO fine-tuning. An
-      on-policy sample (``sync``, or a fresh snapshot) has ``rho_t = 1``. Both weights of ``A_b``
-      are the snapshot recommender's (as in Fig. 4) and the KL term is not reweighted.
-    * ``lora_dropout`` defaults to 0: generation runs without dropout, so the LLM trained is
-      the LLM that samples and an on-policy ratio is exactly 1.
-
-    Inference knowledge (end of 4.4): the aligned adapter is saved
-    (``<knowledge_dir>/aligned-<base>-<key>/``, :func:`alignment_key`; reused by a later run with the
-    same settings when ``alignment_cache``), the knowledge of ALL items is regenerated with it
-    (greedy, by the LLM loaded with the saved adapter as a later run loads it; cached under the
-    adapter's fingerprint) and re-encoded, and the recommender is trained further
-    with RecBole's loop for ``epochs`` on those cached vectors. When the adapter is reused from
-    the cache, the recommender updates of step 2 are not replayed.
+    :meth:`fit` runs the knowledge-enhanced training, then :meth:`align` (Algorithm 1: the iterations,
+    the asynchronous generator of Fig. 4 and the choices the paper leaves open about it), then the
+    inference knowledge; :meth:`alignment_step` is one iteration's two updates (Eq. 6-9: the sampled
+    knowledge, the advantage's per-instance baseline, the KL penalty, the recommender's update).
+    :meth:`generation_needed` is :meth:`fit`'s decision, run dry (what it would generate).
     """
 
     supports_distributed = False  # the alignment stage's own loop (distributed.check_distributed_trainer)
@@ -176,6 +115,16 @@ class SeRALMTrainer(Trainer):
 
     # ---- fit
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        """Steps 1-4 of the module docstring.
+
+        Inference knowledge (end of 4.4): the aligned adapter is saved
+        (``<knowledge_dir>/aligned-<base>-<key>/``, :func:`alignment_key`; reused by a later run with the
+        same settings when ``alignment_cache``), the knowledge of ALL items is regenerated with it
+        (greedy, by the LLM loaded with the saved adapter as a later run loads it; cached under the
+        adapter's fingerprint) and re-encoded, and the recommender is trained further
+        with RecBole's loop for ``epochs`` on those cached vectors. When the adapter is reused from
+        the cache, the recommender updates of step 2 are not replayed.
+        """
         config = self.config
         iterations = int(config["alignment_iterations"])
         if iterations <= 0 or config["llm_adapter"]:
@@ -285,7 +234,33 @@ class SeRALMTrainer(Trainer):
         )
 
     def align(self, train_data, show_progress=False, llm=None, tokenizer=None, reference=None):
-        """Algorithm 1 for ``alignment_iterations`` iterations; returns ``(llm, tokenizer)``."""
+        """Algorithm 1 for ``alignment_iterations`` iterations (each: :meth:`alignment_step`); returns
+        ``(llm, tokenizer)``.
+
+        The asynchronous generator (Fig. 4): a worker thread (torch releases the GIL in its
+        kernels, so generation and training overlap) samples ``s``, encodes it and computes
+        ``p(y|x,s)`` and ``p(y|x)`` on SNAPSHOTS of the LLM adapter and of the recommender, into a
+        bounded queue (``generator_queue_size``); every ``refresh_interval`` iterations the
+        snapshots get the current weights. A snapshot shares the frozen LLM weights with the live
+        model and copies only what trains. ``slow_refresh`` is the paper's ablation (a 60x larger
+        interval). Errors in the worker are re-raised in the trainer; Ctrl-C or an error stops it.
+        Choices the paper leaves open:
+
+        * ``refresh_interval: ~`` (default) = ``min(50, alignment_iterations // 5)``, at least 1: the
+          paper's 50 iterations, or less, so that a short run still refreshes its generator at
+          least 4 times. A run whose interval reaches its iteration budget would never refresh: it
+          says so in one warning.
+        * Stale samples are importance-weighted (the paper does not say how it corrects for them):
+          the worker also returns the sampled tokens' log-probabilities under its snapshot, and the
+          policy term becomes PPO's clipped surrogate per token, ``-min(rho_t A, clip(rho_t, 1 - eps,
+          1 + eps) A)`` with ``rho_t = pi_current(t_k) / pi_snapshot(t_k)``, ``A = A_b`` and
+          ``eps = importance_clip`` (``~``: unclipped). Per token, not per
+          sequence (whose ratio is a product of up to 64 factors), as in PPO fine-tuning. An
+          on-policy sample (``sync``, or a fresh snapshot) has ``rho_t = 1``. Both weights of ``A_b``
+          are the snapshot recommender's (as in Fig. 4) and the KL term is not reweighted.
+        * ``lora_dropout`` defaults to 0: generation runs without dropout, so the LLM trained is
+          the LLM that samples and an on-policy ratio is exactly 1.
+        """
         config, model = self.config, self.model
         iterations = int(config["alignment_iterations"])
         mode = config["generator_mode"]
@@ -342,7 +317,42 @@ class SeRALMTrainer(Trainer):
         return llm, tokenizer
 
     def alignment_step(self, llm, sample: Sample, llm_optimizer, rec_optimizer) -> dict:
-        """Algorithm 1 lines 5-6 on one sample; returns its statistics."""
+        """Algorithm 1 lines 5-6 on one sample; returns its statistics.
+
+        * knowledge ``s`` is sampled from the LLM being aligned (the shared backbone with LoRA) for
+          the items named by ``resample_items`` of each instance - ``target`` (default: the item
+          ``y``), ``last`` (the most recent history item) or both; all other items keep their
+          cached knowledge. The LLM's prompt for an item is its Fig. 3 prompt, so ``p(s|x)`` is the
+          LLM's probability of ``s`` given that item's prompt; with two items,
+          ``log p(s|x) = log p(s_target|...) + log p(s_last|...)``. ``align_num_samples`` (Eq. 6's
+          k) samples are drawn per instance.
+        * ``p(y|x,s)`` comes from the recommender being trained (full softmax over all items, where
+          instance b sees its own sampled knowledge for its resampled items, in its history and as
+          candidates); ``p(y|x)`` from a frozen knowledge-free recommender: the ``base_model``
+          trained by RecBole on the same split (cached; or ``reference_checkpoint``).
+        * LLM update (Eq. 6 and 8), gradient DESCENT on::
+
+              loss_llm = -mean_b[A_b * log p_align(s_b|x_b)] + kl_coef * KL_b
+              A_b = w(s_b) - w(s_now_b),   w(s) = p(y|x,s) / p(y|x)   (each optionally clipped at ratio_clip)
+
+          ``w(s_b)`` is Eq. 6's weight. The baseline ``w(s_now_b)`` is the paper's open choice made
+          per instance, as in self-critical training: the same recommender's probability of the same
+          target with the knowledge the items have now (the cached greedy answers), over the same
+          ``p(y|x)``. It does not depend on the sample, so the expected gradient is Eq. 6's (since
+          ``E_s[grad log p(s|x)] = 0``), and it removes what a constant baseline cannot: the offset
+          between the recommender being trained and the knowledge-free one (measured on ml-100k:
+          ``w`` ~0.65 for nearly every sample, so ``w - 1`` lowered whatever was sampled). ``A_b > 0``
+          when ``s_b`` helps this user's target more than the current knowledge (below the clip), the sign
+          Eq. 10 describes (``p(y|x,t_c,t_k) / p(y|x,t_c) - 1``). The per-token KL penalty to the
+          original LLM (Eq. 7; the same weights with the adapter disabled via PEFT's
+          ``disable_adapter()``, no second copy) is, per ``kl_estimator``: ``full`` (default) the
+          exact KL(p_align || p_orig) over the vocabulary at every generated position; ``sample``
+          the score-function form on the sampled tokens. Both are zero, with zero gradient, when
+          the adapter is the identity (LoRA B = 0 at init). Log-probabilities are summed over the
+          tokens of ``s`` (up to and including EOS), as in Eq. 6.
+        * recommender update (Eq. 9): gradient descent on ``-log p(y|x,s)`` with the same sampled
+          knowledge (optimiser: Adam, ``align_rec_learning_rate``).
+        """
         config, model = self.config, self.model
         full = config["kl_estimator"] == "full"
         batch, k = sample.items.shape

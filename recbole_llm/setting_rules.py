@@ -45,6 +45,11 @@ class Choice:
         return (f"{key}={value!r} is not one of {allowed}{hint} Set --{key}={fix} (or {key}: {fix} in your YAML "
                 f"file; {key}: {self.meaning}).")
 
+    def bounds(self) -> str:
+        """The allowed values in words, e.g. 'one of full, sample'."""
+        return (("a list of " if self.many else "one of ") + ", ".join(self.values)
+                + (f", or ~ ({self.none})" if self.none else ""))
+
     def _closest(self, name) -> str | None:
         close = difflib.get_close_matches(str(name), self.values, n=1, cutoff=0.6)
         return close[0] if close else None
@@ -210,6 +215,12 @@ def problem(key: str, value) -> str | None:
     """The one-line problem of ``value`` for setting ``key``, or None (also for a setting without a rule)."""
     rule = RULES.get(key)
     return rule.problem(key, value) if rule else None
+
+
+def allowed(key: str) -> str | None:
+    """The allowed values of setting ``key`` in words (None: it has no rule)."""
+    rule = RULES.get(key)
+    return rule.bounds() if rule else None
 
 
 def check_settings(settings: dict) -> None:

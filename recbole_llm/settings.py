@@ -4,8 +4,9 @@ A run's settings are layered as :func:`recbole_llm.config.load_config` builds th
 own property files (overall, the model's, its quick-start files), then ours (overall.yaml,
 dataset/<dataset>.yaml, model/<Model>.yaml), then the user's ``--config_files``, config dict
 and ``--key=value`` flags. :func:`describe` prints a model's defaults with the comment of
-each (``recbole-llm --settings MODEL``); :func:`changed_settings` lists the settings a run
-changes, with their default and where the new value was given (logged once at the start).
+each and its allowed values (:mod:`recbole_llm.setting_rules`; ``recbole-llm --settings MODEL``);
+:func:`changed_settings` lists the settings a run changes, with their default and where the new
+value was given (logged once at the start).
 Colour codes are written only to a terminal (:func:`paint`).
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from recbole_llm import checks, registry
+from recbole_llm import checks, registry, setting_rules
 from recbole_llm.config import properties_dir, property_files
 from recbole_llm.yaml_io import read_yaml
 
@@ -130,7 +131,9 @@ def describe(model_name: str, dataset: str = "ml-100k", stream=None) -> str:
         for key in keys:
             text = f"{key}: {_value(settings[key].value)}"
             pad = " " * max(width - len(text), 0)
-            comment = f"  # {settings[key].comment}" if settings[key].comment else ""
+            rule = setting_rules.allowed(key)
+            comment = " ".join(filter(None, [settings[key].comment, rule and f"[{rule}]"]))
+            comment = f"  # {comment}" if comment else ""
             lines.append(f"  {paint(key, 'green', stream)}: {_value(settings[key].value)}{pad}{comment}")
     return "\n".join(lines)
 

@@ -38,6 +38,8 @@ def test_settings_prints_each_default_with_its_comment_from_the_most_specific_fi
     out = capsys.readouterr().out
     model_part = out.split("properties/model/LlamaRec.yaml", 1)[1].split("properties/overall.yaml", 1)[0]
     assert "candidate_k: 20" in model_part and "# (int) Candidates per user" in model_part
+    assert "[a whole number from 1 to 26]" in model_part  # the allowed values, from setting_rules
+    assert "[one of random, retriever, mix]" in model_part
     assert "train_batch_size: 4 " in model_part  # LlamaRec's own default, not overall.yaml's 256
     overall = out.split("properties/overall.yaml", 1)[1].split("recbole/properties", 1)[0]
     assert "eval_slices: False" in overall and "train_batch_size" not in overall

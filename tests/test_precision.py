@@ -227,7 +227,7 @@ def test_seralm_aligns_one_iteration_and_evaluates(precision, tiny_data, tiny_ll
         assert loaded and all(assert_llm_precision(llm, name) is None for llm, _ in loaded)
         assert_computed_in(aligning, name)
     assert trainer.alignment_stats["iterations"] == 1 and torch.isfinite(torch.tensor(trainer.alignment_stats["kl"]))
-    assert 0.0 <= result["ndcg@10"] <= 1.0
+    assert all(torch.isfinite(torch.tensor(value)) for value in result.values())  # scores read in float32, no NaN
 
 
 def test_4bit_without_cuda_falls_back_to_lora_with_one_line(tiny_data, tiny_llama_dir, caplog, monkeypatch):

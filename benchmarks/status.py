@@ -33,7 +33,7 @@ SECTION = "status"
 DATASET = "ml-100k"
 #: The last change that moved each model's numbers: a record from before it is not current.
 CHANGES = {
-    "LlamaRec": ("5b16f6c", "candidates left out the whole history and scoring ran in eval mode (2026-12-06)"),
+    "LlamaRec": ("1684a57", "the prompt's history became 10 items (ranker_history_len, 2026-12-07)"),
     "E4SRec": ("3f63911", "the authors' training rows became the default (2026-11-30)"),
     "Laser": ("eb29e97", "items went through the frozen LLM (2026-12-06)"),
     "SeRALM": ("5c389a1", "the alignment's per-instance baseline (2026-12-06)"),

@@ -324,7 +324,7 @@ def main():
         )
 
     # one section per scoring: "laser" for the default's, "laser_<scoring>" for another one given on the command line
-    section = "laser" if "scoring" not in parse_overrides(rest) else f"laser_{config['scoring']}"
+    section = "laser" if "scoring" not in overrides else f"laser_{config['scoring']}"
     title = f"Laser vs SASRec on {args.dataset}" + ("" if section == "laser" else f" (scoring {config['scoring']})")
     write_section(section, title, body())  # the main comparison first; variants, seeds and ablations as they finish
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:

@@ -129,7 +129,7 @@ def train_steps(model, train, steps: int, learning_rate: float, device) -> int:
 
 def check(model_name: str, precision: str, args, overrides: dict) -> dict:
     import torch
-    from results_doc import Stopwatch
+    from results_doc import Stopwatch, bare_argv
 
     from recbole_llm.quick_start import build
 
@@ -146,8 +146,9 @@ def check(model_name: str, precision: str, args, overrides: dict) -> dict:
         return setup
 
     # the model's construction trains stage 1 (cached after the first precision)
-    config, model, trainer, (train, _, test) = build(model_name, args.dataset, config_dict=settings,
-                                                     around_model=measured_setup)
+    with bare_argv():  # each check's precision is its own, whatever the command line says
+        config, model, trainer, (train, _, test) = build(model_name, args.dataset, config_dict=settings,
+                                                         around_model=measured_setup)
     device, setup_s = config["device"], setup.seconds
 
     start = time.perf_counter()

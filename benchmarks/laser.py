@@ -39,7 +39,7 @@ import time
 
 import torch
 from recbole.trainer import Trainer
-from results_doc import (METRICS, ROOT, Stopwatch, command, commit, load_record, machine, markdown_table,
+from results_doc import (METRICS, ROOT, Stopwatch, bare_argv, command, commit, load_record, machine, markdown_table,
                          parse_overrides, run_record_path, standard_error, write_record, write_section)
 
 from recbole_llm import run_recbole_llm
@@ -72,8 +72,9 @@ def llm_depth(config) -> int:
 def run_laser(dataset_name, overrides, fit_validation=True):
     """Train and test one Laser; returns (test result, stats, model, config, test data)."""
     setup = Stopwatch()
-    config, model, trainer, (train_data, valid_data, test_data) = build("Laser", dataset_name, config_dict=overrides,
-                                                                        around_model=setup)
+    with bare_argv():  # the overrides (a variant's included) are config_dict's, not RecBole's command line
+        config, model, trainer, (train_data, valid_data, test_data) = build("Laser", dataset_name,
+                                                                            config_dict=overrides, around_model=setup)
     build_seconds = setup.seconds
 
     rows = {"train": 0, "eval": 0}
@@ -209,8 +210,9 @@ def item_cache_cost(dataset_name, overrides, repeats=2) -> str:
     """Seconds of one phase-1 step of the paper's item side (every item through [title | item suffix],
     forward and backward) with the title key/value cache and without it, alternated on one model; the
     cache's one-time build; and phase 1's item-side cost per epoch. Returns the RESULTS text."""
-    config, model, _, (train_data, _, _) = build("Laser", dataset_name,
-                                                 config_dict={**overrides, "scoring": "paper", "item_repr": "suffix"})
+    with bare_argv():
+        config, model, _, (train_data, _, _) = build("Laser", dataset_name,
+                                                     config_dict={**overrides, "scoring": "paper", "item_repr": "suffix"})
     model.train()
     model.item_side_held = False
     targets = torch.randint(1, model.n_items, (config["item_phase_batch_size"] or config["train_batch_size"],))
@@ -362,7 +364,8 @@ def main():
     print("E4SRec (shipped defaults) ...", flush=True)
     t = time.perf_counter()
     try:
-        result = run_recbole_llm("E4SRec", args.dataset, config_dict=dict(overrides))
+        with bare_argv():
+            result = run_recbole_llm("E4SRec", args.dataset, config_dict=dict(overrides))
     except Exception as error:  # another engineer's model: report, do not fail the Laser benchmark
         note = f"E4SRec: failed to run ({type(error).__name__}: {str(error)[:200]})."
         print(note, flush=True)

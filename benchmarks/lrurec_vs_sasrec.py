@@ -13,7 +13,7 @@ import argparse
 import statistics
 import time
 
-from results_doc import METRICS, markdown_table, parse_overrides, write_section
+from results_doc import METRICS, bare_argv, markdown_table, parse_overrides, write_section
 
 from recbole_llm import run_recbole_llm
 
@@ -35,7 +35,8 @@ def main():
         for model, epochs in EPOCH_BUDGET.items():
             start = time.perf_counter()
             config = {"show_progress": False, "epochs": epochs, **overrides, "seed": seed}
-            test = run_recbole_llm(model, args.dataset, config_dict=config)["test_result"]
+            with bare_argv():  # a --seed=... of ours must not override each seed's
+                test = run_recbole_llm(model, args.dataset, config_dict=config)["test_result"]
             minutes = (time.perf_counter() - start) / 60
             ndcg[model].append(test["ndcg@10"])
             rows.append([model, seed] + [f"{test[m]:.4f}" for m in METRICS] + [f"{minutes:.1f}"])

@@ -192,7 +192,7 @@ RULES: dict[str, Choice | Range] = {
     "warmup_epochs": whole(0, "the number of epochs before alignment"),
     "align_batch_size": whole(1, "the number of training instances per alignment iteration"),
     "align_num_samples": whole(1, "the number of knowledge samples per instance"),
-    "resample_items": Choice(("target", "last"), "whose knowledge is sampled per instance", many=True),
+    "resample_items": Choice(("target", "last", "history"), "whose knowledge is sampled per instance", many=True),
     "align_max_new_tokens": whole(1, "the longest sampled knowledge in tokens"),
     "align_temperature": positive("the sampling temperature"),
     "align_top_p": Range(float, 0, "the nucleus-sampling share", 1, low_open=True),

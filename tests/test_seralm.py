@@ -454,6 +454,29 @@ def test_joint_step_cap_keeps_the_targets_first():
     assert fused.knowledge.any(dim=1).nonzero().flatten().tolist() == [7, 9]  # the memory: those two only
 
 
+def test_history_resampling_draws_history_items_other_than_the_target_and_repeats_with_the_seed():
+    from types import SimpleNamespace
+
+    from recbole_llm.trainer.knowledge_source import GeneratorJob
+
+    model = SimpleNamespace(POS_ITEM_ID="item_id", ITEM_SEQ="item_id_list", ITEM_SEQ_LEN="item_length")
+    seq = torch.tensor([[4, 5, 6, 0, 0], [7, 7, 8, 9, 0], [3, 0, 0, 0, 0]])
+    batch = {"item_id": torch.tensor([5, 7, 3]), "item_id_list": seq, "item_length": torch.tensor([3, 4, 1])}
+
+    def draws(seed, n=200):
+        job = GeneratorJob(None, None, model, None, {}, ("target", "history"), seed=seed)
+        return torch.stack([job.resampled(batch) for _ in range(n)])  # [n, B, 2]
+
+    items = draws(2020)
+    assert torch.equal(items[:, :, 0], batch["item_id"].expand(200, 3))  # the target column is y
+    assert set(items[:, 0, 1].tolist()) == {4, 6}  # the history but y, padding never
+    assert set(items[:, 1, 1].tolist()) == {8, 9}
+    assert set(items[:, 2, 1].tolist()) == {3}  # a history of y alone: y
+    assert torch.equal(items, draws(2020)) and not torch.equal(items, draws(2021))
+    last = GeneratorJob(None, None, model, None, {}, ("last",)).resampled(batch)
+    assert last.flatten().tolist() == [6, 9, 3]
+
+
 def test_knowledge_override_is_per_instance_even_when_the_batch_is_as_large_as_the_catalogue():
     from recbole_llm.model.seralm import FusedItemEmbedding
 

@@ -64,7 +64,7 @@ def test_the_line_names_the_value_the_allowed_values_and_the_fix(tiny_data):
     assert str(error.value).startswith("llm_layers=0 is out of range: the number of the frozen LLM's first decoder "
                                        "layers kept, a whole number >= 1, or ~ (all). Set --llm_layers=...")
     with pytest.raises(InputError, match=r"^resample_items=\['target', 'lst'\] is not a non-empty list of target, "
-                                         r"last: did you mean last\? Set resample_items: \[target, last\] in your"):
+                                         r"last, history: did you mean last\? Set resample_items: \[target, last\] in your"):
         load_config("SeRALM", name, config_dict={**overrides, "resample_items": ["target", "lst"]})
 
 

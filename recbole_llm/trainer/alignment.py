@@ -230,7 +230,7 @@ class SeRALMTrainer(Trainer):
             use_chat_template=config["use_chat_template"],
             max_new_tokens=config["align_max_new_tokens"],
             temperature=config["align_temperature"], top_p=config["align_top_p"],
-            text_format=config["knowledge_text_format"], score_tokens=score_tokens,
+            text_format=config["knowledge_text_format"], score_tokens=score_tokens, seed=config["seed"],
         )
 
     def align(self, train_data, show_progress=False, llm=None, tokenizer=None, reference=None):
@@ -321,8 +321,8 @@ class SeRALMTrainer(Trainer):
 
         * knowledge ``s`` is sampled from the LLM being aligned (the shared backbone with LoRA) for
           the items named by ``resample_items`` of each instance - ``target`` (default: the item
-          ``y``), ``last`` (the most recent history item) or both; all other items keep their
-          cached knowledge. The LLM's prompt for an item is its Fig. 3 prompt, so ``p(s|x)`` is the
+          ``y``), ``last`` (the most recent history item), ``history`` (a random one) or several; all
+          other items keep their cached knowledge. The LLM's prompt for an item is its Fig. 3 prompt, so ``p(s|x)`` is the
           LLM's probability of ``s`` given that item's prompt; with two items,
           ``log p(s|x) = log p(s_target|...) + log p(s_last|...)``. ``align_num_samples`` (Eq. 6's
           k) samples are drawn per instance.

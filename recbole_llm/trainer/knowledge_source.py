@@ -52,8 +52,9 @@ class GeneratorJob:
 
     def __init__(self, llm, tokenizer, recommender, reference, item_fields, resample_items=("target",),
                  template=KNOWLEDGE_PROMPT, use_chat_template=True, max_new_tokens=64, temperature=1.0, top_p=1.0,
-                 text_format=None, score_tokens=False):
+                 text_format=None, score_tokens=False, seed=0):
         self.llm, self.recommender, self.reference = llm, recommender, reference
+        self.history_draws = torch.Generator().manual_seed(int(seed))  # resample_items "history" 
         self.generator = KnowledgeGenerator(llm, tokenizer, template, use_chat_template, max_new_tokens)
         self.item_fields = item_fields
         self.resample_items = tuple(resample_items)
@@ -62,15 +63,28 @@ class GeneratorJob:
         self.score_tokens = score_tokens
 
     def resampled(self, interaction) -> torch.Tensor:
+        """[B, K]: per instance, the items named by ``resample_items``: ``target`` (y), ``last`` (the most
+        recent history item), ``history`` (a history item drawn uniformly, other than y where the history
+        has one: the control that resamples as many items but none correlated with the label)."""
         model = self.recommender
+        target = interaction[model.POS_ITEM_ID]
+        seq, length = interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN]
         columns = []
         for which in self.resample_items:
             if which == "target":
-                columns.append(interaction[model.POS_ITEM_ID])
-            else:  # the most recent history item
-                seq, length = interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN]
+                columns.append(target)
+            elif which == "last":
                 columns.append(seq.gather(1, (length - 1).clamp(min=0).unsqueeze(1)).squeeze(1))
+            else:
+                columns.append(seq.gather(1, self.history_position(seq, length, target).unsqueeze(1)).squeeze(1))
         return torch.stack(columns, dim=1)
+
+    def history_position(self, seq, length, target) -> torch.Tensor:
+        """[B]: one uniformly drawn position of each instance's history, avoiding its target where it can."""
+        in_history = torch.arange(seq.size(1), device=seq.device).unsqueeze(0) < length.clamp(min=1).unsqueeze(1)
+        weights = (in_history & (seq != target.unsqueeze(1))).float()
+        weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, in_history.float())
+        return torch.multinomial(weights.cpu(), 1, generator=self.history_draws).squeeze(1).to(seq.device)
 
     def __call__(self, interaction) -> Sample:
         items = self.resampled(interaction)

@@ -24,7 +24,9 @@ three runs of one base model (e.g. ``--Caser.MAX_ITEM_LIST_LENGTH=5``, the Caser
 Each base model's runs are one record (``benchmarks/records/seralm/<dataset>/<base>.json``, committed, with its command,
 machine and date), so the bases can run at different times; the timings are one more record,
 measured when it is missing (``--timing auto``). Writes the "seralm" section of docs/RESULTS.md
-from all the records.
+from all the records: per base its summary line (SeRALM(Base) / Base HIT@10 over seeds, aligned /
+un-aligned) and the alignment's curve per iteration (advantage, KL, importance ratios, JSON answers;
+saved with the aligned adapter, so a reused adapter brings it).
 
 One run per cell leaves about a point of HIT@10 to chance. ``--seeds=main,2021,2022`` adds runs
 with other seeds (``main`` = the configured seed, the full procedure above; each other seed is
@@ -163,7 +165,8 @@ def run_base(base: str, dataset: str, shared: dict, own: dict, seed: int | None 
         result, trainer, net, test, minutes = train_and_test(model, dataset, {**settings, **extra})
         runs[label] = (net, test)
         stats = {k: v for k, v in getattr(trainer, "alignment_stats", {}).items() if isinstance(v, (int, float, str))}
-        variants[label] = {**{m: float(result[m]) for m in METRICS}, "minutes": minutes, "alignment": stats}
+        variants[label] = {**{m: float(result[m]) for m in METRICS}, "minutes": minutes, "alignment": stats,
+                           "alignment_trace": getattr(trainer, "alignment_trace", [])}
         print(base, label, result, f"{minutes:.1f} min", stats, flush=True)
         record = {"base": base, "overrides": own, "seed": seed, **aligned,
                   "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
@@ -185,12 +188,34 @@ def run_timing(dataset: str, shared: dict, iterations: int, n_items: int) -> dic
             "refresh_interval": speed["refresh_interval"], "refreshes": speed["refreshes"]}
 
 
+#: The alignment curve's columns: (heading, statistic of alignment_step, format).
+CURVE = (("advantage mean", "advantage", "{:+.4f}"), ("advantage spread (s.d.)", "advantage_std", "{:.4f}"),
+         ("KL", "kl", "{:.4f}"), ("importance ratio", "importance", "{:.3f}"), ("clipped tokens", "clipped", "{:.3f}"),
+         ("JSON answers", "json_share", "{:.2f}"), ("reward ratio w", "ratio", "{:.3f}"))
+
+
+def alignment_curve(base: str, trace: list[dict], rows: int = 10) -> list[str]:
+    """The alignment's statistics per iteration (means over at most ``rows`` equal spans of iterations)."""
+    if not trace:
+        return []
+    span = -(-len(trace) // rows)
+    table = []
+    for start in range(0, len(trace), span):
+        part = trace[start:start + span]
+        first, last = part[0]["iteration"], part[-1]["iteration"]
+        table.append([f"{first}" if first == last else f"{first}-{last}"]
+                     + [fmt.format(statistics.mean(t[key] for t in part)) if all(key in t for t in part) else "-"
+                        for _, key, fmt in CURVE])
+    return [f"Alignment of SeRALM({base}), main run ({len(trace)} iterations; each row the mean over its iterations):",
+            "", markdown_table(["iterations"] + [heading for heading, _, _ in CURVE], table), ""]
+
+
 def section_body(dataset: str, records: dict, timing: dict | None) -> str:
     """The "seralm" section from every base model's records (each says when, where and how it ran).
 
     ``records``: base model -> its runs, the main run first, then the extra seeds.
     """
-    rows, checks, latency_rows, provenance = [], [], [], []
+    rows, checks, latency_rows, provenance, curves = [], [], [], [], []
     for base, runs in records.items():
         if runs[0].get("unfinished"):  # an interrupted main run: what it measured, no comparison
             runs = runs[:1]
@@ -211,16 +236,16 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
         users = runs[0]["test_users"]
         noise = (plain * (1 - plain) / users) ** 0.5  # binomial standard error of one HIT@10
         ratios = [a / b for a, b in zip(hits["Base+SeRALM"], hits["Base"])]
-        checks.append(f"- {base}: Base+SeRALM / Base HIT@10 = {aligned / plain:.3f}"
+        spread = f"standard error {standard_error(ratios):.3f}" if len(runs) > 1 else "one run: no standard error"
+        checks.append(f"- SeRALM({base}) / {base} HIT@10, mean over {len(runs)} seed{'s' * (len(runs) > 1)}: {statistics.mean(ratios):.3f} "
+                      f"({spread}); aligned / un-aligned: {aligned / na:.3f}"
                       + (" (goal >= 1.03)" if base == "SASRec" else "")
-                      + (f", mean of {len(runs)} runs (per run: {', '.join(f'{r:.3f}' for r in ratios)}; "
-                         f"standard error {standard_error(ratios):.3f})" if len(runs) > 1 else "")
-                      + f"; Base+SeRALM >= Base+NA_LLM: {'yes' if aligned >= na else 'no'} "
-                      f"({100 * aligned:.2f} vs {100 * na:.2f})"
-                      f"; standard error of one HIT@10 over {users} test users: about {100 * noise:.1f} points")
+                      + (f". Per run: {', '.join(f'{r:.3f}' for r in ratios)}" if len(runs) > 1 else "")
+                      + f"; standard error of one HIT@10 over {users} test users: about {100 * noise:.1f} points")
         ms = runs[0]["latency_ms"]
         latency_rows.append([base, f"{ms['base']:.2f}", f"{ms['seralm']:.2f}", f"{ms['seralm'] / ms['base']:.2f}"])
         main = runs[0]
+        curves += alignment_curve(base, main["variants"]["Base+SeRALM"].get("alignment_trace", []))
         own = f", overrides {json.dumps(main['overrides'])}" if main["overrides"] else ""
         provenance.append(f"- {base}: measured {main['measured']}{own}; `{main['command']}`; {main['machine']}"
                           + (f". {main['note']}" if main.get("note") else ""))
@@ -254,6 +279,7 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
         "",
         *timing_text,
         "",
+        *curves,
         "Earlier measurements, made before the generator refreshed within a run and weighted stale samples "
         "(SASRec and Caser over 5 seeds, LightSANs over 3): this section at commit 3ed7969.",
         "",

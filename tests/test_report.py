@@ -173,12 +173,22 @@ def test_seralm_section_grows_one_base_model_at_a_time(monkeypatch):
     records = {"SASRec": [record("SASRec", (0.10, 0.11, 0.12))],
                "Caser": [record("Caser", (0.20, 0.18, 0.15), {"MAX_ITEM_LIST_LENGTH": 5})]}
     body = seralm.section_body("ml-100k", records, timing=None)
-    assert "- SASRec: Base+SeRALM / Base HIT@10 = 1.200 (goal >= 1.03); Base+SeRALM >= Base+NA_LLM: yes" in body
-    assert "- Caser: Base+SeRALM / Base HIT@10 = 0.750; Base+SeRALM >= Base+NA_LLM: no (15.00 vs 18.00)" in body
+    assert ("- SeRALM(SASRec) / SASRec HIT@10, mean over 1 seed: 1.200 (one run: no standard error); "
+            "aligned / un-aligned: 1.091 (goal >= 1.03);") in body
+    assert "- SeRALM(Caser) / Caser HIT@10, mean over 1 seed: 0.750 (one run: no standard error); aligned / un-aligned: 0.833;" in body
     assert "| Caser | Base+SeRALM | 1 | 15.00 | 7.50 | 15.00 | 1.0 |" in body and "| SASRec | 10.00 | 12.00 | 1.20 |" in body
     assert "about 3.0 points" in body  # sqrt(0.1 * 0.9 / 100)
     assert '- Caser: measured 2026-01-01 00:00 UTC, overrides {"MAX_ITEM_LIST_LENGTH": 5}' in body
     assert "Timings: not measured yet." in body
+    assert "Alignment of" not in body  # no trace recorded: no curve
+    trace = [{"iteration": i, "advantage": 0.1 * i, "advantage_std": 0.5, "kl": 0.01 * i, "importance": 1.0,
+              "clipped": 0.0, "json_share": 0.75, "ratio": 0.6} for i in range(1, 26)]
+    records["SASRec"][0]["variants"]["Base+SeRALM"]["alignment_trace"] = trace
+    curve = seralm.section_body("ml-100k", records, timing=None).split("Alignment of SeRALM(SASRec)")[1]
+    assert "main run (25 iterations" in curve
+    assert "| 1-3 | +0.2000 | 0.5000 | 0.0200 | 1.000 | 0.000 | 0.75 | 0.600 |" in curve  # spans of 3: the means
+    assert "| 25-25 |" not in curve and "| 25 | +2.5000 |" in curve
+    del records["SASRec"][0]["variants"]["Base+SeRALM"]["alignment_trace"]
     assert seralm.record_file("ml-100k", "Caser").parts[-3:] == ("seralm", "ml-100k", "Caser.json")
 
     records["SASRec"] += [record("SASRec", (0.12, 0.10, 0.14), seed=2021), record("SASRec", (0.14, 0.12, 0.16), seed=2022)]
@@ -186,9 +196,8 @@ def test_seralm_section_grows_one_base_model_at_a_time(monkeypatch):
     # HIT@10 of Base over the seeds: 10, 12, 14 -> 12.00 ± 2.00; Base+SeRALM: 12, 14, 16 -> 14.00 ± 2.00
     assert "| SASRec | Base | 3 | 12.00 ± 2.00 | 6.00 ± 1.00 | 10.00 / 12.00 / 14.00 | 1.0 |" in body
     assert "| SASRec | Base+SeRALM | 3 | 14.00 ± 2.00 |" in body
-    assert ("Base+SeRALM / Base HIT@10 = 1.167 (goal >= 1.03), mean of 3 runs (per run: 1.200, 1.167, 1.143; "
-            "standard error 0.017)") in body
-    assert "Base+SeRALM >= Base+NA_LLM: yes (14.00 vs 11.00)" in body
+    assert ("- SeRALM(SASRec) / SASRec HIT@10, mean over 3 seeds: 1.170 (standard error 0.017); aligned / un-aligned: "
+            "1.273 (goal >= 1.03). Per run: 1.200, 1.167, 1.143;") in body  # ratios per seed; HIT@10 14 / 11
     assert "  - seed 2022: measured 2026-01-01 00:00 UTC" in body and "(llm_adapter=aligned-x)" in body
     assert seralm.record_file("ml-100k", "SASRec", 2021).name == "SASRec-seed2021.json"
 

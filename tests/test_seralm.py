@@ -527,6 +527,9 @@ def test_alignment_end_to_end_with_the_async_generator(seralm_env, monkeypatch):
     adapter_dir = trainer.alignment_dir()
     assert adapter_dir_fingerprint(adapter_dir) is not None  # saved, and not the identity adapter
     assert stats["knowledge_file"] != na_file  # regenerated under the aligned adapter's key
+    trace = trainer.alignment_trace  # the curve: one entry per iteration, saved with the adapter
+    assert [t["iteration"] for t in trace] == [1, 2] and trace[-1]["kl"] == pytest.approx(stats["kl"] * 2 - trace[0]["kl"])
+    assert all(0 <= t["json_share"] <= 1 and {"advantage", "advantage_std", "importance"} <= set(t) for t in trace)
     trainer.evaluate(test, load_best_model=True, show_progress=False)  # the best checkpoint loads back
     # a second run with the same settings reuses the aligned adapter and its knowledge
     config2, model2, (train2, valid2, _) = _build(
@@ -536,6 +539,7 @@ def test_alignment_end_to_end_with_the_async_generator(seralm_env, monkeypatch):
     trainer2.fit(train2, valid2, saved=False, show_progress=False)
     assert trainer2.alignment_stats["reused"] == str(adapter_dir)
     assert trainer2.alignment_stats["knowledge_file"] == stats["knowledge_file"]
+    assert trainer2.alignment_trace == trace  # a reused adapter brings its curve
 
 
 def _aligner(env, monkeypatch, **extra):

@@ -47,7 +47,8 @@ import torch
 from results_doc import (ROOT, bare_argv, command, load_record, machine, markdown_table, parse_overrides,
                          split_overrides, standard_error, write_record, write_section)
 
-from recbole_llm.quick_start import build
+from recbole_llm.quick_start import build, slice_columns
+from recbole_llm.trainer.slices import SLICES
 
 METRICS = ["hit@10", "ndcg@10"]
 PAPER_SASREC = (21.02, 21.43, 21.66)  # MovieLens-1M HIT@10 (%): Base, Base+NA_LLM, Base+SeRALM (Table 1)
@@ -166,6 +167,7 @@ def run_base(base: str, dataset: str, shared: dict, own: dict, seed: int | None 
         runs[label] = (net, test)
         stats = {k: v for k, v in getattr(trainer, "alignment_stats", {}).items() if isinstance(v, (int, float, str))}
         variants[label] = {**{m: float(result[m]) for m in METRICS}, "minutes": minutes, "alignment": stats,
+                           "slices": slice_columns(result),
                            "alignment_trace": getattr(trainer, "alignment_trace", [])}
         print(base, label, result, f"{minutes:.1f} min", stats, flush=True)
         record = {"base": base, "overrides": own, "seed": seed, **aligned,
@@ -188,6 +190,8 @@ def run_timing(dataset: str, shared: dict, iterations: int, n_items: int) -> dic
             "refresh_interval": speed["refresh_interval"], "refreshes": speed["refreshes"]}
 
 
+#: NDCG@10 per slice (popularity of the target, then the user's history length): RecBole's metric per group.
+SLICE_COLUMNS = tuple(f"ndcg@10 {name}" for names in SLICES.values() for name in names)
 #: The alignment curve's columns: (heading, statistic of alignment_step, format).
 CURVE = (("advantage mean", "advantage", "{:+.4f}"), ("advantage spread (s.d.)", "advantage_std", "{:.4f}"),
          ("KL", "kl", "{:.4f}"), ("importance ratio", "importance", "{:.3f}"), ("clipped tokens", "clipped", "{:.3f}"),
@@ -210,12 +214,24 @@ def alignment_curve(base: str, trace: list[dict], rows: int = 10) -> list[str]:
             "", markdown_table(["iterations"] + [heading for heading, _, _ in CURVE], table), ""]
 
 
+def slice_table_rows(base: str, runs: list[dict]) -> list[list[str]]:
+    """NDCG@10 (%) per slice of the test users (``eval_slices``), mean over the runs that have them."""
+    rows = []
+    for label in VARIANTS:
+        cells = [run["variants"][label].get("slices") or {} for run in runs]
+        cells = [c for c in cells if c]
+        if cells:
+            rows.append([base, label, len(cells)] + [f"{100 * statistics.mean(c[name] for c in cells):.2f}"
+                                                     for name in SLICE_COLUMNS])
+    return rows
+
+
 def section_body(dataset: str, records: dict, timing: dict | None) -> str:
     """The "seralm" section from every base model's records (each says when, where and how it ran).
 
     ``records``: base model -> its runs, the main run first, then the extra seeds.
     """
-    rows, checks, latency_rows, provenance, curves = [], [], [], [], []
+    rows, checks, latency_rows, provenance, curves, slice_rows = [], [], [], [], [], []
     for base, runs in records.items():
         if runs[0].get("unfinished"):  # an interrupted main run: what it measured, no comparison
             runs = runs[:1]
@@ -244,6 +260,7 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
                       + f"; standard error of one HIT@10 over {users} test users: about {100 * noise:.1f} points")
         ms = runs[0]["latency_ms"]
         latency_rows.append([base, f"{ms['base']:.2f}", f"{ms['seralm']:.2f}", f"{ms['seralm'] / ms['base']:.2f}"])
+        slice_rows += slice_table_rows(base, runs)
         main = runs[0]
         curves += alignment_curve(base, main["variants"]["Base+SeRALM"].get("alignment_trace", []))
         own = f", overrides {json.dumps(main['overrides'])}" if main["overrides"] else ""
@@ -279,6 +296,10 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
         "",
         *timing_text,
         "",
+        *(["NDCG@10 (%) by slice of the test users (target popularity in training: cold < 5 interactions, then thirds "
+           "of the interactions; the user's history length in thirds), mean over the runs:", "",
+           markdown_table(["base model", "variant", "runs"] + [c.split()[1] for c in SLICE_COLUMNS], slice_rows), ""]
+          if slice_rows else []),
         *curves,
         "Earlier measurements, made before the generator refreshed within a run and weighted stale samples "
         "(SASRec and Caser over 5 seeds, LightSANs over 3): this section at commit 3ed7969.",
@@ -310,7 +331,7 @@ def main():
     overrides = {"show_progress": False, **parse_overrides(everyone)}
     # The base models train with SeRALM's own settings, for a like-for-like comparison.
     shared = {"MAX_ITEM_LIST_LENGTH": 50, "epochs": 8, "train_batch_size": 256, "stopping_step": 2,
-              "learning_rate": 0.001, **overrides}
+              "learning_rate": 0.001, "eval_slices": True, **overrides}
 
     timing_file = record_file(args.dataset, "timing")
     how = {"command": command()}

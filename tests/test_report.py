@@ -189,6 +189,13 @@ def test_seralm_section_grows_one_base_model_at_a_time(monkeypatch):
     assert "| 1-3 | +0.2000 | 0.5000 | 0.0200 | 1.000 | 0.000 | 0.75 | 0.600 |" in curve  # spans of 3: the means
     assert "| 25-25 |" not in curve and "| 25 | +2.5000 |" in curve
     del records["SASRec"][0]["variants"]["Base+SeRALM"]["alignment_trace"]
+    assert "by slice" not in body  # no run with slices: no table
+    slices = {f"ndcg@10 {name}": 0.01 * k for k, name in enumerate(("cold", "tail", "torso", "head", "short", "medium", "long"))}
+    records["Caser"][0]["variants"]["Base"]["slices"] = slices
+    sliced = seralm.section_body("ml-100k", records, timing=None).split("by slice")[1]
+    assert "| base model | variant | runs | cold | tail | torso | head | short | medium | long |" in sliced
+    assert "| Caser | Base | 1 | 0.00 | 1.00 | 2.00 | 3.00 | 4.00 | 5.00 | 6.00 |" in sliced and "| SASRec |" not in sliced
+    del records["Caser"][0]["variants"]["Base"]["slices"]
     assert seralm.record_file("ml-100k", "Caser").parts[-3:] == ("seralm", "ml-100k", "Caser.json")
 
     records["SASRec"] += [record("SASRec", (0.12, 0.10, 0.14), seed=2021), record("SASRec", (0.14, 0.12, 0.16), seed=2022)]

@@ -21,9 +21,11 @@ time per item (embedded LLM, greedy, as for the cache), and alignment seconds pe
 the asynchronous generator vs the synchronous one (``--timing_iterations`` each, SASRec).
 Extra ``--key=value`` arguments are config overrides for every run, ``--BASE.key=value`` for the
 three runs of one base model (e.g. ``--Caser.MAX_ITEM_LIST_LENGTH=5``, the Caser paper's window).
-Each base model's runs are one record (``benchmarks/records/seralm/<dataset>/<base>.json``, committed, with its command,
-machine and date), so the bases can run at different times; the timings are one more record,
-measured when it is missing (``--timing auto``). Writes the "seralm" section of docs/RESULTS.md
+Each base model's runs are one record (``benchmarks/records/seralm/<dataset>/<base>.json``, committed, with its
+command, machine, commit and date; ``<base>-<key>.json`` when the command line sets anything that shapes the runs,
+so other settings never mix), so the bases can run at different times. A finished record with the same
+settings is reused, an interrupted one continued from its last finished variant. The timings are one
+more record, measured when it is missing (``--timing auto``). Writes the "seralm" section of docs/RESULTS.md
 from all the records: per base its summary line (SeRALM(Base) / Base HIT@10 over seeds, aligned /
 un-aligned) and the alignment's curve per iteration (advantage, KL, importance ratios, JSON answers;
 saved with the aligned adapter, so a reused adapter brings it).
@@ -44,9 +46,10 @@ import time
 from pathlib import Path
 
 import torch
-from results_doc import (ROOT, bare_argv, command, load_record, machine, markdown_table, parse_overrides,
+from results_doc import (ROOT, bare_argv, command, commit, load_record, machine, markdown_table, parse_overrides,
                          split_overrides, standard_error, write_record, write_section)
 
+from recbole_llm.cache_io import content_key
 from recbole_llm.quick_start import build, slice_columns
 from recbole_llm.trainer.slices import SLICES
 
@@ -115,6 +118,8 @@ def alignment_speed(dataset, overrides, iterations):
 
 RECORDS = ROOT / "benchmarks" / "records" / "seralm"
 VARIANTS = ("Base", "Base+NA_LLM", "Base+SeRALM")
+#: Settings that change where a run writes or how fast it goes, not its numbers: no family, no key of their own.
+NEUTRAL = frozenset({"num_threads", "show_progress", "state", "checkpoint_dir"})
 BASE_ORDER = ("SASRec", "Caser", "LightSANs", "GRU4Rec", "NARM")
 
 
@@ -123,10 +128,32 @@ def record_file(dataset: str, name: str, seed: int | None = None) -> Path:
     return RECORDS / dataset / (f"{name}.json" if seed is None else f"{name}-seed{seed}.json")
 
 
-def seed_records(dataset: str, base: str) -> list[dict]:
-    """The extra-seed records of one base model, by seed."""
-    found = (load_record(path) for path in (RECORDS / dataset).glob(f"{base}-seed*.json"))
+def family(base: str, overrides: dict) -> str:
+    """The name of the records of ``base`` run with the command line's ``overrides`` (its own and those
+    for every base): the base alone with none, else with a key of them, so other settings never mix."""
+    shaping = {key: overrides[key] for key in sorted(overrides) if key not in NEUTRAL}
+    return base if not shaping else f"{base}-{content_key(shaping, length=8)}"
+
+
+def label(name: str, main: dict) -> str:
+    """How a family of records is named in the section: its base model and the settings it overrides."""
+    overrides = main.get("overrides") or {}
+    return main.get("base", name) + (f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else "")
+
+
+def seed_records(dataset: str, name: str) -> list[dict]:
+    """The extra-seed records of one family (:func:`family`), by seed."""
+    found = (load_record(path) for path in (RECORDS / dataset).glob(f"{name}-seed*.json"))
     return sorted(filter(None, found), key=lambda record: record["seed"])
+
+
+def families(dataset: str) -> dict[str, list[dict]]:
+    """Every family's runs (its main run, then its extra seeds), in the order of BASE_ORDER."""
+    mains = {path.stem: load_record(path) for path in sorted((RECORDS / dataset).glob("*.json"))
+             if "-seed" not in path.stem and path.stem != "timing"}
+    order = {base: k for k, base in enumerate(BASE_ORDER)}
+    names = sorted((n for n, r in mains.items() if r), key=lambda n: (order.get(mains[n].get("base"), 99), n))
+    return {label(name, mains[name]): [mains[name], *seed_records(dataset, name)] for name in names}
 
 
 def mean_sd(values: list[float]) -> str:
@@ -145,38 +172,53 @@ def aligned_adapter(base: str, dataset: str, settings: dict) -> Path:
     return path
 
 
-def run_base(base: str, dataset: str, shared: dict, own: dict, seed: int | None = None, save=None) -> dict:
-    """Base, Base+NA_LLM and Base+SeRALM of one base model, and their full-ranking latency.
+def run_settings(shared: dict, own: dict, seed: int | None) -> dict:
+    """What a record keeps of a run's settings (and compares before reusing it): all but the neutral ones."""
+    settings = {**shared, **own, **({} if seed is None else {"seed": seed})}
+    return {key: value for key, value in settings.items() if key not in NEUTRAL}
+
+
+def run_base(base: str, dataset: str, shared: dict, own: dict, seed: int | None = None, save=None,
+             earlier: dict | None = None) -> dict:
+    """Base, Base+NA_LLM and Base+SeRALM of one base model, each with its full-ranking latency.
 
     ``seed``: an extra run with that seed, whose Base+SeRALM uses the main run's aligned adapter.
     ``save(record)`` is also called after each variant with the record so far (``unfinished``
-    names the variants still to run), so an interrupted run keeps what it measured.
+    names the variants still to run), so an interrupted run keeps what it measured; ``earlier``,
+    such a record of the same settings, is continued (its finished variants are not run again).
     """
-    runs, variants = {}, {}
-    settings = {**shared, **own}
-    aligned = {}
-    if seed is not None:
-        aligned = {"llm_adapter": str(aligned_adapter(base, dataset, settings))}
-        settings["seed"] = seed
+    settings = {**shared, **own, **({} if seed is None else {"seed": seed})}
+    recorded = run_settings(shared, own, seed)
+    done = dict(earlier["variants"]) if earlier and earlier.get("settings") == recorded else {}
+    aligned = {"llm_adapter": earlier["llm_adapter"]} if done and earlier.get("llm_adapter") else {}
+    if seed is not None and "Base+SeRALM" not in done:
+        aligned = {"llm_adapter": str(aligned_adapter(base, dataset, {**shared, **own}))}
+    variants = dict(done)
+
+    def record(**extra):
+        return {"base": base, "overrides": own, "settings": recorded, "seed": seed, **aligned,
+                "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+                "commit": commit(), "variants": dict(variants),
+                "test_users": next(iter(variants.values()))["test_users"], **extra}
+
     for label, model, extra in [  # the aligned run first: the longest, and the one alignment changes
         ("Base+SeRALM", "SeRALM", {"base_model": base, **aligned}),
         ("Base", base, {}),
         ("Base+NA_LLM", "SeRALM", {"base_model": base, "alignment_iterations": 0}),
     ]:
+        if label in done:
+            print(f"{base} {label}: kept from the unfinished record of {earlier['measured']}", flush=True)
+            continue
         result, trainer, net, test, minutes = train_and_test(model, dataset, {**settings, **extra})
-        runs[label] = (net, test)
         stats = {k: v for k, v in getattr(trainer, "alignment_stats", {}).items() if isinstance(v, (int, float, str))}
         variants[label] = {**{m: float(result[m]) for m in METRICS}, "minutes": minutes, "alignment": stats,
-                           "slices": slice_columns(result),
-                           "alignment_trace": getattr(trainer, "alignment_trace", [])}
+                           "slices": slice_columns(result), "latency_ms": 1000 * latency(net, test),
+                           "alignment_trace": getattr(trainer, "alignment_trace", []),
+                           "test_users": len(test._dataset)}
         print(base, label, result, f"{minutes:.1f} min", stats, flush=True)
-        record = {"base": base, "overrides": own, "seed": seed, **aligned,
-                  "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-                  "variants": variants, "test_users": len(test._dataset)}
         if len(variants) < len(VARIANTS) and save is not None:
-            save({**record, "unfinished": [v for v in VARIANTS if v not in variants]})
-    record["latency_ms"] = {"base": 1000 * latency(*runs["Base"]), "seralm": 1000 * latency(*runs["Base+SeRALM"])}
-    return record
+            save(record(unfinished=[v for v in VARIANTS if v not in variants]))
+    return record(latency_ms={"base": variants["Base"]["latency_ms"], "seralm": variants["Base+SeRALM"]["latency_ms"]})
 
 
 def run_timing(dataset: str, shared: dict, iterations: int, n_items: int) -> dict:
@@ -232,7 +274,7 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
     ``records``: base model -> its runs, the main run first, then the extra seeds.
     """
     rows, checks, latency_rows, provenance, curves, slice_rows = [], [], [], [], [], []
-    for base, runs in records.items():
+    for base, runs in records.items():  # base: the family's label (its base model, its own settings)
         if runs[0].get("unfinished"):  # an interrupted main run: what it measured, no comparison
             runs = runs[:1]
             rows += [[base, label, 1, *(f"{100 * runs[0]['variants'][label][m]:.2f}" for m in METRICS), "-",
@@ -253,7 +295,8 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
         noise = (plain * (1 - plain) / users) ** 0.5  # binomial standard error of one HIT@10
         ratios = [a / b for a, b in zip(hits["Base+SeRALM"], hits["Base"])]
         spread = f"standard error {standard_error(ratios):.3f}" if len(runs) > 1 else "one run: no standard error"
-        checks.append(f"- SeRALM({base}) / {base} HIT@10, mean over {len(runs)} seed{'s' * (len(runs) > 1)}: {statistics.mean(ratios):.3f} "
+        model, setting = runs[0].get("base", base), base.partition(" ")[2]
+        checks.append(f"- SeRALM({model}) / {model} HIT@10{' ' * bool(setting) + setting}, mean over {len(runs)} seed{'s' * (len(runs) > 1)}: {statistics.mean(ratios):.3f} "
                       f"({spread}); aligned / un-aligned: {aligned / na:.3f}"
                       + (" (goal >= 1.03)" if base == "SASRec" else "")
                       + (f". Per run: {', '.join(f'{r:.3f}' for r in ratios)}" if len(runs) > 1 else "")
@@ -337,19 +380,22 @@ def main():
     how = {"command": command()}
     with bare_argv():  # RecBole's Config would read our --key=value arguments from sys.argv
         for base in filter(None, args.models.split(",")):  # --models= only rewrites the section
-            own = parse_overrides(per_base.get(base, []))
+            own = {key: value for key, value in {**overrides, **parse_overrides(per_base.get(base, []))}.items()
+                   if key not in NEUTRAL}  # every setting of the command line that shapes this base's runs
             for seed in seeds:
-                path = record_file(args.dataset, base, seed)
-                record = run_base(base, args.dataset, shared, own, seed,
+                path = record_file(args.dataset, family(base, own), seed)
+                earlier = load_record(path)
+                if earlier and not earlier.get("unfinished") and earlier.get("settings") == run_settings(shared, own, seed):
+                    print(f"reused {path} ({earlier['measured']}, {earlier['command']})", flush=True)
+                    continue
+                record = run_base(base, args.dataset, shared, own, seed, earlier=earlier,
                                   save=lambda partial, path=path: write_record(path, {**partial, **how}))
                 write_record(path, {**record, **how})
         if args.timing == "yes" or (args.timing == "auto" and load_record(timing_file) is None):
             timing = run_timing(args.dataset, shared, args.timing_iterations, args.latency_items)
             write_record(timing_file, {**timing, **how})
 
-    found = {base: load_record(record_file(args.dataset, base)) for base in BASE_ORDER}
-    records = {base: [main, *seed_records(args.dataset, base)] for base, main in found.items() if main}
-    body = section_body(args.dataset, records, load_record(timing_file))
+    body = section_body(args.dataset, families(args.dataset), load_record(timing_file))
     write_section("seralm", f"SeRALM on {args.dataset}", body)
     print(body)
 

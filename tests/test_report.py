@@ -1,5 +1,6 @@
 """benchmarks/report.py: one process and one record per model, reuse, failures recorded, tables and chart."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -321,3 +322,46 @@ def test_a_new_results_section_goes_after_its_family(tmp_path, monkeypatch):
     text = doc.read_text()
     assert text.index("A2") < text.index("<!-- BEGIN laser_paper -->") < text.index("## SeRALM") < text.index("O")
     assert text.count("<!-- BEGIN laser") == 2 and "\nA\n" not in text
+
+
+def test_seralm_runs_are_reused_continued_and_kept_apart_by_their_settings(monkeypatch, tmp_path):
+    """benchmarks/seralm.py: a finished record with the same settings is reused, an interrupted one continued
+    from its last finished variant, and a run with other settings writes a family of records of its own."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import seralm
+
+    monkeypatch.setattr(seralm, "RECORDS", tmp_path)
+    monkeypatch.setattr(seralm, "latency", lambda net, test: 0.01)
+    monkeypatch.setattr(seralm, "write_section", lambda *args: None)
+    runs, stop_after = [], [None]
+
+    def train_and_test(model, dataset, config_dict):
+        if len(runs) == stop_after[0]:
+            raise KeyboardInterrupt
+        runs.append((model, config_dict.get("alignment_iterations"), config_dict.get("resample_items")))
+        trainer = SimpleNamespace(alignment_stats={}, alignment_trace=[])
+        return {"hit@10": 0.1, "ndcg@10": 0.05}, trainer, None, SimpleNamespace(_dataset=[0] * 100), 1.0
+
+    monkeypatch.setattr(seralm, "train_and_test", train_and_test)
+
+    def main(*args):
+        monkeypatch.setattr(sys, "argv", ["seralm.py", "--models", "SASRec", "--timing", "no", *args])
+        seralm.main()
+
+    stop_after[0] = 1  # interrupted after Base+SeRALM
+    with pytest.raises(KeyboardInterrupt):
+        main()
+    assert seralm.load_record(tmp_path / "ml-100k" / "SASRec.json")["unfinished"] == ["Base", "Base+NA_LLM"]
+    stop_after[0] = None
+    main()  # continued: the two variants left
+    assert [model for model, _, _ in runs] == ["SeRALM", "SASRec", "SeRALM"] and runs[2][1] == 0
+    record = seralm.load_record(tmp_path / "ml-100k" / "SASRec.json")
+    assert "unfinished" not in record and set(record["variants"]) == set(seralm.VARIANTS)
+    main("--num_threads=2")  # a neutral setting: the same record, reused
+    assert len(runs) == 3
+    main("--resample_items=['target','history']")  # another setting: a family of its own
+    assert len(runs) == 6 and runs[-3][2] == ["target", "history"]
+    assert list(seralm.families("ml-100k")) == ["SASRec", "SASRec (resample_items=['target', 'history'])"]
+    assert seralm.load_record(tmp_path / "ml-100k" / "SASRec.json")["settings"] == record["settings"]

@@ -23,6 +23,7 @@ plot ``llamarec_curve.png`` beside it.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import textwrap
@@ -141,6 +142,38 @@ def summary_line(groups: dict[tuple, list[dict]]) -> str:
             + (f", {other}" if other != "-" else "") + f". Paper: {PAPER_RATIO}.")
 
 
+def slope_lines(groups: dict[tuple, list[dict]]) -> list[str]:
+    """What each curve's slope predicts: per kind of training list (and other settings) with two budgets or more,
+    the least-squares line of the fair ratio (mean over seeds) against log10(training examples), and the budget at
+    which that line reaches the paper's ratio."""
+    lines: dict[tuple, list] = {}
+    for (examples, lists, other), runs in groups.items():
+        lines.setdefault((lists, other), []).append((examples, pooled(runs, "ranker")[0], pooled(runs, "fusion")[0]))
+    text = []
+    for (lists, other), points in lines.items():
+        if len(points) < 2:
+            continue
+        xs = [math.log10(p[0]) for p in points]
+        parts = []
+        for index, name in ((2, "with fusion"), (1, "ranker only")):
+            ys = [p[index] for p in points]
+            slope, intercept = least_squares(xs, ys)
+            reach = (f"{PAPER_RATIO} at ~{10 ** ((PAPER_RATIO - intercept) / slope):,.0f} examples" if slope > 0
+                     else f"never {PAPER_RATIO}: not rising")
+            parts.append(f"{name} {' -> '.join(f'{y:.3f}' for y in ys)}, {slope:+.3f} per 10x examples ({reach})")
+        budgets = " -> ".join(f"{p[0]:,}" for p in points)
+        text.append(f"- {lists}" + (f" ({other})" if other != "-" else "") + f", {budgets} examples: " + "; ".join(parts))
+    return (["What the slope predicts (least squares of each curve's ratio against log10 of the examples, "
+             "extrapolated; each point's standard error is in the table):", "", *text, ""] if text else [])
+
+
+def least_squares(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """(slope, intercept) of the least-squares line through the points."""
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return slope, my - slope * mx
+
+
 def section_body(records: list[dict], plot_name: str | None) -> str:
     groups = group(records)
     rows = []
@@ -165,8 +198,8 @@ def section_body(records: list[dict], plot_name: str | None) -> str:
         "top-k order), ranker only (the paper) and with fusion; mean ± standard error over seeds where several. "
         "One run per seed and setting: `python benchmarks/llamarec_curve.py --ranker_max_train_examples=N "
         "--ranker_train_candidates=LISTS [--ranker_train_target_position=P] --seed=S`.\n\n"
-        + curve
-        + (f"\n\n![learning curve]({plot_name})" if plot_name else "")
+        + curve + "\n\n" + "\n".join(slope_lines(groups))
+        + (f"\n![learning curve]({plot_name})" if plot_name else "")
         + "\n\nEach run: test NDCG@10 / Recall@10 of the ranker only, with fusion and of the retriever (history "
         "excluded), and its validation checks (step: valid-subset NDCG@10 ± standard error over the users):\n\n"
         + markdown_table(["seed", "examples", "training lists", "ranker only", "with fusion", "retriever",

@@ -65,3 +65,19 @@ def test_a_bad_setting_stops_before_any_training(curve, tiny_data, tiny_llama_di
     with pytest.raises(SystemExit, match=r"^error: ranker_train_candidates='retreiver' is not one of random, "):
         curve.main(_argv(tiny_data, tiny_llama_dir, tmp_path, ranker_train_candidates="retreiver"))
     assert not (tmp_path / "records").exists() and not (tmp_path / "saved").exists()
+
+
+def test_the_slope_of_each_curve_predicts_the_budget_of_the_papers_ratio(curve):
+    def run(examples, seed, ranker, fusion, **other):
+        settings = {"ranker_max_train_examples": examples, "ranker_train_candidates": "random", "seed": seed, **other}
+        return {"settings": settings, "numbers": {"ratio": {"ranker": ranker, "fusion": fusion}}}
+
+    groups = curve.group([run(640, 1, 0.90, 0.95), run(640, 2, 0.92, 0.97), run(6400, 1, 1.00, 1.02),
+                          run(640, 1, 1.0, 1.0, ranker_eval_step=80), run(2560, 1, 0.9, 0.9, ranker_eval_step=80)])
+    lines = curve.slope_lines(groups)
+    # seeds pooled first (0.96 at 640), then +0.06 per decade: 1.07 is 0.05 above 1.02, 10 ** (0.05 / 0.06) x 6,400
+    assert ("- random, 640 -> 6,400 examples: with fusion 0.960 -> 1.020, +0.060 per 10x examples (1.07 at ~43,603 "
+            "examples); ranker only 0.910 -> 1.000, +0.090 per 10x examples (1.07 at ~38,367 examples)") in lines
+    falling = next(line for line in lines if "ranker_eval_step=80" in line)
+    assert "with fusion 1.000 -> 0.900, -0.166 per 10x examples (never 1.07: not rising)" in falling
+    assert curve.slope_lines(curve.group([run(640, 1, 0.9, 0.9)])) == []  # one budget: no slope

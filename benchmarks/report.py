@@ -5,15 +5,16 @@
     python benchmarks/report.py --tables_only                # re-assemble the tables, run nothing
 
 Each model runs in its own process (``--one MODEL``, which can also be run by hand), so its
-peak memory is its own; the process writes ``<report_dir>/<dataset>/<MODEL>.json`` (atomically)
+peak memory is its own; the process writes ``<report_dir>/<dataset>/<MODEL>.json`` (atomically;
+default ``benchmarks/records/report``, committed, so the report grows run by run across sessions)
 with its test and best validation metrics, setup/fit/evaluation wall times, evaluation users/s,
 peak resident memory, trainable/total parameters, the date, machine, command and a hash of the
 settings that shaped it, and its log goes to ``<MODEL>.log`` beside it.
 
 Incremental and resumable: a model whose record holds a result for the same settings hash (the
 model, dataset, overrides, its final config minus volatile keys and the dataset files:
-:func:`recbole_llm.cache_io.config_key`) is reused, not re-run (``--rerun`` or
-``--rerun=A,B`` forces it). A failed model is recorded ("not run: ...") and tried again next
+:func:`recbole_llm.cache_io.config_key`) and measured on code that has the model's last change
+(``status.CHANGES``) is reused, not re-run (``--rerun`` or ``--rerun=A,B`` forces it). A failed model is recorded ("not run: ...") and tried again next
 time; the others go on. Stage-1 models (retrievers, ID models, SeRALM's reference) are reused
 from ``checkpoint_dir/stage1`` by the models themselves when their inputs have not changed, and
 an interrupted training continues (``resume: True``). The tables are assembled from every record
@@ -49,9 +50,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import results_doc
+from status import CHANGES, is_current
 from results_doc import (METRICS, ROOT, bare_argv, load_record, machine, markdown_table, parse_overrides,
                          split_overrides, write_atomically, write_record)
 
+#: The records (committed, so that the report grows across sessions; each model's log beside its record, ignored).
+RECORDS = ROOT / "benchmarks" / "records" / "report"
 BASELINES = ["SASRec", "GRU4Rec", "NARM", "BERT4Rec", "Caser", "LightSANs"]
 #: Epoch cap of the RecBole baselines unless --epochs / --MODEL.epochs says otherwise: an epoch over
 #: ml-100k's ~97k prefix rows takes ~75 s on 2 cores, so 8 epochs keep each run near 10 minutes
@@ -285,11 +289,14 @@ def run_model(model: str, dataset: str, extra: list[str], report_dir, rerun: boo
         write_record(path, record)
         print(f"{model}: not run: {record['error']}", flush=True)
         return record
-    if old and old.get("status") == "ok" and old.get("settings_hash") == expected and not rerun:
+    current = old and is_current(model, {"commit": old.get("code"), "date": old.get("date")})
+    if old and old.get("status") == "ok" and old.get("settings_hash") == expected and current and not rerun:
         print(f"{model}: reused {path} (measured {old.get('date')}, same settings {expected})", flush=True)
         return old
     if old and old.get("status") == "ok" and old.get("settings_hash") != expected and not rerun:
         print(f"{model}: settings changed since {old.get('date')}: running again", flush=True)
+    elif old and old.get("status") == "ok" and not current and not rerun:
+        print(f"{model}: measured {old.get('date')}, before {CHANGES[model][1]}: running again", flush=True)
     run_id = uuid.uuid4().hex
     log = path.with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -618,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow_generation", action="store_true",
                         help="let SeRALM generate its knowledge cache (hours on a CPU)")
     parser.add_argument("--timeout", type=float, default=None, help="minutes per model (default: none)")
-    parser.add_argument("--report_dir", default="saved/report", help="records: <report_dir>/<dataset>/<model>.json")
+    parser.add_argument("--report_dir", default=str(RECORDS),
+                        help="records: <report_dir>/<dataset>/<model>.json (default: committed; logs beside them, ignored)")
     parser.add_argument("--results_file", default=str(results_doc.RESULTS), help="the markdown file to write")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: run this model only
     parser.add_argument("--run_id", default=None, help=argparse.SUPPRESS)

@@ -90,6 +90,23 @@ def test_child_crash_is_recorded_by_the_parent(tiny_data, tmp_path, report, monk
     assert json.loads((tmp_path / "rep" / name / "SASRec.json").read_text())["error"] == record["error"]
 
 
+def test_a_record_measured_before_the_models_last_change_runs_again(tiny_data, tmp_path, report, monkeypatch):
+    """Incremental means what changed since is rerun: the same settings on code without the model's last change
+    (status.CHANGES) do not count as measured."""
+    name, _ = tiny_data
+    runs = []
+    monkeypatch.setattr(report, "settings_hash", lambda *a, **k: "h")
+    monkeypatch.setattr(report, "child_command", lambda *a, **k: runs.append(a[0]) or ["python", "-c", "pass"])
+    monkeypatch.setattr(report, "CHANGES", {"E4SRec": ("c1", "its last change")})
+    monkeypatch.setattr(report, "is_current", lambda model, record: record["commit"] == "after")
+    path = tmp_path / "rep" / name / "E4SRec.json"
+    for code, expected in (("after", []), ("before", ["E4SRec"])):
+        report.write_record(path, {"model": "E4SRec", "status": "ok", "settings_hash": "h", "code": code,
+                                   "date": "2026-12-01 00:00:00 UTC", "test_result": {"ndcg@10": 0.1}})
+        report.run_model("E4SRec", name, [], tmp_path / "rep", rerun=False, allow_generation=False, timeout_minutes=None)
+        assert runs == expected
+
+
 def test_paper_gains_match_the_papers(report):
     """Each gain against the percentage the paper prints (SeRALM's Table 1); the LlamaRec paper prints its
     NDCG@10 values only, so its entry has nothing independent to be checked against."""

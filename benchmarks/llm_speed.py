@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_doc import (ROOT, bare_argv, commit, cpu_model, load_record, markdown_table, write_record,  # noqa: E402
-                         write_section)
+from results_doc import (ROOT, bare_argv, commit, cpu_report, load_record, machine_key,  # noqa: E402
+                         markdown_table, write_record, write_section)
 from scaling import PeakRSS, measure  # noqa: E402
 
 MODELS = ["LlamaRec", "E4SRec", "Laser", "SeRALM"]
@@ -57,22 +57,6 @@ SETTINGS = {"LlamaRec": {"train_batch_size": 2}, "SeRALM": {},
 
 
 # ------------------------------------------------------------------ the machine
-def cpu_report() -> dict:
-    """CPU model, its bf16/AMX/AVX flags, and what torch makes of them."""
-    import torch
-
-    from recbole_llm.llm.precision import cpu_bf16_units, cpu_flags
-
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "bf16")
-    return {"cpu": cpu_model(), "flags": sorted(f for f in cpu_flags() if f in wanted), "bf16_units": cpu_bf16_units(),
-            "torch": torch.__version__, "torch_capability": torch.backends.cpu.get_cpu_capability()}
-
-
-def machine_key(report: dict, threads: int) -> str:
-    text = json.dumps([report["cpu"], report["flags"], report["torch"], threads])
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
 @contextlib.contextmanager
 def precision_setting(precision: str):
     """The ``llm_dtype`` of ``precision``; for ``bf16`` the CPU is taken to report bf16 units."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -29,6 +30,23 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_report() -> dict:
+    """CPU model, its bf16/AMX/AVX flags, and what torch makes of them."""
+    import torch
+
+    from recbole_llm.llm.precision import cpu_bf16_units, cpu_flags
+
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "bf16")
+    return {"cpu": cpu_model(), "flags": sorted(f for f in cpu_flags() if f in wanted), "bf16_units": cpu_bf16_units(),
+            "torch": torch.__version__, "torch_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def machine_key(report: dict, threads: int) -> str:
+    """The folder name of one machine's timing records: its CPU, flags, torch and thread count."""
+    text = json.dumps([report["cpu"], report["flags"], report["torch"], threads])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def machine() -> str:

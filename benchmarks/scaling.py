@@ -2,6 +2,11 @@
 
     python benchmarks/scaling.py [--items 1000,10000,100000] [--users 1000,10000] [--history 50]
                                  [--models SASRec,LRURec,LlamaRec,E4SRec,Laser,SeRALM] [--section scaling]
+                                 [--records DIR] [--fresh]
+
+Each cell (model x catalogue x users) is a record, ``benchmarks/records/scaling/<machine>/`` (committed;
+one folder per CPU, flags, torch and thread count, since timings compare only within one machine),
+reused by a later run with the same settings, so the grid can be filled run by run.
 
 For every catalogue size x user count it writes a synthetic dataset (each user ``--history`` + 2
 interactions drawn from a Zipf-like popularity over all items; item titles "Item N"), and for every
@@ -38,7 +43,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_doc import bare_argv, markdown_table, write_section  # noqa: E402
+from results_doc import (ROOT, bare_argv, commit, cpu_report, load_record, machine, machine_key,  # noqa: E402
+                         markdown_table, write_record, write_section)
+
+from recbole_llm.cache_io import content_key  # noqa: E402
+
+#: One record per cell (model x catalogue x users), under a folder per machine (timings compare within one).
+RECORDS = ROOT / "benchmarks" / "records" / "scaling"
 
 MODELS = ["SASRec", "LRURec", "E4SRec", "Laser", "LlamaRec", "SeRALM"]
 #: Per-model settings: batch sizes and the stage-1 checkpoint setting.
@@ -342,6 +353,18 @@ def report(rows: list[dict], args, chart_name: str | None) -> str:
             f"which do not grow with the catalogue, are those of the tiny Llama):\n\n{fit_table}\n")
 
 
+def cell_settings(model_name: str, n_items: int, n_users: int, args) -> dict:
+    """What a cell's record is keyed by: the model, the data's shape and how it is timed."""
+    return {"model": model_name, "items": n_items, "users": n_users, "history": args.history,
+            "train_steps": args.train_steps, "eval_batches": args.eval_batches,
+            "eval_batch_size": args.eval_batch_size, "settings": SETTINGS[model_name]}
+
+
+def record_path(records: Path, settings: dict) -> Path:
+    key = content_key(settings, length=10)
+    return records / f"{settings['model']}-{settings['items']}-{settings['users']}-{key}.json"
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", default="1000,10000,100000")
@@ -354,27 +377,18 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--budget_gb", type=float, default=24.0)
     parser.add_argument("--budget_batch", type=int, default=256, help="users per full-sort batch in the budget")
     parser.add_argument("--num_threads", type=int, default=1)
-    parser.add_argument("--out", default="saved/scaling.json")
+    parser.add_argument("--records", default=str(RECORDS), help="one record per cell, under a folder per machine")
+    parser.add_argument("--fresh", action="store_true", help="measure every cell anew instead of reusing its record")
     parser.add_argument("--section", default=None, help="write this section of docs/RESULTS.md (e.g. scaling)")
-    parser.add_argument("--from_json", default=None, help="write the report of an earlier (or partial) run's JSON")
-    parser.add_argument("--note", default="", help="a line added to the section (e.g. what a partial run left out)")
     args = parser.parse_args(argv)
-    if args.from_json:
-        rows = json.loads(Path(args.from_json).read_text())
-        from results_doc import RESULTS
-
-        chart_name = chart(rows, RESULTS.parent / "scaling.png") if args.section else None
-        text = report(rows, args, chart_name) + (f"\n{args.note}\n" if args.note else "")
-        write_section(args.section, "How cost grows with the catalogue (synthetic data)", text) if args.section else print(text)
-        return rows
     import torch
 
     torch.set_num_threads(args.num_threads)
     PeakRSS.exact_peaks()
+    cpu = cpu_report()
+    records = Path(args.records) / machine_key(cpu, args.num_threads)
     workdir = Path(tempfile.mkdtemp(prefix="scaling-"))
     rows, failures = [], []
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         base = {
             "data_path": str(workdir / "data"), "checkpoint_dir": str(workdir / "saved"),
@@ -388,11 +402,19 @@ def main(argv=None) -> list[dict]:
         }
         for n_users in [int(u) for u in args.users.split(",")]:
             for n_items in [int(i) for i in args.items.split(",")]:
-                dataset_name = write_dataset(workdir / "data", n_items, n_users, args.history)
-                dataset = load_dataset(dataset_name, base)  # its name and a check that the files load
+                dataset = None  # written when a cell has no record
                 for model_name in args.models.split(","):
+                    settings = cell_settings(model_name, n_items, n_users, args)
+                    path = record_path(records, settings)
+                    record = None if args.fresh else load_record(path)
+                    if record is not None:
+                        print(f"reusing {path}", flush=True)
+                        rows.append(record["row"])
+                        continue
                     start = time.perf_counter()
                     try:
+                        if dataset is None:
+                            dataset = load_dataset(write_dataset(workdir / "data", n_items, n_users, args.history), base)
                         row = measure(model_name, dataset.dataset_name, {**base, **SETTINGS[model_name]}, args,
                                       workdir)
                     except Exception as error:  # noqa: BLE001 - one cell's failure is reported, the rest still run
@@ -401,14 +423,17 @@ def main(argv=None) -> list[dict]:
                         print(failures[-1], flush=True)
                         continue
                     row["wall_s"] = time.perf_counter() - start
+                    write_record(path, {"settings": settings, "machine": cpu, "machine_line": machine(),
+                                        "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                        "row": row})
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                    out.write_text(json.dumps(rows, indent=2))  # what is measured so far survives a stop
-                del dataset
-                shutil.rmtree(workdir / "data" / dataset_name, ignore_errors=True)
+                if dataset is not None:
+                    name = dataset.dataset_name
+                    del dataset
+                    shutil.rmtree(workdir / "data" / name, ignore_errors=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    out.write_text(json.dumps(rows, indent=2))
     failed = "".join(f"\n- failed: {line}" for line in failures)
     if args.section:
         from results_doc import RESULTS

@@ -14,8 +14,8 @@ settings that shaped it, and its log goes to ``<MODEL>.log`` beside it.
 Incremental and resumable: a model whose record holds a result for the same settings hash (the
 model, dataset, overrides, its final config minus volatile keys and the dataset files:
 :func:`recbole_llm.cache_io.config_key`) and measured on code that has the model's last change
-(``status.CHANGES``) is reused, not re-run (``--rerun`` or ``--rerun=A,B`` forces it). A failed model is recorded ("not run: ...") and tried again next
-time; the others go on. Stage-1 models (retrievers, ID models, SeRALM's reference) are reused
+(``status.CHANGES``) is reused, not re-run (``--rerun`` or ``--rerun=A,B`` forces it). A failed
+model is recorded ("not run: ...") and tried again next time; the others go on. Stage-1 models (retrievers, ID models, SeRALM's reference) are reused
 from ``checkpoint_dir/stage1`` by the models themselves when their inputs have not changed, and
 an interrupted training continues (``resume: True``). The tables are assembled from every record
 present in the folder, each row with the date it was measured.

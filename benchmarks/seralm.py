@@ -135,7 +135,7 @@ def family(base: str, overrides: dict) -> str:
     return base if not shaping else f"{base}-{content_key(shaping, length=8)}"
 
 
-def label(name: str, main: dict) -> str:
+def family_label(name: str, main: dict) -> str:
     """How a family of records is named in the section: its base model and the settings it overrides."""
     overrides = main.get("overrides") or {}
     return main.get("base", name) + (f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else "")
@@ -153,7 +153,7 @@ def families(dataset: str) -> dict[str, list[dict]]:
              if "-seed" not in path.stem and path.stem != "timing"}
     order = {base: k for k, base in enumerate(BASE_ORDER)}
     names = sorted((n for n, r in mains.items() if r), key=lambda n: (order.get(mains[n].get("base"), 99), n))
-    return {label(name, mains[name]): [mains[name], *seed_records(dataset, name)] for name in names}
+    return {family_label(name, mains[name]): [mains[name], *seed_records(dataset, name)] for name in names}
 
 
 def mean_sd(values: list[float]) -> str:
@@ -296,8 +296,9 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
         ratios = [a / b for a, b in zip(hits["Base+SeRALM"], hits["Base"])]
         spread = f"standard error {standard_error(ratios):.3f}" if len(runs) > 1 else "one run: no standard error"
         model, setting = runs[0].get("base", base), base.partition(" ")[2]
-        checks.append(f"- SeRALM({model}) / {model} HIT@10{' ' * bool(setting) + setting}, mean over {len(runs)} seed{'s' * (len(runs) > 1)}: {statistics.mean(ratios):.3f} "
-                      f"({spread}); aligned / un-aligned: {aligned / na:.3f}"
+        seeds = f"{len(runs)} seed{'s' * (len(runs) > 1)}"
+        checks.append(f"- SeRALM({model}) / {model} HIT@10{' ' * bool(setting) + setting}, mean over {seeds}: "
+                      f"{statistics.mean(ratios):.3f} ({spread}); aligned / un-aligned: {aligned / na:.3f}"
                       + (" (goal >= 1.03)" if base == "SASRec" else "")
                       + (f". Per run: {', '.join(f'{r:.3f}' for r in ratios)}" if len(runs) > 1 else "")
                       + f"; standard error of one HIT@10 over {users} test users: about {100 * noise:.1f} points")
@@ -385,7 +386,8 @@ def main():
             for seed in seeds:
                 path = record_file(args.dataset, family(base, own), seed)
                 earlier = load_record(path)
-                if earlier and not earlier.get("unfinished") and earlier.get("settings") == run_settings(shared, own, seed):
+                finished = earlier and not earlier.get("unfinished")
+                if finished and earlier.get("settings") == run_settings(shared, own, seed):
                     print(f"reused {path} ({earlier['measured']}, {earlier['command']})", flush=True)
                     continue
                 record = run_base(base, args.dataset, shared, own, seed, earlier=earlier,

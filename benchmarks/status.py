@@ -8,7 +8,8 @@ Each row: the model's test NDCG@10 and Recall@10 and those of its ID baseline on
 benchmark's own pairing), the ratio of the NDCG@10s (mean over seeds, its standard error) and the number of
 seeds, the LLM and how it computed, the machine and date of the measurement. A row is built only from records
 measured on the current code: a record counts when its commit contains ``CHANGES[model]``, the last change that
-moved the model's numbers (records without a commit: when measured after it). A model without such a record
+moved the model's numbers (records without a commit: when measured after it), or, where that change only made
+a setting's value the default (``CHANGED_DEFAULTS``), when the record ran with that value. A model without such a record
 says "not measured since <that change>" and names the command that measures it; older numbers stay, dated, in
 docs/history.md. LRURec's benchmark keeps no records: its section ("lrurec_vs_sasrec") is read instead, and no
 change has touched LRURec's default path (``loss_type: CE``) since it was measured.
@@ -38,6 +39,8 @@ CHANGES = {
     "Laser": ("eb29e97", "items went through the frozen LLM (2026-12-06)"),
     "SeRALM": ("5c389a1", "the alignment's per-instance baseline (2026-12-06)"),
 }
+#: Changes that only made a setting's value the default: a record that ran with that value had measured them.
+CHANGED_DEFAULTS = {"LlamaRec": {"ranker_history_len": 10}}
 #: The command that measures each model's row (three seeds where the benchmark takes them).
 COMMANDS = {
     "LRURec": "python benchmarks/lrurec_vs_sasrec.py --dataset ml-100k --seeds 2020,2021,2022",
@@ -72,6 +75,9 @@ def git(*args: str) -> subprocess.CompletedProcess:
 def is_current(model: str, record: dict) -> bool:
     """Whether ``record`` was measured on code that has the last change to ``model``'s numbers."""
     if model not in CHANGES:
+        return True
+    settings = record.get("settings")
+    if model in CHANGED_DEFAULTS and isinstance(settings, dict) and CHANGED_DEFAULTS[model].items() <= settings.items():
         return True
     change = CHANGES[model][0]
     if record.get("commit") and record["commit"] != "unknown":
@@ -136,8 +142,8 @@ def llamarec_row() -> list:
     default = read_yaml(ROOT / "properties" / "model" / "LlamaRec.yaml")
     axes = ("ranker_max_train_examples", "ranker_train_candidates", "ranker_train_target_position")
     curve = [r for r in records(RECORDS / "llamarec_curve", f"{DATASET}-*.json")
-             if is_current("LlamaRec", r) and defaults_only({k: v for k, v in r["settings"].items() if k not in axes})
-             and all(r["settings"][k] == default[k] for k in axes[:2])]
+             if is_current("LlamaRec", r) and all(default.get(k) == v for k, v in r["settings"].items()
+                                                  if k not in NEUTRAL and k not in axes[2:])]
     if curve:
         pairs = [(r["numbers"]["test"]["fusion"], r["numbers"]["test"]["retriever_excluded"]) for r in curve]
         retriever = curve[0]["numbers"]["settings"]["retriever"]

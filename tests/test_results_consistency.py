@@ -219,3 +219,13 @@ def test_status_rows_take_only_current_records(tmp_path, monkeypatch):
     assert row[1] == "0.0550 / 0.1000" and row[3] == "0.0500 / 0.2000"
     assert row[4] == "1.100 ± 0.100 (2)"  # ratios 1.0 and 1.2; the old record and the non-default run left out
     assert row[5] == "SmolLM2, float32" and row[6] == "2 cores (Some CPU; avx2), 2026-12-07"
+
+
+def test_a_record_that_ran_a_later_default_counts_as_measured_on_it():
+    """LlamaRec's last change only made ranker_history_len 10 the default: a record from before it that ran with
+    10 measured what the default now is; one with 20 did not."""
+    before = status.git("rev-parse", "--short", f"{status.CHANGES['LlamaRec'][0]}~1").stdout.strip()
+    record = {"commit": before, "settings": {"ranker_history_len": 10, "seed": 2020}}
+    assert status.is_current("LlamaRec", record)
+    assert not status.is_current("LlamaRec", {**record, "settings": {"ranker_history_len": 20, "seed": 2020}})
+    assert not status.is_current("LlamaRec", {"commit": before, "settings": "a text, not settings"})

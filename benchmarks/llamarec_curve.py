@@ -145,19 +145,20 @@ def summary_line(groups: dict[tuple, list[dict]]) -> str:
 def slope_lines(groups: dict[tuple, list[dict]]) -> list[str]:
     """What each curve's slope predicts: per kind of training list (and other settings) with two budgets or more,
     the least-squares line of the fair ratio (mean over seeds) against log10(training examples), and the budget at
-    which that line reaches the paper's ratio."""
+    which that line reaches the paper's ratio. A point without training (0 examples) is shown, not fitted."""
     lines: dict[tuple, list] = {}
     for (examples, lists, other), runs in groups.items():
         lines.setdefault((lists, other), []).append((examples, pooled(runs, "ranker")[0], pooled(runs, "fusion")[0]))
     text = []
     for (lists, other), points in lines.items():
-        if len(points) < 2:
+        trained = [p for p in points if p[0] > 0]
+        if len(trained) < 2:
             continue
-        xs = [math.log10(p[0]) for p in points]
+        xs = [math.log10(p[0]) for p in trained]
         parts = []
         for index, name in ((2, "with fusion"), (1, "ranker only")):
             ys = [p[index] for p in points]
-            slope, intercept = least_squares(xs, ys)
+            slope, intercept = least_squares(xs, ys[len(points) - len(trained):])
             reach = (f"{PAPER_RATIO} at ~{10 ** ((PAPER_RATIO - intercept) / slope):,.0f} examples" if slope > 0
                      else f"never {PAPER_RATIO}: not rising")
             parts.append(f"{name} {' -> '.join(f'{y:.3f}' for y in ys)}, {slope:+.3f} per 10x examples ({reach})")

@@ -81,3 +81,6 @@ def test_the_slope_of_each_curve_predicts_the_budget_of_the_papers_ratio(curve):
     falling = next(line for line in lines if "ranker_eval_step=80" in line)
     assert "with fusion 1.000 -> 0.900, -0.166 per 10x examples (never 1.07: not rising)" in falling
     assert curve.slope_lines(curve.group([run(640, 1, 0.9, 0.9)])) == []  # one budget: no slope
+    untrained = curve.slope_lines(curve.group([run(0, 1, 0.8, 0.99), run(640, 1, 0.9, 0.95), run(6400, 1, 1.0, 1.01)]))
+    assert "- random, 0 -> 640 -> 6,400 examples: with fusion 0.990 -> 0.950 -> 1.010, +0.060 per 10x" in untrained[2]
+    assert curve.slope_lines(curve.group([run(0, 1, 0.8, 0.99), run(640, 1, 0.9, 0.95)])) == []  # one trained

@@ -338,8 +338,8 @@ class SeRALMTrainer(Trainer):
         * knowledge ``s`` is sampled from the LLM being aligned (the shared backbone with LoRA) for
           the items named by ``resample_items`` of each instance - ``target`` (default: the item
           ``y``), ``last`` (the most recent history item), ``history`` (a random one) or several; all
-          other items keep their cached knowledge. The LLM's prompt for an item is its Fig. 3 prompt, so ``p(s|x)`` is the
-          LLM's probability of ``s`` given that item's prompt; with two items,
+          other items keep their cached knowledge. The LLM's prompt for an item is its Fig. 3 prompt,
+          so ``p(s|x)`` is the LLM's probability of ``s`` given that item's prompt; with two items,
           ``log p(s|x) = log p(s_target|...) + log p(s_last|...)``. ``align_num_samples`` (Eq. 6's
           k) samples are drawn per instance.
         * ``p(y|x,s)`` comes from the recommender being trained (full softmax over all items, where

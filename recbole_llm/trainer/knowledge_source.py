@@ -54,7 +54,7 @@ class GeneratorJob:
                  template=KNOWLEDGE_PROMPT, use_chat_template=True, max_new_tokens=64, temperature=1.0, top_p=1.0,
                  text_format=None, score_tokens=False, seed=0):
         self.llm, self.recommender, self.reference = llm, recommender, reference
-        self.history_draws = torch.Generator().manual_seed(int(seed))  # resample_items "history" 
+        self.history_draws = torch.Generator().manual_seed(int(seed))  # for resample_items: history
         self.generator = KnowledgeGenerator(llm, tokenizer, template, use_chat_template, max_new_tokens)
         self.item_fields = item_fields
         self.resample_items = tuple(resample_items)

@@ -218,7 +218,7 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    fig, ax = plt.subplots(figsize=(11, 4.8))
     lines: dict[tuple, list] = {}
     for (examples, lists, other), runs in group(records).items():
         lines.setdefault((lists, other), []).append((examples, pooled(runs, "ranker"), pooled(runs, "fusion")))
@@ -236,10 +236,11 @@ def plot(records: list[dict], path: Path) -> None:
     examples = [x for points in lines.values() for x, *_ in points]
     if len(set(examples)) > 1:
         ax.set_xscale("log" if min(examples) > 0 else "symlog", **({} if min(examples) > 0 else {"linthresh": 100}))
+        ax.set_xlim(right=2 * max(examples))  # the largest budget off the frame's edge
     ax.set_xlabel("ranker training examples")
     ax.set_ylabel("LlamaRec / retriever NDCG@10 (history excluded)")
     ax.set_title("LlamaRec's ranker: learning curve (test)", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

@@ -15,9 +15,9 @@ Incremental and resumable: a model whose record holds a result for the same sett
 model, dataset, overrides, its final config minus volatile keys and the dataset files:
 :func:`recbole_llm.cache_io.config_key`) and measured on code that has the model's last change
 (``status.CHANGES``) is reused, not re-run (``--rerun`` or ``--rerun=A,B`` forces it). A failed
-model is recorded ("not run: ...") and tried again next time; the others go on. Stage-1 models (retrievers, ID models, SeRALM's reference) are reused
-from ``checkpoint_dir/stage1`` by the models themselves when their inputs have not changed, and
-an interrupted training continues (``resume: True``). The tables are assembled from every record
+model is recorded ("not run: ...") and tried again next time; the others go on. Stage-1 models
+(retrievers, ID models, SeRALM's reference) are reused from ``checkpoint_dir/stage1`` by the models
+themselves when their inputs have not changed, and an interrupted training continues (``resume: True``). The tables are assembled from every record
 present in the folder, each row with the date it was measured.
 
 Settings: each model's shipped defaults (properties/*.yaml over RecBole's) with
@@ -50,9 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import results_doc
-from status import CHANGES, is_current
 from results_doc import (METRICS, ROOT, bare_argv, load_record, machine, markdown_table, parse_overrides,
                          split_overrides, write_atomically, write_record)
+from status import CHANGES, is_current
 
 #: The records (committed, so that the report grows across sessions; each model's log beside its record, ignored).
 RECORDS = ROOT / "benchmarks" / "records" / "report"

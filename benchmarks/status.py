@@ -9,9 +9,9 @@ benchmark's own pairing), the ratio of the NDCG@10s (mean over seeds, its standa
 seeds, the LLM and how it computed, the machine and date of the measurement. A row is built only from records
 measured on the current code: a record counts when its commit contains ``CHANGES[model]``, the last change that
 moved the model's numbers (records without a commit: when measured after it), or, where that change only made
-a setting's value the default (``CHANGED_DEFAULTS``), when the record ran with that value. A model without such a record
-says "not measured since <that change>" and names the command that measures it; older numbers stay, dated, in
-docs/history.md. LRURec's benchmark keeps no records: its section ("lrurec_vs_sasrec") is read instead, and no
+a setting's value the default (``CHANGED_DEFAULTS``), when the record ran with that value. A model without such a
+record says "not measured since <that change>" and names the command that measures it; older numbers stay, dated,
+in docs/history.md. LRURec's benchmark keeps no records: its section ("lrurec_vs_sasrec") is read instead, and no
 change has touched LRURec's default path (``loss_type: CE``) since it was measured.
 """
 from __future__ import annotations

@@ -124,6 +124,17 @@ def best_check(record: dict) -> str:
     return f"step {check['step']}: {check['ndcg@10']:.4f} ± {check['se']:.4f} ({check['users']} users)"
 
 
+def prompt_cell(runs: list[dict]) -> str:
+    """The test prompts' length in tokens (mean / p95, mean over the runs that recorded it) and the test ranking's
+    users/s (ranked users over ranking seconds; read it with each run's load average: cores may be shared)."""
+    tokens = [r["numbers"]["prompt_tokens"] for r in runs if "prompt_tokens" in r["numbers"]]
+    speed = [r["numbers"]["ranked_rows"] / r["numbers"]["seconds"]["ranking"] for r in runs
+             if r["numbers"]["seconds"].get("ranking")]
+    length = (f"{statistics.mean(t['mean'] for t in tokens):.0f} / {statistics.mean(t['p95'] for t in tokens):.0f}"
+              if tokens else "-")
+    return length + (f"; {statistics.mean(speed):.2f} users/s" if speed else "")
+
+
 def trace(record: dict) -> str:
     return "; ".join(f"{c['step']}: {c['ndcg@10']:.4f} ± {c['se']:.4f}" for c in record["numbers"]["validation"]) or "-"
 
@@ -183,10 +194,11 @@ def section_body(records: list[dict], plot_name: str | None) -> str:
         rows.append([examples, lists, other, ", ".join(str(r["settings"]["seed"]) for r in runs),
                      ratio_cell(*pooled(runs, "ranker")), ratio_cell(*pooled(runs, "fusion")),
                      "; ".join(best_check(r) for r in runs), f"{statistics.mean(excluded):.4f}",
-                     ", ".join(f"{r['minutes']:.0f}" for r in runs)])
+                     prompt_cell(runs), ", ".join(f"{r['minutes']:.0f}" for r in runs)])
     curve = markdown_table(["training examples", "training lists", "other settings", "seeds", "ranker only",
                             "with fusion", "kept adapter: valid-subset NDCG@10 ± s.e.",
-                            "retriever NDCG@10 (history excluded)", "minutes"], rows)
+                            "retriever NDCG@10 (history excluded)", "test prompt tokens: mean / p95; ranking speed",
+                            "minutes"], rows)
     runs = [[r["settings"]["seed"], r["settings"]["ranker_max_train_examples"], lists_label(r["settings"]),
              f"{r['numbers']['test']['ranker']['ndcg@10']:.4f} / {r['numbers']['test']['ranker']['recall@10']:.4f}",
              f"{r['numbers']['test']['fusion']['ndcg@10']:.4f} / {r['numbers']['test']['fusion']['recall@10']:.4f}",

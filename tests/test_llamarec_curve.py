@@ -84,3 +84,13 @@ def test_the_slope_of_each_curve_predicts_the_budget_of_the_papers_ratio(curve):
     untrained = curve.slope_lines(curve.group([run(0, 1, 0.8, 0.99), run(640, 1, 0.9, 0.95), run(6400, 1, 1.0, 1.01)]))
     assert "- random, 0 -> 640 -> 6,400 examples: with fusion 0.990 -> 0.950 -> 1.010, +0.060 per 10x" in untrained[2]
     assert curve.slope_lines(curve.group([run(0, 1, 0.8, 0.99), run(640, 1, 0.9, 0.95)])) == []  # one trained
+
+
+def test_the_table_shows_each_settings_prompt_length_and_ranking_speed(curve):
+    def run(mean, p95, rows, seconds):
+        return {"numbers": {"prompt_tokens": {"mean": mean, "p95": p95, "max": p95 + 9}, "ranked_rows": rows,
+                            "seconds": {"ranking": seconds}}}
+
+    # the mean over a setting's seeds: (460 + 470) / 2 tokens, p95 (490 + 500) / 2; (557/250 + 557/300) / 2 users/s
+    assert curve.prompt_cell([run(460, 490, 557, 250.0), run(470, 500, 557, 300.0)]) == "465 / 495; 2.04 users/s"
+    assert curve.prompt_cell([{"numbers": {"seconds": {}}}]) == "-"  # a run before lengths were recorded

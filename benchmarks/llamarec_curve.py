@@ -136,7 +136,11 @@ def prompt_cell(runs: list[dict]) -> str:
 
 
 def trace(record: dict) -> str:
-    return "; ".join(f"{c['step']}: {c['ndcg@10']:.4f} ± {c['se']:.4f}" for c in record["numbers"]["validation"]) or "-"
+    """Each check: step, valid-subset NDCG@10 ± s.e., and the training loss's letter part since the last check
+    (recorded since 2026-12-07; ln k, e.g. 3.00 for 20 candidates, is a uniform guess)."""
+    return "; ".join(f"{c['step']}: {c['ndcg@10']:.4f} ± {c['se']:.4f}"
+                     + (f" (letter loss {c['letter_loss']:.2f})" if "letter_loss" in c else "")
+                     for c in record["numbers"]["validation"]) or "-"
 
 
 def summary_line(groups: dict[tuple, list[dict]]) -> str:
@@ -214,7 +218,9 @@ def section_body(records: list[dict], plot_name: str | None) -> str:
         + curve + "\n\n" + "\n".join(slope_lines(groups))
         + (f"\n![learning curve]({plot_name})" if plot_name else "")
         + "\n\nEach run: test NDCG@10 / Recall@10 of the ranker only, with fusion and of the retriever (history "
-        "excluded), and its validation checks (step: valid-subset NDCG@10 ± standard error over the users):\n\n"
+        "excluded), and its validation checks (step: valid-subset NDCG@10 ± standard error over the users; where "
+        "recorded, the training loss on the answer letter since the previous check: ln 20 = 3.00 is a uniform guess "
+        "among 20 candidates):\n\n"
         + markdown_table(["seed", "examples", "training lists", "ranker only", "with fusion", "retriever",
                           "validation checks", "commit", "date"], runs)
     )

@@ -290,6 +290,8 @@ def test_loss_supervises_the_logits_that_inference_reads(llamarec, monkeypatch):
         expected += [torch.nn.functional.cross_entropy(letter_row, torch.tensor(answer[0])),
                      torch.nn.functional.cross_entropy(eos_row, torch.tensor(answer[1]))]
     assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-4)
+    # the letter's part, which the trainer logs next to ln(k): the rows' letter cross-entropies
+    assert torch.allclose(model.letter_loss, torch.stack(expected[::2]).mean(), atol=1e-4)
 
 
 def test_ranker_training_stops_after_validations_without_improvement(llamarec, monkeypatch):
@@ -533,10 +535,11 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(llamarec):
         trainer.micro_batch = micro
         model.zero_grad()
         random.seed(0)  # the same negatives for every split
-        loss = trainer._backward_in_micro_batches(batch)
-        results[micro] = (loss, [p.grad.clone() for p in trainable])
+        loss, letter = trainer._backward_in_micro_batches(batch)
+        results[micro] = (loss, [p.grad.clone() for p in trainable], letter)
     for micro in (3, 1):
         torch.testing.assert_close(results[micro][0], results[4][0])
+        torch.testing.assert_close(results[micro][2], results[4][2])  # the letter's part, weighted the same way
         for split, whole in zip(results[micro][1], results[4][1]):
             torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-4)
 

@@ -94,3 +94,5 @@ def test_the_table_shows_each_settings_prompt_length_and_ranking_speed(curve):
     # the mean over a setting's seeds: (460 + 470) / 2 tokens, p95 (490 + 500) / 2; (557/250 + 557/300) / 2 users/s
     assert curve.prompt_cell([run(460, 490, 557, 250.0), run(470, 500, 557, 300.0)]) == "465 / 495; 2.04 users/s"
     assert curve.prompt_cell([{"numbers": {"seconds": {}}}]) == "-"  # a run before lengths were recorded
+    checks = [{"step": 40, "ndcg@10": 0.3, "se": 0.02, "letter_loss": 2.951}, {"step": 80, "ndcg@10": 0.2, "se": 0.01}]
+    assert curve.trace({"numbers": {"validation": checks}}) == "40: 0.3000 ± 0.0200 (letter loss 2.95); 80: 0.2000 ± 0.0100"

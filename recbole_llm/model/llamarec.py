@@ -314,7 +314,9 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
                 for scores, prior, top, target in zip(retrieval, priors, proposed, targets)]
 
     def calculate_loss(self, interaction):
-        """Next-token cross-entropy on the answer tokens (letter, EOS) only."""
+        """Next-token cross-entropy on the answer tokens (letter, EOS) only. The letter's share is
+        kept (detached) in ``letter_loss``: the ranker's trainer logs it next to ln(k), the loss of a
+        ranker that has learned the answer format but cannot tell the target from the other candidates."""
         sequences, answers = [], []
         for history, (candidates, index) in zip(self._histories(interaction), self.training_lists(interaction)):
             answer = self.verbalizer.answer_ids(index)
@@ -323,7 +325,9 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         # logits at positions -3 and -2 predict the letter and EOS
         logits = self._llm_logits(sequences, keep=3)[:, :2]
         labels = torch.tensor(answers, device=logits.device)
-        return F.cross_entropy(from_llm(logits.reshape(-1, logits.size(-1))), labels.reshape(-1))
+        losses = F.cross_entropy(from_llm(logits.reshape(-1, logits.size(-1))), labels.reshape(-1), reduction="none")
+        self.letter_loss = losses.view(-1, 2)[:, 0].mean().detach()
+        return losses.mean()
 
     # ----- RecBole's scoring contract -------------------------------------------------
     def full_sort_predict(self, interaction, exclude=None, candidates=None, ranker=None):

@@ -281,13 +281,14 @@ class LlamaRecTrainer(LLMTrainer):
     def _backward_in_micro_batches(self, batch) -> torch.Tensor:
         """``calculate_loss`` and backward on micro-batches of ``ranker_micro_batch_size`` prompts, each
         loss weighted by its share of ``batch``: the gradient of the whole batch's mean loss, with the
-        activations of one micro-batch in memory. Returns the batch's loss (detached)."""
-        total = 0.0
+        activations of one micro-batch in memory. Returns the batch's loss and its letter share
+        (``letter_loss`` of the model; both detached)."""
+        total, letter = 0.0, 0.0
         for start in range(0, len(batch), self.micro_batch):
             part = batch[start:start + self.micro_batch]
             loss = self._backward(lambda: self.model.calculate_loss(part) * (len(part) / len(batch)))
-            total = total + loss.detach()
-        return total
+            total, letter = total + loss.detach(), letter + self.model.letter_loss * (len(part) / len(batch))
+        return total, letter
 
     def _train_ranker_steps(self, train_data, phase, show_progress, resume_file):
         """The loop of :meth:`_train_ranker`; ``resume_file`` None: another run owns the state."""
@@ -301,6 +302,7 @@ class LlamaRecTrainer(LLMTrainer):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.best_valid_score, seen, step, running, passes, best_weights = -1.0, 0, 0, 0.0, 0, None
+        running_letter = 0.0  # the letter's loss summed since the last check (a tensor: read at checks only)
         stale, stopped = 0, False  # validations since the best one; early stop
         self.validation_trace = []
         resumed = self._resume_state(resume_file) if resume_file is not None else None
@@ -328,7 +330,8 @@ class LlamaRecTrainer(LLMTrainer):
                 resumed = None
             for position, batch in enumerate(batches, start=skip + 1):
                 self.optimizer.zero_grad()
-                loss = self._backward_in_micro_batches(batch.to(self.device))
+                loss, letter = self._backward_in_micro_batches(batch.to(self.device))
+                running_letter = running_letter + letter
                 if self.clip_grad_norm:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], **self.clip_grad_norm)
                 self.optimizer.step()
@@ -341,12 +344,14 @@ class LlamaRecTrainer(LLMTrainer):
                 if step % self.eval_every == 0 or done:
                     with self.timed("ranker validation"):
                         ndcg, se, users = self._validation_ndcg(phase)
-                    loss_mean = running / (step - (self.validation_trace[-1]["step"] if self.validation_trace else 0))
-                    self.logger.info(f"ranker step {step} ({seen} examples): train loss {loss_mean:.4f}, "
+                    steps = step - (self.validation_trace[-1]["step"] if self.validation_trace else 0)
+                    loss_mean, letter_mean = running / steps, float(running_letter) / steps
+                    self.logger.info(f"ranker step {step} ({seen} examples): train loss {loss_mean:.4f} (its letter "
+                                     f"part {letter_mean:.4f}; a uniform guess among {model.k}: {math.log(model.k):.4f}), "
                                      f"valid-subset NDCG@10 {ndcg:.4f} ± {se:.4f} (standard error) on {users} users")
                     self.validation_trace.append({"step": step, "examples": seen, "train_loss": loss_mean,
-                                                  "ndcg@10": ndcg, "se": se, "users": users})
-                    running = 0.0
+                                                  "letter_loss": letter_mean, "ndcg@10": ndcg, "se": se, "users": users})
+                    running, running_letter = 0.0, 0.0
                     if ndcg > self.best_valid_score:
                         self.best_valid_score, self.cur_step, stale = ndcg, step, 0
                         best_weights = trainable_weights(model)  # detached CPU copies (PluggableMixin)

@@ -1,4 +1,6 @@
 """LRURec: the defining properties of the authors' design, on tiny inputs."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +93,36 @@ def test_training_split_keeps_one_row_per_window(lrurec_setup):
     # 12 interactions per user: 10 training targets, windows of 8 -> 2 rows per user
     users = train._dataset.inter_feat["user_id"].numpy()
     assert np.bincount(users)[1:].tolist() == [2] * 40
+
+
+def test_every_position_loss_in_chunks_equals_the_whole(lrurec_setup, monkeypatch):
+    """With a score budget below one batch's (chunks of a few positions, scores recomputed in the backward
+    pass), LRURec's loss and its gradients are those of one cross-entropy over all positions, and no
+    chunk scores more positions than the budget. Breakage checked by hand (caught): the last, shorter
+    chunk dropped; the chunks' sum divided by the number of chunks instead of positions."""
+    from recbole_llm.model import objectives
+
+    _, model, train, _ = lrurec_setup
+    model.eval()  # no dropout: the two passes must agree
+    batch = first_batch(train)
+    items = left_align(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+    with torch.no_grad():
+        positions = int((items > 0).sum())
+    size = next(size for size in (5, 7, 11) if positions % size)  # the last chunk is shorter
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model.calculate_loss(batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole, whole_grads = loss_and_grads()
+    rows_scored = []
+    scores = model._scores
+    monkeypatch.setattr(model, "_scores", lambda states: rows_scored.append(len(states)) or scores(states))
+    monkeypatch.setattr(objectives, "CHUNK_ELEMENTS", size * model.n_items)
+    chunked, chunked_grads = loss_and_grads()
+    assert max(rows_scored) == size and len(rows_scored) == 2 * math.ceil(positions / size)  # forward + recompute
+    torch.testing.assert_close(chunked, whole)
+    for part, full in zip(chunked_grads, whole_grads, strict=True):
+        torch.testing.assert_close(part, full, atol=1e-6, rtol=1e-4)

@@ -12,7 +12,8 @@ WSDM 2024 (arXiv:2310.02367). Follows the authors' reference design:
   power of two, with a mask so that padding never leaks into real positions;
 * feed-forward ``LayerNorm(dropout(W2 dropout(GELU(W1 x))) + x)`` with inner size ``4 d``;
 * scores: dot product with the tied item embeddings plus an item bias, cross-entropy
-  over all items.
+  over all items (in chunks of positions whose scores are recomputed in the backward pass when a
+  batch's scores would pass 256 MiB: :func:`~recbole_llm.model.objectives.chunked_cross_entropy`).
 
 Training objective, as the authors: cross-entropy at every position of each user's
 training sequence (split into windows of ``MAX_ITEM_LIST_LENGTH``). RecBole expands a
@@ -35,7 +36,7 @@ from recbole.model.loss import BPRLoss
 from torch import nn
 
 from recbole_llm.llm.batching import left_align
-from recbole_llm.model.objectives import check_loss_type
+from recbole_llm.model.objectives import check_loss_type, chunked_cross_entropy
 
 
 def parallel_scan(u: torch.Tensor, lamb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -136,7 +137,7 @@ class LRURec(SequentialRecommender):
             for _ in range(self.n_layers)
         )
         self.item_bias = nn.Parameter(torch.zeros(self.n_items))
-        self.loss_fct = nn.CrossEntropyLoss() if self.loss_type == "CE" else BPRLoss()
+        self.loss_fct = BPRLoss()  # loss_type BPR; CE: chunked_cross_entropy (calculate_loss)
         self._init_weights()
 
     def _init_weights(self):
@@ -183,7 +184,7 @@ class LRURec(SequentialRecommender):
         labels = torch.cat([items[:, 1:], interaction[self.POS_ITEM_ID].unsqueeze(1)], dim=1)
         real = items > 0
         states = self.encode(items)[real]
-        return self.loss_fct(self._scores(states), labels[real])
+        return chunked_cross_entropy(states, labels[real], self._scores, self.n_items)
 
     def _item_scores(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Scores of one item per user, [B]: the same as :meth:`_scores` at those items."""

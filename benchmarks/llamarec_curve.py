@@ -204,6 +204,7 @@ def section_body(records: list[dict], plot_name: str | None) -> str:
                             "retriever NDCG@10 (history excluded)", "test prompt tokens: mean / p95; ranking speed",
                             "minutes"], rows)
     runs = [[r["settings"]["seed"], r["settings"]["ranker_max_train_examples"], lists_label(r["settings"]),
+             other_settings(r["settings"]),
              f"{r['numbers']['test']['ranker']['ndcg@10']:.4f} / {r['numbers']['test']['ranker']['recall@10']:.4f}",
              f"{r['numbers']['test']['fusion']['ndcg@10']:.4f} / {r['numbers']['test']['fusion']['recall@10']:.4f}",
              f"{r['numbers']['test']['retriever_excluded']['ndcg@10']:.4f} / "
@@ -221,8 +222,8 @@ def section_body(records: list[dict], plot_name: str | None) -> str:
         "excluded), and its validation checks (step: valid-subset NDCG@10 ± standard error over the users; where "
         "recorded, the training loss on the answer letter since the previous check: ln 20 = 3.00 is a uniform guess "
         "among 20 candidates):\n\n"
-        + markdown_table(["seed", "examples", "training lists", "ranker only", "with fusion", "retriever",
-                          "validation checks", "commit", "date"], runs)
+        + markdown_table(["seed", "examples", "training lists", "other settings", "ranker only", "with fusion",
+                          "retriever", "validation checks", "commit", "date"], runs)
     )
 
 

@@ -278,7 +278,7 @@ class LlamaRecTrainer(LLMTrainer):
         finally:
             release(claim)
 
-    def _backward_in_micro_batches(self, batch) -> torch.Tensor:
+    def _backward_in_micro_batches(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``calculate_loss`` and backward on micro-batches of ``ranker_micro_batch_size`` prompts, each
         loss weighted by its share of ``batch``: the gradient of the whole batch's mean loss, with the
         activations of one micro-batch in memory. Returns the batch's loss and its letter share

@@ -4,6 +4,7 @@ RecBole derives a sequential model's input from ``loss_type``: ``CE`` takes no s
 negatives, ``BPR`` gets one sampled negative per row (``train_neg_sample_args``). A model
 that cannot honour what the user set stops here with one line naming the fix, instead of
 training on rows it misreads (e.g. sampled negatives with label 0 taken as true next items).
+Also the full-catalogue cross-entropy in bounded memory (:func:`chunked_cross_entropy`).
 """
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ WORDS = {
     "LlamaRec": "code and tests; the paper's two stages with the letter verbalizer",
     "E4SRec": "code and tests",
     "Laser": "code and tests; default `scoring: residual`, the paper's item side with `scoring: paper`",
-    "SeRALM": "code and tests; the un-aligned ml-100k knowledge committed (generated in float32, as `auto` generates on a CPU)",
+    "SeRALM": "code and tests; the aligned SASRec adapter and every item's knowledge, un-aligned and aligned, committed",
 }
 MODELS = ("LRURec", "LlamaRec", "E4SRec", "Laser", "SeRALM")
 #: Settings that change how fast a run goes or where it writes, not its numbers.

@@ -158,9 +158,22 @@ def test_auto_precision_follows_the_cpus_bf16_units_and_float32_forces_float32(u
     assert (forced.weights, forced.autocast) == (torch.float32, None)
     generating = precision.resolve_precision("auto", "cpu", inference_only=True)  # the same text on every CPU
     assert (generating.weights, generating.autocast) == (torch.float32, None)
+    monkeypatch.setattr(precision, "cuda_bf16_native", lambda device: True)
     on_cuda = precision.resolve_precision("auto", "cuda:0")
     assert (on_cuda.weights, on_cuda.autocast) == (torch.bfloat16, None)
     assert precision.resolve_precision("bfloat16", "cpu").weights == torch.bfloat16
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                                  ((9, 0), torch.bfloat16)])
+def test_auto_on_cuda_is_bf16_only_where_the_gpu_has_bf16_units(capability, expected, monkeypatch):
+    """A T4 (7.5) or V100 (7.0) emulates bf16: ``auto`` takes its float16 units there, and says why."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    chosen = precision.resolve_precision("auto", "cuda:0")
+    assert (chosen.weights, chosen.autocast) == (expected, None)
+    assert ("without" in chosen.describe()) == (expected == torch.float16)
+    assert precision.resolve_precision("float32", "cuda:0").weights == torch.float32
 
 
 def test_autocast_decoder_computes_in_bf16_and_returns_float32(tiny_llama_dir, caplog, monkeypatch):

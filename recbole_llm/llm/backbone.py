@@ -69,7 +69,7 @@ def load_causal_lm(
     """Load ``(model, tokenizer)`` for the ``llm_path`` setting.
 
     ``dtype`` is the ``llm_dtype`` setting (see :func:`resolve_precision`; ``"auto"``: bfloat16
-    on CUDA and on CPUs with bf16 units, float32 elsewhere). ``device`` is ``"cpu"``,
+    on CUDA (float16 before Ampere) and on CPUs with bf16 units, float32 elsewhere). ``device`` is ``"cpu"``,
     ``"cuda"``/``"cuda:N"`` or ``"auto"`` (CUDA when available). ``load_in_4bit`` quantises with
     bitsandbytes NF4 and prepares the model for k-bit training when CUDA and bitsandbytes are
     present; otherwise it logs one line and loads normally. ``inference_only``: the model only
@@ -96,7 +96,7 @@ def load_causal_lm(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=precision.weights,  # llm_dtype is the compute dtype (auto: bfloat16 on CUDA)
+            bnb_4bit_compute_dtype=precision.weights,  # llm_dtype is the compute dtype (auto on CUDA: bf16, or fp16)
         )
 
     model = _from_pretrained(AutoModelForCausalLM, llm_path, model_path, **load_kwargs)

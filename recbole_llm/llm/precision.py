@@ -1,8 +1,8 @@
 """The dtype boundary between the float32 ID side and an LLM of any dtype.
 
 :func:`resolve_precision` turns the ``llm_dtype`` setting into a :class:`Precision` for the
-hardware (``auto``: bfloat16 on CUDA and, through autocast over float32 weights, on CPUs with
-bf16 matrix units, :func:`cpu_bf16_units`; float32 elsewhere). :func:`to_llm` and
+hardware (``auto``: bfloat16 on CUDA, float16 on GPUs older than Ampere, and, through autocast
+over float32 weights, on CPUs with bf16 matrix units, :func:`cpu_bf16_units`; float32 elsewhere). :func:`to_llm` and
 :func:`from_llm` are the one place where the float32 ID models (embeddings, projections, heads,
 losses, RecBole's evaluator) meet the LLM's dtype.
 """
@@ -117,6 +117,12 @@ def cpu_bf16_units() -> str | None:
     return None
 
 
+def cuda_bf16_native(device="cuda") -> bool:
+    """Whether the CUDA (or ROCm) ``device`` computes bf16 in hardware, as torch reports it: compute capability
+    8.0 or above (Ampere on); older GPUs (V100, T4) emulate bf16, slower than their float16 units."""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(torch.device(device))[0] >= 8
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags from /proc/cpuinfo (``flags`` on x86, ``Features`` on Arm); empty elsewhere."""
     try:
@@ -133,7 +139,8 @@ def cpu_flags() -> set[str]:
 def resolve_precision(llm_dtype="auto", device="cpu", inference_only=False) -> Precision:
     """The :class:`Precision` of the ``llm_dtype`` setting on ``device``.
 
-    ``auto``: bfloat16 weights on CUDA; on a CPU with bf16 units (:func:`cpu_bf16_units`),
+    ``auto``: bfloat16 weights on CUDA (float16 on a GPU without bf16 units, :func:`cuda_bf16_native`);
+    on a CPU with bf16 units (:func:`cpu_bf16_units`),
     float32 weights with bfloat16 autocast (the forward 2.9x faster on 2 AMX cores; what the optimiser
     updates keeps float32 master weights, :func:`~recbole_llm.llm.backbone.load_llm` stores the
     frozen layers in bfloat16);
@@ -147,7 +154,10 @@ def resolve_precision(llm_dtype="auto", device="cpu", inference_only=False) -> P
     device_type = "cuda" if str(device).startswith("cuda") else "cpu"
     if llm_dtype in (None, "auto"):
         if device_type == "cuda":
-            return Precision(torch.bfloat16, None, device_type, "llm_dtype: auto on CUDA")
+            if cuda_bf16_native(device):
+                return Precision(torch.bfloat16, None, device_type, "llm_dtype: auto on a CUDA device with bf16 units")
+            return Precision(torch.float16, None, device_type, "llm_dtype: auto on a CUDA device without bf16 units "
+                             "(compute capability below 8.0, where bf16 is emulated): its float16 units")
         if inference_only:
             return Precision(torch.float32, None, device_type,
                              "llm_dtype: auto for generation on a CPU: the same text, and cache, on every CPU")

@@ -90,8 +90,15 @@ def lists_label(settings: dict) -> str:
     return lists if lists == "random" else f"{lists}, target {settings['ranker_train_target_position']}"
 
 
-def other_settings(settings: dict) -> str:
-    rest = {k: v for k, v in settings.items() if k not in AXES and k not in NEUTRAL}
+#: A slope's budget for the paper's ratio further than this many times the largest one measured is not quoted.
+FAR = 100
+#: Settings that say when a run validates and whether it stops early, which a longer budget needs set otherwise
+#: (no early stop, fewer checks), not what the ranker learns: a curve's line joins budgets whatever their values.
+SCHEDULE = ("ranker_eval_step", "ranker_stopping_step")
+
+
+def other_settings(settings: dict, ignore: tuple = ()) -> str:
+    rest = {k: v for k, v in settings.items() if k not in AXES and k not in NEUTRAL and k not in ignore}
     return ", ".join(f"{k}={v}" for k, v in sorted(rest.items())) or "-"
 
 
@@ -160,9 +167,11 @@ def summary_line(groups: dict[tuple, list[dict]]) -> str:
 def slope_lines(groups: dict[tuple, list[dict]]) -> list[str]:
     """What each curve's slope predicts: per kind of training list (and other settings) with two budgets or more,
     the least-squares line of the fair ratio (mean over seeds) against log10(training examples), and the budget at
-    which that line reaches the paper's ratio. A point without training (0 examples) is shown, not fitted."""
+    which that line reaches the paper's ratio. A point without training (0 examples) is shown, not fitted; the
+    validation schedule (:data:`SCHEDULE`) does not split a curve."""
     lines: dict[tuple, list] = {}
-    for (examples, lists, other), runs in groups.items():
+    for (examples, lists, _), runs in groups.items():
+        other = other_settings(runs[0]["settings"], ignore=SCHEDULE)
         lines.setdefault((lists, other), []).append((examples, pooled(runs, "ranker")[0], pooled(runs, "fusion")[0]))
     text = []
     for (lists, other), points in lines.items():
@@ -174,8 +183,10 @@ def slope_lines(groups: dict[tuple, list[dict]]) -> list[str]:
         for index, name in ((2, "with fusion"), (1, "ranker only")):
             ys = [p[index] for p in points]
             slope, intercept = least_squares(xs, ys[len(points) - len(trained):])
-            reach = (f"{PAPER_RATIO} at ~{10 ** ((PAPER_RATIO - intercept) / slope):,.0f} examples" if slope > 0
-                     else f"never {PAPER_RATIO}: not rising")
+            budget = 10 ** ((PAPER_RATIO - intercept) / slope) if slope > 0 else math.inf
+            reach = (f"never {PAPER_RATIO}: not rising" if slope <= 0
+                     else f"{PAPER_RATIO} at ~{budget:,.0f} examples" if budget <= FAR * trained[-1][0]
+                     else f"{PAPER_RATIO} only beyond {FAR}x the largest budget measured")
             parts.append(f"{name} {' -> '.join(f'{y:.3f}' for y in ys)}, {slope:+.3f} per 10x examples ({reach})")
         budgets = " -> ".join(f"{p[0]:,}" for p in points)
         text.append(f"- {lists}" + (f" ({other})" if other != "-" else "") + f", {budgets} examples: " + "; ".join(parts))

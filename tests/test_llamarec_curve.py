@@ -72,15 +72,19 @@ def test_the_slope_of_each_curve_predicts_the_budget_of_the_papers_ratio(curve):
         settings = {"ranker_max_train_examples": examples, "ranker_train_candidates": "random", "seed": seed, **other}
         return {"settings": settings, "numbers": {"ratio": {"ranker": ranker, "fusion": fusion}}}
 
-    groups = curve.group([run(640, 1, 0.90, 0.95), run(640, 2, 0.92, 0.97), run(6400, 1, 1.00, 1.02),
-                          run(640, 1, 1.0, 1.0, ranker_eval_step=80), run(2560, 1, 0.9, 0.9, ranker_eval_step=80)])
+    # a longer budget validates less often and never stops early: the same curve (its schedule does not split it)
+    longer = {"ranker_eval_step": 160, "ranker_stopping_step": 0}
+    groups = curve.group([run(640, 1, 0.90, 0.95), run(640, 2, 0.92, 0.97), run(6400, 1, 1.00, 1.02, **longer),
+                          run(640, 1, 1.0, 1.0, learning_rate=1e-3), run(2560, 1, 0.9, 0.9, learning_rate=1e-3)])
     lines = curve.slope_lines(groups)
     # seeds pooled first (0.96 at 640), then +0.06 per decade: 1.07 is 0.05 above 1.02, 10 ** (0.05 / 0.06) x 6,400
     assert ("- random, 640 -> 6,400 examples: with fusion 0.960 -> 1.020, +0.060 per 10x examples (1.07 at ~43,603 "
             "examples); ranker only 0.910 -> 1.000, +0.090 per 10x examples (1.07 at ~38,367 examples)") in lines
-    falling = next(line for line in lines if "ranker_eval_step=80" in line)
+    falling = next(line for line in lines if "learning_rate=0.001" in line)
     assert "with fusion 1.000 -> 0.900, -0.166 per 10x examples (never 1.07: not rising)" in falling
     assert curve.slope_lines(curve.group([run(640, 1, 0.9, 0.9)])) == []  # one budget: no slope
+    flat = curve.slope_lines(curve.group([run(640, 1, 1.0, 1.0), run(6400, 1, 1.0, 1.01)]))[2]
+    assert "+0.010 per 10x examples (1.07 only beyond 100x the largest budget measured)" in flat  # 10 ** 7 x 6,400
     untrained = curve.slope_lines(curve.group([run(0, 1, 0.8, 0.99), run(640, 1, 0.9, 0.95), run(6400, 1, 1.0, 1.01)]))
     assert "- random, 0 -> 640 -> 6,400 examples: with fusion 0.990 -> 0.950 -> 1.010, +0.060 per 10x" in untrained[2]
     assert curve.slope_lines(curve.group([run(0, 1, 0.8, 0.99), run(640, 1, 0.9, 0.95)])) == []  # one trained

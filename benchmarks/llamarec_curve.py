@@ -164,15 +164,22 @@ def summary_line(groups: dict[tuple, list[dict]]) -> str:
             + (f", {other}" if other != "-" else "") + f". Paper: {PAPER_RATIO}.")
 
 
+def curves(groups: dict[tuple, list[dict]]) -> dict[tuple, list[tuple[int, list[dict]]]]:
+    """The curves: per kind of training list and other settings (the validation schedule, :data:`SCHEDULE`,
+    left out), each budget's runs, in the order of :func:`group`."""
+    lines: dict[tuple, list] = {}
+    for (examples, lists, _), runs in groups.items():
+        lines.setdefault((lists, other_settings(runs[0]["settings"], ignore=SCHEDULE)), []).append((examples, runs))
+    return lines
+
+
 def slope_lines(groups: dict[tuple, list[dict]]) -> list[str]:
     """What each curve's slope predicts: per kind of training list (and other settings) with two budgets or more,
     the least-squares line of the fair ratio (mean over seeds) against log10(training examples), and the budget at
     which that line reaches the paper's ratio. A point without training (0 examples) is shown, not fitted; the
     validation schedule (:data:`SCHEDULE`) does not split a curve."""
-    lines: dict[tuple, list] = {}
-    for (examples, lists, _), runs in groups.items():
-        other = other_settings(runs[0]["settings"], ignore=SCHEDULE)
-        lines.setdefault((lists, other), []).append((examples, pooled(runs, "ranker")[0], pooled(runs, "fusion")[0]))
+    lines = {key: [(examples, pooled(runs, "ranker")[0], pooled(runs, "fusion")[0]) for examples, runs in points]
+             for key, points in curves(groups).items()}
     text = []
     for (lists, other), points in lines.items():
         trained = [p for p in points if p[0] > 0]
@@ -249,9 +256,8 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(11, 4.8))
-    lines: dict[tuple, list] = {}
-    for (examples, lists, other), runs in group(records).items():
-        lines.setdefault((lists, other), []).append((examples, pooled(runs, "ranker"), pooled(runs, "fusion")))
+    lines = {key: [(examples, pooled(runs, "ranker"), pooled(runs, "fusion")) for examples, runs in points]
+             for key, points in curves(group(records)).items()}
     several = len({other for _, other in lines}) > 1  # name the other settings only where they differ
     for index, ((lists, other), points) in enumerate(lines.items()):
         color = f"C{index}"
@@ -266,7 +272,8 @@ def plot(records: list[dict], path: Path) -> None:
     examples = [x for points in lines.values() for x, *_ in points]
     if len(set(examples)) > 1:
         ax.set_xscale("log" if min(examples) > 0 else "symlog", **({} if min(examples) > 0 else {"linthresh": 100}))
-        ax.set_xlim(right=2 * max(examples))  # the largest budget off the frame's edge
+        ax.set_xlim(left=min(examples) - 30 if min(examples) <= 0 else None,  # no negative budgets on the axis
+                    right=2 * max(examples))  # the largest budget off the frame's edge
     ax.set_xlabel("ranker training examples")
     ax.set_ylabel("LlamaRec / retriever NDCG@10 (history excluded)")
     ax.set_title("LlamaRec's ranker: learning curve (test)", fontsize=10)

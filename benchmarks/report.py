@@ -21,7 +21,8 @@ themselves when their inputs have not changed, and an interrupted training conti
 present in the folder, each row with the date it was measured.
 
 Settings: each model's shipped defaults (properties/*.yaml over RecBole's) with
-``show_progress: False``, the RecBole baselines capped at ``BASELINE_EPOCHS`` epochs;
+``show_progress: False``, the RecBole baselines capped at ``BASELINE_EPOCHS`` epochs (Caser with its paper's
+``MAX_ITEM_LIST_LENGTH``, ``BASELINE_SETTINGS``);
 ``--key=value`` overrides every model, ``--MODEL.key=value`` one model.
 
 SeRALM's knowledge cache takes hours to generate on a CPU: unless ``--allow_generation`` is given,
@@ -61,6 +62,11 @@ BASELINES = ["SASRec", "GRU4Rec", "NARM", "BERT4Rec", "Caser", "LightSANs"]
 #: ml-100k's ~97k prefix rows takes ~75 s on 2 cores, so 8 epochs keep each run near 10 minutes
 #: (as benchmarks/lrurec_vs_sasrec.py; early stopping may end a run sooner).
 BASELINE_EPOCHS = 8
+#: A baseline's own paper setting where RecBole's shared default would cost hours: Caser's horizontal filters
+#: span every history length up to L ("Personalized Top-N Sequential Recommendation via Convolutional Sequence
+#: Embedding", Tang & Wang, WSDM 2018: L = 5 on MovieLens); at RecBole's L = 50, one epoch took over 20 minutes on
+#: one thread (fifty filter heights), so 8 epochs would take hours.
+BASELINE_SETTINGS = {"Caser": {"MAX_ITEM_LIST_LENGTH": 5}}
 #: Our LLM models: the setting naming the model each builds on (its "base"), and that setting's default.
 BASE_SETTING = {"LlamaRec": ("retriever", "LRURec"), "E4SRec": ("id_model", "SASRec"),
                 "Laser": ("id_model", "SASRec"), "SeRALM": ("base_model", "SASRec")}
@@ -323,6 +329,14 @@ def run_model(model: str, dataset: str, extra: list[str], report_dir, rerun: boo
     else:
         print(f"{model}: not run: {record.get('error')} ({minutes:.1f} min; log: {log})", flush=True)
     return record
+
+
+def baseline_defaults(model: str, overrides: list[str]) -> list[str]:
+    """The report's settings of a RecBole baseline that ``overrides`` leave unset: :data:`BASELINE_EPOCHS`
+    epochs and :data:`BASELINE_SETTINGS`."""
+    given = {o.split("=", 1)[0].removeprefix("--") for o in overrides}
+    settings = {"epochs": BASELINE_EPOCHS, **BASELINE_SETTINGS.get(model, {})}
+    return [f"--{key}={value}" for key, value in settings.items() if key not in given]
 
 
 def default_models() -> list[str]:
@@ -643,8 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tables_only:
         for model in models:
             overrides = shared + per_model.get(model, [])
-            if model in BASELINES and not any(o.startswith("--epochs=") for o in overrides):
-                overrides = [f"--epochs={BASELINE_EPOCHS}"] + overrides
+            if model in BASELINES:
+                overrides = baseline_defaults(model, overrides) + overrides
             run_model(model, args.dataset, overrides, args.report_dir, model in rerun, args.allow_generation,
                       args.timeout)
     body = assemble(args.dataset, args.report_dir, Path(args.results_file), argv)

@@ -107,6 +107,19 @@ def test_a_record_measured_before_the_models_last_change_runs_again(tiny_data, t
         assert runs == expected
 
 
+def test_baselines_run_with_the_reports_epochs_and_casers_own_history_length(tmp_path, report, monkeypatch):
+    """RecBole baselines get BASELINE_EPOCHS and Caser its paper's L = 5 (at RecBole's 50 an epoch takes over 20
+    minutes on one thread), unless the command line sets them; our models get neither."""
+    given = {}
+    monkeypatch.setattr(report, "run_model", lambda model, dataset, overrides, *a, **k: given.update({model: overrides}))
+    monkeypatch.setattr(report, "assemble", lambda *a, **k: "")
+    argv = ["--models", "Caser,SASRec,LRURec", f"--report_dir={tmp_path}", f"--results_file={tmp_path / 'R.md'}"]
+    assert report.main(argv) == 0
+    assert given == {"Caser": ["--epochs=8", "--MAX_ITEM_LIST_LENGTH=5"], "SASRec": ["--epochs=8"], "LRURec": []}
+    assert report.main(argv + ["--Caser.MAX_ITEM_LIST_LENGTH=10", "--epochs=2"]) == 0
+    assert given["Caser"] == ["--epochs=2", "--MAX_ITEM_LIST_LENGTH=10"] and given["LRURec"] == ["--epochs=2"]
+
+
 def test_paper_gains_match_the_papers(report):
     """Each gain against the percentage the paper prints (SeRALM's Table 1); the LlamaRec paper prints its
     NDCG@10 values only, so its entry has nothing independent to be checked against."""

@@ -17,8 +17,9 @@ generation, ``llm_dtype: bfloat16`` (``auto`` generates in float32 on every CPU)
 without bf16 units, where it is emulated); ``bf16-cast`` (on
 request: the same autocast with every frozen weight kept float32 and cast at each call, as before
 ``Precision.store_frozen``);
-``int8`` (scoring paths only: LlamaRec's ranking and SeRALM's generation, torch's dynamic int8
-quantisation of the LLM's Linear layers, LoRA merged first). Next to them, the machine's own
+``int8`` (scoring paths only: LlamaRec's ranking, its ``ranker_int8`` setting, and SeRALM's generation;
+``precision.int8_copy``: LoRA merged, the decoder's Linear layers in dynamic int8 per output channel, the LM
+head float32). Next to them, the machine's own
 matrix-multiply peak (2048 x 2048 matmul) in each dtype and the LLM's forward and forward+backward
 (LoRA on q/v) over 4 prompts x 700 tokens, as FLOP/s = 2 x (Linear weights) x tokens (forward; x2 for
 forward+backward: the frozen weights need no weight gradient; attention's own products left out).
@@ -46,6 +47,8 @@ from scaling import PeakRSS, measure  # noqa: E402
 
 MODELS = ["LlamaRec", "E4SRec", "Laser", "SeRALM"]
 PRECISIONS = ["float32", "bf16", "int8"]
+#: What int8 quantises (``precision.int8_copy``); part of an int8 cell's key.
+INT8_SCHEME = "decoder Linear layers, per output channel; LM head float32"
 #: The paths that only score or generate: where int8 applies.
 INT8_MODELS = {"LlamaRec", "SeRALM"}
 #: Per model, what the benchmark changes from the defaults: LlamaRec's batches are its training
@@ -73,15 +76,6 @@ def precision_setting(precision: str):
         llm_precision.cpu_bf16_units, llm_precision.Precision.store_frozen = report, store_frozen
 
 
-def int8_llm(llm):
-    """``llm`` (LoRA merged into its weights) with its Linear layers in dynamic int8."""
-    import torch
-
-    if hasattr(llm, "merge_and_unload"):
-        llm = llm.merge_and_unload()
-    return torch.ao.quantization.quantize_dynamic(llm, {torch.nn.Linear}, dtype=torch.qint8)
-
-
 # ------------------------------------------------------------------ peaks and the bare LLM
 def matmul_peak(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
     """FLOP/s of a ``size`` x ``size`` matmul in ``dtype_name`` (the best of ``repeats``)."""
@@ -104,6 +98,7 @@ def bare_llm(precision: str, prompts: int = 4, tokens: int = 700, repeats: int =
     import torch
 
     from recbole_llm.llm.backbone import load_llm
+    from recbole_llm.llm.precision import int8_copy
 
     with precision_setting(precision) as setting:
         config = {"llm_path": None, "load_in_4bit": False, "gradient_checkpointing": False, "num_threads": None,
@@ -113,7 +108,7 @@ def bare_llm(precision: str, prompts: int = 4, tokens: int = 700, repeats: int =
                  if isinstance(m, torch.nn.Linear) and "lm_head" not in n and "lora_" not in n)
     ids = torch.randint(100, 20000, (prompts, tokens), generator=torch.Generator().manual_seed(0))
     if precision == "int8":
-        model = int8_llm(model)
+        model = int8_copy(model)
     forward = backward = float("inf")
     for _ in range(repeats + 1):  # the first round warms up
         with torch.no_grad():
@@ -132,16 +127,18 @@ def bare_llm(precision: str, prompts: int = 4, tokens: int = 700, repeats: int =
 
 # ------------------------------------------------------------------ the models
 def model_cell(model_name: str, precision: str, args, workdir: Path) -> dict:
-    """Training rows/s and scoring users/s of ``model_name`` (SeRALM: generation items/s); int8
-    quantises the LLM after the (float32) training steps, so only its scoring counts."""
+    """Training rows/s and scoring users/s of ``model_name`` (SeRALM: generation items/s); int8 is
+    LlamaRec's ``ranker_int8`` (float32 training, int8 ranking), so only its scoring counts."""
     base = {"checkpoint_dir": str(workdir / "saved"), "show_progress": False, "state": "WARNING", "use_gpu": False,
             "num_threads": args.num_threads, "eval_batch_size": args.eval_batch_size, **SETTINGS[model_name]}
     with precision_setting("float32" if precision == "int8" else precision) as setting:
         if model_name == "SeRALM":  # auto generates in float32 on every CPU: bf16 is asked for by name
             setting = {"llm_dtype": "bfloat16"} if precision.startswith("bf16") else setting
             return generation_cell({**base, **setting}, precision, args)
-        quantise = (lambda model: setattr(model, "llm", int8_llm(model.llm))) if precision == "int8" else None
-        row = measure(model_name, "ml-100k", {**base, **setting}, args, workdir, before_scoring=quantise)
+        setting = {**setting, "ranker_int8": True} if precision == "int8" else setting  # LlamaRec, the one user
+        # the int8 copy is made once per evaluation (seconds): before the timed batches
+        make_copy = (lambda model: model.scoring_llm()) if precision == "int8" else None
+        row = measure(model_name, "ml-100k", {**base, **setting}, args, workdir, before_scoring=make_copy)
     return {"train_rows_per_s": 1000 / row["train_s_per_1000_rows"],
             "score_users_per_s": row["eval_users_per_s"], "train_peak_mib": row["train_peak_bytes"] / 2**20,
             "eval_peak_mib": row["eval_peak_bytes"] / 2**20, "train_rows_timed": row["train_rows_timed"],
@@ -154,13 +151,14 @@ def generation_cell(settings: dict, precision: str, args) -> dict:
 
     from recbole_llm import load_config
     from recbole_llm.knowledge.generation import dataset_items, load_generator
+    from recbole_llm.llm.precision import int8_copy
 
     with bare_argv():
         config = load_config("SeRALM", "ml-100k", config_dict=settings)
     items = dataset_items(create_dataset(config), dict(config["knowledge_fields"]))[:args.generate_items]
     generator = load_generator(config)
     if precision == "int8":
-        generator.model = int8_llm(generator.model)
+        generator.model = int8_copy(generator.model)
     generator.generate([fields for _, _, fields in items[:2]], max_new_tokens=4)  # warm-up
     batch = generator.batch_size
     with PeakRSS() as memory:
@@ -174,7 +172,8 @@ def generation_cell(settings: dict, precision: str, args) -> dict:
 
 # ------------------------------------------------------------------ records and the report
 def cell(kind: str, name: str, precision: str, args, report: dict, records: Path, workdir: Path) -> dict | None:
-    settings = {"kind": kind, "name": name, "precision": precision, "threads": args.num_threads,
+    scheme = {"int8": INT8_SCHEME} if precision == "int8" else {}  # records of an earlier scheme do not match
+    settings = {"kind": kind, "name": name, "precision": precision, **scheme, "threads": args.num_threads,
                 "train_steps": args.train_steps, "eval_batches": args.eval_batches,
                 "eval_batch_size": args.eval_batch_size, "generate_items": args.generate_items}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
@@ -240,7 +239,7 @@ def report_text(cells: dict, report: dict, args) -> str:
         f"bf16, and `llm_dtype: bfloat16` for SeRALM's generation (auto generates in float32 on every CPU, so the "
         f"cached knowledge does not depend on the CPU); forced where the CPU has none), "
         f"`bf16-cast` (where measured: the same autocast with the frozen weights float32, cast at every call), "
-        f"`int8` (scoring and generation only: dynamic int8 Linear layers, LoRA merged).\n\n"
+        f"`int8` (scoring and generation only: LoRA merged, dynamic int8 {INT8_SCHEME}).\n\n"
         f"{markdown_table(header, rows)}\n\n"
         f"Matrix-multiply peak (2048 x 2048, {args.num_threads} threads): float32 "
         f"{(peaks['float32'] or 0) / 1e12:.2f} TFLOP/s, bfloat16 {(peaks['bfloat16'] or 0) / 1e12:.2f} TFLOP/s.\n"

@@ -704,3 +704,54 @@ def test_validation_check_gives_the_standard_error_over_its_users(llamarec):
         gains.append(1 / __import__("math").log2(rank + 2) if rank < 10 else 0.0)
     assert users == len(rows) > 2 and len(set(gains)) > 1
     assert ndcg == pytest.approx(statistics.mean(gains)) and se == pytest.approx(statistics.stdev(gains) / len(gains) ** 0.5)
+
+
+def test_int8_ranking_uses_a_quantised_copy_of_the_current_adapter(llamarec):
+    """``ranker_int8``: eval-mode ranking runs a dynamic-int8 copy with the adapter merged (scores within int8's
+    rounding of float32's, not equal), the trained LLM and the checkpoint keep float32 weights, and training
+    drops the copy, so the next ranking quantises the adapter as it is then. Breakages checked by hand (caught):
+    the copy kept across training; ranking with ``self.llm`` whatever the setting."""
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    config, model, (train, _, _) = llamarec
+    _randomise_lora(model)
+    model.eval()
+    candidates = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    histories = [[11, 12, 13, 14, 15, 16], [17, 18]]
+    full = model.ranker_scores(histories, candidates)
+    keys = set(model.state_dict())
+    model.int8 = True
+    int8 = model.ranker_scores(histories, candidates)
+    copy = model.scoring_llm()
+    assert copy is not model.llm and any(isinstance(m, Int8Linear) for m in copy.modules())
+    assert not any(isinstance(m, Int8Linear) for m in model.llm.modules()) and set(model.state_dict()) == keys
+    assert not torch.equal(int8, full) and torch.allclose(int8, full, atol=0.05 * full.abs().max().item())
+    assert model.scoring_llm() is copy  # one copy per evaluation
+    model.train()
+    assert model.scoring_llm() is model.llm  # training scores (and learns) in float32
+    _randomise_lora(model)
+    model.eval()
+    model.int8 = False
+    moved = model.ranker_scores(histories, candidates)
+    model.int8 = True
+    assert torch.allclose(model.ranker_scores(histories, candidates), moved, atol=0.05 * moved.abs().max().item())
+
+
+@pytest.mark.parametrize("settings, units, fails", [({"llm_dtype": "float32"}, "AMX", False),
+                                                    ({"llm_dtype": "auto"}, None, False),
+                                                    ({"llm_dtype": "auto"}, "AMX", True),
+                                                    ({"llm_dtype": "bfloat16"}, None, True)])
+def test_int8_ranking_needs_a_float32_llm_on_a_cpu(tiny_data, monkeypatch, settings, units, fails):
+    from recbole_llm import quick_start
+    from recbole_llm.errors import InputError
+    from recbole_llm.llm import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: units)
+    name, overrides = tiny_data
+    config = load_config("LlamaRec", name, config_dict={**overrides, "ranker_int8": True, **settings})
+    if fails:
+        with pytest.raises(InputError, match=r"ranker_int8: True ranks with an int8 copy of a float32 LLM on a CPU, "
+                                             r"but this run's LLM computes in bfloat16.*set llm_dtype: float32"):
+            quick_start.preflight(config)
+    else:
+        quick_start.preflight(config)

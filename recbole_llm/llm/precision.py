@@ -6,8 +6,10 @@ over float32 weights, on CPUs with bf16 matrix units, :func:`cpu_bf16_units`; fl
 :func:`from_llm` are the one place where the float32 ID models (embeddings, projections, heads,
 losses, RecBole's evaluator) meet the LLM's dtype.
 """
+import copy
 import platform
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -168,6 +170,25 @@ def resolve_precision(llm_dtype="auto", device="cpu", inference_only=False) -> P
     if isinstance(llm_dtype, torch.dtype):
         return Precision(llm_dtype, None, device_type, f"llm_dtype: {dtype_name(llm_dtype)}")
     return Precision(getattr(torch, llm_dtype), None, device_type, f"llm_dtype: {llm_dtype}")
+
+
+def int8_copy(llm: nn.Module) -> nn.Module:
+    """A copy of the float32 causal LM ``llm`` (a PEFT model or a plain one) that only scores, on a CPU: its
+    LoRA merged into the weights, then every Linear layer of its decoder in dynamic int8 (torch's
+    ``quantize_dynamic``: int8 weights per output channel, activations quantised at each call, float32 out).
+    The LM head stays float32, so the scores read from its logits have float32 resolution; ``llm`` is left as
+    it was (it goes on training). Holds a float32 copy while it quantises, then about a quarter of it."""
+    merged = copy.deepcopy(llm)
+    if hasattr(merged, "merge_and_unload"):
+        merged = merged.merge_and_unload()
+    from recbole_llm.llm.batching import decoder_body
+
+    with warnings.catch_warnings():  # torch 2.13 calls its own quantised-tensor constructors deprecated
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+        quantization = torch.ao.quantization
+        quantization.quantize_dynamic(decoder_body(merged), {nn.Linear: quantization.per_channel_dynamic_qconfig},
+                                      inplace=True)
+    return merged.eval().requires_grad_(False)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -4,17 +4,21 @@
 :func:`check_causal_lm` reads the ``config.json`` of the model an ``llm_path`` names (no
 weights) and says in one line what is wrong: a missing folder, a PEFT adapter instead of a
 model, a hub name that cannot be fetched, or a model that is not a causal language model;
-:func:`check_adapter` checks an adapter folder, and :func:`note_4bit_fallback` says once that
-``load_in_4bit`` falls back to LoRA in full precision where 4-bit cannot run.
+:func:`check_adapter` checks an adapter folder, :func:`note_4bit_fallback` says once that
+``load_in_4bit`` falls back to LoRA in full precision where 4-bit cannot run, and
+:func:`check_int8_scoring` that ``ranker_int8`` has a float32 LLM on a CPU to quantise.
 """
 import json
 import os
 from pathlib import Path
 
+import torch
+
 from recbole_llm.errors import InputError, MissingInputError, warn_once
 from recbole_llm.llm import backbone
 from recbole_llm.llm.backbone import resolve_llm_path
 from recbole_llm.llm.embedded import EMBEDDED_LLM, EMBEDDED_LLM_ALIASES, embedded_gguf_source
+from recbole_llm.llm.precision import resolve_precision
 
 
 def check_causal_lm(llm_path, setting="llm_path"):
@@ -70,9 +74,9 @@ def is_causal_lm_config(config) -> bool:
 
 def check_llm_settings(config) -> None:
     """The LLM settings of an LLM model, before anything is built: ``llm_path`` holds a causal
-    LM, ``ranker_adapter`` / ``llm_adapter`` are PEFT folders, and ``load_in_4bit`` without CUDA
-    says once that it uses LoRA in full precision (the settings' allowed values are checked by
-    :func:`recbole_llm.setting_rules.check_settings` in ``load_config``)."""
+    LM, ``ranker_adapter`` / ``llm_adapter`` are PEFT folders, ``load_in_4bit`` without CUDA
+    says once that it uses LoRA in full precision, ``ranker_int8`` has a float32 LLM on a CPU (the
+    settings' allowed values are checked by :func:`recbole_llm.setting_rules.check_settings` in ``load_config``)."""
     settings = config.final_config_dict
     if "llm_path" in settings:
         check_causal_lm(settings["llm_path"], "llm_path")
@@ -81,6 +85,18 @@ def check_llm_settings(config) -> None:
             check_adapter(settings[key], key)
     if settings.get("load_in_4bit"):
         note_4bit_fallback(config)
+    if settings.get("ranker_int8"):
+        check_int8_scoring(config)
+
+
+def check_int8_scoring(config) -> None:
+    """``ranker_int8`` quantises a float32 LLM for a CPU (:func:`~recbole_llm.llm.precision.int8_copy`): with
+    another compute dtype or on a GPU, one line before stage 1."""
+    precision = resolve_precision(config["llm_dtype"] or "auto", str(config["device"]))
+    if precision.device_type != "cpu" or precision.autocast is not None or precision.weights != torch.float32:
+        raise InputError(f"ranker_int8: True ranks with an int8 copy of a float32 LLM on a CPU, but this run's LLM "
+                         f"computes in {precision.describe()} on {precision.device_type}: set llm_dtype: float32 "
+                         "with it on a CPU (int8 is for CPUs without bf16 units), or ranker_int8: False.")
 
 
 def check_adapter(path, key: str) -> None:

@@ -23,8 +23,9 @@ PGAI@CIKM 2023 (arXiv:2311.02089).
 
 Choices the paper leaves open (details in :class:`LlamaRec`): truncation of long prompts,
 left padding with position ids, ``share_prompt_prefix``, and, beyond the paper, ``fusion``
-of the ranker's and the retriever's scores inside the top-k and training candidates drawn
-from the retriever (``ranker_train_candidates``).
+of the ranker's and the retriever's scores inside the top-k, training candidates drawn
+from the retriever (``ranker_train_candidates``) and, for CPUs without bf16 units, ranking with a
+dynamic-int8 copy of the LLM (``ranker_int8``, :meth:`LlamaRec.scoring_llm`).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from tqdm import tqdm
 from recbole_llm.data.interactions import item_sets, training_sequences
 from recbole_llm.data.item_text import item_texts
 from recbole_llm.llm.backbone import load_llm
-from recbole_llm.llm.precision import from_llm
+from recbole_llm.llm.precision import from_llm, int8_copy
 from recbole_llm.llm.batching import common_prefix_length, forward_shared_prefix, left_pad
 from recbole_llm.llm.pluggable import PluggableMixin
 from recbole_llm.llm.prompts import (ALPACA_TEMPLATE, RANKING_INSTRUCTION, RankingPrompt, RankingPromptIds,
@@ -113,6 +114,8 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         self.train_candidates = config["ranker_train_candidates"]
         self.target_position = config["ranker_train_target_position"]
         self.ranker_enabled = True  # False: full_sort_predict returns the retriever's scores (for comparisons)
+        self.int8 = config["ranker_int8"]
+        self.__dict__["_int8_llm"] = None  # not a submodule: out of state_dict, parameters() and .to()
         texts = item_texts(dataset, config["item_text_fields"])  # first: a dataset without text fails fast
         # the users' whole training sequences, beyond the MAX_ITEM_LIST_LENGTH window (exclude_history)
         self.training_sequences = training_sequences(dataset)
@@ -142,7 +145,19 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         proposes for training rows (``ranker_train_candidates``) are those it would give at evaluation."""
         super().train(mode)
         self.retriever.eval()
+        if mode:
+            self.__dict__["_int8_llm"] = None  # the adapter is about to change
         return self
+
+    def scoring_llm(self):
+        """The LLM that ranks: the trained one, or in eval mode with ``ranker_int8`` its dynamic-int8 copy
+        (:func:`~recbole_llm.llm.precision.int8_copy`), made at the first scoring after training and dropped
+        when training resumes (:meth:`train`)."""
+        if not self.int8 or self.training:
+            return self.llm
+        if self._int8_llm is None:
+            self.__dict__["_int8_llm"] = int8_copy(self.llm)
+        return self._int8_llm
 
     # ----- stage 1 -------------------------------------------------------------------
     def retrieval_scores(self, interaction) -> torch.Tensor:
@@ -191,16 +206,15 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         """Next-token logits at the last ``keep`` positions of ``sequences`` (left-padded; their
         common prefix run once with ``share_prompt_prefix``; gradient checkpointing's recompute
         would extend the shared cache twice, so it turns sharing off in training)."""
-        shared = 0
+        llm, shared = self.scoring_llm(), 0
         if self.share_prompt_prefix and len(sequences) > 1 and not (self.training and self.gradient_checkpointing):
             shared = min(common_prefix_length(sequences), min(len(s) for s in sequences) - keep)
         input_ids, attention, positions = left_pad([s[shared:] for s in sequences], self.tokenizer.pad_token_id,
                                                    self.device)
         if shared <= 0:
-            return self.llm(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                            logits_to_keep=keep).logits
+            return llm(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep).logits
         prefix = {"input_ids": torch.tensor([sequences[0][:shared]], device=self.device)}
-        return forward_shared_prefix(self.llm, prefix, {"input_ids": input_ids}, attention, logits_to_keep=keep).logits
+        return forward_shared_prefix(llm, prefix, {"input_ids": input_ids}, attention, logits_to_keep=keep).logits
 
     def ranker_scores(self, histories: list[list[int]], candidates: torch.Tensor, show_progress: bool = False) -> torch.Tensor:
         """Verbalizer scores [B, k] of each row's candidates, in micro-batches."""

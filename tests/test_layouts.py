@@ -113,3 +113,27 @@ def test_llm_layers_on_a_layout_without_one_layer_list_is_refused_with_one_line(
     with pytest.raises(InputError, match="has no single list of its 2 layers to cut; set llm_layers: ~"):
         keep_first_layers(decoder, 1)
     assert keep_first_layers(decoder, None) == 2  # all layers: nothing to find
+
+
+@pytest.mark.parametrize("layout", ["llama", *LAYOUTS])
+def test_int8_copy_quantises_every_projection_of_any_layout(layout):
+    """``int8_copy`` (LlamaRec's ``ranker_int8``) leaves no float32 projection in the decoder, GPT-2's Conv1D
+    layers included, keeps the LM head float32, and scores as the float32 model does within int8's rounding.
+    Breakage checked by hand (caught): GPT-2's Conv1D layers left as they are (nothing of GPT-2 quantised)."""
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+    from transformers.pytorch_utils import Conv1D
+
+    from recbole_llm.llm.batching import decoder_body
+    from recbole_llm.llm.precision import int8_copy
+
+    model = tiny_causal_lm(layout, 64).eval()
+    copy_ = int8_copy(model)
+    body = decoder_body(copy_)
+    assert not any(isinstance(m, (torch.nn.Linear, Conv1D)) for m in body.modules())
+    assert sum(isinstance(m, Int8Linear) for m in body.modules()) >= 4
+    assert type(copy_.get_output_embeddings()) is torch.nn.Linear  # the LM head stays float32
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full, int8 = model(input_ids=ids).logits[:, -1], copy_(input_ids=ids).logits[:, -1]
+    assert torch.corrcoef(torch.stack([full.flatten(), int8.flatten()]))[0, 1] > 0.99
+    assert any(isinstance(m, (torch.nn.Linear, Conv1D)) for m in decoder_body(model).modules())  # the original

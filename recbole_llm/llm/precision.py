@@ -174,8 +174,9 @@ def resolve_precision(llm_dtype="auto", device="cpu", inference_only=False) -> P
 
 def int8_copy(llm: nn.Module) -> nn.Module:
     """A copy of the float32 causal LM ``llm`` (a PEFT model or a plain one) that only scores, on a CPU: its
-    LoRA merged into the weights, then every Linear layer of its decoder in dynamic int8 (torch's
-    ``quantize_dynamic``: int8 weights per output channel, activations quantised at each call, float32 out).
+    LoRA merged into the weights, then every Linear layer of its decoder (GPT-2's Conv1D layers as Linear ones,
+    :func:`as_linear_layers`) in dynamic int8 (torch's ``quantize_dynamic``: int8 weights per output channel,
+    activations quantised at each call, float32 out).
     The LM head stays float32, so the scores read from its logits have float32 resolution; ``llm`` is left as
     it was (it goes on training). Holds a float32 copy while it quantises, then about a quarter of it."""
     merged = copy.deepcopy(llm)
@@ -183,12 +184,28 @@ def int8_copy(llm: nn.Module) -> nn.Module:
         merged = merged.merge_and_unload()
     from recbole_llm.llm.batching import decoder_body
 
+    as_linear_layers(decoder_body(merged))
     with warnings.catch_warnings():  # torch 2.13 calls its own quantised-tensor constructors deprecated
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
         quantization = torch.ao.quantization
         quantization.quantize_dynamic(decoder_body(merged), {nn.Linear: quantization.per_channel_dynamic_qconfig},
                                       inplace=True)
     return merged.eval().requires_grad_(False)
+
+
+def as_linear_layers(module: nn.Module) -> None:
+    """Replace, in place, each GPT-2 ``Conv1D`` layer inside ``module`` by the ``nn.Linear`` that computes the
+    same (its weight transposed), so that what quantises Linear layers reaches GPT-2's projections too."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, child in list(module.named_children()):
+        if isinstance(child, Conv1D):
+            n_in, n_out = child.weight.shape
+            linear = nn.Linear(n_in, n_out, dtype=child.weight.dtype, device=child.weight.device)
+            linear.weight.data, linear.bias.data = child.weight.data.t().contiguous(), child.bias.data
+            setattr(module, name, linear)
+        else:
+            as_linear_layers(child)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -709,8 +709,8 @@ def test_validation_check_gives_the_standard_error_over_its_users(llamarec):
 def test_int8_ranking_uses_a_quantised_copy_of_the_current_adapter(llamarec):
     """``ranker_int8``: eval-mode ranking runs a dynamic-int8 copy with the adapter merged (scores within int8's
     rounding of float32's, not equal), the trained LLM and the checkpoint keep float32 weights, and training
-    drops the copy, so the next ranking quantises the adapter as it is then. Breakages checked by hand (caught):
-    the copy kept across training; ranking with ``self.llm`` whatever the setting."""
+    drops the copy; a checkpoint loaded in eval mode makes a new one. Breakages checked by hand (caught): the
+    copy kept across training and loads; ranking with ``self.llm`` whatever the setting."""
     from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
 
     config, model, (train, _, _) = llamarec
@@ -727,6 +727,13 @@ def test_int8_ranking_uses_a_quantised_copy_of_the_current_adapter(llamarec):
     assert not any(isinstance(m, Int8Linear) for m in model.llm.modules()) and set(model.state_dict()) == keys
     assert not torch.equal(int8, full) and torch.allclose(int8, full, atol=0.05 * full.abs().max().item())
     assert model.scoring_llm() is copy  # one copy per evaluation
+    changed = {name: value + 0.3 for name, value in model.state_dict().items() if "lora_B" in name}
+    model.load_state_dict(changed, strict=False)  # a checkpoint loaded in eval mode: a new copy
+    model.int8 = False
+    loaded = model.ranker_scores(histories, candidates)
+    model.int8 = True
+    assert not torch.allclose(loaded, full, atol=1e-3)
+    assert torch.allclose(model.ranker_scores(histories, candidates), loaded, atol=0.05 * loaded.abs().max().item())
     model.train()
     assert model.scoring_llm() is model.llm  # training scores (and learns) in float32
     _randomise_lora(model)

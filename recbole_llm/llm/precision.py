@@ -7,6 +7,7 @@ over float32 weights, on CPUs with bf16 matrix units, :func:`cpu_bf16_units`; fl
 losses, RecBole's evaluator) meet the LLM's dtype.
 """
 import copy
+import hashlib
 import platform
 import threading
 import warnings
@@ -191,6 +192,17 @@ def int8_copy(llm: nn.Module) -> nn.Module:
         quantization.quantize_dynamic(decoder_body(merged), {nn.Linear: quantization.per_channel_dynamic_qconfig},
                                       inplace=True)
     return merged.eval().requires_grad_(False)
+
+
+def adapter_fingerprint(llm: nn.Module) -> str:
+    """A digest of the values of ``llm``'s trainable weights (its LoRA): it changes whenever they do, however
+    they were changed (an optimiser step, ``load_state_dict``, an assignment), which a copy made from them
+    (:func:`int8_copy`) is checked against."""
+    digest = hashlib.blake2b(digest_size=16)
+    for param in llm.parameters():
+        if param.requires_grad:
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def as_linear_layers(module: nn.Module) -> None:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from recbole_llm.data.interactions import item_sets, training_sequences
 from recbole_llm.data.item_text import item_texts
 from recbole_llm.llm.backbone import load_llm
-from recbole_llm.llm.precision import from_llm, int8_copy
+from recbole_llm.llm.precision import adapter_fingerprint, from_llm, int8_copy
 from recbole_llm.llm.batching import common_prefix_length, forward_shared_prefix, left_pad
 from recbole_llm.llm.pluggable import PluggableMixin
 from recbole_llm.llm.prompts import (ALPACA_TEMPLATE, RANKING_INSTRUCTION, RankingPrompt, RankingPromptIds,
@@ -115,7 +115,7 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
         self.target_position = config["ranker_train_target_position"]
         self.ranker_enabled = True  # False: full_sort_predict returns the retriever's scores (for comparisons)
         self.int8 = config["ranker_int8"]
-        self.__dict__["_int8_llm"] = None  # not a submodule: out of state_dict, parameters() and .to()
+        self.__dict__["_int8_llm"] = None  # (adapter fingerprint, copy); not a submodule: out of state_dict and .to()
         texts = item_texts(dataset, config["item_text_fields"])  # first: a dataset without text fails fast
         # the users' whole training sequences, beyond the MAX_ITEM_LIST_LENGTH window (exclude_history)
         self.training_sequences = training_sequences(dataset)
@@ -151,13 +151,14 @@ class LlamaRec(PluggableMixin, SequentialRecommender):
 
     def scoring_llm(self):
         """The LLM that ranks: the trained one, or in eval mode with ``ranker_int8`` its dynamic-int8 copy
-        (:func:`~recbole_llm.llm.precision.int8_copy`), made at the first scoring after training and dropped
-        when training resumes (:meth:`train`)."""
+        (:func:`~recbole_llm.llm.precision.int8_copy`), made again whenever the adapter has changed since (a
+        training step, a loaded checkpoint: its fingerprint says) and dropped when training resumes (:meth:`train`)."""
         if not self.int8 or self.training:
             return self.llm
-        if self._int8_llm is None:
-            self.__dict__["_int8_llm"] = int8_copy(self.llm)
-        return self._int8_llm
+        fingerprint = adapter_fingerprint(self.llm)
+        if self._int8_llm is None or self._int8_llm[0] != fingerprint:
+            self.__dict__["_int8_llm"] = (fingerprint, int8_copy(self.llm))
+        return self._int8_llm[1]
 
     # ----- stage 1 -------------------------------------------------------------------
     def retrieval_scores(self, interaction) -> torch.Tensor:

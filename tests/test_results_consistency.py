@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import status  # noqa: E402
+from report import BASELINES  # noqa: E402
 from results_doc import read_between_markers  # noqa: E402
 
 from recbole_llm.yaml_io import read_yaml  # noqa: E402
@@ -115,7 +116,7 @@ def notes() -> list[Path]:
 
 def unknown_keys(text: str) -> list[str]:
     known = declared_settings() | command_line_flags()
-    models = set(status.MODELS)
+    models = {*status.MODELS, *BASELINES}  # --MODEL.key=value: one model's setting (ours or a RecBole baseline)
     return sorted(key for key in documented_keys(text) - PLACEHOLDERS - RECBOLE_SCRIPT_FLAGS
                   if (key.split(".", 1)[1] if key.split(".", 1)[0] in models else key) not in known)
 

@@ -25,6 +25,17 @@ RECORDED_SETTINGS = ("seed", "retriever", "candidate_k", "exclude_history", "llm
                      "train_batch_size", "learning_rate", "lora_r", "lora_target_modules", "fusion")
 
 
+def retriever_excluded(trainer, test, topk) -> tuple[dict, dict]:
+    """LlamaRec's retriever on ``test`` with the candidates' history rule (its test metrics over all users: for
+    k <= the candidate count, its metrics on the users whose target is a candidate times their share, every
+    other user scoring 0), and those subset metrics; from the trainer's cached test phase (no LLM pass)."""
+    phase = trainer._phase(test)
+    subset = ranking_metrics(phase.flat("retrieval"), phase.flat("candidates"), phase.flat("targets"), topk)
+    excluded = {m: subset[m] * subset["share"] for m in METRICS if m in subset}
+    excluded.update({m.replace("hit", "recall"): subset[m] * subset["share"] for m in subset if m.startswith("hit@")})
+    return excluded, subset
+
+
 def measure(dataset: str, overrides: dict, show_progress: bool | None = None) -> dict:
     """One quick-start run of LlamaRec (build, fit, test), as JSON-ready numbers.
 
@@ -51,14 +62,10 @@ def measure(dataset: str, overrides: dict, show_progress: bool | None = None) ->
     model.ranker_enabled = False
     retriever = trainer.evaluate(test, load_best_model=False)
     phase = trainer._phase(test)
-    retriever_subset = ranking_metrics(phase.flat("retrieval"), phase.flat("candidates"), phase.flat("targets"),
-                                       config["topk"])
+    excluded, retriever_subset = retriever_excluded(trainer, test, config["topk"])
     prompt_tokens = sorted(len(model._prompt_ids(history, candidates))  # the test prompts as the ranker read them
                            for batch_histories, batch_candidates in zip(phase.histories, phase.candidates)
                            for history, candidates in zip(batch_histories, batch_candidates.tolist()))
-    excluded = {m: retriever_subset[m] * retriever_subset["share"] for m in METRICS if m in retriever_subset}
-    excluded.update({m.replace("hit", "recall"): retriever_subset[m] * retriever_subset["share"]
-                     for m in retriever_subset if m.startswith("hit@")})
     return {
         "settings": {key: config[key] for key in RECORDED_SETTINGS},
         "test": {"fusion": dict(fused), "ranker": dict(plain), "retriever": dict(retriever),

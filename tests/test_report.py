@@ -395,3 +395,17 @@ def test_seralm_runs_are_reused_continued_and_kept_apart_by_their_settings(monke
     assert len(runs) == 6 and runs[-3][2] == ["target", "history"]
     assert list(seralm.families("ml-100k")) == ["SASRec", "SASRec (resample_items=['target', 'history'])"]
     assert seralm.load_record(tmp_path / "ml-100k" / "SASRec.json")["settings"] == record["settings"]
+
+
+def test_llamarec_gain_is_over_its_retriever_under_the_same_history_rule(report):
+    """LlamaRec's candidates leave out the user's history; the retriever's own row may recommend history items,
+    so the gain uses the retriever measured in LlamaRec's run under LlamaRec's rule, and none without it."""
+    def record(ndcg, **extra):
+        return {"status": "ok", "test_result": {"ndcg@10": ndcg}, **extra}
+
+    records = {"LlamaRec": record(0.10), "LRURec": record(0.06)}
+    row = report.gain_rows(records)[0]
+    assert row["ours"] is None and "not comparable with LRURec's row" in row["note"]
+    records["LlamaRec"] = record(0.10, base_result={"ndcg@10": 0.08})
+    row = report.gain_rows(records)[0]
+    assert row["ours"] == pytest.approx(0.25) and row["base"] == "LRURec, history excluded"

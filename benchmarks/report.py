@@ -402,9 +402,9 @@ def gain_rows(records: dict[str, dict]) -> list[dict]:
             reference = fair_base if fair_base is not None else records[base]["test_result"]["ndcg@10"]
             ours = record["test_result"]["ndcg@10"] / reference - 1 if reference > 0 else None
             note = "" if ours is not None else f"{base} NDCG@10 is 0"
-            base = f"{base}, {OWN_BASE[name].split(':')[0]}" if name in OWN_BASE else base
         paper = PAPER_GAINS.get((name, base))
         paper_note = paper.source if paper else NO_PAPER_GAIN.get(name, f"no paper number for {name} vs {base}")
+        base = f"{base}, {OWN_BASE[name].split(':')[0]}" if ours is not None and name in OWN_BASE else base
         rows.append({"model": name, "base": base, "ours": ours, "note": note, "paper": paper.gain if paper else None,
                      "paper_note": paper_note})
     return rows

@@ -409,3 +409,4 @@ def test_llamarec_gain_is_over_its_retriever_under_the_same_history_rule(report)
     records["LlamaRec"] = record(0.10, base_result={"ndcg@10": 0.08})
     row = report.gain_rows(records)[0]
     assert row["ours"] == pytest.approx(0.25) and row["base"] == "LRURec, history excluded"
+    assert row["paper"] == pytest.approx(report.PAPER_GAINS[("LlamaRec", "LRURec")].gain)  # the paper's, history excluded

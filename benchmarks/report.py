@@ -72,7 +72,7 @@ BASE_SETTING = {"LlamaRec": ("retriever", "LRURec"), "E4SRec": ("id_model", "SAS
                 "Laser": ("id_model", "SASRec"), "SeRALM": ("base_model", "SASRec")}
 #: Our models whose base is measured inside their own run (``base_result``): LlamaRec's candidates leave out the
 #: user's history (the authors' protocol), so its base is the retriever under that rule, not the retriever's row.
-OWN_BASE = {"LlamaRec": "history excluded: the retriever under LlamaRec's candidate rule, measured in its run"}
+OWN_BASE = {"LlamaRec": ("history excluded", "the retriever under LlamaRec's candidate rule, measured in its run")}
 #: Models compared with a fixed base (not a setting).
 FIXED_BASE = {"LRURec": "SASRec"}
 
@@ -395,7 +395,8 @@ def gain_rows(records: dict[str, dict]) -> list[dict]:
         if not ok(record):
             note = "not run"
         elif name in OWN_BASE and fair_base is None:
-            note = f"not comparable with {base}'s row: {OWN_BASE[name]}; rerun {name} (--rerun={name}) to record it"
+            note = (f"not comparable with {base}'s row: {': '.join(OWN_BASE[name])}; rerun {name} (--rerun={name}) "
+                    "to record it")
         elif fair_base is None and not ok(records.get(base)):
             note = f"{base} not in the report"
         else:
@@ -404,7 +405,7 @@ def gain_rows(records: dict[str, dict]) -> list[dict]:
             note = "" if ours is not None else f"{base} NDCG@10 is 0"
         paper = PAPER_GAINS.get((name, base))
         paper_note = paper.source if paper else NO_PAPER_GAIN.get(name, f"no paper number for {name} vs {base}")
-        base = f"{base}, {OWN_BASE[name].split(':')[0]}" if ours is not None and name in OWN_BASE else base
+        base = f"{base}, {OWN_BASE[name][0]}" if ours is not None and name in OWN_BASE else base
         rows.append({"model": name, "base": base, "ours": ours, "note": note, "paper": paper.gain if paper else None,
                      "paper_note": paper_note})
     return rows

@@ -709,8 +709,9 @@ def test_validation_check_gives_the_standard_error_over_its_users(llamarec):
 def test_int8_ranking_uses_a_quantised_copy_of_the_current_adapter(llamarec):
     """``ranker_int8``: eval-mode ranking runs a dynamic-int8 copy with the adapter merged (scores within int8's
     rounding of float32's, not equal), the trained LLM and the checkpoint keep float32 weights, and training
-    drops the copy; a checkpoint loaded in eval mode makes a new one. Breakages checked by hand (caught): the
-    copy kept across training and loads; ranking with ``self.llm`` whatever the setting."""
+    drops the copy (memory); a checkpoint loaded in eval mode makes a new one. Breakages checked by hand (caught):
+    the adapter's fingerprint made constant (a loaded checkpoint ranked with the old copy); the copy kept when
+    training resumes; ranking with ``self.llm`` whatever the setting."""
     from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
 
     config, model, (train, _, _) = llamarec
@@ -735,6 +736,7 @@ def test_int8_ranking_uses_a_quantised_copy_of_the_current_adapter(llamarec):
     assert not torch.allclose(loaded, full, atol=1e-3)
     assert torch.allclose(model.ranker_scores(histories, candidates), loaded, atol=0.05 * loaded.abs().max().item())
     model.train()
+    assert model._int8_llm is None  # not held while training
     assert model.scoring_llm() is model.llm  # training scores (and learns) in float32
     _randomise_lora(model)
     model.eval()

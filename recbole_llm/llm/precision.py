@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from recbole_llm.llm.batching import decoder_body
+
 
 def llm_input_dtype(llm) -> torch.dtype:
     """The dtype ``llm`` (a causal LM, its body or a PEFT model) takes ``inputs_embeds`` in: its
@@ -183,8 +185,6 @@ def int8_copy(llm: nn.Module) -> nn.Module:
     merged = copy.deepcopy(llm)
     if hasattr(merged, "merge_and_unload"):
         merged = merged.merge_and_unload()
-    from recbole_llm.llm.batching import decoder_body
-
     as_linear_layers(decoder_body(merged))
     with warnings.catch_warnings():  # torch 2.13 calls its own quantised-tensor constructors deprecated
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")

@@ -4,6 +4,8 @@ the compute precision (precision), LoRA and layer cutting (lora), 4-bit fallback
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -128,13 +130,24 @@ def test_load_causal_lm_uses_given_logger_and_no_warning_without_4bit(tiny_llama
     assert [record.name for record in caplog.records] == ["recbole_llm.test_backbone"]
 
 
-@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, True, "AMX"), (False, True, "AVX512-BF16"),
-                                                        (False, False, None)])
-def test_cpu_bf16_units_come_from_what_torch_reports(amx, avx512_bf16, expected, monkeypatch):
+@pytest.mark.parametrize("amx, avx512_bf16, onednn_bf16, expected", [
+    (True, True, True, "AMX"), (False, True, True, "AVX512-BF16"), (False, False, True, None),
+    # units that torch's bf16 matmuls cannot reach (oneDNN missing or held to AVX2): its generic kernel, ~100x slower
+    (True, True, False, None), (False, True, False, None)])
+def test_cpu_bf16_units_come_from_what_torch_reports(amx, avx512_bf16, onednn_bf16, expected, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(precision, "_onednn_bf16", lambda: onednn_bf16)
     monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
     assert reported_cpu_bf16_units() == expected
+
+
+def test_onednn_bf16_follows_onednns_instruction_set_limit():
+    """torch's own report, read in fresh processes: oneDNN held to AVX2 cannot reach bf16 units."""
+    probe = [sys.executable, "-c", "from recbole_llm.llm.precision import _onednn_bf16; print(_onednn_bf16())"]
+    limited = subprocess.run(probe, env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True, text=True,
+                             check=True)
+    assert limited.stdout.strip() == "False"
 
 
 def test_arm_bf16_units_come_from_the_kernels_feature_list(monkeypatch):

@@ -111,15 +111,28 @@ class Precision:
 
 def cpu_bf16_units() -> str | None:
     """The bf16 matrix units this CPU has, as torch reports them (AMX tiles, AVX-512 BF16) or, on
-    Arm, as the kernel lists them (the ``bf16`` feature); None for a CPU without (AVX2 only)."""
+    Arm, as the kernel lists them (the ``bf16`` feature); None for a CPU without (AVX2 only).
+
+    On x86 the units count only when torch's bf16 matrix multiplies reach them, through oneDNN
+    (``torch.ops.mkldnn._is_mkldnn_bf16_supported``: false for a torch built without oneDNN, or with
+    oneDNN held below AVX-512 by ``ONEDNN_MAX_CPU_ISA``); otherwise a bf16 matmul takes torch's generic
+    kernel, measured ~100x slower than float32 (0.6 vs 57 GFLOP/s, one thread, kernels held to AVX2)."""
     report = torch.cpu
-    if getattr(report, "_is_amx_tile_supported", lambda: False)():
-        return "AMX"
-    if getattr(report, "_is_avx512_bf16_supported", lambda: False)():
-        return "AVX512-BF16"
+    units = ("AMX" if getattr(report, "_is_amx_tile_supported", lambda: False)()
+             else "AVX512-BF16" if getattr(report, "_is_avx512_bf16_supported", lambda: False)() else None)
+    if units:
+        return units if _onednn_bf16() else None
     if platform.machine().lower() in ("aarch64", "arm64") and "bf16" in cpu_flags():
         return "Arm BF16"
     return None
+
+
+def _onednn_bf16() -> bool:
+    """Whether torch runs bf16 matrix multiplies on this CPU through oneDNN (see :func:`cpu_bf16_units`)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN's op
+        return False
 
 
 def cuda_bf16_native(device="cuda") -> bool:

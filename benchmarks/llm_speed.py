@@ -2,6 +2,7 @@
 
     python benchmarks/llm_speed.py [--models LlamaRec,E4SRec,Laser,SeRALM] [--precisions float32,bf16,int8]
                                    [--num_threads 2] [--train_steps 3] [--eval_batches 2] [--fresh]
+                                   [--isa avx2]
 
 On ml-100k with the embedded SmolLM2-135M-Instruct and each model's default settings (stage 1 is a
 randomly initialised ID model: its weights do not change the LLM's cost), for each model and precision:
@@ -27,6 +28,11 @@ forward+backward: the frozen weights need no weight gradient; attention's own pr
 Each cell is a record (``benchmarks/records/llm_speed/<machine>/<cell>.json``, committed: settings,
 CPU, commit, date, numbers), reused by a later run with the same settings on the same CPU (``--fresh``
 measures again); the RESULTS section ``llm_speed`` is written from the records of this CPU.
+
+``--isa avx2`` holds torch's kernels to AVX2 on a CPU that has more (``results_doc.ISA_LIMITS``: ATen, oneDNN, MKL,
+FBGEMM): an AVX2-only CPU's kernels on this CPU's cores (an emulation, not that CPU's clocks or caches), its records in
+their own folder and its own section, ``llm_speed_avx2``. bf16 there runs torch's generic kernel (the matmul peak
+shows how slow): leave it out of ``--precisions``.
 """
 from __future__ import annotations
 
@@ -41,8 +47,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_doc import (ROOT, bare_argv, commit, cpu_report, load_record, machine_key,  # noqa: E402
-                         markdown_table, write_record, write_section)
+from results_doc import (ROOT, bare_argv, commit, cpu_label, cpu_report, hold_kernels_to, load_record,  # noqa: E402
+                         machine_key, markdown_table, write_record, write_section)
 from scaling import PeakRSS, measure  # noqa: E402
 
 MODELS = ["LlamaRec", "E4SRec", "Laser", "SeRALM"]
@@ -77,18 +83,22 @@ def precision_setting(precision: str):
 
 
 # ------------------------------------------------------------------ peaks and the bare LLM
-def matmul_peak(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of a ``size`` x ``size`` matmul in ``dtype_name`` (the best of ``repeats``)."""
+def matmul_peak(dtype_name: str, size: int = 2048, repeats: int = 10, budget_s: float = 5.0) -> float:
+    """FLOP/s of a ``size`` x ``size`` matmul in ``dtype_name`` (the best of ``repeats``, fewer once they have
+    taken ``budget_s``: a dtype without fast kernels takes seconds per product)."""
     import torch
 
     dtype = getattr(torch, dtype_name)
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     a @ b
-    best = float("inf")
+    best, spent = float("inf"), 0.0
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
-        best = min(best, time.perf_counter() - start)
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+        if spent > budget_s:
+            break
     return 2 * size**3 / best
 
 
@@ -231,7 +241,7 @@ def report_text(cells: dict, report: dict, args) -> str:
                          f"{train / 1e12:.3f} ({100 * train / peak:.0f}%)" if train and peak else "-"])
     flags = ", ".join(report["flags"]) or "none of avx2/avx512/bf16/amx"
     return (
-        f"CPU: {report['cpu']}; flags: {flags}; bf16 units as torch reports them: {report['bf16_units'] or 'none'} "
+        f"CPU: {cpu_label(report)}; flags: {flags}; bf16 units as torch reports them: {report['bf16_units'] or 'none'} "
         f"(torch {report['torch']}, capability {report['torch_capability']}); {args.num_threads} threads.\n\n"
         f"ml-100k, the embedded SmolLM2-135M-Instruct, each model's default settings, {args.eval_batch_size} users per "
         f"scoring batch; stage 1 randomly initialised. Precision columns: `float32` (`llm_dtype: float32`), `bf16` "
@@ -260,8 +270,14 @@ def main(argv=None):
     parser.add_argument("--eval_batch_size", type=int, default=8)
     parser.add_argument("--generate_items", type=int, default=16)
     parser.add_argument("--fresh", action="store_true", help="measure again instead of reusing records")
-    parser.add_argument("--section", default="llm_speed", help="the RESULTS section to write ('' for none)")
+    parser.add_argument("--isa", choices=["avx2"], default=None,
+                        help="hold torch's kernels to this instruction set (emulates a CPU that has only it)")
+    parser.add_argument("--section", default=None,
+                        help="the RESULTS section to write ('' for none; default: llm_speed, or llm_speed_<isa>)")
     args = parser.parse_args(argv)
+    hold_kernels_to(args.isa)
+    if args.section is None:
+        args.section = "llm_speed" + (f"_{args.isa}" if args.isa else "")
     args.models, args.precisions = args.models.split(","), args.precisions.split(",")
     import torch
 
@@ -285,7 +301,8 @@ def main(argv=None):
         shutil.rmtree(workdir, ignore_errors=True)
     text = report_text(cells, report, args)
     if args.section:
-        write_section(args.section, "LLM speed by precision (float32, bf16, int8)", text)
+        held = f", kernels held to {args.isa.upper()}" if args.isa else ""
+        write_section(args.section, f"LLM speed by precision (float32, bf16, int8){held}", text)
     print(text)
 
 

@@ -1,6 +1,6 @@
 """The quick start as a new user runs it, measured: wall time, CPU time, peak memory, test NDCG@10.
 
-    python benchmarks/quickstart.py [--llm_dtype auto|float32] [--fresh]
+    python benchmarks/quickstart.py [--llm_dtype auto|float32] [--fresh] [--isa avx2]
 
 Runs ``run_recbole_llm(model="LlamaRec", dataset="ml-100k")`` (what ``make quickstart`` runs) in a
 child process with every default, from nothing: a new checkpoint folder, so stage 1 trains too. The
@@ -10,6 +10,8 @@ the same ranking (it changes no score). The child's wall time, CPU-seconds and p
 (``benchmarks/records/quickstart/<machine>-<llm_dtype>.json``, committed: CPU model and flags, the
 compute dtype ``llm_dtype`` resolved to, date, commit), reused by a later run on the same CPU with the
 same settings; the RESULTS section ``quickstart`` has one row per record, from every machine measured.
+``--isa avx2`` runs it with torch's kernels held to AVX2 (``results_doc.ISA_LIMITS``; ``llm_dtype: auto`` then
+finds no bf16 units): an AVX2-only CPU's kernels on this CPU, its own record and row.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_speed import commit, cpu_report  # noqa: E402
-from results_doc import ROOT, load_record, markdown_table, write_record, write_section  # noqa: E402
+from results_doc import (ROOT, cpu_label, hold_kernels_to, load_record, markdown_table, write_record,  # noqa: E402
+                         write_section)
 
 RECORDS = ROOT / "benchmarks" / "records" / "quickstart"
 CHILD = """
@@ -66,7 +69,7 @@ def report_text(records: list[dict]) -> str:
         machine, numbers = record["machine"], record["numbers"]
         flags = ", ".join(machine["flags"]) or "-"
         se = numbers["test_all"].get("ndcg@10_se")
-        rows.append([machine["cpu"], flags, numbers["compute"], record["date"], record["commit"],
+        rows.append([cpu_label(machine), flags, numbers["compute"], record["date"], record["commit"],
                      f"{numbers['wall_s'] / 60:.1f}", f"{numbers['cpu_s'] / 60:.1f}", f"{numbers['peak_rss_gb']:.1f}",
                      f"{numbers['test']['ndcg@10']:.4f}" + (f" ± {se:.4f}" if se is not None else "")])
     header = ["CPU", "flags", "LLM compute", "date", "commit", "wall min", "CPU min", "peak RSS GB",
@@ -76,16 +79,26 @@ def report_text(records: list[dict]) -> str:
             "resident set; the standard error is over the 943 test users.\n\n" + markdown_table(header, rows) + "\n")
 
 
+def record_path(report: dict, settings: dict) -> Path:
+    """The record of one quick start: keyed by the CPU, its flags, the settings and the kernels' limit, if any."""
+    held = [report["isa_limit"]] if report.get("isa_limit") else []
+    key = hashlib.sha256(json.dumps([report["cpu"], report["flags"], settings, *held],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    return RECORDS / f"{key}-{settings['llm_dtype']}.json"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llm_dtype", default=None, help="override llm_dtype (default: the property file's, auto)")
     parser.add_argument("--num_threads", type=int, default=None)
     parser.add_argument("--fresh", action="store_true", help="measure again instead of reusing the record")
+    parser.add_argument("--isa", choices=["avx2"], default=None,
+                        help="hold torch's kernels to this instruction set (emulates a CPU that has only it)")
     args = parser.parse_args(argv)
+    hold_kernels_to(args.isa)
     report = cpu_report()
     settings = {"llm_dtype": args.llm_dtype or "auto", "num_threads": args.num_threads}
-    key = hashlib.sha256(json.dumps([report["cpu"], report["flags"], settings], sort_keys=True).encode()).hexdigest()[:12]
-    path = RECORDS / f"{key}-{settings['llm_dtype']}.json"
+    path = record_path(report, settings)
     if args.fresh or load_record(path) is None:
         numbers = run_quickstart(args.llm_dtype, args.num_threads)
         write_record(path, {"settings": settings, "machine": report, "commit": commit(),

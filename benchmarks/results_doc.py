@@ -21,6 +21,31 @@ METRICS = ["recall@5", "recall@10", "mrr@5", "mrr@10", "ndcg@5", "ndcg@10"]
 HEADER = "# Measured results\n\nEvery number below was measured by the script named in its section, on the machine it names.\n"
 
 
+#: The environment that holds torch's kernels to one instruction set on an x86 CPU that has more: ATen's vectorised
+#: kernels, oneDNN (so bf16 matmuls take torch's generic kernel, as on a CPU without AVX-512), MKL (float32 matmuls)
+#: and FBGEMM (dynamic int8). It emulates that CPU's kernels, not its cores, clocks or caches.
+ISA_LIMITS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                       "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}}
+
+
+def isa_limit() -> str | None:
+    """The instruction set this process's kernels are held to (:data:`ISA_LIMITS`); None when not held."""
+    return next((isa for isa, env in ISA_LIMITS.items() if all(os.environ.get(k) == v for k, v in env.items())), None)
+
+
+def hold_kernels_to(isa: str | None) -> None:
+    """Restart this process with its kernels held to ``isa`` (the variables act only before torch loads); nothing
+    for None or when they are held already."""
+    if isa is not None and isa_limit() != isa:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ISA_LIMITS[isa]})
+
+
+def cpu_label(report: dict) -> str:
+    """The CPU of a :func:`cpu_report`, with the instruction set its kernels were held to, if any."""
+    isa = report.get("isa_limit")
+    return report["cpu"] + (f", kernels held to {isa.upper()} (emulating an {isa.upper()}-only CPU)" if isa else "")
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (the platform's processor name elsewhere)."""
     try:
@@ -40,12 +65,14 @@ def cpu_report() -> dict:
 
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "bf16")
     return {"cpu": cpu_model(), "flags": sorted(f for f in cpu_flags() if f in wanted), "bf16_units": cpu_bf16_units(),
-            "torch": torch.__version__, "torch_capability": torch.backends.cpu.get_cpu_capability()}
+            "torch": torch.__version__, "torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "isa_limit": isa_limit()}
 
 
 def machine_key(report: dict, threads: int) -> str:
-    """The folder name of one machine's timing records: its CPU, flags, torch and thread count."""
-    text = json.dumps([report["cpu"], report["flags"], report["torch"], threads])
+    """The folder name of one machine's timing records: its CPU, flags, torch, thread count and kernel limit."""
+    held = [report["isa_limit"]] if report.get("isa_limit") else []
+    text = json.dumps([report["cpu"], report["flags"], report["torch"], threads, *held])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -57,8 +84,10 @@ def machine() -> str:
 
     load, threads = os.getloadavg()[1], torch.get_num_threads()
     flags = ", ".join(sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "bf16")))
+    isa = isa_limit()
+    held = f", kernels held to {isa.upper()} ({', '.join(ISA_LIMITS[isa])})" if isa else ""
     return (
-        f"{os.cpu_count()} cores ({cpu}; {flags or 'no avx2/avx512/bf16 flags'}), torch {torch.__version__}, "
+        f"{os.cpu_count()} cores ({cpu}; {flags or 'no avx2/avx512/bf16 flags'}{held}), torch {torch.__version__}, "
         f"{threads} thread{'s' * (threads > 1)}, Python {platform.python_version()}; LLM compute unless a setting "
         f"says otherwise: {resolve_precision('auto').describe()}; load average {load:.1f} at the end of the run "
         f"(above 2 = shared cores)"

@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from results_doc import (RESULTS, ROOT, load_record, markdown_table, read_between_markers, standard_error,
+from results_doc import (RESULTS, ROOT, cpu_label, load_record, markdown_table, read_between_markers, standard_error,
                          write_between_markers)
 
 from recbole_llm.yaml_io import read_yaml
@@ -211,13 +211,14 @@ def quickstart_lines() -> str:
     records, newest first per machine)."""
     latest: dict[tuple, dict] = {}
     for record in sorted(records(RECORDS / "quickstart"), key=lambda r: r["date"]):
-        latest[(record["machine"]["cpu"], tuple(record["machine"]["flags"]), record["numbers"]["compute"])] = record
+        machine = record["machine"]
+        latest[(cpu_label(machine), tuple(machine["flags"]), record["numbers"]["compute"])] = record
     lines = []
     for record in sorted(latest.values(), key=lambda r: r["numbers"]["wall_s"]):
         machine, numbers = record["machine"], record["numbers"]
         units = f"{machine['bf16_units']} bf16 units" if machine.get("bf16_units") else "no bf16 units"
         lines.append(f"- {numbers['wall_s'] / 60:.1f} min wall, peak RSS {numbers['peak_rss_gb']:.1f} GB, test NDCG@10 "
-                     f"{numbers['test']['ndcg@10']:.4f}: 2-core {machine['cpu']} ({units}), "
+                     f"{numbers['test']['ndcg@10']:.4f}: 2-core {cpu_label(machine)} ({units}), "
                      f"{numbers['compute'].split(' (')[0]}, {record['date'][:10]}")
     return ("Measured by `python benchmarks/quickstart.py` (generated from its records by `python benchmarks/status.py`):"
             "\n\n" + "\n".join(lines) + "\n")

@@ -3,9 +3,13 @@ the records a later run reuses (a key that changed would make that run miss a co
 
 Breakage checked by hand: parse_overrides with ``yaml.safe_load`` alone (``1e-3`` a string) fails the
 first test; a record key built from a reordered or reparsed dict fails the second and the third.
+Also: the kernels' instruction-set limit of ``--isa`` (an emulated AVX2-only CPU) is seen, restarts the process with
+every variable, reaches torch, and keys its own records while the keys of unheld runs stay as committed.
 """
 import json
+import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from results_doc import parse_overrides, run_record_path, split_overrides  # noqa: E402
+import results_doc  # noqa: E402
+from results_doc import ISA_LIMITS, cpu_label, isa_limit, machine_key, parse_overrides, run_record_path  # noqa: E402
+from results_doc import split_overrides  # noqa: E402
 
 
 def test_overrides_are_read_as_recbole_reads_a_property_file():
@@ -63,3 +69,56 @@ def test_the_key_of_a_known_laser_run_is_unchanged():
     overrides = {"show_progress": False, "num_threads": 1,
                  **parse_overrides(["--learning_rate=1e-3", "--lora_target_modules=[q_proj, v_proj]", "--llm_layers=~"])}
     assert run_record_path(Path("r"), "ml-100k", overrides) == Path("r/ml-100k/56c3252487cf1433.json")
+
+
+def test_the_records_of_unheld_kernels_keep_their_keys_and_held_ones_get_their_own():
+    import quickstart
+
+    speed = sorted((ROOT / "benchmarks" / "records" / "llm_speed").glob("*/*.json"))
+    quick = sorted(quickstart.RECORDS.glob("*.json"))
+    assert speed and quick
+    for path in speed:
+        record = json.loads(path.read_text())
+        assert machine_key(record["machine"], record["settings"]["threads"]) == path.parent.name
+        held = {**record["machine"], "isa_limit": "avx2"}
+        assert machine_key(held, record["settings"]["threads"]) != path.parent.name
+    for path in quick:
+        record = json.loads(path.read_text())
+        assert quickstart.record_path(record["machine"], record["settings"]) == path
+        assert quickstart.record_path({**record["machine"], "isa_limit": "avx2"}, record["settings"]) != path
+
+
+def test_kernels_held_to_avx2_are_seen_only_with_every_variable(monkeypatch):
+    for name in ISA_LIMITS["avx2"]:
+        monkeypatch.delenv(name, raising=False)
+    assert isa_limit() is None
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert isa_limit() is None  # oneDNN, MKL and FBGEMM would still use AVX-512
+    for name, value in ISA_LIMITS["avx2"].items():
+        monkeypatch.setenv(name, value)
+    assert isa_limit() == "avx2"
+    assert cpu_label({"cpu": "Xeon", "isa_limit": isa_limit()}) == "Xeon, kernels held to AVX2 (emulating an AVX2-only CPU)"
+    assert cpu_label({"cpu": "Xeon"}) == cpu_label({"cpu": "Xeon", "isa_limit": None}) == "Xeon"
+
+
+def test_holding_the_kernels_restarts_the_process_with_every_variable(monkeypatch):
+    restarts = []
+    monkeypatch.setattr(results_doc.os, "execve", lambda exe, argv, env: restarts.append(env))
+    for name in ISA_LIMITS["avx2"]:
+        monkeypatch.delenv(name, raising=False)
+    results_doc.hold_kernels_to(None)
+    assert restarts == []
+    results_doc.hold_kernels_to("avx2")
+    assert len(restarts) == 1 and all(restarts[0][k] == v for k, v in ISA_LIMITS["avx2"].items())
+    for name, value in ISA_LIMITS["avx2"].items():
+        monkeypatch.setenv(name, value)
+    results_doc.hold_kernels_to("avx2")  # held already: no second restart
+    assert len(restarts) == 1
+
+
+def test_the_held_variables_reach_torchs_kernels():
+    probe = ("import torch; from recbole_llm.llm.precision import cpu_bf16_units; "
+             "print(torch.backends.cpu.get_cpu_capability(), cpu_bf16_units())")
+    out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **ISA_LIMITS["avx2"]}, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["AVX2", "None"]

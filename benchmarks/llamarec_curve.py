@@ -4,7 +4,7 @@ kind of training list (``ranker_train_candidates``) and seed.
 
     python benchmarks/llamarec_curve.py --ranker_max_train_examples=2560 --ranker_train_candidates=retriever \\
         [--ranker_train_target_position=random] [--seed=2020] [--dataset ml-100k] [--key=value ...] \\
-        [--records DIR] [--results FILE] [--fresh]
+        [--records DIR] [--results FILE] [--fresh] [--int8_rescore]
 
 One call is one point of the curve: a quick-start run of LlamaRec with those settings
 (:func:`llamarec_quality.measure`: stage 1 trained or reused from ``checkpoint_dir``, ranker training,
@@ -19,6 +19,10 @@ the curve is built up run by run. Every call then writes the section "llamarec_c
 ``--results`` (docs/RESULTS.md) from all the records of the dataset: one row per setting (seeds
 pooled: mean and standard error over seeds), each run's validation trace, the summary line, and the
 plot ``llamarec_curve.png`` beside it.
+
+``--int8_rescore`` (with ``--llm_dtype=float32``) also ranks the test users with the int8 copy of the
+trained ranker (``ranker_int8``) at the fusion weight validation chose, beside float32: the paired
+per-user NDCG@10 difference and the users/s both ways (part of the record's key).
 """
 from __future__ import annotations
 
@@ -35,8 +39,9 @@ from results_doc import (RESULTS, ROOT, bare_argv, command, commit, load_record,
                          standard_error, write_atomically, write_record, write_section)
 
 from recbole_llm.cache_io import content_key
-from recbole_llm.quick_start import load_config, preflight
 from recbole_llm.errors import InputError
+from recbole_llm.llm.preflight import check_int8_scoring
+from recbole_llm.quick_start import load_config, preflight
 
 RECORDS = ROOT / "benchmarks" / "records" / "llamarec_curve"
 #: The curve's axes: always part of a record's key, at their resolved values.
@@ -49,16 +54,24 @@ NEUTRAL = ("checkpoint_dir", "num_threads", "show_progress", "state")
 PAPER_RATIO = 1.07
 
 
-def run_settings(dataset: str, overrides: dict) -> dict:
-    """The resolved values of ``overrides`` and of the curve's axes (the record's key); the checks of
-    every setting run here, before anything trains (a bad value stops with one line)."""
+def run_settings(dataset: str, overrides: dict, int8: bool = False) -> dict:
+    """The resolved values of ``overrides`` and of the curve's axes (the record's key; ``int8_rescore`` with
+    ``int8``); the checks of every setting run here, before anything trains (a bad value stops with one line)."""
     with bare_argv():
         config = load_config("LlamaRec", dataset, config_dict=overrides)
         preflight(config)
+        if int8:
+            try:
+                check_int8_scoring(config)  # the rescore ranks as ranker_int8 does
+            except InputError as error:
+                raise InputError(f"--int8_rescore: {error}") from None
+            if config["candidate_k"] < 10:
+                raise InputError(f"--int8_rescore reads each user's NDCG@10 off the candidates, but candidate_k="
+                                 f"{config['candidate_k']}: set candidate_k: 10 or more, or leave --int8_rescore out.")
     settings = {key: config[key] for key in sorted({*overrides, *AXES})}
     if settings["ranker_train_candidates"] == "random":  # random lists have no target position
         settings.pop("ranker_train_target_position")
-    return settings
+    return {**settings, **({"int8_rescore": True} if int8 else {})}
 
 
 def record_path(records: Path, dataset: str, settings: dict) -> Path:
@@ -66,16 +79,17 @@ def record_path(records: Path, dataset: str, settings: dict) -> Path:
     return records / f"{dataset}-{content_key(dataset, settings, length=16)}.json"
 
 
-def curve_point(dataset: str, overrides: dict, records: Path, fresh: bool = False) -> dict:
-    """The record of one run with ``overrides``: reused from ``records`` when there is one."""
-    settings = run_settings(dataset, overrides)
+def curve_point(dataset: str, overrides: dict, records: Path, fresh: bool = False, int8: bool = False) -> dict:
+    """The record of one run with ``overrides`` (and the int8 rescore with ``int8``): reused from ``records`` when
+    there is one."""
+    settings = run_settings(dataset, overrides, int8)
     path = record_path(records, dataset, settings)
     record = None if fresh else load_record(path)
     if record is not None:
         print(f"reused {path} ({record['date']}, {record['command']})", flush=True)
         return record
     start = time.perf_counter()
-    numbers = measure(dataset, overrides, show_progress=False)
+    numbers = measure(dataset, overrides, show_progress=False, int8=int8)
     record = {"dataset": dataset, "settings": settings, "overrides": overrides, "numbers": numbers,
               "minutes": (time.perf_counter() - start) / 60, "commit": commit(), "machine": machine(),
               "command": command(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -208,8 +222,35 @@ def least_squares(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return slope, my - slope * mx
 
 
+def int8_table(records: list[dict]) -> str:
+    """The runs with ``--int8_rescore``: the same trained ranker ranking the test users in float32 and through its
+    int8 copy, at the fusion weight validation chose (the issue's test: int8 within one standard error of float32)."""
+    rows = []
+    for record in records:
+        numbers, int8 = record["numbers"], record["numbers"]["int8"]
+        cells = []
+        for part in ("fusion", "ranker"):
+            both = int8[part]
+            verdict = "within" if abs(both["difference"]) <= both["float32_se"] else "beyond"
+            cells += [f"{both['float32']:.4f} ± {both['float32_se']:.4f} / {both['int8']:.4f} ({both['difference']:+.4f}"
+                      f" ± {both['difference_se']:.4f}; {verdict} one s.e.)",
+                      f"{numbers['test'][part]['recall@10']:.4f} / {both['recall@10_int8']:.4f}"]
+        speed = int8["users_per_s"]
+        rows.append([record["settings"]["seed"], record["settings"]["ranker_max_train_examples"],
+                     lists_label(record["settings"]), *cells,
+                     f"{speed['float32']:.2f} / {speed['int8']:.2f} ({speed['int8'] / speed['float32']:.2f}x)"])
+    return ("int8 scoring of a trained ranker (`--int8_rescore --llm_dtype=float32`): the same adapter ranks the test "
+            "users in float32 and through its dynamic-int8 copy (`ranker_int8`), at the fusion weight validation "
+            "chose; NDCG@10 float32 ± its standard error over the users / int8 (paired per-user difference ± its "
+            "standard error), Recall@10 float32 / int8, test ranking users/s float32 / int8 (on the run's "
+            "machine and threads):\n\n"
+            + markdown_table(["seed", "examples", "training lists", "NDCG@10 with fusion", "Recall@10 with fusion",
+                              "NDCG@10 ranker only", "Recall@10 ranker only", "users/s"], rows))
+
+
 def section_body(records: list[dict], plot_name: str | None) -> str:
     groups = group(records)
+    int8 = [r for runs in groups.values() for r in runs if "int8" in r["numbers"]]
     rows = []
     for (examples, lists, other), runs in groups.items():
         excluded = [r["numbers"]["test"]["retriever_excluded"]["ndcg@10"] for r in runs]
@@ -242,6 +283,7 @@ def section_body(records: list[dict], plot_name: str | None) -> str:
         "among 20 candidates):\n\n"
         + markdown_table(["seed", "examples", "training lists", "other settings", "ranker only", "with fusion",
                           "retriever", "validation checks", "commit", "date"], runs)
+        + ("\n\n" + int8_table(int8) if int8 else "")
     )
 
 
@@ -306,10 +348,12 @@ def main(argv=None):
     parser.add_argument("--records", type=Path, default=RECORDS, help="folder of the run records")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the RESULTS file to write the section to")
     parser.add_argument("--fresh", action="store_true", help="run again instead of reusing the record")
+    parser.add_argument("--int8_rescore", action="store_true",
+                        help="also rank the test users with the trained ranker's int8 copy (needs --llm_dtype=float32)")
     args, rest = parser.parse_known_args(argv)
     overrides = {**DEFAULTS, **parse_overrides(rest)}
     try:
-        curve_point(args.dataset, overrides, args.records, args.fresh)
+        curve_point(args.dataset, overrides, args.records, args.fresh, args.int8_rescore)
     except InputError as error:
         raise SystemExit(f"error: {error}") from None
     print(write_curve_section(args.dataset, args.records, args.results))

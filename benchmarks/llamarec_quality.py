@@ -13,10 +13,12 @@ import argparse
 import statistics
 import time
 
+import torch
+
 from results_doc import METRICS, bare_argv, markdown_table, parse_overrides, write_section
 
 from recbole_llm.quick_start import build
-from recbole_llm.trainer.two_stage import ranking_metrics
+from recbole_llm.trainer.two_stage import ndcg_gains, ranking_metrics, target_ranks
 
 #: The settings a run's numbers depend on most, kept beside them.
 RECORDED_SETTINGS = ("seed", "retriever", "candidate_k", "exclude_history", "llm_path", "llm_dtype",
@@ -36,7 +38,53 @@ def retriever_excluded(trainer, test, topk) -> tuple[dict, dict]:
     return excluded, subset
 
 
-def measure(dataset: str, overrides: dict, show_progress: bool | None = None) -> dict:
+def user_ndcg(trainer, test, k: int = 10) -> torch.Tensor:
+    """Each test user's NDCG@k under the model's fusion weight, from the trainer's scored test phase: RecBole's
+    per-user NDCG@k exactly for k <= the candidate count (a target outside the candidates ranks below them: 0)."""
+    phase = trainer._phase(test)
+    if k > trainer.model.k:
+        raise ValueError(f"NDCG@{k} of a user whose target is not a candidate depends on the items below the "
+                         f"{trainer.model.k} candidates: needs candidate_k >= {k}")
+    fused = trainer.model.fuse(phase.flat("ranker"), phase.flat("retrieval"), trainer.model.fusion_weight)
+    inside, rank = target_ranks(fused, phase.flat("candidates"), phase.flat("targets"))
+    gains = torch.zeros(len(inside))
+    gains[inside] = ndcg_gains(rank, k)
+    return gains
+
+
+def paired(int8: torch.Tensor, float32: torch.Tensor) -> dict:
+    """Mean NDCG@10 both ways, the mean per-user difference int8 - float32 with its standard error (paired over the
+    users), and float32's own standard error over the users (what the issue's "within one standard error" reads)."""
+    n = len(float32)
+    return {"float32": float(float32.mean()), "int8": float(int8.mean()),
+            "difference": float((int8 - float32).mean()), "difference_se": float((int8 - float32).std() / n ** 0.5),
+            "float32_se": float(float32.std() / n ** 0.5)}
+
+
+def int8_rescore(trainer, test, fusion_weight: float, float32_users: dict[str, torch.Tensor], float32_ranking: tuple,
+                 progress: bool) -> dict:
+    """The same trained ranker ranking the test users again through its dynamic-int8 copy (``ranker_int8``,
+    ``precision.int8_copy``) at the fusion weight validation chose, beside float32: NDCG@10 with fusion and ranker
+    only (:func:`paired`), Recall@10 both ways, and the test ranking's users/s both ways (``float32_ranking``:
+    the float32 test ranking's (rows, seconds))."""
+    model = trainer.model
+    before = model.int8, model.ranker_enabled, model.fusion_weight
+    model.int8, model.ranker_enabled = True, True
+    trainer._forget_ranker_scores()
+    rows, seconds = trainer.ranked_rows, trainer.timings["ranking"]
+    parts = {}
+    for part, weight in (("fusion", fusion_weight), ("ranker", 0.0)):
+        model.fusion_weight = weight
+        result = trainer.evaluate(test, load_best_model=False, show_progress=progress)
+        parts[part] = {**paired(user_ndcg(trainer, test), float32_users[part]), "recall@10_int8": result["recall@10"]}
+        if part == "fusion":  # the ranker scored once; the second weight reuses its scores
+            rows, seconds = trainer.ranked_rows - rows, trainer.timings["ranking"] - seconds
+    model.int8, model.ranker_enabled, model.fusion_weight = before
+    trainer._forget_ranker_scores()
+    return {**parts, "users_per_s": {"float32": float32_ranking[0] / float32_ranking[1], "int8": rows / seconds}}
+
+
+def measure(dataset: str, overrides: dict, show_progress: bool | None = None, int8: bool = False) -> dict:
     """One quick-start run of LlamaRec (build, fit, test), as JSON-ready numbers.
 
     ``test`` and ``subset`` (the users whose target is among the candidates) hold the metrics of
@@ -44,7 +92,9 @@ def measure(dataset: str, overrides: dict, show_progress: bool | None = None) ->
     evaluates it: history items may be recommended) and, in ``test``, ``retriever_excluded``: the
     retriever with the candidates' history rule, whose metrics over all users are, for k <= the
     candidate count, its subset metrics times the subset's share (every other user scores 0), exactly.
-    ``ratio`` is the fair LlamaRec / retriever NDCG@10, history excluded for both.
+    ``ratio`` is the fair LlamaRec / retriever NDCG@10, history excluded for both. ``int8``: the test users ranked
+    again with the int8 copy of the same trained ranker, beside float32 (:func:`int8_rescore`; an LLM in float32
+    on a CPU, as ``ranker_int8`` needs).
     """
     start = time.perf_counter()
     with bare_argv():  # the caller's own flags are no RecBole settings
@@ -52,13 +102,18 @@ def measure(dataset: str, overrides: dict, show_progress: bool | None = None) ->
     built = time.perf_counter()
     progress = config["show_progress"] if show_progress is None else show_progress
     trainer.fit(train, valid, saved=True, show_progress=progress)
+    rows, seconds = trainer.ranked_rows, trainer.timings["ranking"]
     fused = trainer.evaluate(test, load_best_model=True, show_progress=progress)
+    test_ranking = (trainer.ranked_rows - rows, trainer.timings["ranking"] - seconds)
     fused_subset, chosen = trainer.subset_result, model.fusion_weight
     end = time.perf_counter()
+    users = {"fusion": user_ndcg(trainer, test)} if int8 else {}  # the float32 side of the int8 rescore
 
     model.fusion_weight = 0.0  # the paper's ranker (scores are cached: no second LLM pass)
     plain = trainer.evaluate(test, load_best_model=False)
     plain_subset = trainer.subset_result
+    if int8:
+        users["ranker"] = user_ndcg(trainer, test)
     model.ranker_enabled = False
     retriever = trainer.evaluate(test, load_best_model=False)
     phase = trainer._phase(test)
@@ -82,6 +137,7 @@ def measure(dataset: str, overrides: dict, show_progress: bool | None = None) ->
         "ranked_rows": trainer.ranked_rows,
         "seconds": {"build (data, stage-1 retriever, LLM load)": built - start, **trainer.timings,
                     "total quick start (build + fit + test evaluation)": end - start},
+        **({"int8": int8_rescore(trainer, test, chosen, users, test_ranking, progress)} if int8 else {}),
     }
 
 

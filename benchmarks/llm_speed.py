@@ -212,6 +212,13 @@ def _ratio(value, reference) -> str:
     return f"{value / reference:.2f}x" if value and reference else "-"
 
 
+def flop_rate(flops: float | None) -> str:
+    """FLOP/s in TFLOP/s, or GFLOP/s below 0.01 TFLOP/s (bf16 without its units)."""
+    if not flops:
+        return "-"
+    return f"{flops / 1e12:.2f} TFLOP/s" if flops >= 1e10 else f"{flops / 1e9:.2f} GFLOP/s"
+
+
 def report_text(cells: dict, report: dict, args) -> str:
     def number(kind, name, precision, field):
         record = cells.get((kind, name, precision))
@@ -240,9 +247,10 @@ def report_text(cells: dict, report: dict, args) -> str:
                          f"{forward / 1e12:.3f} ({100 * forward / peak:.0f}%)" if forward and peak else "-",
                          f"{train / 1e12:.3f} ({100 * train / peak:.0f}%)" if train and peak else "-"])
     flags = ", ".join(report["flags"]) or "none of avx2/avx512/bf16/amx"
+    threads = f"{args.num_threads} thread{'s' * (args.num_threads > 1)}"
     return (
         f"CPU: {cpu_label(report)}; flags: {flags}; bf16 units as torch reports them: {report['bf16_units'] or 'none'} "
-        f"(torch {report['torch']}, capability {report['torch_capability']}); {args.num_threads} threads.\n\n"
+        f"(torch {report['torch']}, capability {report['torch_capability']}); {threads}.\n\n"
         f"ml-100k, the embedded SmolLM2-135M-Instruct, each model's default settings, {args.eval_batch_size} users per "
         f"scoring batch; stage 1 randomly initialised. Precision columns: `float32` (`llm_dtype: float32`), `bf16` "
         f"(`llm_dtype: auto` with bf16 units: bfloat16 autocast over float32 master weights, frozen layers stored in "
@@ -251,8 +259,8 @@ def report_text(cells: dict, report: dict, args) -> str:
         f"`bf16-cast` (where measured: the same autocast with the frozen weights float32, cast at every call), "
         f"`int8` (scoring and generation only: LoRA merged, dynamic int8 {INT8_SCHEME}).\n\n"
         f"{markdown_table(header, rows)}\n\n"
-        f"Matrix-multiply peak (2048 x 2048, {args.num_threads} threads): float32 "
-        f"{(peaks['float32'] or 0) / 1e12:.2f} TFLOP/s, bfloat16 {(peaks['bfloat16'] or 0) / 1e12:.2f} TFLOP/s.\n"
+        f"Matrix-multiply peak (2048 x 2048, {threads}): float32 {flop_rate(peaks['float32'])}, bfloat16 "
+        f"{flop_rate(peaks['bfloat16'])}.\n"
         f"The bare LLM (LoRA on q/v, 4 prompts x 700 tokens): tokens/s forward, and TFLOP/s (share of the "
         f"peak in that dtype; int8 against float32's):\n\n"
         f"{markdown_table(['precision', 'forward tokens/s', 'forward TFLOP/s', 'forward + backward TFLOP/s'], llm_rows)}\n\n"

@@ -100,3 +100,37 @@ def test_the_table_shows_each_settings_prompt_length_and_ranking_speed(curve):
     assert curve.prompt_cell([{"numbers": {"seconds": {}}}]) == "-"  # a run before lengths were recorded
     checks = [{"step": 40, "ndcg@10": 0.3, "se": 0.02, "letter_loss": 2.951}, {"step": 80, "ndcg@10": 0.2, "se": 0.01}]
     assert curve.trace({"numbers": {"validation": checks}}) == "40: 0.3000 ± 0.0200 (letter loss 2.95); 80: 0.2000 ± 0.0100"
+
+
+def test_the_int8_rescore_ranks_the_same_trained_ranker_through_its_int8_copy(curve, tiny_data, tiny_llama_dir,
+                                                                               tmp_path, monkeypatch):
+    from recbole_llm.model import llamarec
+
+    copies = []
+    monkeypatch.setattr(llamarec, "int8_copy", lambda llm, made=llamarec.int8_copy: copies.append(1) or made(llm))
+    curve.main([*_argv(tiny_data, tiny_llama_dir, tmp_path, llm_dtype="float32", candidate_k=10), "--int8_rescore"])
+    [path] = (tmp_path / "records").glob("*.json")
+    record = json.loads(path.read_text())
+    numbers, int8 = record["numbers"], record["numbers"]["int8"]
+    assert record["settings"]["int8_rescore"] is True and copies  # its own key; the int8 copy ranked
+    for part in ("fusion", "ranker"):  # the float32 side is RecBole's own NDCG@10 of the same run, user by user
+        assert int8[part]["float32"] == pytest.approx(numbers["test"][part]["ndcg@10"], abs=1e-4)
+        assert int8[part]["difference"] == pytest.approx(int8[part]["int8"] - int8[part]["float32"], abs=1e-6)
+        assert 0 <= int8[part]["recall@10_int8"] <= 1 and int8[part]["float32_se"] >= 0
+    assert int8["users_per_s"]["float32"] > 0 and int8["users_per_s"]["int8"] > 0
+    assert "int8 scoring of a trained ranker" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_the_int8_rescore_needs_a_float32_llm_and_says_so_before_training(curve, tiny_data, tiny_llama_dir, tmp_path,
+                                                                          monkeypatch):
+    from recbole_llm.llm import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: "AMX")  # auto: bf16 autocast
+    monkeypatch.setattr(curve, "measure", lambda *args, **kwargs: pytest.fail("nothing may run"))
+    with pytest.raises(SystemExit, match=r"^error: --int8_rescore: ranker_int8: True ranks with an int8 copy"):
+        curve.main([*_argv(tiny_data, tiny_llama_dir, tmp_path, candidate_k=10), "--int8_rescore"])
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: None)  # float32: now the list is too short to read
+    with pytest.raises(SystemExit, match=r"^error: --int8_rescore reads each user's NDCG@10 off the candidates, but "
+                                         r"candidate_k=5: set candidate_k: 10 or more"):
+        curve.main([*_argv(tiny_data, tiny_llama_dir, tmp_path), "--int8_rescore"])
+    assert not (tmp_path / "records").exists()

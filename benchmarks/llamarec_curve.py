@@ -224,7 +224,7 @@ def least_squares(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def int8_table(records: list[dict]) -> str:
     """The runs with ``--int8_rescore``: the same trained ranker ranking the test users in float32 and through its
-    int8 copy, at the fusion weight validation chose (the issue's test: int8 within one standard error of float32)."""
+    int8 copy, at the fusion weight validation chose (int8's yardstick: within one standard error of float32)."""
     rows = []
     for record in records:
         numbers, int8 = record["numbers"], record["numbers"]["int8"]

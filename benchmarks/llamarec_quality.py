@@ -54,7 +54,7 @@ def user_ndcg(trainer, test, k: int = 10) -> torch.Tensor:
 
 def paired(int8: torch.Tensor, float32: torch.Tensor) -> dict:
     """Mean NDCG@10 both ways, the mean per-user difference int8 - float32 with its standard error (paired over the
-    users), and float32's own standard error over the users (what the issue's "within one standard error" reads)."""
+    users), and float32's own standard error over the users (int8's yardstick: within one of it)."""
     n = len(float32)
     return {"float32": float(float32.mean()), "int8": float(int8.mean()),
             "difference": float((int8 - float32).mean()), "difference_se": float((int8 - float32).std() / n ** 0.5),

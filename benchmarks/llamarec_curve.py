@@ -65,6 +65,9 @@ def run_settings(dataset: str, overrides: dict, int8: bool = False) -> dict:
                 check_int8_scoring(config)  # the rescore ranks as ranker_int8 does
             except InputError as error:
                 raise InputError(f"--int8_rescore: {error}") from None
+            if config["ranker_int8"]:
+                raise InputError("--int8_rescore sets float32 ranking beside int8, but this run already ranks in int8 "
+                                 f"(ranker_int8={config['ranker_int8']}): add --ranker_int8=False.")
             if config["candidate_k"] < 10:
                 raise InputError(f"--int8_rescore reads each user's NDCG@10 off the candidates, but candidate_k="
                                  f"{config['candidate_k']}: set candidate_k: 10 or more, or leave --int8_rescore out.")
@@ -154,6 +157,12 @@ def prompt_cell(runs: list[dict]) -> str:
     length = (f"{statistics.mean(t['mean'] for t in tokens):.0f} / {statistics.mean(t['p95'] for t in tokens):.0f}"
               if tokens else "-")
     return length + (f"; {statistics.mean(speed):.2f} users/s" if speed else "")
+
+
+def minutes_cell(record: dict) -> str:
+    """The run's minutes: of its last process only when it resumed an interrupted ranker training."""
+    resumed = record["numbers"].get("resumed_at_step")
+    return f"{record['minutes']:.0f}" + (f" (resumed at step {resumed})" if resumed else "")
 
 
 def trace(record: dict) -> str:
@@ -257,7 +266,7 @@ def section_body(records: list[dict], plot_name: str | None) -> str:
         rows.append([examples, lists, other, ", ".join(str(r["settings"]["seed"]) for r in runs),
                      ratio_cell(*pooled(runs, "ranker")), ratio_cell(*pooled(runs, "fusion")),
                      "; ".join(best_check(r) for r in runs), f"{statistics.mean(excluded):.4f}",
-                     prompt_cell(runs), ", ".join(f"{r['minutes']:.0f}" for r in runs)])
+                     prompt_cell(runs), ", ".join(minutes_cell(r) for r in runs)])
     curve = markdown_table(["training examples", "training lists", "other settings", "seeds", "ranker only",
                             "with fusion", "kept adapter: valid-subset NDCG@10 ± s.e.",
                             "retriever NDCG@10 (history excluded)", "test prompt tokens: mean / p95; ranking speed",

@@ -135,6 +135,7 @@ def measure(dataset: str, overrides: dict, show_progress: bool | None = None, in
         "prompt_tokens": {"mean": statistics.mean(prompt_tokens),
                           "p95": prompt_tokens[int(0.95 * (len(prompt_tokens) - 1))], "max": prompt_tokens[-1]},
         "ranked_rows": trainer.ranked_rows,
+        "resumed_at_step": trainer.ranker_resumed_at,  # the seconds then cover the resumed part of the training only
         "seconds": {"build (data, stage-1 retriever, LLM load)": built - start, **trainer.timings,
                     "total quick start (build + fit + test evaluation)": end - start},
         **({"int8": int8_rescore(trainer, test, chosen, users, test_ranking, progress)} if int8 else {}),

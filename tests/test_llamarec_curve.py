@@ -100,6 +100,8 @@ def test_the_table_shows_each_settings_prompt_length_and_ranking_speed(curve):
     assert curve.prompt_cell([{"numbers": {"seconds": {}}}]) == "-"  # a run before lengths were recorded
     checks = [{"step": 40, "ndcg@10": 0.3, "se": 0.02, "letter_loss": 2.951}, {"step": 80, "ndcg@10": 0.2, "se": 0.01}]
     assert curve.trace({"numbers": {"validation": checks}}) == "40: 0.3000 ± 0.0200 (letter loss 2.95); 80: 0.2000 ± 0.0100"
+    assert curve.minutes_cell({"minutes": 31.3, "numbers": {}}) == "31"  # a run before resumes were recorded
+    assert curve.minutes_cell({"minutes": 96.0, "numbers": {"resumed_at_step": 160}}) == "96 (resumed at step 160)"
 
 
 def test_the_int8_rescore_ranks_the_same_trained_ranker_through_its_int8_copy(curve, tiny_data, tiny_llama_dir,
@@ -108,7 +110,8 @@ def test_the_int8_rescore_ranks_the_same_trained_ranker_through_its_int8_copy(cu
 
     copies = []
     monkeypatch.setattr(llamarec, "int8_copy", lambda llm, made=llamarec.int8_copy: copies.append(1) or made(llm))
-    curve.main([*_argv(tiny_data, tiny_llama_dir, tmp_path, llm_dtype="float32", candidate_k=10), "--int8_rescore"])
+    curve.main([*_argv(tiny_data, tiny_llama_dir, tmp_path, llm_dtype="float32", candidate_k=10, ranker_int8=False),
+                "--int8_rescore"])
     [path] = (tmp_path / "records").glob("*.json")
     record = json.loads(path.read_text())
     numbers, int8 = record["numbers"], record["numbers"]["int8"]
@@ -129,8 +132,12 @@ def test_the_int8_rescore_needs_a_float32_llm_and_says_so_before_training(curve,
     monkeypatch.setattr(curve, "measure", lambda *args, **kwargs: pytest.fail("nothing may run"))
     with pytest.raises(SystemExit, match=r"^error: --int8_rescore: ranker_int8: True ranks with an int8 copy"):
         curve.main([*_argv(tiny_data, tiny_llama_dir, tmp_path, candidate_k=10), "--int8_rescore"])
-    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: None)  # float32: now the list is too short to read
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: None)  # float32, where auto ranks in int8 already
+    with pytest.raises(SystemExit, match=r"^error: --int8_rescore sets float32 ranking beside int8, but this run "
+                                         r"already ranks in int8 \(ranker_int8=True\): add --ranker_int8=False"):
+        curve.main([*_argv(tiny_data, tiny_llama_dir, tmp_path, candidate_k=10, ranker_int8=True), "--int8_rescore"])
+    # now the list is too short to read NDCG@10 off
     with pytest.raises(SystemExit, match=r"^error: --int8_rescore reads each user's NDCG@10 off the candidates, but "
                                          r"candidate_k=5: set candidate_k: 10 or more"):
-        curve.main([*_argv(tiny_data, tiny_llama_dir, tmp_path), "--int8_rescore"])
+        curve.main([*_argv(tiny_data, tiny_llama_dir, tmp_path, ranker_int8=False), "--int8_rescore"])
     assert not (tmp_path / "records").exists()

@@ -14,6 +14,7 @@ from recbole_llm.knowledge.generator import generate_knowledge
 from recbole_llm.knowledge.prompts import KNOWLEDGE_PROMPT
 from recbole_llm.knowledge.store import KnowledgeCache
 from recbole_llm.model.llamarec import LlamaRec
+from recbole_llm.trainer.two_stage import LlamaRecTrainer
 
 
 def _run(model, tiny_data, checkpoint_dir, **overrides):
@@ -118,8 +119,12 @@ def test_ranker_training_resumes_after_an_interrupt(tiny_data, tmp_path, monkeyp
         return loss
 
     monkeypatch.setattr(LlamaRec, "calculate_loss", recorded)
+    trainers, fit = [], LlamaRecTrainer.fit
+    monkeypatch.setattr(LlamaRecTrainer, "fit", lambda self, *args, **kwargs: trainers.append(self) or fit(self, *args,
+                                                                                                        **kwargs))
     reference = _run("LlamaRec", tiny_data, tmp_path / "reference", **ranker_settings)
     reference_losses, losses[:] = list(losses), []
+    assert trainers[-1].ranker_resumed_at is None
 
     def interrupted(self, interaction):
         if len(losses) == 2:
@@ -135,6 +140,7 @@ def test_ranker_training_resumes_after_an_interrupt(tiny_data, tmp_path, monkeyp
     with caplog.at_level("INFO"):
         resumed = _run("LlamaRec", tiny_data, tmp_path / "run", **ranker_settings)
     assert "resuming ranker training at step 2 (8 examples)" in caplog.text
+    assert trainers[-1].ranker_resumed_at == 2  # what a benchmark's timing of this run must say
     assert "stage 1: LRURec reused" in caplog.text  # the retriever finished before the interrupt: kept
     assert len(reference_losses) == 4 and losses == reference_losses  # steps 1-2, then 3-4 after the rerun
     assert resumed["test_result"] == reference["test_result"]

@@ -115,6 +115,7 @@ class LlamaRecTrainer(LLMTrainer):
     Public after :meth:`fit`: ``fusion_results`` (fusion weight -> validation result);
     ``validation_trace`` (per check of ranker training: step, examples, mean train loss since the
     last check, valid-subset NDCG@10, its standard error over the users, users);
+    ``ranker_resumed_at`` (the step an interrupted ranker training resumed at; None when it ran from step 0);
     after :meth:`evaluate`: ``subset_result`` (the metrics of the users whose target is among
     the candidates). ``timings`` (seconds per stage: candidates, ranker training, ranking) and
     ``ranked_rows`` (users the LLM ranked) add up over fit and evaluate; fit logs them.
@@ -150,6 +151,7 @@ class LlamaRecTrainer(LLMTrainer):
         self.subset_result = None
         self.fusion_results: dict = {}  # fusion weight -> validation result, after fit
         self.validation_trace: list[dict] = []  # one entry per check of ranker training, after fit
+        self.ranker_resumed_at: int | None = None  # the step a resumed ranker training continued from
         self.timings = defaultdict(float)  # seconds per stage
         self.ranked_rows = 0
 
@@ -312,6 +314,7 @@ class LlamaRecTrainer(LLMTrainer):
             seen, step, passes, best_weights = resumed["seen"], resumed["step"], resumed["passes"], resumed["best_weights"]
             stale, stopped = resumed["stale"], resumed["stopped"]
             self.validation_trace = resumed.get("validation_trace", [])
+            self.ranker_resumed_at = step
             self.logger.info(f"resuming ranker training at step {step} ({seen} examples) from {resume_file} "
                              "(set resume: False to start over)")
         progress = tqdm(total=total_steps, initial=step, desc=set_color("Ranker training", "pink"),

@@ -145,7 +145,7 @@ def model_cell(model_name: str, precision: str, args, workdir: Path) -> dict:
         if model_name == "SeRALM":  # auto generates in float32 on every CPU: bf16 is asked for by name
             setting = {"llm_dtype": "bfloat16"} if precision.startswith("bf16") else setting
             return generation_cell({**base, **setting}, precision, args)
-        if model_name == "LlamaRec":  # the one user; its auto would rank in int8 on a CPU without bf16 units
+        if model_name == "LlamaRec":  # the one user of int8: set per cell, whatever the property file says
             setting = {**setting, "ranker_int8": precision == "int8"}
         # the int8 copy is made once per evaluation (seconds): before the timed batches
         make_copy = (lambda model: model.scoring_llm()) if precision == "int8" else None

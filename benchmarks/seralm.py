@@ -275,6 +275,10 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
     """
     rows, checks, latency_rows, provenance, curves, slice_rows = [], [], [], [], [], []
     for base, runs in records.items():  # base: the family's label (its base model, its own settings)
+        stopped = [run for run in runs[1:] if run.get("unfinished")]  # an interrupted extra seed: left out
+        runs = [runs[0], *(run for run in runs[1:] if not run.get("unfinished"))]
+        checks += [f"- {base}: seed {run['seed']} was stopped before {', '.join(run['unfinished'])} finished: left "
+                   "out until its command continues it" for run in stopped]
         if runs[0].get("unfinished"):  # an interrupted main run: what it measured, no comparison
             runs = runs[:1]
             rows += [[base, label, 1, *(f"{100 * runs[0]['variants'][label][m]:.2f}" for m in METRICS), "-",

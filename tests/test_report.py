@@ -237,6 +237,12 @@ def test_seralm_section_grows_one_base_model_at_a_time(monkeypatch):
     assert ("- SeRALM(SASRec) / SASRec HIT@10, mean over 3 seeds: 1.170 (standard error 0.017); aligned / un-aligned: "
             "1.273 (goal >= 1.03). Per run: 1.200, 1.167, 1.143;") in body  # ratios per seed; HIT@10 14 / 11
     assert "  - seed 2022: measured 2026-01-01 00:00 UTC" in body and "(llm_adapter=aligned-x)" in body
+    stopped = {**records["SASRec"][1], "seed": 2023, "unfinished": ["Base", "Base+NA_LLM"],  # interrupted: left out
+               "variants": {"Base+SeRALM": records["SASRec"][1]["variants"]["Base+SeRALM"]}}
+    with_stopped = seralm.section_body("ml-100k", {**records, "SASRec": [*records["SASRec"], stopped]}, None)
+    assert ("- SASRec: seed 2023 was stopped before Base, Base+NA_LLM finished: left out until its command continues "
+            "it") in with_stopped
+    assert "mean over 3 seeds: 1.170 (standard error 0.017)" in with_stopped  # the finished seeds' comparison
     assert seralm.record_file("ml-100k", "SASRec", 2021).name == "SASRec-seed2021.json"
 
 

@@ -132,7 +132,7 @@ def test_load_causal_lm_uses_given_logger_and_no_warning_without_4bit(tiny_llama
 
 @pytest.mark.parametrize("amx, avx512_bf16, onednn_bf16, expected", [
     (True, True, True, "AMX"), (False, True, True, "AVX512-BF16"), (False, False, True, None),
-    # units that torch's bf16 matmuls cannot reach (oneDNN missing or held to AVX2): its generic kernel, ~100x slower
+    # units that torch's bf16 matmuls cannot reach (oneDNN missing or held to AVX2): its generic kernel, 400x slower
     (True, True, False, None), (False, True, False, None)])
 def test_cpu_bf16_units_come_from_what_torch_reports(amx, avx512_bf16, onednn_bf16, expected, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)

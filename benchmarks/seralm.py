@@ -36,6 +36,11 @@ one more record, ``<base>-seed<N>.json``), and the section shows each cell's mea
 deviation over its runs. The extra seeds vary the recommenders' training, not the alignment:
 their Base+SeRALM trains on the knowledge of the main run's aligned adapter (``llm_adapter``),
 because one alignment with regeneration costs ~35 minutes per base model on a CPU.
+
+``--fields_control`` adds, beyond the paper, a control without the LLM to every run: Base+Fields, SeRALM
+with each item's own fields as its knowledge text (``knowledge_source: fields``; what an unusable LLM
+answer falls back to), so the gain of the LLM's text over the items' own text is measured. A finished
+record gains only that variant (with its own date, machine and command).
 """
 from __future__ import annotations
 
@@ -118,6 +123,8 @@ def alignment_speed(dataset, overrides, iterations):
 
 RECORDS = ROOT / "benchmarks" / "records" / "seralm"
 VARIANTS = ("Base", "Base+NA_LLM", "Base+SeRALM")
+#: The control without the LLM (``--fields_control``): SeRALM with every item's own fields as its knowledge text.
+FIELDS = "Base+Fields"
 #: Settings that change where a run writes or how fast it goes, not its numbers: no family, no key of their own.
 NEUTRAL = frozenset({"num_threads", "show_progress", "state", "checkpoint_dir"})
 BASE_ORDER = ("SASRec", "Caser", "LightSANs", "GRU4Rec", "NARM")
@@ -178,14 +185,22 @@ def run_settings(shared: dict, own: dict, seed: int | None) -> dict:
     return {key: value for key, value in settings.items() if key not in NEUTRAL}
 
 
+def wanted(fields_control: bool) -> tuple[str, ...]:
+    """The variants a run trains: the three of the paper, and the fields-only control when asked for."""
+    return VARIANTS + ((FIELDS,) if fields_control else ())
+
+
 def run_base(base: str, dataset: str, shared: dict, own: dict, seed: int | None = None, save=None,
-             earlier: dict | None = None) -> dict:
-    """Base, Base+NA_LLM and Base+SeRALM of one base model, each with its full-ranking latency.
+             earlier: dict | None = None, variants_wanted: tuple[str, ...] = VARIANTS, how: dict | None = None) -> dict:
+    """Base, Base+NA_LLM and Base+SeRALM of one base model (and :data:`FIELDS` when in ``variants_wanted``),
+    each with its full-ranking latency and the date, machine, commit and command (``how``) it was measured with.
 
     ``seed``: an extra run with that seed, whose Base+SeRALM uses the main run's aligned adapter.
     ``save(record)`` is also called after each variant with the record so far (``unfinished``
     names the variants still to run), so an interrupted run keeps what it measured; ``earlier``,
-    such a record of the same settings, is continued (its finished variants are not run again).
+    such a record of the same settings, is continued (its finished variants are not run again;
+    a finished record gains the variants it lacks, the control say, and keeps its own date, machine and
+    command, those of the paper's variants).
     """
     settings = {**shared, **own, **({} if seed is None else {"seed": seed})}
     recorded = run_settings(shared, own, seed)
@@ -194,30 +209,35 @@ def run_base(base: str, dataset: str, shared: dict, own: dict, seed: int | None 
     if seed is not None and "Base+SeRALM" not in done:
         aligned = {"llm_adapter": str(aligned_adapter(base, dataset, {**shared, **own}))}
     variants = dict(done)
+    now = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "commit": commit(),
+           **(how or {})}
+    kept = {key: earlier[key] for key in now if key in earlier} if done and not stopped_before(earlier) else {}
 
     def record(**extra):
-        return {"base": base, "overrides": own, "settings": recorded, "seed": seed, **aligned,
-                "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-                "commit": commit(), "variants": dict(variants),
-                "test_users": next(iter(variants.values()))["test_users"], **extra}
+        return {"base": base, "overrides": own, "settings": recorded, "seed": seed, **aligned, **now, **kept,
+                "variants": dict(variants), "test_users": next(iter(variants.values()))["test_users"], **extra}
 
     for label, model, extra in [  # the aligned run first: the longest, and the one alignment changes
         ("Base+SeRALM", "SeRALM", {"base_model": base, **aligned}),
         ("Base", base, {}),
         ("Base+NA_LLM", "SeRALM", {"base_model": base, "alignment_iterations": 0}),
+        (FIELDS, "SeRALM", {"base_model": base, "alignment_iterations": 0, "knowledge_source": "fields"}),
     ]:
+        if label not in variants_wanted:
+            continue
         if label in done:
-            print(f"{base} {label}: kept from the unfinished record of {earlier['measured']}", flush=True)
+            print(f"{base} {label}: kept from the record of {earlier['measured']}", flush=True)
             continue
         result, trainer, net, test, minutes = train_and_test(model, dataset, {**settings, **extra})
         stats = {k: v for k, v in getattr(trainer, "alignment_stats", {}).items() if isinstance(v, (int, float, str))}
         variants[label] = {**{m: float(result[m]) for m in METRICS}, "minutes": minutes, "alignment": stats,
                            "slices": slice_columns(result), "latency_ms": 1000 * latency(net, test),
                            "alignment_trace": getattr(trainer, "alignment_trace", []),
-                           "test_users": len(test._dataset)}
+                           "test_users": len(test._dataset), **now}
         print(base, label, result, f"{minutes:.1f} min", stats, flush=True)
-        if len(variants) < len(VARIANTS) and save is not None:
-            save(record(unfinished=[v for v in VARIANTS if v not in variants]))
+        missing = [v for v in variants_wanted if v not in variants]
+        if missing and save is not None:
+            save(record(unfinished=missing))
     return record(latency_ms={"base": variants["Base"]["latency_ms"], "seralm": variants["Base+SeRALM"]["latency_ms"]})
 
 
@@ -256,11 +276,38 @@ def alignment_curve(base: str, trace: list[dict], rows: int = 10) -> list[str]:
             "", markdown_table(["iterations"] + [heading for heading, _, _ in CURVE], table), ""]
 
 
+def stopped_before(run: dict) -> list[str]:
+    """The paper's variants an interrupted run has still to measure (a missing control does not count)."""
+    return [label for label in run.get("unfinished", []) if label in VARIANTS]
+
+
+def with_control(runs: list[dict]) -> list[dict]:
+    """The runs that measured the fields-only control (:data:`FIELDS`)."""
+    return [run for run in runs if FIELDS in run["variants"]]
+
+
+def control_line(model: str, runs: list[dict]) -> list[str]:
+    """The fields-only control against Base and Base+SeRALM, over the runs that have all three."""
+    runs = [run for run in with_control(runs) if "Base+SeRALM" in run["variants"]]
+    if not runs:
+        return []
+    hit = {label: [run["variants"][label]["hit@10"] for run in runs] for label in ("Base", FIELDS, "Base+SeRALM")}
+
+    def ratio(top, bottom):
+        values = [a / b for a, b in zip(hit[top], hit[bottom])]
+        return f"{statistics.mean(values):.3f}" + (f" (standard error {standard_error(values):.3f})"
+                                                     if len(values) > 1 else "")
+
+    return [f"  - Control without the LLM (`knowledge_source: fields`: each item's own fields as its knowledge text), "
+            f"{len(runs)} seed{'s' * (len(runs) > 1)}: {FIELDS} / {model} HIT@10 {ratio(FIELDS, 'Base')}; "
+            f"SeRALM / {FIELDS} {ratio('Base+SeRALM', FIELDS)}"]
+
+
 def slice_table_rows(base: str, runs: list[dict]) -> list[list[str]]:
     """NDCG@10 (%) per slice of the test users (``eval_slices``), mean over the runs that have them."""
     rows = []
-    for label in VARIANTS:
-        cells = [run["variants"][label].get("slices") or {} for run in runs]
+    for label in VARIANTS + (FIELDS,):
+        cells = [run["variants"][label].get("slices") or {} for run in runs if label in run["variants"]]
         cells = [c for c in cells if c]
         if cells:
             rows.append([base, label, len(cells)] + [f"{100 * statistics.mean(c[name] for c in cells):.2f}"
@@ -275,16 +322,16 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
     """
     rows, checks, latency_rows, provenance, curves, slice_rows = [], [], [], [], [], []
     for base, runs in records.items():  # base: the family's label (its base model, its own settings)
-        stopped = [run for run in runs[1:] if run.get("unfinished")]  # an interrupted extra seed: left out
-        runs = [runs[0], *(run for run in runs[1:] if not run.get("unfinished"))]
-        checks += [f"- {base}: seed {run['seed']} was stopped before {', '.join(run['unfinished'])} finished: left "
+        stopped = [run for run in runs[1:] if stopped_before(run)]  # an interrupted extra seed: left out
+        runs = [runs[0], *(run for run in runs[1:] if not stopped_before(run))]
+        checks += [f"- {base}: seed {run['seed']} was stopped before {', '.join(stopped_before(run))} finished: left "
                    "out until its command continues it" for run in stopped]
-        if runs[0].get("unfinished"):  # an interrupted main run: what it measured, no comparison
+        if stopped_before(runs[0]):  # an interrupted main run: what it measured, no comparison
             runs = runs[:1]
             rows += [[base, label, 1, *(f"{100 * runs[0]['variants'][label][m]:.2f}" for m in METRICS), "-",
                       f"{runs[0]['variants'][label]['minutes']:.1f}"] if label in runs[0]["variants"]
                      else [base, label, 0, "not finished", "-", "-", "-"] for label in VARIANTS]
-            checks.append(f"- {base}: the run was stopped before {', '.join(runs[0]['unfinished'])} finished: "
+            checks.append(f"- {base}: the run was stopped before {', '.join(stopped_before(runs[0]))} finished: "
                           "no comparison")
             provenance.append(f"- {base}: measured {runs[0]['measured']}; `{runs[0]['command']}`; {runs[0]['machine']}")
             continue
@@ -294,6 +341,12 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
             per_run = " / ".join(f"{100 * hit:.2f}" for hit in hits[label])
             rows.append([base, label, len(runs), mean_sd(hits[label]), mean_sd(ndcgs), per_run,
                          f"{runs[0]['variants'][label]['minutes']:.1f}"])
+        controlled = with_control(runs)
+        if controlled:
+            cells = [run["variants"][FIELDS] for run in controlled]
+            rows.append([base, FIELDS, len(cells), mean_sd([c["hit@10"] for c in cells]),
+                         mean_sd([c["ndcg@10"] for c in cells]), " / ".join(f"{100 * c['hit@10']:.2f}" for c in cells),
+                         f"{cells[0]['minutes']:.1f}" if controlled[0] is runs[0] else "-"])
         plain, na, aligned = (statistics.mean(hits[label]) for label in VARIANTS)
         users = runs[0]["test_users"]
         noise = (plain * (1 - plain) / users) ** 0.5  # binomial standard error of one HIT@10
@@ -306,6 +359,7 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
                       + (" (goal >= 1.03)" if base == "SASRec" else "")
                       + (f". Per run: {', '.join(f'{r:.3f}' for r in ratios)}" if len(runs) > 1 else "")
                       + f"; standard error of one HIT@10 over {users} test users: about {100 * noise:.1f} points")
+        checks += control_line(model, runs)
         ms = runs[0]["latency_ms"]
         latency_rows.append([base, f"{ms['base']:.2f}", f"{ms['seralm']:.2f}", f"{ms['seralm'] / ms['base']:.2f}"])
         slice_rows += slice_table_rows(base, runs)
@@ -317,6 +371,8 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
         provenance += [f"  - seed {run['seed']}: measured {run['measured']}; `{run['command']}`; {run['machine']}; "
                        f"Base+SeRALM on the main run's aligned knowledge (llm_adapter={run['llm_adapter']})"
                        for run in runs[1:]]
+        provenance += [f"  - {FIELDS}, seed {run['seed'] or 'main'}: measured {cell['measured']}; `{cell['command']}`; "
+                       f"{cell['machine']}" for run in controlled if "command" in (cell := run["variants"][FIELDS])]
     timing_text = ["Timings: not measured yet."] if timing is None else [
         f"Knowledge generation + encoding per item ({timing['latency_items']} items, greedy, embedded LLM): "
         f"{timing['generation_s']:.2f} s + {timing['encoding_s']:.3f} s = "
@@ -370,11 +426,14 @@ def main():
                         help="measure generation/alignment speed: auto = when no timing record exists")
     parser.add_argument("--timing_iterations", type=int, default=10)
     parser.add_argument("--latency_items", type=int, default=16)
+    parser.add_argument("--fields_control", action="store_true",
+                        help=f"also train {FIELDS}: SeRALM with each item's own fields as its knowledge (no LLM)")
     parser.add_argument("--seeds", default="main",
                         help="runs per base model: main (the configured seed, with alignment) and/or extra seeds, "
                              "e.g. main,2021,2022")
     args, rest = parser.parse_known_args()
     seeds = [None if seed == "main" else int(seed) for seed in filter(None, args.seeds.split(","))]
+    variants = wanted(args.fields_control)
     everyone, per_base = split_overrides(rest)
     overrides = {"show_progress": False, **parse_overrides(everyone)}
     # The base models train with SeRALM's own settings, for a like-for-like comparison.
@@ -390,13 +449,13 @@ def main():
             for seed in seeds:
                 path = record_file(args.dataset, family(base, own), seed)
                 earlier = load_record(path)
-                finished = earlier and not earlier.get("unfinished")
+                finished = earlier and not earlier.get("unfinished") and set(variants) <= set(earlier["variants"])
                 if finished and earlier.get("settings") == run_settings(shared, own, seed):
                     print(f"reused {path} ({earlier['measured']}, {earlier['command']})", flush=True)
                     continue
-                record = run_base(base, args.dataset, shared, own, seed, earlier=earlier,
-                                  save=lambda partial, path=path: write_record(path, {**partial, **how}))
-                write_record(path, {**record, **how})
+                record = run_base(base, args.dataset, shared, own, seed, earlier=earlier, variants_wanted=variants,
+                                  how=how, save=lambda partial, path=path: write_record(path, partial))
+                write_record(path, record)
         if args.timing == "yes" or (args.timing == "auto" and load_record(timing_file) is None):
             timing = run_timing(args.dataset, shared, args.timing_iterations, args.latency_items)
             write_record(timing_file, {**timing, **how})

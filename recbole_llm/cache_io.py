@@ -37,7 +37,8 @@ _VOLATILE = {"device", "gpu_id", "use_gpu", "checkpoint_dir", "show_progress", "
 #: Settings added to the property files after caches were made, with the value their absence meant:
 #: left out of :func:`config_key` while they hold it, so those caches stay valid (``item_noun``: every
 #: default prompt spoke of a movie before it existed; ml-100k's still does).
-_ADDED_LATER = {"drop_exact_duplicates": False, "lr_schedule": "constant", "pluggable_dir": None, "item_noun": "movie"}
+_ADDED_LATER = {"drop_exact_duplicates": False, "lr_schedule": "constant", "pluggable_dir": None, "item_noun": "movie",
+                "knowledge_source": "llm"}
 
 
 def _remove(path: Path) -> None:

@@ -202,6 +202,17 @@ def check_valid_metric(config) -> None:
                          "metrics and its cut-off to topk.")
 
 
+def check_knowledge_source(config) -> None:
+    """SeRALM's ``knowledge_source: fields`` uses no LLM, so it has no LLM to align or adapter to read."""
+    settings = config.final_config_dict
+    if settings.get("knowledge_source") != "fields":
+        return
+    if int(settings.get("alignment_iterations") or 0) > 0 or settings.get("llm_adapter"):
+        raise InputError("knowledge_source=fields gives every item its own fields as knowledge, with no LLM to align "
+                         "or adapter to read: set alignment_iterations: 0 and llm_adapter: ~ (or knowledge_source: "
+                         "llm for the LLM's knowledge).")
+
+
 def check_output_folders(config) -> None:
     """``checkpoint_dir`` and RecBole's ``./log`` and ``./log_tensorboard`` can be written."""
     folders = [(f"checkpoint_dir={config['checkpoint_dir']!r}", str(config["checkpoint_dir"] or "."),

@@ -61,6 +61,7 @@ def load_config(model, dataset, config_file_list=None, config_dict=None) -> Conf
     check_setting_types(config, [f for f in recbole_defaults if f.is_file()] + ours)
     setting_rules.check_settings(config.final_config_dict)
     checks.check_valid_metric(config)
+    checks.check_knowledge_source(config)
     user = checks.user_settings(config, config_file_list, config_dict)
     checks.check_retired_settings(user)
     checks.warn_unknown_settings(user, checks.known_settings(properties_dir()))

@@ -181,6 +181,8 @@ RULES: dict[str, Choice | Range] = {
     "ranker_valid_users": whole(1, "the number of validation users per ranker check"),
     "ranker_eval_batch_size": whole(1, "the number of prompts per forward pass when scoring"),
     # SeRALM.yaml
+    "knowledge_source": Choice(("llm", "fields"), "the LLM's answers, or (a control without the LLM) each item's "
+                                                  "own fields"),
     "knowledge_max_new_tokens": whole(1, "the longest knowledge answer in tokens"),
     "knowledge_batch_size": whole(1, "the number of prompts per generate() call"),
     "encoder_mode": Choice(("frozen", "joint"), "cached knowledge vectors, or the paper's joint fine-tuning"),

@@ -246,6 +246,54 @@ def test_seralm_section_grows_one_base_model_at_a_time(monkeypatch):
     assert seralm.record_file("ml-100k", "SASRec", 2021).name == "SASRec-seed2021.json"
 
 
+def test_seralm_fields_control_joins_a_finished_record_and_its_own_line(monkeypatch):
+    """``--fields_control``: a finished record gains only Base+Fields (SeRALM with knowledge_source: fields, no
+    alignment), keeping the date, machine and command of the paper's variants; the section gives the control
+    its row and its line, and a run stopped before the control alone is still compared.
+
+    Caught: the finished record run again whole, the control trained with the LLM's knowledge or aligned, the
+    record's provenance replaced by the control's, a missing control counted as an interrupted run."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import seralm
+
+    calls = []
+
+    def fake_train_and_test(model, dataset, config_dict):
+        calls.append((model, config_dict))
+        return {"hit@10": 0.125, "ndcg@10": 0.0625}, object(), None, SimpleNamespace(_dataset=range(100)), 2.0
+
+    monkeypatch.setattr(seralm, "train_and_test", fake_train_and_test)
+    monkeypatch.setattr(seralm, "latency", lambda net, test: 0.01)
+    monkeypatch.setattr(seralm, "slice_columns", lambda result: {})
+    shared, own = {"epochs": 8}, {"MAX_ITEM_LIST_LENGTH": 5}
+    variants = {label: {"hit@10": hit, "ndcg@10": hit / 2, "minutes": 1.0, "alignment": {}, "test_users": 100,
+                        "latency_ms": 10.0} for label, hit in zip(seralm.VARIANTS, (0.10, 0.11, 0.14))}
+    earlier = {"base": "Caser", "overrides": own, "settings": seralm.run_settings(shared, own, None), "seed": None,
+               "measured": "2026-01-01 00:00 UTC", "machine": "xeon", "commit": "abc", "command": "old command",
+               "variants": variants, "test_users": 100, "latency_ms": {"base": 10.0, "seralm": 12.0}}
+    record = seralm.run_base("Caser", "ml-100k", shared, own, None, earlier=earlier,
+                             variants_wanted=seralm.wanted(True), how={"command": "new command"})
+    assert len(calls) == 1 and calls[0][0] == "SeRALM"
+    assert calls[0][1]["knowledge_source"] == "fields" and calls[0][1]["alignment_iterations"] == 0
+    assert "llm_adapter" not in calls[0][1] and calls[0][1]["MAX_ITEM_LIST_LENGTH"] == 5
+    assert (record["measured"], record["machine"], record["command"]) == ("2026-01-01 00:00 UTC", "xeon", "old command")
+    control = record["variants"][seralm.FIELDS]
+    assert control["command"] == "new command" and control["measured"].endswith(" UTC") and control["machine"] != "xeon"
+    assert record["variants"]["Base"] == variants["Base"] and "unfinished" not in record
+
+    body = seralm.section_body("ml-100k", {"Caser": [{**record, "unfinished": []}]}, timing=None)
+    assert "| Caser | Base+Fields | 1 | 12.50 | 6.25 | 12.50 | 2.0 |" in body
+    assert ("  - Control without the LLM (`knowledge_source: fields`: each item's own fields as its knowledge text), "
+            "1 seed: Base+Fields / Caser HIT@10 1.250; SeRALM / Base+Fields 1.120") in body
+    assert f"  - Base+Fields, seed main: measured {control['measured']}; `new command`;" in body
+    stopped_before_control = {**earlier, "unfinished": [seralm.FIELDS]}
+    body = seralm.section_body("ml-100k", {"Caser": [stopped_before_control]}, timing=None)
+    assert "SeRALM(Caser) / Caser HIT@10, mean over 1 seed: 1.400" in body and "no comparison" not in body
+    assert "Base+Fields" not in body
+
+
 def test_seralm_extra_seed_records_are_found_in_seed_order(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import seralm

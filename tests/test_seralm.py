@@ -838,3 +838,30 @@ def test_two_trainers_started_in_the_same_second_save_different_checkpoints(sera
     first, second = SeRALMTrainer(config, model), SeRALMTrainer(config, model)
     assert first.saved_model_file != second.saved_model_file
     assert first.saved_model_file.startswith(f"{config['checkpoint_dir']}/SeRALM-Dec-06-2026_23-00-00")
+
+
+def test_fields_control_encodes_each_items_own_fields_without_the_llm(seralm_env, monkeypatch):
+    """``knowledge_source: fields``: every item's knowledge vector is the encoding of its own fields' text (the
+    fallback text of an unusable LLM answer), and no LLM knowledge is read or generated; with alignment or an
+    adapter it stops with one line before anything is built.
+
+    Caught: the LLM's knowledge read anyway (dataset_knowledge called), another text than the fields'."""
+    import recbole_llm.model.seralm as seralm_module
+    from recbole_llm.errors import InputError
+    from recbole_llm.model.seralm import frozen_encoder
+
+    def no_llm(*args, **kwargs):
+        raise AssertionError("knowledge_source: fields read the LLM's knowledge")
+
+    monkeypatch.setattr(seralm_module, "dataset_knowledge", no_llm)
+    config, model, _ = _build(seralm_env, monkeypatch, base_model="SASRec", knowledge_source="fields",
+                              alignment_iterations=0)
+    expected = [", ".join(fields.values()) for fields in model.item_fields[1:]]
+    assert all(expected) and model.knowledge_file is None
+    encoded = frozen_encoder(config["text_encoder"], "cpu").encode(expected)
+    assert torch.allclose(model.fused.knowledge[1:], encoded, atol=1e-5) and not model.fused.knowledge[0].any()
+    root, overrides = seralm_env
+    for wrong in ({"alignment_iterations": 5}, {"alignment_iterations": 0, "llm_adapter": str(root)}):
+        with pytest.raises(InputError, match="^knowledge_source=fields .* set alignment_iterations: 0") as error:
+            load_config("SeRALM", "tiny", config_dict={**overrides, "knowledge_source": "fields", **wrong})
+        assert "\n" not in str(error.value)

@@ -204,6 +204,8 @@ class SeRALM(SequentialRecommender):
       trained encoder, and only the pretrained encoder's vectors are cached on disk).
     * ``knowledge_text_format`` (``"{description} {summarization}"``): what of the JSON answer
       is encoded. Items without text get a zero knowledge vector (counted and logged).
+    * ``knowledge_source`` (``llm``): beyond the paper, ``fields`` is a control without the LLM:
+      every item's knowledge text is its own fields, as for an item whose answer was unusable.
 
     For the alignment trainer: :meth:`log_prob_target` (``log p(y|x,s)`` under a full softmax
     over all items, with the knowledge of chosen items replaced per instance) and
@@ -231,11 +233,17 @@ class SeRALM(SequentialRecommender):
         self.encoder_name = config["text_encoder"]
         self.encoder_mode = config["encoder_mode"]
         self.vector_dir = config["knowledge_vector_dir"] or f"{config['checkpoint_dir']}/knowledge"
-        rows, cache = dataset_knowledge(config, dataset, logger=logger)
-        self.knowledge_file = str(cache.final)
         self.knowledge_prompt = knowledge_prompt(config)
         self.item_fields = item_prompt_fields(dataset, config["knowledge_fields"])
-        texts = self.knowledge_texts(rows, logger)
+        if config["knowledge_source"] == "fields":  # the control without the LLM: no generation, no cache
+            self.knowledge_file = None
+            texts = [""] + [knowledge_text(None, self.text_format, f) for f in self.item_fields[1:]]
+            source = "the items' own fields (knowledge_source: fields, no LLM)"
+        else:
+            rows, cache = dataset_knowledge(config, dataset, logger=logger)
+            self.knowledge_file = str(cache.final)
+            texts = self.knowledge_texts(rows, logger)
+            source = f"knowledge from {cache.final.name}"
         encoder = None
         if self.encoder_mode == "joint":
             encoder = TextEncoder.load(self.encoder_name, device=config["device"],
@@ -252,7 +260,7 @@ class SeRALM(SequentialRecommender):
             texts=texts if encoder is not None else None,
             joint_items_per_step=config["joint_items_per_step"],
         )
-        logger.info(f"SeRALM: {self.base_model_name} with knowledge from {cache.final.name} "
+        logger.info(f"SeRALM: {self.base_model_name} with {source} "
                     f"({vectors.shape[1]}-d {self.encoder_mode} encoder -> {self.fused.knowledge_proj.out_features}-d)")
 
     @property

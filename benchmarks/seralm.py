@@ -125,6 +125,8 @@ RECORDS = ROOT / "benchmarks" / "records" / "seralm"
 VARIANTS = ("Base", "Base+NA_LLM", "Base+SeRALM")
 #: The control without the LLM (``--fields_control``): SeRALM with every item's own fields as its knowledge text.
 FIELDS = "Base+Fields"
+#: Where and how a run (and each of its variants) was measured.
+PROVENANCE = ("measured", "machine", "commit", "command")
 #: Settings that change where a run writes or how fast it goes, not its numbers: no family, no key of their own.
 NEUTRAL = frozenset({"num_threads", "show_progress", "state", "checkpoint_dir"})
 BASE_ORDER = ("SASRec", "Caser", "LightSANs", "GRU4Rec", "NARM")
@@ -204,14 +206,17 @@ def run_base(base: str, dataset: str, shared: dict, own: dict, seed: int | None 
     """
     settings = {**shared, **own, **({} if seed is None else {"seed": seed})}
     recorded = run_settings(shared, own, seed)
-    done = dict(earlier["variants"]) if earlier and earlier.get("settings") == recorded else {}
+    done = {}
+    if earlier and earlier.get("settings") == recorded:  # each kept variant keeps where and how it was measured
+        stamp = {key: earlier[key] for key in PROVENANCE if key in earlier}
+        done = {label: {**stamp, **variant} for label, variant in earlier["variants"].items()}
     aligned = {"llm_adapter": earlier["llm_adapter"]} if done and earlier.get("llm_adapter") else {}
     if seed is not None and "Base+SeRALM" not in done:
         aligned = {"llm_adapter": str(aligned_adapter(base, dataset, {**shared, **own}))}
     variants = dict(done)
     now = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "commit": commit(),
            **(how or {})}
-    kept = {key: earlier[key] for key in now if key in earlier} if done and not stopped_before(earlier) else {}
+    kept = {key: earlier[key] for key in PROVENANCE if key in earlier} if done and not stopped_before(earlier) else {}
 
     def record(**extra):
         return {"base": base, "overrides": own, "settings": recorded, "seed": seed, **aligned, **now, **kept,
@@ -371,8 +376,9 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
         provenance += [f"  - seed {run['seed']}: measured {run['measured']}; `{run['command']}`; {run['machine']}; "
                        f"Base+SeRALM on the main run's aligned knowledge (llm_adapter={run['llm_adapter']})"
                        for run in runs[1:]]
-        provenance += [f"  - {FIELDS}, seed {run['seed'] or 'main'}: measured {cell['measured']}; `{cell['command']}`; "
-                       f"{cell['machine']}" for run in controlled if "command" in (cell := run["variants"][FIELDS])]
+        provenance += [f"  - seed {run['seed'] or 'main'}, {label}: measured {cell['measured']}; `{cell['command']}`; "
+                       f"{cell['machine']}" for run in runs for label, cell in run["variants"].items()
+                       if "machine" in cell and (cell["measured"], cell["machine"]) != (run["measured"], run["machine"])]
     timing_text = ["Timings: not measured yet."] if timing is None else [
         f"Knowledge generation + encoding per item ({timing['latency_items']} items, greedy, embedded LLM): "
         f"{timing['generation_s']:.2f} s + {timing['encoding_s']:.3f} s = "

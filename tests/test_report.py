@@ -281,13 +281,15 @@ def test_seralm_fields_control_joins_a_finished_record_and_its_own_line(monkeypa
     assert (record["measured"], record["machine"], record["command"]) == ("2026-01-01 00:00 UTC", "xeon", "old command")
     control = record["variants"][seralm.FIELDS]
     assert control["command"] == "new command" and control["measured"].endswith(" UTC") and control["machine"] != "xeon"
-    assert record["variants"]["Base"] == variants["Base"] and "unfinished" not in record
+    assert record["variants"]["Base"] == {**variants["Base"], "measured": "2026-01-01 00:00 UTC", "machine": "xeon",
+                                          "commit": "abc", "command": "old command"} and "unfinished" not in record
 
     body = seralm.section_body("ml-100k", {"Caser": [{**record, "unfinished": []}]}, timing=None)
     assert "| Caser | Base+Fields | 1 | 12.50 | 6.25 | 12.50 | 2.0 |" in body
     assert ("  - Control without the LLM (`knowledge_source: fields`: each item's own fields as its knowledge text), "
             "1 seed: Base+Fields / Caser HIT@10 1.250; SeRALM / Base+Fields 1.120") in body
-    assert f"  - Base+Fields, seed main: measured {control['measured']}; `new command`;" in body
+    assert f"  - seed main, Base+Fields: measured {control['measured']}; `new command`;" in body
+    assert record["variants"]["Base"]["machine"] == "xeon" and "seed main, Base:" not in body
     stopped_before_control = {**earlier, "unfinished": [seralm.FIELDS]}
     body = seralm.section_body("ml-100k", {"Caser": [stopped_before_control]}, timing=None)
     assert "SeRALM(Caser) / Caser HIT@10, mean over 1 seed: 1.400" in body and "no comparison" not in body

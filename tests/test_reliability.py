@@ -147,6 +147,25 @@ def test_ranker_training_resumes_after_an_interrupt(tiny_data, tmp_path, monkeyp
     assert _resume_files(tmp_path / "run") == []
 
 
+def test_a_ranker_state_is_resumed_only_in_the_precision_it_trained_in(tiny_data, tmp_path, monkeypatch):
+    """A resume state can travel to another CPU (a committed checkpoint folder): with ``llm_dtype: auto`` a CPU
+    with bf16 units trains in bfloat16 autocast, one without in float32, and neither continues the other's
+    state; a model without an LLM keeps one key. Caught: the precision left out of the resume key."""
+    from recbole_llm.config import load_config
+    from recbole_llm.llm import precision as llm_precision
+    from recbole_llm.trainer.resume import resume_path
+
+    name, settings = tiny_data
+    paths = {}
+    for units in (None, "AMX"):
+        monkeypatch.setattr(llm_precision, "cpu_bf16_units", lambda units=units: units)
+        paths[units] = {model: resume_path(load_config(model, name, config_dict={**settings,
+                                                                                "checkpoint_dir": str(tmp_path)}), "fit")
+                        for model in ("LlamaRec", "SASRec")}
+    assert paths[None]["LlamaRec"] != paths["AMX"]["LlamaRec"]
+    assert paths[None]["SASRec"] == paths["AMX"]["SASRec"]
+
+
 class InterruptingGenerator:
     """A knowledge generator that is interrupted (SIGINT) at its second batch."""
 

@@ -10,8 +10,9 @@ best weights, and the random number generators, the training loader's included. 
 rerunning the same command after SIGINT, SIGTERM or a kill continues with the very
 batches and draws the uninterrupted run would have used, and ends with the same result.
 
-``key`` hashes the settings and data files (:func:`recbole_llm.cache_io.config_key`):
-a changed setting starts afresh instead of resuming an unrelated run. ``resume: False``
+``key`` hashes the settings and data files (:func:`recbole_llm.cache_io.config_key`), and for an LLM
+model the precision its LLM computes in here (:func:`resume_path`): a changed setting starts afresh
+instead of resuming an unrelated run. ``resume: False``
 starts over. A resume state belongs to one run at a time (a lock per key): a second
 identical command started while the first trains neither resumes from nor writes it. A
 finished run deletes its resume file. Work lost to an interruption: at most one epoch (one
@@ -29,13 +30,20 @@ import numpy as np
 import torch
 from recbole.trainer import Trainer
 
-from recbole_llm.cache_io import atomic_save, config_key, guarded_load, try_lock, unique_checkpoint_name
+from recbole_llm.cache_io import atomic_save, config_key, content_key, guarded_load, try_lock, unique_checkpoint_name
 
 
 def resume_path(config, what: str) -> Path:
-    """Where the run that ``config`` describes keeps its resume state for stage ``what``."""
-    name = f"{config['model']}-{config['dataset']}-{what}-{config_key(config)}.pth"
-    return Path(config["checkpoint_dir"]) / "resume" / name
+    """Where the run that ``config`` describes keeps its resume state for stage ``what``. An LLM model's key
+    also names how its LLM computes on this machine (``llm_dtype`` resolved: ``auto`` is bfloat16 autocast on
+    a CPU with bf16 units, float32 elsewhere), so a state moved to another CPU (a committed checkpoint folder)
+    is continued only where it trains in the same precision, never half in one and half in the other."""
+    key = config_key(config)
+    if "llm_dtype" in config.final_config_dict:
+        from recbole_llm.llm.backbone import precision_identity
+
+        key = content_key(key, precision_identity(config), length=16)
+    return Path(config["checkpoint_dir"]) / "resume" / f"{config['model']}-{config['dataset']}-{what}-{key}.pth"
 
 
 def wants_resume(config) -> bool:

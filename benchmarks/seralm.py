@@ -55,6 +55,7 @@ from results_doc import (ROOT, bare_argv, command, commit, load_record, machine,
                          split_overrides, standard_error, write_record, write_section)
 
 from recbole_llm.cache_io import content_key
+from recbole_llm.knowledge.identity import adapter_dir_fingerprint
 from recbole_llm.quick_start import build, slice_columns
 from recbole_llm.trainer.slices import SLICES
 
@@ -171,8 +172,24 @@ def mean_sd(values: list[float]) -> str:
     return text + (f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
-def aligned_adapter(base: str, dataset: str, settings: dict) -> Path:
-    """The aligned adapter of ``base``'s main run (SeRALM's trainer names it from the settings)."""
+def adapter_of_knowledge(knowledge_file: Path, base: str) -> Path | None:
+    """The saved aligned adapter of ``base`` (beside ``knowledge_file``) that generated ``knowledge_file``: the one
+    whose LoRA fingerprint its meta names; None when there is none."""
+    meta = knowledge_file.with_name(knowledge_file.name.removesuffix(".jsonl") + ".meta.json")
+    fingerprint = (load_record(meta) or {}).get("adapter")
+    folders = sorted(knowledge_file.parent.glob(f"aligned-{base}-*"))
+    return next((folder for folder in folders if fingerprint and (folder / "adapter_config.json").is_file()
+                 and adapter_dir_fingerprint(folder) == fingerprint), None)
+
+
+def aligned_adapter(base: str, dataset: str, settings: dict, main: dict | None = None) -> Path:
+    """The aligned adapter of ``base``'s main run: the one that generated the knowledge its record trained on
+    (``main``), wherever it was aligned (the alignment's key names the LLM's precision, which differs between
+    CPUs with and without bf16 units); else the one SeRALM's trainer names from the settings on this machine."""
+    knowledge = ((main or {}).get("variants", {}).get("Base+SeRALM", {}).get("alignment", {}).get("knowledge_file"))
+    found = adapter_of_knowledge(ROOT / knowledge, base) if knowledge else None
+    if found is not None:
+        return found.relative_to(ROOT) if found.is_relative_to(ROOT) else found
     _, _, trainer, _ = build("SeRALM", dataset, config_dict={**settings, "base_model": base})
     path = trainer.alignment_dir()
     if not (path / "adapter_config.json").is_file():
@@ -212,7 +229,8 @@ def run_base(base: str, dataset: str, shared: dict, own: dict, seed: int | None 
         done = {label: {**stamp, **variant} for label, variant in earlier["variants"].items()}
     aligned = {"llm_adapter": earlier["llm_adapter"]} if done and earlier.get("llm_adapter") else {}
     if seed is not None and "Base+SeRALM" not in done:
-        aligned = {"llm_adapter": str(aligned_adapter(base, dataset, {**shared, **own}))}
+        main = load_record(record_file(dataset, family(base, own)))
+        aligned = {"llm_adapter": str(aligned_adapter(base, dataset, {**shared, **own}, main))}
     variants = dict(done)
     now = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "commit": commit(),
            **(how or {})}

@@ -296,6 +296,42 @@ def test_seralm_fields_control_joins_a_finished_record_and_its_own_line(monkeypa
     assert "Base+Fields" not in body
 
 
+def test_seralm_extra_seeds_find_the_main_runs_adapter_by_the_knowledge_it_generated(monkeypatch, tmp_path):
+    """An extra seed trains on the knowledge of the main run's aligned adapter: the adapter whose fingerprint that
+    knowledge's meta names, wherever it was aligned, not the one this machine's alignment key would name (the key
+    holds the LLM's precision: bf16 autocast on a CPU with bf16 units, float32 elsewhere). Without a match, the
+    key's. Caught: the adapter looked up by this machine's key only (an AVX2-only CPU then found none)."""
+    import torch
+    from safetensors.torch import save_file
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import seralm
+
+    folder = tmp_path / "knowledge"
+    for seed, name in enumerate(("aligned-Caser-aaa", "aligned-Caser-bbb", "aligned-SASRec-ccc")):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "adapter_config.json").write_text("{}")
+        generator = torch.Generator().manual_seed(seed)
+        save_file({f"layers.0.q_proj.lora_{part}.weight": torch.randn(2, 2, generator=generator) for part in "AB"},
+                  str(folder / name / "adapter_model.safetensors"))
+    (folder / "knowledge-k.meta.json").write_text(json.dumps({"adapter": seralm.adapter_dir_fingerprint(
+        folder / "aligned-Caser-bbb")}))
+    main = {"variants": {"Base+SeRALM": {"alignment": {"knowledge_file": str(folder / "knowledge-k.jsonl")}}}}
+
+    class ByThisMachinesKey(Exception):
+        pass
+
+    def build(*args, **kwargs):
+        raise ByThisMachinesKey
+
+    monkeypatch.setattr(seralm, "build", build)
+    assert seralm.aligned_adapter("Caser", "ml-100k", {}, main) == folder / "aligned-Caser-bbb"
+    with pytest.raises(ByThisMachinesKey):  # no adapter of that base generated it
+        seralm.aligned_adapter("LightSANs", "ml-100k", {}, main)
+    with pytest.raises(ByThisMachinesKey):  # a main record from before the knowledge file was recorded
+        seralm.aligned_adapter("Caser", "ml-100k", {}, {"variants": {"Base+SeRALM": {"alignment": {}}}})
+
+
 def test_seralm_extra_seed_records_are_found_in_seed_order(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import seralm

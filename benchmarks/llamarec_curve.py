@@ -257,6 +257,19 @@ def int8_table(records: list[dict]) -> str:
                               "NDCG@10 ranker only", "Recall@10 ranker only", "users/s"], rows))
 
 
+def where_cell(record: dict) -> str:
+    """The run's CPU and the precision its LLM computed in: the run's own ``llm_dtype`` where it set one, else what
+    ``auto`` resolved to on that CPU (bf16 autocast with bf16 units, float32 without: the runs of one setting may
+    come from both kinds of CPU)."""
+    text = record["machine"]
+    cpu = text.split(" cores (", 1)[-1].split(";", 1)[0]
+    dtype = record["settings"].get("llm_dtype")
+    if dtype and dtype != "auto":
+        return f"{cpu}; {dtype}"
+    resolved = text.split("says otherwise: ", 1)[-1]
+    return f"{cpu}; {'bf16 autocast' if resolved.startswith('bfloat16 autocast') else 'float32'}"
+
+
 def section_body(records: list[dict], plot_name: str | None) -> str:
     groups = group(records)
     int8 = [r for runs in groups.values() for r in runs if "int8" in r["numbers"]]
@@ -277,7 +290,7 @@ def section_body(records: list[dict], plot_name: str | None) -> str:
              f"{r['numbers']['test']['fusion']['ndcg@10']:.4f} / {r['numbers']['test']['fusion']['recall@10']:.4f}",
              f"{r['numbers']['test']['retriever_excluded']['ndcg@10']:.4f} / "
              f"{r['numbers']['test']['retriever_excluded']['recall@10']:.4f}",
-             trace(r), r["commit"], r["date"]] for g in groups.values() for r in g]
+             trace(r), where_cell(r), r["commit"], r["date"]] for g in groups.values() for r in g]
     return (
         summary_line(groups) + "\n\n"
         "The fair ratio LlamaRec / retriever test NDCG@10 (the retriever with the candidates' history rule, its "
@@ -291,7 +304,7 @@ def section_body(records: list[dict], plot_name: str | None) -> str:
         "recorded, the training loss on the answer letter since the previous check: ln 20 = 3.00 is a uniform guess "
         "among 20 candidates):\n\n"
         + markdown_table(["seed", "examples", "training lists", "other settings", "ranker only", "with fusion",
-                          "retriever", "validation checks", "commit", "date"], runs)
+                          "retriever", "validation checks", "CPU; LLM compute", "commit", "date"], runs)
         + ("\n\n" + int8_table(int8) if int8 else "")
     )
 

@@ -102,6 +102,14 @@ def test_the_table_shows_each_settings_prompt_length_and_ranking_speed(curve):
     assert curve.trace({"numbers": {"validation": checks}}) == "40: 0.3000 ± 0.0200 (letter loss 2.95); 80: 0.2000 ± 0.0100"
     assert curve.minutes_cell({"minutes": 31.3, "numbers": {}}) == "31"  # a run before resumes were recorded
     assert curve.minutes_cell({"minutes": 96.0, "numbers": {"resumed_at_step": 160}}) == "96 (resumed at step 160)"
+    xeon = ("2 cores (Intel(R) Xeon(R) Processor; amx_bf16, avx2), torch 2.13.0+cpu, 1 thread, Python 3.11.7; LLM "
+            "compute unless a setting says otherwise: bfloat16 autocast over float32 weights (llm_dtype: auto on a CPU "
+            "with AMX bf16 units); load average 2.0 at the end of the run (above 2 = shared cores)")
+    epyc = ("2 cores (AMD EPYC; avx2), torch 2.13.0+cpu, 1 thread, Python 3.11.7; LLM compute unless a setting says "
+            "otherwise: float32 (llm_dtype: auto on a CPU without bf16 units); load average 2.0 at the end of the run")
+    assert curve.where_cell({"machine": xeon, "settings": {}}) == "Intel(R) Xeon(R) Processor; bf16 autocast"
+    assert curve.where_cell({"machine": epyc, "settings": {"llm_dtype": None}}) == "AMD EPYC; float32"
+    assert curve.where_cell({"machine": xeon, "settings": {"llm_dtype": "float32"}}) == "Intel(R) Xeon(R) Processor; float32"
 
 
 def test_the_int8_rescore_ranks_the_same_trained_ranker_through_its_int8_copy(curve, tiny_data, tiny_llama_dir,

@@ -194,8 +194,7 @@ class SeRALM(SequentialRecommender):
     * ``fusion_init`` (``identity``): the fusion layer starts as ``[I | 0]``, so an untrained
       SeRALM scores exactly like its base model and learns how much knowledge to mix in;
       ``random`` uses PyTorch's default initialisation.
-    * The padding item (id 0) keeps the base model's own padding row (no knowledge), so padded
-      positions look exactly as the base model expects (RecBole's initialisers fill that row).
+    * The padding item (id 0) keeps the base model's own padding row (no knowledge), as the base expects.
     * ``encoder_mode`` (``frozen``): frozen encoder + trainable projection (see
       :mod:`recbole_llm.knowledge.encoding`) or ``joint`` (the paper: the encoder is a submodule
       and trains with the recommender; per step the batch's items - targets first, at most
@@ -203,9 +202,8 @@ class SeRALM(SequentialRecommender):
       memory of each item's latest encoding; new knowledge after alignment is encoded by the
       trained encoder, and only the pretrained encoder's vectors are cached on disk).
     * ``knowledge_text_format`` (``"{description} {summarization}"``): what of the JSON answer
-      is encoded. Items without text get a zero knowledge vector (counted and logged).
-    * ``knowledge_source`` (``llm``): beyond the paper, ``fields`` is a control without the LLM:
-      every item's knowledge text is its own fields, as for an item whose answer was unusable.
+      is encoded (no text: a zero vector, logged). ``knowledge_source: fields``, beyond the paper,
+      is the control without the LLM: each item's text is its own fields, as for an unusable answer.
 
     For the alignment trainer: :meth:`log_prob_target` (``log p(y|x,s)`` under a full softmax
     over all items, with the knowledge of chosen items replaced per instance) and

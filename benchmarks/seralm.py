@@ -56,6 +56,7 @@ from results_doc import (ROOT, bare_argv, command, commit, load_record, machine,
 
 from recbole_llm.cache_io import content_key
 from recbole_llm.knowledge.identity import adapter_dir_fingerprint
+from recbole_llm.knowledge.store import KnowledgeCache
 from recbole_llm.quick_start import build, slice_columns
 from recbole_llm.trainer.slices import SLICES
 
@@ -175,8 +176,8 @@ def mean_sd(values: list[float]) -> str:
 def adapter_of_knowledge(knowledge_file: Path, base: str) -> Path | None:
     """The saved aligned adapter of ``base`` (beside ``knowledge_file``) that generated ``knowledge_file``: the one
     whose LoRA fingerprint its meta names; None when there is none."""
-    meta = knowledge_file.with_name(knowledge_file.name.removesuffix(".jsonl") + ".meta.json")
-    fingerprint = (load_record(meta) or {}).get("adapter")
+    cache = KnowledgeCache(knowledge_file.parent, knowledge_file.stem.removeprefix("knowledge-"))
+    fingerprint = (load_record(cache.meta_path) or {}).get("adapter")
     folders = sorted(knowledge_file.parent.glob(f"aligned-{base}-*"))
     return next((folder for folder in folders if fingerprint and (folder / "adapter_config.json").is_file()
                  and adapter_dir_fingerprint(folder) == fingerprint), None)

@@ -1,7 +1,7 @@
 """Can LlamaRec's ranker learn to point at a candidate at all? A probe with a certain answer.
 
     python benchmarks/llamarec_probe.py [--steps 120] [--check_every 40] [--check_rows 64] [--seed 2020] \\
-        [--dataset ml-100k] [--key=value ...]
+        [--dataset ml-100k] [--records DIR] [--results FILE] [--key=value ...]
 
 The learning curve (benchmarks/llamarec_curve.py) finds the ranker's letter loss at ln k, a uniform guess,
 after thousands of examples: it learns the answer format and nothing about which candidate is the target.
@@ -26,9 +26,11 @@ import math
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
-from results_doc import (ROOT, bare_argv, command, commit, load_record, machine, markdown_table, parse_overrides,
+from llamarec_curve import where_cell
+from results_doc import (RESULTS, ROOT, bare_argv, command, commit, load_record, machine, markdown_table, parse_overrides,
                          run_record_path, standard_error, write_record, write_section)
 
 from recbole_llm.quick_start import build
@@ -118,8 +120,8 @@ def section_body(records: list[dict]) -> str:
                           else f"0: - / {c['top1']:.2f}" for c in r["numbers"]["checks"])
         last = r["numbers"]["checks"][-1]
         rows.append([settings, r["steps"], trace, f"{last['top1']:.3f} ± {last['top1_se']:.3f}", f"{last['mrr']:.3f}",
-                     f"{r['numbers']['minutes']:.0f}", r["machine"].split(" cores (", 1)[-1].split(";", 1)[0],
-                     r["commit"], r["date"]])
+                     f"{r['numbers']['minutes']:.0f}",
+                     where_cell({"machine": r["machine"], "settings": r["numbers"]["settings"]}), r["commit"], r["date"]])
     k = records[0]["numbers"]["k"] if records else 20
     return (
         "The ranker's own training and scoring on a copy task: the answer is the candidate that is the row's last "
@@ -127,22 +129,24 @@ def section_body(records: list[dict]) -> str:
         f"loss ln {k} = {math.log(k):.2f}). Batches of train_batch_size rows, constant learning rate. One run per "
         "setting: `python benchmarks/llamarec_probe.py [--key=value ...]`.\n\n"
         + markdown_table(["settings", "steps", "step: training letter loss / held-out top-1", "held-out top-1 ± s.e.",
-                          "MRR", "minutes", "CPU", "commit", "date"], rows)
+                          "MRR", "minutes", "CPU; LLM compute", "commit", "date"], rows)
     )
 
 
-def main():
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--check_every", type=int, default=40)
     parser.add_argument("--check_rows", type=int, default=64)
     parser.add_argument("--seed", type=int, default=2020)
-    args, rest = parser.parse_known_args()
+    parser.add_argument("--records", type=Path, default=RECORDS)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args, rest = parser.parse_known_args(argv)
     overrides = {"seed": args.seed, **parse_overrides(rest)}
     keyed = {key: value for key, value in overrides.items() if key not in NEUTRAL}
-    path = run_record_path(RECORDS, args.dataset, {**keyed, "steps": args.steps, "check_every": args.check_every,
-                                                   "check_rows": args.check_rows})
+    path = run_record_path(args.records, args.dataset, {**keyed, "steps": args.steps, "check_every": args.check_every,
+                                                        "check_rows": args.check_rows})
     if load_record(path) is None:
         numbers = probe(args.dataset, {"show_progress": False, **overrides}, args.steps, args.check_every,
                         args.check_rows)
@@ -151,9 +155,9 @@ def main():
                             "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
     else:
         print(f"reused {path}")
-    records = [load_record(p) for p in sorted((RECORDS / args.dataset).glob("*.json"))]
+    records = [load_record(p) for p in sorted((args.records / args.dataset).glob("*.json"))]
     write_section("llamarec_probe", f"Can LlamaRec's ranker bind a letter to a candidate? A copy probe on {args.dataset}",
-                  section_body(records))
+                  section_body(records), results=args.results)
 
 
 if __name__ == "__main__":

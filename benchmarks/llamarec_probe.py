@@ -95,7 +95,9 @@ def probe(dataset: str, overrides: dict, steps: int, check_every: int, check_row
         for batch in train:
             trainer.optimizer.zero_grad()
             _, letter = trainer._backward_in_micro_batches(batch.to(model.device))
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            if trainer.clip_grad_norm:  # as the ranker's own loop (clip_grad_norm)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                               **trainer.clip_grad_norm)
             trainer.optimizer.step()
             step, letters = step + 1, letters + [float(letter)]
             if step % check_every == 0 or step == steps:

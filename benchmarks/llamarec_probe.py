@@ -42,17 +42,10 @@ NEUTRAL = ("checkpoint_dir", "num_threads", "show_progress", "state")
 
 def copy_list(model, history: list[int], rng: random.Random) -> tuple[list[int], int]:
     """The copy task's candidates for one row: its last history item and ``k - 1`` random items outside
-    the history, shuffled by ``rng``; and the index of that item."""
-    answer, excluded = history[-1], set(history) | {0}
-    others = []
-    while len(others) < model.k - 1:
-        item = rng.randrange(1, model.n_items)
-        if item not in excluded:
-            excluded.add(item)
-            others.append(item)
-    candidates = [answer, *others]
+    the history (the ranker's own draw of training negatives), shuffled by ``rng``; and the index of that item."""
+    candidates = [history[-1], *sorted(model._random_items(set(history) | {0}, model.k - 1))]
     rng.shuffle(candidates)
-    return candidates, candidates.index(answer)
+    return candidates, candidates.index(history[-1])
 
 
 def held_out_rows(model, valid_data, count: int, seed: int) -> tuple[list[list[int]], torch.Tensor, list[int]]:

@@ -2,6 +2,7 @@
 that a later call with the same settings reuses."""
 import json
 import random
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +21,10 @@ def probe(monkeypatch):
 
 
 def test_the_answer_is_the_last_history_item_among_items_outside_the_history(probe):
-    model = SimpleNamespace(k=5, n_items=12)
+    from recbole_llm.model.llamarec import LlamaRec
+
+    model = SimpleNamespace(k=5, n_items=12, exclude_history=True)
+    model._random_items = partial(LlamaRec._random_items, model)
     history = [3, 7, 9]
     for seed in range(20):
         candidates, answer = probe.copy_list(model, history, random.Random(seed))

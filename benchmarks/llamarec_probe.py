@@ -114,16 +114,16 @@ def section_body(records: list[dict]) -> str:
         trace = "; ".join(f"{c['step']}: {c['letter_loss']:.2f} / {c['top1']:.2f}" if c["letter_loss"] is not None
                           else f"0: - / {c['top1']:.2f}" for c in r["numbers"]["checks"])
         last = r["numbers"]["checks"][-1]
-        rows.append([settings, r["steps"], trace, f"{last['top1']:.3f} ± {last['top1_se']:.3f}", f"{last['mrr']:.3f}",
+        k = r["numbers"]["k"]
+        rows.append([settings, f"{k} ({1 / k:.2f}; {math.log(k):.2f})", r["steps"], trace, f"{last['top1']:.3f} ± {last['top1_se']:.3f}", f"{last['mrr']:.3f}",
                      f"{r['numbers']['minutes']:.0f}",
                      where_cell({"machine": r["machine"], "settings": r["numbers"]["settings"]}), r["commit"], r["date"]])
-    k = records[0]["numbers"]["k"] if records else 20
     return (
         "The ranker's own training and scoring on a copy task: the answer is the candidate that is the row's last "
-        f"history item, among {k - 1} random items outside the history (chance top-1 {1 / k:.2f}, uniform letter "
-        f"loss ln {k} = {math.log(k):.2f}). Batches of train_batch_size rows, constant learning rate. One run per "
+        "history item, among k - 1 random items outside the history (k = candidate_k: chance top-1 1/k, uniform "
+        "letter loss ln k). Batches of train_batch_size rows, constant learning rate. One run per "
         "setting: `python benchmarks/llamarec_probe.py [--key=value ...]`.\n\n"
-        + markdown_table(["settings", "steps", "step: training letter loss / held-out top-1", "held-out top-1 ± s.e.",
+        + markdown_table(["settings", "k (chance top-1; ln k)", "steps", "step: training letter loss / held-out top-1", "held-out top-1 ± s.e.",
                           "MRR", "minutes", "CPU; LLM compute", "commit", "date"], rows)
     )
 

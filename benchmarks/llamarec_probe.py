@@ -115,16 +115,16 @@ def section_body(records: list[dict]) -> str:
                           else f"0: - / {c['top1']:.2f}" for c in r["numbers"]["checks"])
         last = r["numbers"]["checks"][-1]
         k = r["numbers"]["k"]
-        rows.append([settings, f"{k} ({1 / k:.2f}; {math.log(k):.2f})", r["steps"], trace, f"{last['top1']:.3f} ± {last['top1_se']:.3f}", f"{last['mrr']:.3f}",
-                     f"{r['numbers']['minutes']:.0f}",
+        rows.append([settings, f"{k} ({1 / k:.2f}; {math.log(k):.2f})", r["steps"], trace,
+                     f"{last['top1']:.3f} ± {last['top1_se']:.3f}", f"{last['mrr']:.3f}", f"{r['numbers']['minutes']:.0f}",
                      where_cell({"machine": r["machine"], "settings": r["numbers"]["settings"]}), r["commit"], r["date"]])
     return (
         "The ranker's own training and scoring on a copy task: the answer is the candidate that is the row's last "
         "history item, among k - 1 random items outside the history (k = candidate_k: chance top-1 1/k, uniform "
         "letter loss ln k). Batches of train_batch_size rows, constant learning rate. One run per "
         "setting: `python benchmarks/llamarec_probe.py [--key=value ...]`.\n\n"
-        + markdown_table(["settings", "k (chance top-1; ln k)", "steps", "step: training letter loss / held-out top-1", "held-out top-1 ± s.e.",
-                          "MRR", "minutes", "CPU; LLM compute", "commit", "date"], rows)
+        + markdown_table(["settings", "k (chance top-1; ln k)", "steps", "step: training letter loss / held-out top-1",
+                          "held-out top-1 ± s.e.", "MRR", "minutes", "CPU; LLM compute", "commit", "date"], rows)
     )
 
 

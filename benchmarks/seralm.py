@@ -233,8 +233,8 @@ def run_base(base: str, dataset: str, shared: dict, own: dict, seed: int | None 
         main = load_record(record_file(dataset, family(base, own)))
         aligned = {"llm_adapter": str(aligned_adapter(base, dataset, {**shared, **own}, main))}
     variants = dict(done)
-    now = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "commit": commit(),
-           **(how or {})}
+    call = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(), **(how or {})}
+    now = {**call, "machine": machine()}  # stamped again as each variant ends: its load is that of the run's end
     kept = {key: earlier[key] for key in PROVENANCE if key in earlier} if done and not stopped_before(earlier) else {}
 
     def record(**extra):
@@ -254,8 +254,10 @@ def run_base(base: str, dataset: str, shared: dict, own: dict, seed: int | None 
             continue
         result, trainer, net, test, minutes = train_and_test(model, dataset, {**settings, **extra})
         stats = {k: v for k, v in getattr(trainer, "alignment_stats", {}).items() if isinstance(v, (int, float, str))}
+        latency_ms = 1000 * latency(net, test)
+        now = {**call, "machine": machine()}
         variants[label] = {**{m: float(result[m]) for m in METRICS}, "minutes": minutes, "alignment": stats,
-                           "slices": slice_columns(result), "latency_ms": 1000 * latency(net, test),
+                           "slices": slice_columns(result), "latency_ms": latency_ms,
                            "alignment_trace": getattr(trainer, "alignment_trace", []),
                            "test_users": len(test._dataset), **now}
         print(base, label, result, f"{minutes:.1f} min", stats, flush=True)
@@ -274,6 +276,12 @@ def run_timing(dataset: str, shared: dict, iterations: int, n_items: int) -> dic
             "latency_items": n_items, "generation_s": gen_seconds, "encoding_s": enc_seconds,
             "iterations": iterations, "async_s": speed["async"], "sync_s": speed["sync"],
             "refresh_interval": speed["refresh_interval"], "refreshes": speed["refreshes"]}
+
+
+def same_call(variant: dict, run: dict) -> bool:
+    """Whether a variant was measured by the call its record is dated by (the call's start and command): the
+    machine may differ, each variant stamps the load at its own end."""
+    return (variant["measured"], variant.get("command")) == (run["measured"], run.get("command"))
 
 
 #: NDCG@10 per slice (popularity of the target, then the user's history length): RecBole's metric per group.
@@ -397,7 +405,7 @@ def section_body(dataset: str, records: dict, timing: dict | None) -> str:
                        for run in runs[1:]]
         provenance += [f"  - seed {run['seed'] or 'main'}, {label}: measured {cell['measured']}; `{cell['command']}`; "
                        f"{cell['machine']}" for run in runs for label, cell in run["variants"].items()
-                       if "machine" in cell and (cell["measured"], cell["machine"]) != (run["measured"], run["machine"])]
+                       if "machine" in cell and not same_call(cell, run)]
     timing_text = ["Timings: not measured yet."] if timing is None else [
         f"Knowledge generation + encoding per item ({timing['latency_items']} items, greedy, embedded LLM): "
         f"{timing['generation_s']:.2f} s + {timing['encoding_s']:.3f} s = "

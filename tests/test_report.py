@@ -296,6 +296,33 @@ def test_seralm_fields_control_joins_a_finished_record_and_its_own_line(monkeypa
     assert "Base+Fields" not in body
 
 
+def test_seralm_variants_stamp_the_machine_when_they_end(monkeypatch):
+    """Each variant's machine (its "load average at the end of the run") is read when that variant ends, the
+    record's is the last one's, and the variants of one call still share one provenance line.
+
+    Caught: the machine read once when the call starts (a run that began beside another job but ended alone shows
+    the start's load), a line per variant of the same call."""
+    from itertools import count
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import seralm
+
+    reads = count()
+    monkeypatch.setattr(seralm, "machine", lambda: f"cpu; load {next(reads)}")
+    monkeypatch.setattr(seralm, "train_and_test", lambda model, dataset, config_dict: (
+        {"hit@10": 0.125, "ndcg@10": 0.0625}, object(), None, SimpleNamespace(_dataset=range(100)), 2.0))
+    monkeypatch.setattr(seralm, "latency", lambda net, test: 0.01)
+    monkeypatch.setattr(seralm, "slice_columns", lambda result: {})
+    saved = []
+    record = seralm.run_base("Caser", "ml-100k", {"epochs": 8}, {}, None, save=saved.append, how={"command": "cmd"})
+    loads = [record["variants"][label]["machine"] for label in ("Base+SeRALM", "Base", "Base+NA_LLM")]
+    assert loads == ["cpu; load 1", "cpu; load 2", "cpu; load 3"] and record["machine"] == "cpu; load 3"
+    assert [partial["machine"] for partial in saved] == ["cpu; load 1", "cpu; load 2"]
+    body = seralm.section_body("ml-100k", {"Caser": [{**record, "unfinished": []}]}, timing=None)
+    assert f"- Caser: measured {record['measured']}; `cmd`; cpu; load 3" in body and "seed main, Base" not in body
+
+
 def test_seralm_extra_seeds_find_the_main_runs_adapter_by_the_knowledge_it_generated(monkeypatch, tmp_path):
     """An extra seed trains on the knowledge of the main run's aligned adapter: the adapter whose fingerprint that
     knowledge's meta names, wherever it was aligned, not the one this machine's alignment key would name (the key
